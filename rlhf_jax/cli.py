@@ -1,0 +1,46 @@
+"""Command-line parsing for experiment scripts: ``--out DIR`` plus every field of a stage config.
+
+Fields of nested configs become dotted flags (``--optim.learning-rate 1e-3``); ``--help`` lists all
+of them with their docstrings. Invalid values fail before any work, with a message naming the field.
+"""
+
+
+
+import dataclasses
+import json
+import sys
+from typing import Annotated, Callable, Sequence, TypeVar
+
+import tyro
+
+from rlhf_jax.configs import ConfigError
+
+C = TypeVar("C")
+
+
+def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: str | None = None
+          ) -> tuple[str, C]:
+    """``(out, config)`` from the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Args:
+        out: str
+        """run directory to write (a finished or interrupted run there is resumed)"""
+        cfg: Annotated[config_cls, tyro.conf.arg(name="")] = dataclasses.field(  # type: ignore
+            default_factory=config_cls)
+
+    try:
+        args = tyro.cli(Args, args=argv, description=description)
+    except ConfigError as e:  # raised by a config's __post_init__ while parsing
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    return args.out, args.cfg
+
+
+def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[str] | None = None,
+         description: str | None = None) -> dict:
+    """Parse, run the stage, print its summary as JSON; returns the summary."""
+    out, cfg = parse(config_cls, argv, description)
+    summary = runner(cfg, out)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return summary

@@ -1,0 +1,60 @@
+"""Frozen, self-validating config dataclasses: the shared checks every stage's config uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config field is out of range or inconsistent; the message names the field."""
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise ``ConfigError`` naming ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"config field `{field}`: {message}")
+
+
+def positive(cfg: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(cfg, f)
+        check(v > 0, f, f"must be > 0, got {v!r}")
+
+
+def non_negative(cfg: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(cfg, f)
+        check(v >= 0, f, f"must be >= 0, got {v!r}")
+
+
+def in_unit_interval(cfg: Any, *fields: str, closed: bool = True) -> None:
+    for f in fields:
+        v = getattr(cfg, f)
+        ok = (0.0 <= v <= 1.0) if closed else (0.0 <= v < 1.0)
+        check(ok, f, f"must be in [0, 1{']' if closed else ')'}, got {v!r}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested dict of a (possibly nested) config dataclass, JSON-serialisable."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a (nested) frozen config dataclass from :func:`to_dict` output."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        v = data[f.name]
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = from_dict(t, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, the embedded default task behind a small interface, and batching."""

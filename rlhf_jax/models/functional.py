@@ -1,0 +1,68 @@
+"""The functional face of the NNX model: ``(graphdef, params)`` so jitted code is pure.
+
+``Model`` holds only static things (config, graph definition). ``Model.apply(params, …)`` merges the
+graph with a parameter ``nnx.State`` and runs it, so losses, samplers and train steps are pure
+functions of the parameter pytree, which is what ``jax.jit``/``grad``/``shard_map`` and Orbax see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.config import GPTConfig
+from rlhf_jax.models.gpt2 import GPT, ModelOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Static half of a split NNX model: ``apply(params, tokens, **kw) -> ModelOutput``."""
+
+    cfg: GPTConfig
+    graphdef: nnx.GraphDef
+    heads: tuple[str, ...] = ()
+
+    def apply(self, params: nnx.State, tokens: jax.Array, **kw) -> ModelOutput:
+        return nnx.merge(self.graphdef, params)(tokens, **kw)
+
+    __call__ = apply
+
+    def init(self, key: jax.Array) -> nnx.State:
+        """Fresh parameters for this architecture from ``key``."""
+        return create_model(self.cfg, key, heads=self.heads)[1]
+
+    def __hash__(self):  # usable as a static jit argument
+        return hash((self.cfg, self.heads))
+
+    def __eq__(self, other):
+        return isinstance(other, Model) and (self.cfg, self.heads) == (other.cfg, other.heads)
+
+
+def create_model(cfg: GPTConfig, key: jax.Array, *, heads: tuple[str, ...] = ()
+                 ) -> tuple[Model, nnx.State]:
+    """Build a ``GPT`` from ``key`` and split it into ``(Model, params)``."""
+    module = GPT(cfg, rngs=nnx.Rngs(params=key), heads=tuple(heads))
+    graphdef, params = nnx.split(module)
+    return Model(cfg, graphdef, tuple(heads)), params
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def transplant(src: nnx.State, dst: nnx.State) -> nnx.State:
+    """``dst`` with every leaf that also exists in ``src`` (same path, same shape) taken from it.
+
+    Used to start a reward or value model from the SFT trunk: the trunk comes from ``src``, the new
+    scalar head keeps its fresh initialisation from ``dst``.
+    """
+    src_flat = dict(nnx.to_flat_state(src))
+    out = []
+    for path, var in nnx.to_flat_state(dst):
+        if path in src_flat and src_flat[path][...].shape == var[...].shape:
+            var = var.replace(src_flat[path][...])
+        out.append((path, var))
+    return nnx.from_flat_state(out)

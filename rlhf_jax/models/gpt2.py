@@ -1,0 +1,173 @@
+"""A GPT-2-compatible decoder in Flax NNX, with optional scalar heads and an explicit KV cache.
+
+Architecture as in Radford et al. 2019 / HF ``GPT2LMHeadModel``: learned token and position
+embeddings, pre-LayerNorm blocks (attention + GELU MLP), a final LayerNorm and an output layer tied
+to the token embedding. Parameter names and kernel layouts ([in, out]) follow HF's GPT-2 so a
+checkpoint imports by renaming alone.
+
+Einsum letters: B batch, T query positions, S key positions (cache slots), D d_model, H heads,
+K head_dim, F MLP width, V vocab.
+
+The KV cache is a tuple with one ``(k, v)`` pair per layer, each ``[B, H, S, K]``, written in place
+with ``lax.dynamic_update_slice`` (see ``../shared/bench/CPU-NOTES.md``: per-layer arrays are ~2x
+faster than one stacked array on CPU). It is an argument and a return value, never module state, so
+jitted code stays a pure function of ``(params, tokens, cache)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from rlhf_jax.models.config import GPTConfig
+from rlhf_jax.ops import positions_from_mask
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+_NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None         # [B, T, V] float32, or None when not requested
+    hidden: jax.Array                # [B, T, D] final-LayerNorm output
+    scalars: dict[str, jax.Array]    # head name -> [B, T]
+    cache: KVCache | None            # updated cache when one was passed in
+
+
+def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+    """An empty KV cache: per layer a ``(k, v)`` pair of zeros ``[B, H, S, K]``."""
+    shape = (batch, cfg.n_heads, length, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.d_model
+        self.c_attn = nnx.Linear(d, 3 * d, kernel_init=_normal(0.02), rngs=rngs)
+        self.c_proj = nnx.Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
+                                 rngs=rngs)
+
+    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.c_attn(x).reshape(b, t, 3, cfg.n_heads, cfg.head_dim)   # [B, T, 3, H, K]
+        q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))     # [B, H, T, K]
+        if kv is not None:
+            k_cache, v_cache = kv                                            # [B, H, S, K]
+            k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
+            v = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
+            kv = (k, v)
+        scores = jnp.einsum("BHTK,BHSK->BHTS", q, k) / math.sqrt(cfg.head_dim)
+        scores = jnp.where(mask[:, None], scores, _NEG_INF)                 # mask [B, T, S]
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+        probs = _dropout(probs, cfg.dropout, dropout_key)
+        out = jnp.einsum("BHTS,BHSK->BTHK", probs, v).reshape(b, t, cfg.d_model)
+        return self.c_proj(out), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.c_fc = nnx.Linear(cfg.d_model, cfg.ff_dim, kernel_init=_normal(0.02), rngs=rngs)
+        self.c_proj = nnx.Linear(cfg.ff_dim, cfg.d_model,
+                                 kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # GPT-2's "gelu_new"
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.ln_1 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None):
+        keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
+        a, kv = self.attn(self.ln_1(x), mask, kv, cache_index, keys[0])
+        x = x + _dropout(a, self.cfg.dropout, keys[1])
+        x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, keys[2])
+        return x, kv
+
+
+class GPT(nnx.Module):
+    """GPT-2 trunk + tied LM head + optional scalar heads (e.g. ``("reward",)`` or ``("value",)``).
+
+    Call with ``tokens [B, T]`` and ``attention_mask [B, T]`` (1 = real token; left or right
+    padding). Position ids default to ``cumsum(mask) - 1`` so a left-padded row sees the same
+    positions as the unpadded sequence. With ``cache`` (from :func:`init_cache`), the tokens are
+    written at cache slots ``cache_index …`` and attend to every valid slot at or before their own;
+    ``kv_mask [B, S]`` marks valid slots (prompt padding is invalid).
+    """
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ()):
+        self.cfg = cfg
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_normal(0.02), rngs=rngs)
+        self.wpe = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=_normal(0.01), rngs=rngs)
+        self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        self.heads = nnx.Dict({
+            name: nnx.Linear(cfg.d_model, 1, kernel_init=_normal(1.0 / math.sqrt(cfg.d_model)),
+                             rngs=rngs)
+            for name in heads})
+
+    def __call__(
+        self,
+        tokens: jax.Array,                     # [B, T] int
+        *,
+        attention_mask: jax.Array | None = None,   # [B, T]; required without a cache
+        positions: jax.Array | None = None,        # [B, T]
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int | None = None,
+        kv_mask: jax.Array | None = None,          # [B, S] with a cache
+        compute_logits: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> ModelOutput:
+        b, t = tokens.shape
+        if cache is None:
+            if attention_mask is None:
+                attention_mask = jnp.ones((b, t), jnp.bool_)
+            kv_valid = attention_mask.astype(jnp.bool_)                      # [B, S=T]
+            q_slot = jnp.arange(t)
+            if positions is None:
+                positions = positions_from_mask(attention_mask)
+        else:
+            if kv_mask is None or positions is None or cache_index is None:
+                raise ValueError("a cached call needs kv_mask, positions and cache_index")
+            kv_valid = kv_mask.astype(jnp.bool_)
+            q_slot = cache_index + jnp.arange(t)
+        s_slot = jnp.arange(kv_valid.shape[1])
+        mask = kv_valid[:, None, :] & (s_slot[None, None, :] <= q_slot[None, :, None])  # [B,T,S]
+
+        x = self.wte(tokens) + self.wpe(positions)                          # [B, T, D]
+        keys = [None] * (len(self.h) + 1)
+        if dropout_key is not None and self.cfg.dropout > 0:
+            keys = list(jax.random.split(dropout_key, len(self.h) + 1))
+        x = _dropout(x, self.cfg.dropout, keys[-1])
+        new_cache = []
+        for i, block in enumerate(self.h):
+            x, kv = block(x, mask, None if cache is None else cache[i], cache_index, keys[i])
+            new_cache.append(kv)
+        hidden = self.ln_f(x)                                               # [B, T, D]
+        logits = None
+        if compute_logits:
+            logits = jnp.einsum("BTD,VD->BTV", hidden, self.wte.embedding[...]).astype(jnp.float32)
+        scalars = {name: head(hidden)[..., 0].astype(jnp.float32) for name, head in self.heads.items()}
+        return ModelOutput(logits, hidden, scalars, None if cache is None else tuple(new_cache))

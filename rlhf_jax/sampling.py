@@ -1,0 +1,151 @@
+"""Autoregressive sampling with a KV cache, compiled as one function.
+
+``sample`` prefills the (left-padded) prompts, then draws ``max_new_tokens - 1`` more tokens in a
+``lax.scan``; each step feeds one token through the cached model. Per example ``i`` the key is
+``fold_in(key, example_ids[i])`` and per step ``fold_in(that, step)``, so an example's sample does
+not depend on the batch it sits in, on the batch size, or on how the batch is split over devices.
+
+Returned log-probabilities are those of the sampled tokens under the distribution actually sampled
+from: ``log_softmax(logits / T)`` restricted to the top-k / top-p support and renormalised. With no
+top-k/top-p they equal the trainer's ``log_softmax(logits / T)`` from a full forward pass. Greedy
+decoding (``temperature == 0``) reports the untempered model log-probs of the argmax tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rlhf_jax.configs import check
+from rlhf_jax.models.functional import Model
+from rlhf_jax.models.gpt2 import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings.
+
+    Attributes:
+      max_new_tokens: response budget; responses that hit it without EOS are truncated.
+      temperature: softmax temperature; 0 = greedy.
+      top_k: keep the k most likely tokens (0 = off).
+      top_p: nucleus sampling, keep the smallest set with mass >= top_p (1.0 = off).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array     # [B, N] sampled ids, pad_id after EOS
+    logprobs: jax.Array   # [B, N] log-prob of each sampled token (0 where mask is 0)
+    mask: jax.Array       # [B, N] 1 for generated tokens up to and including EOS
+
+
+def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Tempered logits with everything outside the top-k / top-p support set to -inf. ``[..., V]``."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs   # mass strictly above each token
+        keep_sorted = mass_before < top_p                    # always keeps the top token
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def _choose(logits, keys, step, cfg: SamplingConfig):
+    """One token per row: ``[B, V]`` logits, ``[B]`` example keys -> (tokens [B], logprobs [B])."""
+    if cfg.temperature == 0.0:
+        tok = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    else:
+        filtered = filter_logits(logits, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p)
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+        tok = jax.vmap(jax.random.categorical)(step_keys, filtered)
+        logp = jax.nn.log_softmax(filtered, axis=-1)
+    return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def sample(
+    model: Model,
+    params,
+    prompts: jax.Array,        # [B, P] int, left-padded
+    prompt_mask: jax.Array,    # [B, P]
+    key: jax.Array,
+    *,
+    cfg: SamplingConfig,
+    eos_id: int,
+    pad_id: int,
+    example_ids: jax.Array | None = None,   # [B] global example indices (default arange(B))
+) -> SampleOutput:
+    """Sample up to ``cfg.max_new_tokens`` tokens after each prompt (jit this, cfg static)."""
+    b, p = prompts.shape
+    n = cfg.max_new_tokens
+    check(p + n <= model.cfg.max_len, "max_new_tokens",
+          f"prompt length {p} + max_new_tokens {n} exceeds the model context {model.cfg.max_len}")
+    if example_ids is None:
+        example_ids = jnp.arange(b)
+    ex_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, example_ids)      # [B]
+    prompt_mask = prompt_mask.astype(jnp.bool_)
+    prompt_len = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)            # [B]
+
+    cache = init_cache(model.cfg, b, p + n)
+    kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), jnp.bool_)], axis=1)  # [B, S]
+    out = model.apply(params, prompts, positions=jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0),
+                      cache=cache, cache_index=0, kv_mask=kv_mask)
+    tok, logp = _choose(out.logits[:, -1], ex_keys, 0, cfg)
+    done = tok == eos_id
+
+    def step(carry, i):
+        cache, kv_mask, prev, done = carry
+        kv_mask = kv_mask.at[:, p + i - 1].set(True)
+        o = model.apply(params, prev[:, None], positions=(prompt_len + i - 1)[:, None],
+                        cache=cache, cache_index=p + i - 1, kv_mask=kv_mask)
+        tok, logp = _choose(o.logits[:, 0], ex_keys, i, cfg)
+        live = ~done
+        tok = jnp.where(live, tok, pad_id)
+        new_done = done | (tok == eos_id)
+        return (o.cache, kv_mask, tok, new_done), (tok, jnp.where(live, logp, 0.0), live)
+
+    first = (tok, logp, jnp.ones((b,), jnp.bool_))
+    if n > 1:
+        _, (toks, logps, live) = lax.scan(step, (out.cache, kv_mask, tok, done), jnp.arange(1, n))
+        toks = jnp.concatenate([first[0][None], toks], 0)
+        logps = jnp.concatenate([first[1][None], logps], 0)
+        live = jnp.concatenate([first[2][None], live], 0)
+    else:
+        toks, logps, live = (x[None] for x in first)
+    return SampleOutput(toks.T, logps.T, live.T.astype(jnp.int32))
+
+
+def response_logits(model: Model, params, prompts, prompt_mask, responses, response_mask,
+                    **kw):
+    """Full forward over ``[prompt | response]``; returns (logits predicting each response token
+    ``[B, N, V]``, the ``ModelOutput``). Prompts left-padded, responses right-padded."""
+    p = prompts.shape[1]
+    tokens = jnp.concatenate([prompts, responses], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    out = model.apply(params, tokens, attention_mask=mask, **kw)
+    logits = None if out.logits is None else out.logits[:, p - 1:-1]
+    return logits, out

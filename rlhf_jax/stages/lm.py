@@ -1,0 +1,202 @@
+"""Stage 0 and 1: pretraining on the task's corpus, then supervised fine-tuning (SFT).
+
+Pretraining gives the base model its knowledge (the corpus of facts); SFT teaches the question/answer
+format from the demonstrator — fabrications included, at the demonstrator's rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rlhf_jax.checkpoint import Checkpointer, save_params
+from rlhf_jax.configs import check, positive, to_dict
+from rlhf_jax.data.batching import EpochOrder, pack_documents, sft_examples
+from rlhf_jax.data.facts_world import FactsWorld
+from rlhf_jax.evaluate import evaluate_demonstrator, probe_accuracy
+from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
+from rlhf_jax.loop import fit, resume
+from rlhf_jax.models import PRESETS, GPTConfig, create_model
+from rlhf_jax.models.functional import count_params
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, TaskConfig, check_context,
+                                    evaluate_heldout, load_stage, stage_key)
+from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining the base model on the task's corpus.
+
+    Attributes:
+      seed: seeds initialisation, batch order and evaluation sampling.
+      task: the embedded task (world, shapes, evaluation samples).
+      model: architecture; ``vocab_size`` is replaced by the tokenizer's.
+      seq_len: tokens per packed training row.
+      batch_size: rows per step.
+      steps: optimizer steps.
+      optim: AdamW / schedule / clipping.
+      log_every: log metrics every this many steps.
+      checkpoint_every: save a resumable checkpoint every this many steps (0 = only at the end).
+    """
+
+    seed: int = 0
+    task: TaskConfig = TaskConfig()
+    model: GPTConfig = PRESETS["task"]
+    seq_len: int = 64
+    batch_size: int = 32
+    steps: int = 600
+    optim: OptimConfig = OptimConfig(learning_rate=5e-3, warmup_steps=30, weight_decay=0.0)
+    log_every: int = 50
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        positive(self, "seq_len", "batch_size", "steps", "log_every")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        check(self.seq_len <= self.model.max_len, "seq_len",
+              f"{self.seq_len} exceeds the model context model.max_len={self.model.max_len}")
+        check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
+              f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        check_context(self.model, self.task)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on the demonstrator's answers (loss on response tokens only).
+
+    Attributes:
+      seed: seeds the demonstrations, batch order and evaluation sampling.
+      pretrain_dir: a finished pretraining run to start from; empty = run ``pretrain`` first
+        into ``<out>/pretrain`` (reused if already finished there).
+      pretrain: the pretraining config used when ``pretrain_dir`` is empty.
+      demos_per_prompt: independent demonstrations per training prompt.
+      ptx_coef: weight of the pretraining-replay loss added to the SFT loss (0 = pure SFT).
+      ptx_batch_size: corpus rows replayed per step when ``ptx_coef > 0``.
+      batch_size: SFT rows per step.
+      steps: optimizer steps.
+      optim: AdamW / schedule / clipping.
+      log_every: log metrics every this many steps.
+      checkpoint_every: resumable checkpoint interval (0 = only at the end).
+    """
+
+    seed: int = 0
+    pretrain_dir: str = ""
+    pretrain: PretrainConfig = PretrainConfig()
+    demos_per_prompt: int = 4
+    ptx_coef: float = 1.0
+    ptx_batch_size: int = 16
+    batch_size: int = 64
+    steps: int = 500
+    optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=20, weight_decay=0.0)
+    log_every: int = 50
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        positive(self, "demos_per_prompt", "batch_size", "steps", "log_every", "ptx_batch_size")
+        check(self.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {self.ptx_coef}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
+              f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+
+
+def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_size: int,
+              steps: int, optim: OptimConfig, run: RunDir, prefix: str, log_every: int,
+              checkpoint_every: int, replay: dict[str, np.ndarray] | None = None,
+              ptx_coef: float = 0.0, ptx_batch_size: int = 0):
+    """Shared loop of both stages: next-token loss over ``data`` rows (plus ``ptx_coef`` × the
+    loss on replayed ``replay`` rows), resumable."""
+    state = TrainState.create(params, make_optimizer(optim, steps))
+    ckpt = Checkpointer(run.path / "checkpoints")
+    state = resume(state, ckpt, run)
+    order = EpochOrder(len(data["tokens"]), batch_size, seed)
+    if replay is not None and ptx_coef > 0:
+        replay_order = EpochOrder(len(replay["tokens"]), ptx_batch_size, seed + 1)
+        loss_fn = functools.partial(lm_with_replay_loss_fn, model=model, ptx_coef=ptx_coef)
+        batch_at = lambda s: {"sft": order.batch(data, s),  # noqa: E731
+                              "ptx": replay_order.batch(replay, s)}
+    else:
+        loss_fn = functools.partial(lm_loss_fn, model=model)
+        batch_at = lambda s: order.batch(data, s)  # noqa: E731
+    step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    state = fit(state, step, batch_at, steps=steps,
+                key=stage_key(seed, STREAM_TRAIN), run=run, prefix=prefix, log_every=log_every,
+                checkpoint_every=checkpoint_every, ckpt=ckpt)
+    ckpt.close()
+    save_params(run.path / "params", state.params)
+    return state.params
+
+
+def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
+    """Pretrain into run directory ``out``; returns (and writes) its summary."""
+    t0 = time.perf_counter()
+    world = FactsWorld(cfg.task.world)
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=world.tokenizer.vocab_size))
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+    run.write_json("tokenizer.json", world.tokenizer.to_json())
+    data = pack_documents(world.tokenizer, world.pretraining_corpus(), cfg.seq_len)
+    model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
+    params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                       steps=cfg.steps, optim=cfg.optim, run=run, prefix="pretrain",
+                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+    train_s = time.perf_counter() - t0
+    summary = {"params": count_params(params), "corpus_tokens": int(data["attention_mask"].sum()),
+               "knowledge/base": probe_accuracy(model, params, world.tokenizer,
+                                                world.knowledge_probes("heldout"),
+                                                length=cfg.task.prompt_len),
+               **evaluate_heldout(model, params, world, cfg.task, cfg.seed, run, "base"),
+               "time_s/pretrain": train_s}
+    run.write_summary(summary)
+    return summary
+
+
+def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
+    """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary."""
+    out = Path(out)
+    pre_dir = Path(cfg.pretrain_dir) if cfg.pretrain_dir else out / "pretrain"
+    if not (pre_dir / "summary.json").exists():
+        if cfg.pretrain_dir:
+            raise FileNotFoundError(f"pretrain_dir {pre_dir} holds no finished pretraining run")
+        run_pretrain(cfg.pretrain, pre_dir)
+    pre_cfg, model, params = load_stage(pre_dir, PretrainConfig)
+    pre_summary = RunDir(pre_dir).read_summary()
+    cfg = dataclasses.replace(cfg, pretrain_dir=str(pre_dir), pretrain=pre_cfg)
+    task = pre_cfg.task
+
+    t0 = time.perf_counter()
+    world = FactsWorld(task.world)
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 2])
+    prompts = [p for p in world.prompts("train") for _ in range(cfg.demos_per_prompt)]
+    demos = [world.demonstration(p, rng) for p in prompts]
+    run.write_jsonl("demonstrations.jsonl",
+                    ({"uid": p.uid, "prompt": p.text, "response": d} for p, d in zip(prompts, demos)))
+    data = sft_examples(world.tokenizer, prompts, demos, prompt_len=task.prompt_len,
+                        response_len=task.max_new_tokens)
+    replay = pack_documents(world.tokenizer, world.pretraining_corpus(), pre_cfg.seq_len)
+    params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                       steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
+                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                       replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size)
+    train_s = time.perf_counter() - t0
+    heldout = world.prompts("heldout")
+    demo = evaluate_demonstrator(world, heldout, n_samples=task.eval_samples, seed=cfg.seed)
+    summary = {
+        **{k: v for k, v in pre_summary.items() if k.endswith("/base") or k == "time_s/pretrain"},
+        **evaluate_heldout(model, params, world, task, pre_cfg.seed, run, "sft"),
+        "knowledge/sft": probe_accuracy(model, params, world.tokenizer,
+                                        world.knowledge_probes("heldout"), length=task.prompt_len),
+        **{f"demonstrator/{k}": v for k, v in demo.items()},
+        "sft_examples": len(prompts),
+        "time_s/sft": train_s,
+    }
+    run.write_summary(summary)
+    return summary

@@ -1,0 +1,94 @@
+"""Train state, optimizer and the generic pure train step ``(state, batch, key) -> (state, metrics)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.configs import check, non_negative, positive
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up, cosine decay and global-norm clipping.
+
+    Attributes:
+      learning_rate: peak learning rate after warm-up.
+      warmup_steps: linear warm-up from 0 (the schedule then decays over the stage's steps).
+      final_lr_frac: floor of the cosine decay as a fraction of the peak.
+      weight_decay: decoupled weight decay on matrices (not biases, LayerNorm or scalar biases).
+      b1, b2, eps: Adam moments.
+      clip_norm: global gradient-norm clip (0 = off).
+    """
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 20
+    final_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        positive(self, "learning_rate", "eps")
+        non_negative(self, "warmup_steps", "weight_decay", "clip_norm")
+        check(0.0 <= self.final_lr_frac <= 1.0, "final_lr_frac", "must be in [0, 1]")
+        check(0.0 <= self.b1 < 1.0, "b1", "must be in [0, 1)")
+        check(0.0 <= self.b2 < 1.0, "b2", "must be in [0, 1)")
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW + clipping with warm-up then cosine decay over ``total_steps`` (see OptimConfig)."""
+    check(cfg.warmup_steps <= total_steps, "warmup_steps",
+          f"{cfg.warmup_steps} exceeds the stage's {total_steps} steps")
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, 1), end_value=cfg.learning_rate * cfg.final_lr_frac)
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: parameters, optimizer state and the step count (a pytree)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+    def apply_gradients(self, grads) -> "TrainState":
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                            opt_state=opt_state)
+
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_train_step(loss_fn: LossFn):
+    """A pure step ``(state, batch, key) -> (state, metrics)`` for ``loss_fn(params, batch, key)``.
+
+    Metrics are the loss's own plus ``grad_norm`` (before clipping). The caller jits the step where
+    it is called, donating the state: ``jax.jit(step, donate_argnums=0)``.
+    """
+
+    def step(state: TrainState, batch, key):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        return state.apply_gradients(grads), metrics
+
+    return step
