@@ -45,8 +45,7 @@ def generate(model: Model, params, task: Task, prompts: Sequence[Prompt], key: j
         out = _sample_jit(model, params, jnp.asarray(b_ids), jnp.asarray(b_mask), key, ex,
                           cfg=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
         toks = np.asarray(out.tokens)[:real]
-        texts.extend(tok.decode(row) if tok.eos_id in row else tok.decode(row) + " <no-eos>"
-                     for row in toks.tolist())
+        texts.extend(tok.decode(row) for row in toks.tolist())
     return flat, texts
 
 

@@ -30,9 +30,16 @@ import rlhf_jax
 
 
 def _jsonable(v: Any) -> Any:
+    """Plain JSON values: arrays to lists/scalars, non-finite floats to strings ('nan', 'inf')."""
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
     if isinstance(v, (jax.Array, np.ndarray, np.generic)):
         v = np.asarray(v)
-        return v.item() if v.ndim == 0 else v.tolist()
+        if v.ndim:
+            return [_jsonable(x) for x in v.tolist()]
+        v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return repr(v)
     return v
@@ -60,13 +67,14 @@ class RunDir:
     def _write_json(self, name: str, obj: Any) -> None:
         if self.writer:
             tmp = self.path / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+            tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=False,
+                                      default=str) + "\n")
             os.replace(tmp, self.path / name)
 
     def _append(self, name: str, obj: Mapping[str, Any]) -> None:
         if self.writer:
             with open(self.path / name, "a") as f:
-                f.write(json.dumps({k: _jsonable(v) for k, v in obj.items()}, sort_keys=True) + "\n")
+                f.write(json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False) + "\n")
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         self._write_json("config.json", config)
@@ -97,7 +105,8 @@ class RunDir:
         if self.writer:
             with open(self.path / name, "w") as f:
                 for r in rows:
-                    f.write(json.dumps(r, sort_keys=True, default=_jsonable) + "\n")
+                    f.write(json.dumps(_jsonable(r), sort_keys=True, allow_nan=False,
+                                       default=str) + "\n")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -67,8 +67,7 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs   # mass strictly above each token
         keep_sorted = mass_before < top_p                    # always keeps the top token
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
         logits = jnp.where(keep, logits, -jnp.inf)
     return logits
 

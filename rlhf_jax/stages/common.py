@@ -8,15 +8,17 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax.checkpoint import load_params
+from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
 from rlhf_jax.data.facts_world import FactsWorld, FactsWorldConfig
 from rlhf_jax.evaluate import evaluate_policy
+from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import GPTConfig, create_model
 from rlhf_jax.runs import RunDir
+from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
 # independent key streams derived from the seed (fold_in(key(seed), stream))
-STREAM_INIT, STREAM_TRAIN, STREAM_EVAL = 0, 1, 2
+STREAM_INIT, STREAM_TRAIN, STREAM_EVAL, STREAM_LABEL = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +53,15 @@ def check_context(model: GPTConfig, task: TaskConfig, field: str = "task.max_new
           f"model context {model.max_len}")
 
 
-def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] = ()):
-    """``(config, Model, params)`` of a finished stage run (its ``config.json`` and ``params/``)."""
+def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] = (),
+               config_of=lambda cfg: cfg):
+    """``(config, Model, params)`` of a finished stage run (its ``config.json`` and ``params/``);
+    ``config_of(config)`` is the config holding the ``model`` field (e.g. an SFT run's pretrain)."""
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no summary.json)")
     cfg = from_dict(config_cls, json.loads((run_dir / "config.json").read_text()))
-    model, target = create_model(cfg.model, jax.random.key(0), heads=heads)
+    model, target = create_model(config_of(cfg).model, jax.random.key(0), heads=heads)
     return cfg, model, load_params(run_dir / "params", target)
 
 
@@ -71,3 +75,18 @@ def evaluate_heldout(model, params, world: FactsWorld, task: TaskConfig, seed: i
         prompt_len=task.prompt_len)
     run.write_jsonl(f"samples_{name}.jsonl", records)
     return {f"{k}/{name}": v for k, v in metrics.items()}
+
+
+def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,
+                run: RunDir, prefix: str, log_every: int, checkpoint_every: int):
+    """Train ``params`` on ``loss_fn(params, batch, key)`` with batches ``batch_at(step)``:
+    resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``."""
+    state = TrainState.create(params, make_optimizer(optim, steps))
+    ckpt = Checkpointer(run.path / "checkpoints")
+    state = resume(state, ckpt, run)
+    step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    state = fit(state, step, batch_at, steps=steps, key=stage_key(seed, STREAM_TRAIN), run=run,
+                prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every, ckpt=ckpt)
+    ckpt.close()
+    save_params(run.path / "params", state.params)
+    return state.params

@@ -14,19 +14,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax.checkpoint import Checkpointer, save_params
 from rlhf_jax.configs import check, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, pack_documents, sft_examples
 from rlhf_jax.data.facts_world import FactsWorld
 from rlhf_jax.evaluate import evaluate_demonstrator, probe_accuracy
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
-from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.functional import count_params
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, TaskConfig, check_context,
-                                    evaluate_heldout, load_stage, stage_key)
-from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
+from rlhf_jax.stages.common import (STREAM_INIT, TaskConfig, check_context, evaluate_heldout,
+                                    load_stage, stage_key, train_stage)
+from rlhf_jax.train import OptimConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +106,8 @@ def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_si
               steps: int, optim: OptimConfig, run: RunDir, prefix: str, log_every: int,
               checkpoint_every: int, replay: dict[str, np.ndarray] | None = None,
               ptx_coef: float = 0.0, ptx_batch_size: int = 0):
-    """Shared loop of both stages: next-token loss over ``data`` rows (plus ``ptx_coef`` × the
-    loss on replayed ``replay`` rows), resumable."""
-    state = TrainState.create(params, make_optimizer(optim, steps))
-    ckpt = Checkpointer(run.path / "checkpoints")
-    state = resume(state, ckpt, run)
+    """Next-token loss over ``data`` rows (plus ``ptx_coef`` × the loss on replayed ``replay``
+    rows), resumable."""
     order = EpochOrder(len(data["tokens"]), batch_size, seed)
     if replay is not None and ptx_coef > 0:
         replay_order = EpochOrder(len(replay["tokens"]), ptx_batch_size, seed + 1)
@@ -122,13 +117,8 @@ def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_si
     else:
         loss_fn = functools.partial(lm_loss_fn, model=model)
         batch_at = lambda s: order.batch(data, s)  # noqa: E731
-    step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
-    state = fit(state, step, batch_at, steps=steps,
-                key=stage_key(seed, STREAM_TRAIN), run=run, prefix=prefix, log_every=log_every,
-                checkpoint_every=checkpoint_every, ckpt=ckpt)
-    ckpt.close()
-    save_params(run.path / "params", state.params)
-    return state.params
+    return train_stage(params, loss_fn, batch_at, seed=seed, steps=steps, optim=optim, run=run,
+                       prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every)
 
 
 def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:

@@ -1,0 +1,126 @@
+"""Reward-model losses: Bradley–Terry on pairs and InstructGPT's K-wise batching.
+
+Bradley–Terry: P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), so the negative log-likelihood of a
+labelled pair is ``−log σ(r_w − r_l − margin)`` (``margin`` optional, Touvron et al. 2023).
+
+K-wise (Ouyang et al. 2022, eq. 1): a labeller ranks K responses to one prompt; every one of the
+C(K, 2) comparisons enters the loss, each response is forwarded once, and the prompt's loss is
+divided by C(K, 2) so every prompt counts once whatever its K:
+
+    loss(x) = −1/C(K,2) · Σ_{i,j: rank_i > rank_j} log σ(r_i − r_j − margin)
+
+Ties (equal ranking scores) contribute nothing. With K = 2 and no tie this equals the pairwise loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count
+
+
+def bradley_terry_loss(
+    r_chosen: jax.Array,     # [N] rewards of preferred responses
+    r_rejected: jax.Array,   # [N]
+    *,
+    margin: float | jax.Array = 0.0,
+    mask: jax.Array | None = None,   # [N] 1 = pair counted
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean over counted pairs of ``−log σ(r_chosen − r_rejected − margin)``.
+
+    Metrics: ``loss``, ``accuracy`` (share with r_chosen > r_rejected), ``margin`` (mean
+    r_chosen − r_rejected), ``reward_mean``/``reward_std`` over both responses of counted pairs.
+    """
+    if mask is None:
+        mask = jnp.ones_like(r_chosen)
+    diff = r_chosen - r_rejected
+    loss = masked_mean(-jax.nn.log_sigmoid(diff - margin), mask, axis_name=axis_name)
+    both = jnp.stack([r_chosen, r_rejected])
+    both_mask = jnp.stack([mask, mask])
+    mean = masked_mean(both, both_mask, axis_name=axis_name)
+    var = masked_mean(jnp.square(both - mean), both_mask, axis_name=axis_name)
+    return loss, {
+        "loss": loss,
+        "accuracy": masked_mean((diff > 0).astype(jnp.float32), mask, axis_name=axis_name),
+        "margin": masked_mean(diff, mask, axis_name=axis_name),
+        "reward_mean": mean,
+        "reward_std": jnp.sqrt(var),
+    }
+
+
+def kwise_bradley_terry_loss(
+    rewards: jax.Array,   # [P, K] one reward per response
+    ranking: jax.Array,   # [P, K] labeller's ranking scores: higher = preferred, equal = tie
+    *,
+    valid: jax.Array | None = None,   # [P, K] 1 = response present (K may vary per prompt)
+    margin: float | jax.Array = 0.0,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """InstructGPT's K-wise loss (module docstring): mean over prompts of the per-prompt sum over
+    ranked pairs, each prompt's sum divided by its C(K, 2).
+
+    Metrics: ``loss``, ``accuracy`` and ``margin`` over all untied pairs, ``reward_mean`` and
+    ``reward_std`` over present responses, ``pairs`` (untied pairs counted).
+    """
+    if valid is None:
+        valid = jnp.ones_like(rewards)
+    valid = valid.astype(rewards.dtype)
+    diff = rewards[:, :, None] - rewards[:, None, :]                       # [P, K, K] r_i − r_j
+    pair_ok = valid[:, :, None] * valid[:, None, :]
+    better = (ranking[:, :, None] > ranking[:, None, :]).astype(rewards.dtype) * pair_ok
+    k = jnp.sum(valid, axis=-1)                                             # [P]
+    n_pairs = jnp.maximum(k * (k - 1) / 2, 1.0)                            # C(K, 2)
+    per_prompt = jnp.sum(-jax.nn.log_sigmoid(diff - margin) * better, axis=(1, 2)) / n_pairs
+    prompt_ok = (k >= 2).astype(rewards.dtype)
+    loss = masked_mean(per_prompt, prompt_ok, axis_name=axis_name)
+    _, pairs = masked_sum_and_count(diff, better, axis_name=axis_name)
+    mean = masked_mean(rewards, valid, axis_name=axis_name)
+    var = masked_mean(jnp.square(rewards - mean), valid, axis_name=axis_name)
+    return loss, {
+        "loss": loss,
+        "accuracy": masked_mean((diff > 0).astype(rewards.dtype), better, axis_name=axis_name),
+        "margin": masked_mean(diff, better, axis_name=axis_name),
+        "reward_mean": mean,
+        "reward_std": jnp.sqrt(var),
+        "pairs": pairs,
+    }
+
+
+def reward_at_last_token(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """``values[b, t_last(b)]`` with ``t_last`` the last position where ``mask`` is 1 (the EOS,
+    or the last token of a truncated response): ``[B, T], [B, T] -> [B]``."""
+    t = mask.shape[-1]
+    last = t - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), axis=-1), axis=-1)
+    return jnp.take_along_axis(values, last[:, None], axis=-1)[:, 0]
+
+
+def sequence_rewards(model, params, prompts, prompt_mask, responses, response_mask, *,
+                     head: str = "reward") -> jax.Array:
+    """Scalar-head reward of each ``[prompt | response]`` read at its last response token.
+
+    ``prompts [N, Lp]`` left-padded, ``responses [N, Lr]`` right-padded -> ``[N]``.
+    """
+    tokens = jnp.concatenate([prompts, responses], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    out = model.apply(params, tokens, attention_mask=mask, compute_logits=False)
+    return reward_at_last_token(out.scalars[head], mask)
+
+
+def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,
+                     model, margin: float = 0.0, axis_name: AxisName = None):
+    """Forward every response once, then :func:`kwise_bradley_terry_loss`.
+
+    ``batch``: ``prompts [P, Lp]``, ``prompt_mask``, ``responses [P, K, Lr]``, ``response_mask``,
+    ``ranking [P, K]``, optional ``valid [P, K]``.
+    """
+    del key
+    p, k, lr = batch["responses"].shape
+    prompts = jnp.repeat(batch["prompts"], k, axis=0)
+    prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
+    rewards = sequence_rewards(model, params, prompts, prompt_mask,
+                               batch["responses"].reshape(p * k, lr),
+                               batch["response_mask"].reshape(p * k, lr)).reshape(p, k)
+    return kwise_bradley_terry_loss(rewards, batch["ranking"], valid=batch.get("valid"),
+                                    margin=margin, axis_name=axis_name)

@@ -1,0 +1,464 @@
+"""Preference data: upstream-format parsers, TFDS array_record storage, grain batching.
+
+Fixtures (tests/fixtures/) are tiny files in the upstream formats:
+
+* ``hh_rlhf_tiny.jsonl`` (+ the same bytes gzipped as ``.jsonl.gz``): 5 HH-RLHF rows - single
+  turn, two exchanges, an 11-turn prompt (truncated at the default 8 turns), unicode and a
+  single-newline response, a response containing a blank line;
+* ``summarize_comparisons_tiny.jsonl``: 3 TL;DR comparison rows (choice 0, 1, 1);
+* ``hh_rlhf_*.jsonl`` / ``summarize_*.jsonl``: one malformed variant each, bad row last.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+import pickle
+import shutil
+import sys
+
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.data import preferences as prefs
+from rlhf_jax.data.preference_formats import PreferenceDataError
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+HH = FIXTURES / "hh_rlhf_tiny.jsonl"
+HH_GZ = FIXTURES / "hh_rlhf_tiny.jsonl.gz"
+SUMMARIZE = FIXTURES / "summarize_comparisons_tiny.jsonl"
+SYNC = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+THREADED = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+tfds.disable_progress_bar()
+
+
+def fixture(name: str) -> pathlib.Path:
+    return FIXTURES / name
+
+
+# ----------------------------------------------------------------------------------------------
+# HH-RLHF parser
+
+
+def test_hh_splits_prompt_and_final_responses():
+    pairs, stats = pf.read_hh_rlhf(HH)
+    assert [p["id"] for p in pairs] == [f"fixtures/hh_rlhf_tiny:{i}" for i in range(1, 6)]
+    assert pairs[0] == {
+        "id": "fixtures/hh_rlhf_tiny:1",
+        "prompt": "\n\nHuman: What is the capital of France?\n\nAssistant:",
+        "chosen": " The capital of France is Paris.",
+        "rejected": " I don't know.",
+    }
+    assert pairs[1]["prompt"] == ("\n\nHuman: Can you help me bake bread?\n\nAssistant: Sure. Do "
+                                  "you have yeast?\n\nHuman: Yes, a packet of dry yeast."
+                                  "\n\nAssistant:")
+    assert pairs[1]["chosen"] == " Great, start by proofing it in warm water."
+    assert pairs[1]["rejected"] == " Bread is hard. Buy some instead."
+    assert pairs[3]["prompt"] == "\n\nHuman: Write a haiku about café mornings ☕\n\nAssistant:"
+    assert pairs[3]["chosen"] == (" Steam curls from the cup,\nA quiet café at dawn —\n"
+                                  "The city wakes.")
+    # A blank line inside a response is not a turn boundary.
+    assert pairs[4]["chosen"] == " Tip one: sleep.\n\nTip two: drink water."
+    assert (stats.rows, stats.examples, stats.errors) == (5, 5, [])
+
+
+def test_hh_untruncated_prompt_plus_response_is_the_upstream_text():
+    rows = [json.loads(line) for line in HH.read_text(encoding="utf-8").splitlines()]
+    pairs, _ = pf.read_hh_rlhf(HH, max_prompt_turns=None)
+    for row, pair in zip(rows, pairs):
+        assert pair["prompt"] + pair["chosen"] == row["chosen"]
+        assert pair["prompt"] + pair["rejected"] == row["rejected"]
+
+
+def test_hh_truncation_keeps_last_turns_and_is_counted():
+    pairs, stats = pf.read_hh_rlhf(HH)  # default: 8 turns
+    # 11 prompt turns (H1 A1 ... H5 A5 H6): the last 8 start with A2, which is dropped too.
+    assert pairs[2]["prompt"] == (
+        "\n\nHuman: Count with me: 3.\n\nAssistant: 3.\n\nHuman: Count with me: 4."
+        "\n\nAssistant: 4.\n\nHuman: Count with me: 5.\n\nAssistant: 5."
+        "\n\nHuman: Count with me: 6.\n\nAssistant:")
+    assert (pairs[2]["chosen"], pairs[2]["rejected"]) == (" 6.", " Seven!")
+    assert pf.count_hh_turns(pairs[2]["prompt"]) == 7
+    assert (stats.prompts_truncated, stats.turns_dropped) == (1, 4)
+
+    full, full_stats = pf.read_hh_rlhf(HH, max_prompt_turns=None)
+    assert pf.count_hh_turns(full[2]["prompt"]) == 11
+    assert full[2]["prompt"].endswith(pairs[2]["prompt"])  # truncation keeps a verbatim suffix
+    assert full_stats.prompts_truncated == 0
+
+    last_only, last_stats = pf.read_hh_rlhf(HH, max_prompt_turns=1)
+    assert last_only[1]["prompt"] == "\n\nHuman: Yes, a packet of dry yeast.\n\nAssistant:"
+    assert last_stats.prompts_truncated == 2  # rows 2 and 3 have more than one prompt turn
+
+
+def test_truncate_hh_prompt_policy():
+    prompt = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
+    assert pf.truncate_hh_prompt(prompt, 3) == (prompt, 0)
+    assert pf.truncate_hh_prompt(prompt, 2) == ("\n\nHuman: c\n\nAssistant:", 2)  # no A-first
+    assert pf.truncate_hh_prompt(prompt, 1) == ("\n\nHuman: c\n\nAssistant:", 2)
+    assert pf.truncate_hh_prompt(prompt, None) == (prompt, 0)
+    with pytest.raises(ValueError):
+        pf.truncate_hh_prompt(prompt, 0)
+
+
+def test_hh_gzip_gives_the_same_pairs():
+    assert HH_GZ.read_bytes()[:2] == b"\x1f\x8b"
+    assert gzip.decompress(HH_GZ.read_bytes()) == HH.read_bytes()
+    plain, plain_stats = pf.read_hh_rlhf(HH)
+    zipped, zipped_stats = pf.read_hh_rlhf(HH_GZ)
+    assert zipped == plain  # same stem, same directory -> same ids
+    assert zipped_stats.prompts_truncated == plain_stats.prompts_truncated == 1
+
+
+def test_truncated_gzip_raises_a_located_error(tmp_path):
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(HH_GZ.read_bytes()[:-30])
+    with pytest.raises(PreferenceDataError, match=r"broken.jsonl.gz: line \d+: field '\(file\)'"):
+        pf.read_hh_rlhf(broken)
+
+
+def test_error_keeps_its_location_through_pickling():
+    err = PreferenceDataError("bad", path="f.jsonl", line=3, field="choice")
+    copy = pickle.loads(pickle.dumps(err))
+    assert (str(copy), copy.path, copy.line, copy.field) == (str(err), "f.jsonl", 3, "choice")
+
+
+def test_gzip_is_detected_by_content_not_name(tmp_path):
+    disguised = tmp_path / "train.jsonl"
+    shutil.copy(HH_GZ, disguised)
+    pairs, _ = pf.read_hh_rlhf(disguised, id_prefix="x")
+    assert [p["chosen"] for p in pairs] == [p["chosen"] for p in pf.read_hh_rlhf(HH)[0]]
+    assert pairs[0]["id"] == "x:1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Summarize-from-feedback parser
+
+
+def test_summarize_prompt_and_choice():
+    pairs, stats = pf.read_summarize_comparisons(SUMMARIZE)
+    assert pairs[0] == {
+        "id": "fixtures/summarize_comparisons_tiny:1",
+        "prompt": ("SUBREDDIT: r/relationships\nTITLE: My roommate keeps eating my food\n"
+                   "POST: We agreed to split groceries but he eats everything I buy.\n"
+                   "What should I do?\nTL;DR:"),
+        "chosen": " Roommate eats my food despite our deal; how do I fix it?",   # choice 0
+        "rejected": " food gone roommate bad",
+    }
+    assert pairs[1]["prompt"].startswith("SUBREDDIT: r/personalfinance\nTITLE: Should I pay")
+    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (      # choice 1
+        " Should I invest my money?", " Low-rate car loan, emergency fund ready: invest or repay?")
+    assert pairs[2]["prompt"] == pairs[0]["prompt"]  # same post, another comparison
+    assert pairs[2]["chosen"] == " Roommate eats my food despite our deal; how do I fix it?"
+    assert (stats.examples, stats.prompts_truncated) == (3, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Malformed rows
+
+
+MALFORMED = [
+    # (reader, file, 1-based line, field, words in the detail)
+    (pf.read_hh_rlhf, "hh_rlhf_bad_json.jsonl", 2, "(row)", "invalid JSON"),
+    (pf.read_hh_rlhf, "hh_rlhf_missing_field.jsonl", 2, "rejected", "missing"),
+    (pf.read_hh_rlhf, "hh_rlhf_wrong_type.jsonl", 3, "rejected", "expected str, got int"),
+    (pf.read_hh_rlhf, "hh_rlhf_empty_response.jsonl", 2, "chosen", "empty final Assistant"),
+    (pf.read_hh_rlhf, "hh_rlhf_empty_prompt.jsonl", 2, "chosen", "empty prompt"),
+    (pf.read_hh_rlhf, "hh_rlhf_no_assistant.jsonl", 2, "rejected", "no Assistant turn"),
+    (pf.read_hh_rlhf, "hh_rlhf_prompt_mismatch.jsonl", 2, "rejected", "does not share the prompt"),
+    (pf.read_summarize_comparisons, "summarize_bad_json.jsonl", 2, "(row)", "invalid JSON"),
+    (pf.read_summarize_comparisons, "summarize_missing_post.jsonl", 2, "info.post", "missing"),
+    (pf.read_summarize_comparisons, "summarize_bad_choice.jsonl", 3, "choice", "0 or 1"),
+    (pf.read_summarize_comparisons, "summarize_choice_wrong_type.jsonl", 2, "choice",
+     "expected int, got str"),
+    (pf.read_summarize_comparisons, "summarize_one_summary.jsonl", 2, "summaries",
+     "expected 2 summaries"),
+    (pf.read_summarize_comparisons, "summarize_empty_summary.jsonl", 2, "summaries[1].text",
+     "empty text"),
+]
+
+
+@pytest.mark.parametrize("reader,name,line,field,detail", MALFORMED,
+                         ids=[m[1] for m in MALFORMED])
+def test_malformed_row_names_file_line_and_field(reader, name, line, field, detail):
+    with pytest.raises(PreferenceDataError) as info:
+        reader(fixture(name))
+    err = info.value
+    assert isinstance(err, ValueError)
+    message = str(err)
+    assert name in message and f"line {line}" in message and repr(field) in message
+    assert detail in message
+    assert (os.path.basename(err.path), err.line, err.field) == (name, line, field)
+
+
+def test_collect_mode_reports_every_malformed_row(tmp_path):
+    good = HH.read_text(encoding="utf-8").splitlines()
+    bad = fixture("hh_rlhf_prompt_mismatch.jsonl").read_text(encoding="utf-8").splitlines()[1]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([good[0], bad, "", "{not json", good[1], ""]) + "\n")
+    pairs, stats = pf.read_hh_rlhf(path, on_error="collect")
+    assert [p["id"] for p in pairs] == [f"{tmp_path.name}/mixed:1", f"{tmp_path.name}/mixed:5"]
+    assert [(e.line, e.field) for e in stats.errors] == [(2, "rejected"), (4, "(row)")]
+    assert (stats.rows, stats.examples, stats.blank_lines) == (4, 2, 2)
+    with pytest.raises(PreferenceDataError, match="line 2"):
+        pf.read_hh_rlhf(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# K-wise records
+
+
+def test_pair_to_record_and_ranked_pairs():
+    record = prefs.pair_to_record({"id": "a", "prompt": "p", "chosen": "c", "rejected": "r"})
+    assert record["responses"] == ["c", "r"] and record["gold"] is None
+    np.testing.assert_array_equal(record["ranking"], np.array([1, 0], np.float32))
+    assert prefs.ranked_pairs(record["ranking"]) == [(0, 1)]
+    assert prefs.ranked_pairs([2.0, 2.0, 0.0, 3.0]) == [(0, 2), (1, 2), (3, 0), (3, 1), (3, 2)]
+    assert prefs.ranked_pairs([1.0, 1.0]) == []
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"responses": ["only one"], "ranking": [1.0]}, "responses"),
+    ({"ranking": [1.0, 0.0, 0.0]}, "ranking"),
+    ({"ranking": [1.0, float("nan")]}, "ranking"),
+    ({"gold": [0.5]}, "gold"),
+    ({"responses": ["a", 3]}, "responses[1]"),
+    ({"prompt": b"bytes"}, "prompt"),
+    ({"id": ""}, "id"),
+    ({"score": 1}, "score"),
+])
+def test_invalid_records_name_the_field(change, field):
+    record = {"id": "r", "prompt": "p", "responses": ["a", "b"], "ranking": [1.0, 0.0], **change}
+    with pytest.raises(PreferenceDataError) as info:
+        prefs.validate_record(record, where="split 'train', record 0")
+    assert info.value.field == field
+    assert "record 0" in str(info.value) and repr(field) in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS storage
+
+
+SIMULATED = {
+    "train": [
+        {"id": "q0", "prompt": "2+2=", "responses": ["4", "5", "four"],
+         "ranking": [1.0, 0.0, 1.0], "gold": [0.9, 0.1, 0.8]},            # K=3, tie, gold
+        {"id": "q1", "prompt": "Name a colour", "responses": ["red", "blue", "green", "chair"],
+         "ranking": [2.0, 2.0, 2.0, -1.5]},                               # K=4, no gold
+        {"id": "q2", "prompt": "", "responses": ["a", ""], "ranking": [0.5, 0.5],
+         "gold": [0.0, 0.25]},                                            # K=2, full tie
+    ],
+    "test": [
+        {"id": "t0", "prompt": "é ☕", "responses": ["x", "y"], "ranking": [0.0, 1.0]},
+    ],
+}
+
+
+def assert_records_equal(stored, expected):
+    assert len(stored) == len(expected)
+    for raw, want in zip(stored, expected):
+        got, want = prefs.decode_record(raw), prefs.validate_record(want)
+        assert {k: got[k] for k in ("id", "prompt", "responses")} == \
+               {k: want[k] for k in ("id", "prompt", "responses")}
+        np.testing.assert_array_equal(got["ranking"], want["ranking"])
+        if want["gold"] is None:
+            assert got["gold"] is None
+        else:
+            np.testing.assert_array_equal(got["gold"], want["gold"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One directory holding HH, summarize and simulated data sets, built once."""
+    root = tmp_path_factory.mktemp("tfds")
+    prefs.HhRlhf(split_paths={"train": HH, "test": [HH_GZ]}, data_dir=root).download_and_prepare()
+    prefs.SummarizeFromFeedback(split_paths={"train": [SUMMARIZE]},
+                                data_dir=root).download_and_prepare()
+    # One split from a list, one from a callable.
+    prefs.build_preference_dataset({"train": SIMULATED["train"], "test": lambda: SIMULATED["test"]},
+                                   root, name="toy_prefs", version="1.2.0",
+                                   release_notes={"1.2.0": "toy data for tests"})
+    return root
+
+
+def test_hh_builder_round_trip(data_dir):
+    pairs, _ = pf.read_hh_rlhf(HH)
+    expected = [prefs.pair_to_record(p) for p in pairs]
+    for split in ("train", "test"):
+        source = prefs.load_preference_source(data_dir, "hh_rlhf", split)
+        assert_records_equal(source, expected)
+    info = tfds.builder_from_directory(os.path.join(data_dir, "hh_rlhf", "1.0.0")).info
+    assert str(info.version) == "1.0.0" and info.file_format.value == "array_record"
+    assert info.metadata["splits"]["train"]["prompts_truncated"] == 1
+    assert info.metadata["build_spec"]["parser"] == {"max_prompt_turns": 8, "on_error": "raise"}
+    assert info.metadata["build_spec"]["files"]["test"][0]["name"] == "hh_rlhf_tiny.jsonl.gz"
+
+
+def test_summarize_builder_round_trip(data_dir):
+    pairs, _ = pf.read_summarize_comparisons(SUMMARIZE)
+    source = prefs.load_preference_source(data_dir, "summarize_from_feedback", "train")
+    assert_records_equal(source, [prefs.pair_to_record(p) for p in pairs])
+    assert source[1]["responses"][0] == b" Should I invest my money?"  # raw form: bytes
+
+
+def test_simulated_builder_round_trips_kwise_records_with_ties_and_gold(data_dir):
+    for split in ("train", "test"):
+        source = prefs.load_preference_source(data_dir, "toy_prefs", split, version="1.2.0")
+        assert_records_equal(source, SIMULATED[split])
+    raw = prefs.load_preference_source(data_dir, "toy_prefs", "train")[1]
+    assert raw["gold"].shape == (0,) and raw["ranking"].dtype == np.float32
+    info = tfds.builder_from_directory(os.path.join(data_dir, "toy_prefs", "1.2.0")).info
+    assert info.release_notes == {"1.2.0": "toy data for tests"}
+
+
+def test_rebuilding_reuses_same_inputs_and_rejects_different_ones(data_dir):
+    prefs.build_preference_dataset(SIMULATED, data_dir, name="toy_prefs", version="1.2.0")
+    changed = {**SIMULATED, "test": [{**SIMULATED["test"][0], "ranking": [1.0, 0.0]}]}
+    with pytest.raises(ValueError, match="built from different inputs"):
+        prefs.build_preference_dataset(changed, data_dir, name="toy_prefs", version="1.2.0")
+    with pytest.raises(ValueError, match="max_prompt_turns"):
+        prefs.HhRlhf(split_paths={"train": HH, "test": [HH_GZ]}, max_prompt_turns=2,
+                     data_dir=data_dir).download_and_prepare()
+    prefs.build_preference_dataset(changed, data_dir, name="toy_prefs", version="1.3.0")
+    assert prefs.load_preference_source(data_dir, "toy_prefs", "test")[0]["ranking"][0] == 1.0
+
+
+def test_builder_rejects_duplicate_ids_and_bad_records(tmp_path):
+    with pytest.raises(PreferenceDataError, match="duplicate id 'fixtures/hh_rlhf_tiny:1'"):
+        prefs.HhRlhf(split_paths={"train": [HH, HH_GZ]}, data_dir=tmp_path).download_and_prepare()
+    with pytest.raises(PreferenceDataError, match=r"split 'train', record 0: field 'ranking'"):
+        prefs.build_preference_dataset(
+            {"train": [{"id": "a", "prompt": "p", "responses": ["x", "y"], "ranking": [1.0]}]},
+            tmp_path, name="bad_prefs")
+    with pytest.raises(PreferenceDataError, match="hh_rlhf_no_assistant.jsonl: line 2"):
+        prefs.HhRlhf(split_paths={"train": fixture("hh_rlhf_no_assistant.jsonl")},
+                     data_dir=tmp_path / "other").download_and_prepare()
+
+
+def test_builder_can_collect_malformed_rows_into_metadata(tmp_path):
+    builder = prefs.HhRlhf(split_paths={"train": fixture("hh_rlhf_prompt_mismatch.jsonl")},
+                           on_error="collect", data_dir=tmp_path)
+    builder.download_and_prepare()
+    summary = builder.info.metadata["splits"]["train"]
+    assert (summary["examples"], summary["malformed_rows_left_out"]) == (1, 1)
+    assert "line 2: field 'rejected'" in summary["files"][0]["errors"][0]
+    assert len(prefs.load_preference_source(tmp_path, "hh_rlhf", "train")) == 1
+
+
+def test_no_tensorflow_needed(data_dir):
+    assert "tensorflow" not in sys.modules
+
+
+def test_load_missing_dataset_raises(data_dir):
+    with pytest.raises(FileNotFoundError, match="no prepared data set 'nope'"):
+        prefs.load_preference_source(data_dir, "nope", "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# grain batching
+
+
+RECORDS = [prefs.make_record(id=f"r{i}", prompt=f"p{i}", responses=[f"a{i}", f"b{i}"],
+                             ranking=[1.0, 0.0]) for i in range(10)]
+
+
+def ids(batch) -> list[str]:
+    return [str(x) for x in batch["id"]]
+
+
+def take(it, n: int) -> list[list[str]]:
+    return [ids(next(it)) for _ in range(n)]
+
+
+def test_loader_is_deterministic_by_seed():
+    first = take(prefs.preference_loader(RECORDS, batch_size=3, seed=7, read_options=SYNC), 8)
+    again = take(prefs.preference_loader(RECORDS, batch_size=3, seed=7, read_options=SYNC), 8)
+    other = take(prefs.preference_loader(RECORDS, batch_size=3, seed=8, read_options=SYNC), 8)
+    assert first == again and first != other
+    unshuffled = prefs.preference_loader(RECORDS, batch_size=4, seed=0, shuffle=False,
+                                         num_epochs=1, read_options=SYNC)
+    assert [ids(b) for b in unshuffled] == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"],
+                                            ["r8", "r9"]]
+
+
+def test_each_epoch_covers_every_record_once():
+    loader = prefs.preference_loader(RECORDS, batch_size=3, seed=1, num_epochs=3,
+                                     read_options=SYNC)
+    batches = [ids(b) for b in loader]
+    per_epoch = prefs.steps_per_epoch(len(RECORDS), batch_size=3)
+    assert per_epoch == 4 and len(batches) == 3 * per_epoch
+    assert [len(b) for b in batches[:per_epoch]] == [3, 3, 3, 1]  # batches never straddle epochs
+    epochs = [sum(batches[e * per_epoch:(e + 1) * per_epoch], []) for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(r["id"] for r in RECORDS)
+    assert len({tuple(e) for e in epochs}) == 3  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("read_options", [SYNC, THREADED], ids=["sync", "prefetch"])
+def test_get_state_set_state_resumes_with_the_same_batches(read_options):
+    kwargs = dict(batch_size=3, seed=3, read_options=read_options)
+    it = prefs.preference_loader(RECORDS, **kwargs)
+    take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))  # survives a JSON checkpoint
+    expected = take(it, 6)                          # crosses an epoch boundary
+    resumed = prefs.preference_loader(RECORDS, **kwargs)
+    resumed.set_state(state)
+    assert take(resumed, 6) == expected
+
+
+def test_shards_are_disjoint_within_each_epoch():
+    def shard_epochs(index: int, count: int, even: bool) -> list[set[str]]:
+        it = prefs.preference_loader(RECORDS, batch_size=2, seed=5, shard_index=index,
+                                     shard_count=count, even_shards=even, num_epochs=2,
+                                     read_options=SYNC)
+        batches = [ids(b) for b in it]
+        half = len(batches) // 2
+        return [set(sum(batches[:half], [])), set(sum(batches[half:], []))]
+
+    everything = {r["id"] for r in RECORDS}
+    for even in (True, False):
+        shards = [shard_epochs(i, 3, even) for i in range(3)]
+        for epoch in range(2):
+            parts = [s[epoch] for s in shards]
+            assert sum(len(p) for p in parts) == len(set().union(*parts))  # disjoint
+            if even:
+                assert [len(p) for p in parts] == [3, 3, 3]   # 10 % 3 = 1 record left out
+            else:
+                assert set().union(*parts) == everything
+    with pytest.raises(ValueError):
+        prefs.preference_loader(RECORDS, batch_size=2, seed=0, shard_index=3, shard_count=3)
+
+
+def test_loader_over_tfds_source_with_map_hook(data_dir):
+    source = prefs.load_preference_source(data_dir, "toy_prefs", "train", version="1.2.0")
+
+    def tokenise(raw):  # stand-in for a tokenizer: fixed-K, fixed-length int arrays
+        record = prefs.decode_record(raw)
+        lengths = [len(r) for r in record["responses"][:2]]
+        return {"id": record["id"], "lengths": np.asarray(lengths, np.int32),
+                "prompt_len": len(record["prompt"])}
+
+    it = prefs.preference_loader(source, batch_size=2, seed=0, shuffle=False, num_epochs=1,
+                                 map_fn=tokenise, read_options=SYNC)
+    first, second = list(it)
+    assert first["id"].tolist() == ["q0", "q1"]
+    np.testing.assert_array_equal(first["lengths"], [[1, 1], [3, 4]])
+    np.testing.assert_array_equal(first["prompt_len"], [4, 13])
+    assert second["id"].tolist() == ["q2"]
+
+    raw_batches = prefs.preference_batches(source, batch_size=2, seed=0, shuffle=False)
+    with pytest.raises(ValueError, match="has different shapes within a batch"):  # K = 3, 4
+        raw_batches[0]
+
+
+def test_collate_stacks_texts_as_objects():
+    batch = prefs.collate_records([RECORDS[0], RECORDS[1]])
+    assert batch["responses"].shape == (2, 2) and batch["responses"].dtype == object
+    assert batch["responses"][1, 0] == "a1" and batch["gold"] is None
+    assert batch["ranking"].shape == (2, 2) and batch["ranking"].dtype == np.float32

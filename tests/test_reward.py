@@ -1,0 +1,147 @@
+"""Reward losses and the simulated labeller against slow references and invariances."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.labeler import (noise_ceiling, plackett_luce_ranking, tie_identical)
+from rlhf_jax.losses.reward import (bradley_terry_loss, kwise_bradley_terry_loss,
+                                    reward_at_last_token, sequence_rewards)
+from rlhf_jax.models import create_model, preset
+
+
+def _log_sigmoid(x):
+    return -np.log1p(np.exp(-x))
+
+
+def kwise_reference(rewards, ranking, valid, margin):
+    """Loop over prompts and over every pair: the definition, written slowly."""
+    per_prompt = []
+    for r, rk, v in zip(rewards, ranking, valid):
+        idx = [i for i in range(len(r)) if v[i]]
+        k = len(idx)
+        if k < 2:
+            continue
+        total = 0.0
+        for i, j in itertools.permutations(idx, 2):
+            if rk[i] > rk[j]:
+                total += -_log_sigmoid(r[i] - r[j] - margin)
+        per_prompt.append(total / math.comb(k, 2))
+    return float(np.mean(per_prompt))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kwise_loss_matches_loop_reference(seed):
+    rng = np.random.default_rng(seed)
+    p, k = 6, 5
+    rewards = rng.normal(size=(p, k)).astype(np.float32)
+    ranking = rng.integers(0, 3, size=(p, k)).astype(np.float32)   # many ties
+    valid = (rng.random((p, k)) > 0.2).astype(np.float32)
+    loss, m = jax.jit(lambda a, b, c: kwise_bradley_terry_loss(a, b, valid=c, margin=0.3))(
+        rewards, ranking, valid)
+    np.testing.assert_allclose(float(loss), kwise_reference(rewards, ranking, valid, 0.3),
+                               rtol=1e-5)
+    # accuracy over untied pairs, by hand
+    agree, n = 0, 0
+    for r, rk, v in zip(rewards, ranking, valid):
+        for i, j in itertools.permutations(range(k), 2):
+            if v[i] and v[j] and rk[i] > rk[j]:
+                n += 1
+                agree += r[i] > r[j]
+    np.testing.assert_allclose(float(m["accuracy"]), agree / n, rtol=1e-6)
+    assert int(m["pairs"]) == n
+
+
+def test_k2_equals_pairwise_loss():
+    rng = np.random.default_rng(3)
+    rw, rl = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    pair_loss, pm = bradley_terry_loss(rw, rl, margin=0.5)
+    k_loss, km = kwise_bradley_terry_loss(np.stack([rw, rl], 1), np.tile([1.0, 0.0], (8, 1)),
+                                          margin=0.5)
+    np.testing.assert_allclose(float(pair_loss), float(k_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(pm["accuracy"]), float(km["accuracy"]))
+    np.testing.assert_allclose(float(pm["margin"]), float(km["margin"]), rtol=1e-6)
+    ref = np.mean(-_log_sigmoid(rw - rl - 0.5))
+    np.testing.assert_allclose(float(pair_loss), ref, rtol=1e-5)
+
+
+def test_ties_contribute_nothing():
+    rewards = np.array([[0.3, -1.2, 2.0]], np.float32)
+    all_tied = kwise_bradley_terry_loss(rewards, np.ones((1, 3), np.float32))[0]
+    assert float(all_tied) == 0.0
+    one_pair = kwise_bradley_terry_loss(rewards, np.array([[1.0, 0.0, 0.0]], np.float32))[0]
+    expected = (-_log_sigmoid(0.3 + 1.2) - _log_sigmoid(0.3 - 2.0)) / 3
+    np.testing.assert_allclose(float(one_pair), expected, rtol=1e-5)
+
+
+def test_kwise_loss_invariant_to_response_order():
+    rng = np.random.default_rng(4)
+    rewards = rng.normal(size=(4, 4)).astype(np.float32)
+    ranking = rng.permutation(np.tile(np.arange(4.0), (4, 1)).T).T.astype(np.float32)
+    perm = rng.permutation(4)
+    a = kwise_bradley_terry_loss(rewards, ranking)
+    b = kwise_bradley_terry_loss(rewards[:, perm], ranking[:, perm])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
+
+
+def test_kwise_gradient_finite_and_descends():
+    rewards = jnp.zeros((3, 4))
+    ranking = jnp.tile(jnp.arange(4.0), (3, 1))
+    g = jax.grad(lambda r: kwise_bradley_terry_loss(r, ranking)[0])(rewards)
+    assert np.isfinite(np.asarray(g)).all()
+    # higher-ranked responses get pushed up: the gradient is decreasing in rank
+    assert (np.diff(np.asarray(g[0])) < 0).all()
+
+
+def test_reward_at_last_token():
+    values = jnp.arange(12.0).reshape(2, 6)
+    mask = jnp.array([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(reward_at_last_token(values, mask)), [3.0, 11.0])
+
+
+def test_padded_equals_unpadded_scores():
+    model, params = create_model(preset("test"), jax.random.key(0), heads=("reward",))
+    prompt = jnp.array([[1, 5, 6, 7]])
+    resp = jnp.array([[8, 9, 2]])
+    base = sequence_rewards(model, params, prompt, jnp.ones_like(prompt), resp, jnp.ones_like(resp))
+    # more left padding on the prompt, more right padding on the response
+    p2 = jnp.array([[0, 0, 1, 5, 6, 7]])
+    r2 = jnp.array([[8, 9, 2, 0, 0]])
+    padded = sequence_rewards(model, params, p2, (p2 != 0) | (jnp.arange(6) >= 2)[None],
+                              r2, jnp.array([[1, 1, 1, 0, 0]]))
+    np.testing.assert_allclose(np.asarray(base), np.asarray(padded), atol=1e-5)
+
+
+def test_plackett_luce_pairwise_marginals_are_bradley_terry():
+    gold = np.tile(np.array([1.0, 0.0, -1.0, -2.0], np.float32), (40000, 1))
+    ranking = plackett_luce_ranking(gold, 1.5, np.random.default_rng(0))
+    for i, j in itertools.combinations(range(4), 2):
+        p = 1 / (1 + np.exp(-(gold[0, i] - gold[0, j]) / 1.5))
+        emp = np.mean(ranking[:, i] > ranking[:, j])
+        assert abs(emp - p) < 4 * np.sqrt(p * (1 - p) / len(gold)), (i, j, emp, p)
+
+
+def test_noise_ceiling_matches_monte_carlo():
+    rng = np.random.default_rng(1)
+    gold = rng.choice([1.0, 0.0, -1.0, -2.0], size=(3000, 4)).astype(np.float32)
+    tau = 1.5
+    analytic = noise_ceiling(gold, tau)
+    # Monte Carlo: the best possible predictor (the gold ordering) vs sampled noisy labels
+    ranking = plackett_luce_ranking(np.repeat(gold, 10, 0), tau, rng)
+    g = np.repeat(gold, 10, 0)
+    i, j = np.triu_indices(4, 1)
+    dg, dl = g[:, i] - g[:, j], ranking[:, i] - ranking[:, j]
+    mc = np.mean((np.sign(dg) == np.sign(dl))[dg != 0])
+    assert abs(mc - analytic) < 0.005, (mc, analytic)
+
+
+def test_identical_responses_are_tied():
+    ranking = np.array([[3.0, 2.0, 1.0, 0.0]], np.float32)
+    out = tie_identical([["a", "b", "a", "c"]], ranking)
+    np.testing.assert_array_equal(out, [[2.0, 2.0, 2.0, 0.0]])

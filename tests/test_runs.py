@@ -1,0 +1,157 @@
+"""Run directories (JSON files notebooks read) and Orbax checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rlhf_jax
+from rlhf_jax import runs
+from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
+from rlhf_jax.models import create_model, preset
+from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
+
+
+def _strict_json(text: str):
+    """json.loads that rejects NaN / Infinity literals (not JSON; many readers choke on them)."""
+    def bad(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+    return json.loads(text, parse_constant=bad)
+
+
+# --------------------------------------------------------------------------- RunDir
+def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "_git_commit", lambda: "abc123")
+    run = RunDir(tmp_path / "run" / "nested")       # parents are created
+    cfg = {"model": {"d_model": 32, "n_layers": 2}, "lr": 3e-4, "name": "x", "tags": [1, 2]}
+    run.write_config(cfg)
+    run.write_meta(seed=7, extra={"stage": "sft"})
+    run.write_summary({"gold": np.float32(0.25), "steps": 10, "arr": jnp.arange(3)})
+    assert _strict_json((run.path / "config.json").read_text()) == cfg
+    meta = _strict_json((run.path / "meta.json").read_text())
+    assert meta["seed"] == 7 and meta["stage"] == "sft" and meta["git_commit"] == "abc123"
+    assert meta["jax_version"] == jax.__version__
+    assert meta["rlhf_jax_version"] == rlhf_jax.__version__
+    assert meta["devices"] and meta["process_count"] == 1
+    assert run.read_summary() == {"gold": 0.25, "steps": 10, "arr": [0, 1, 2]}
+    run.write_summary({"gold": 1.0})                 # overwritten, not appended
+    assert run.read_summary() == {"gold": 1.0}
+    assert not list(run.path.glob(".*.tmp"))        # atomic writes leave no temp files
+
+
+def test_run_dir_metrics_jsonl(tmp_path):
+    run = RunDir(tmp_path)
+    run.log_metrics(0, {"loss": jnp.float32(2.5), "acc": np.float64(0.5), "n": 3})
+    run.log_metrics(jnp.int32(10), {"loss": 1.25, "vec": np.array([1.0, 2.0])})
+    run.log_timing(stage="sft", seconds=1.5)
+    rows = read_metrics(tmp_path)
+    assert rows == [{"step": 0, "loss": 2.5, "acc": 0.5, "n": 3},
+                    {"step": 10, "loss": 1.25, "vec": [1.0, 2.0]}]
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        row = _strict_json(line)
+        assert "time" not in row                     # no wall-clock in metrics
+    timing = [_strict_json(x) for x in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    assert timing[0]["stage"] == "sft" and timing[0]["seconds"] == 1.5 and "time" in timing[0]
+    run.write_jsonl("samples.jsonl", [{"a": np.int64(1)}, {"a": 2}])
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert [_strict_json(x) for x in lines] == [{"a": 1}, {"a": 2}]
+
+
+def test_run_dir_python_nan_is_written_as_valid_json(tmp_path):
+    run = RunDir(tmp_path)
+    run.log_metrics(1, {"loss": float("nan"), "kl": float("inf")})
+    row = _strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert row == {"step": 1, "loss": "nan", "kl": "inf"}
+
+
+def test_run_dir_array_nan_is_written_like_python_nan(tmp_path):
+    run = RunDir(tmp_path)
+    run.log_metrics(1, {"loss": jnp.float32(jnp.nan)})
+    row = _strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert row == {"step": 1, "loss": "nan"}
+
+
+# --------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def state():
+    """A TrainState whose optimizer moments and counts are non-trivial (random values)."""
+    _, params = create_model(preset("test"), jax.random.key(0))
+    st = TrainState.create(params, make_optimizer(OptimConfig(warmup_steps=0), 10))
+    rng = np.random.default_rng(1)
+
+    def fill(x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            return jnp.asarray(rng.normal(size=x.shape).astype(x.dtype))
+        return jnp.asarray(np.full(x.shape, 7, x.dtype))
+
+    return st.replace(step=jnp.asarray(7, jnp.int32), opt_state=jax.tree.map(fill, st.opt_state))
+
+
+def _shifted(st, k):
+    return st.replace(step=st.step + k, params=jax.tree.map(lambda x: x + k, st.params))
+
+
+def _assert_bit_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def test_checkpointer_round_trip_and_keep_last_n(tmp_path, state):
+    ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
+    assert ckpt.latest_step() is None
+    saved = {}
+    for k in (1, 2, 3):
+        saved[k] = _shifted(state, k)
+        ckpt.save(k * 10, saved[k], extra={"data_step": k, "key": [k, 2 * k]})
+    ckpt.wait()
+    assert ckpt.latest_step() == 30
+    steps_on_disk = sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit())
+    assert steps_on_disk == [20, 30]                 # keep-last-2
+    target = _shifted(state, 100)                     # values are ignored, structure is used
+    restored, extra = ckpt.restore(target)
+    _assert_bit_equal(restored, saved[3])
+    assert isinstance(restored, TrainState) and restored.tx is target.tx
+    assert extra == {"data_step": 3, "key": [3, 6]}
+    older, extra2 = ckpt.restore(target, step=20)
+    _assert_bit_equal(older, saved[2])
+    assert extra2["data_step"] == 2
+    # abstract targets work too
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    again, _ = ckpt.restore(abstract)
+    _assert_bit_equal(again, saved[3])
+    ckpt.close()
+    # a new Checkpointer on the same directory (a resumed process) sees the same checkpoints
+    ckpt2 = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
+    assert ckpt2.latest_step() == 30
+    _assert_bit_equal(ckpt2.restore(target)[0], saved[3])
+    ckpt2.close()
+
+
+def test_checkpointer_restore_from_empty_dir_raises(tmp_path, state):
+    ckpt = Checkpointer(tmp_path / "empty", async_save=False)
+    with pytest.raises(FileNotFoundError):
+        ckpt.restore(state)
+    ckpt.close()
+
+
+def test_save_and_load_params_round_trip(tmp_path, state):
+    params = state.params
+    save_params(tmp_path / "params", params)
+    _, target = create_model(preset("test"), jax.random.key(5))   # other values, same structure
+    loaded = load_params(tmp_path / "params", target)
+    _assert_bit_equal(loaded, params)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
+                                jax.tree.map(np.asarray, params))
+    # overwriting an existing directory (force) works
+    save_params(tmp_path / "params", _shifted(state, 1).params)
+    _assert_bit_equal(load_params(tmp_path / "params", target), _shifted(state, 1).params)
