@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.batching import encode_prompts
+from rlhf_jax.data.batching import encode_prompts, pad_rows
 from rlhf_jax.data.task import Judgement, Prompt, Task, summarize
 from rlhf_jax.models.functional import Model
 from rlhf_jax.sampling import SamplingConfig, sample
@@ -36,11 +36,8 @@ def generate(model: Model, params, task: Task, prompts: Sequence[Prompt], key: j
     texts: list[str] = []
     for start in range(0, len(flat), batch_size):
         sl = slice(start, start + batch_size)
-        b_ids, b_mask = ids[sl], mask[sl]
-        real = len(b_ids)
-        if real < batch_size:  # pad the last batch so one compiled shape serves all batches
-            b_ids = np.concatenate([b_ids, np.repeat(b_ids[-1:], batch_size - real, 0)])
-            b_mask = np.concatenate([b_mask, np.repeat(b_mask[-1:], batch_size - real, 0)])
+        real = len(ids[sl])  # the last batch is padded so one compiled shape serves all
+        b_ids, b_mask = pad_rows(ids[sl], batch_size), pad_rows(mask[sl], batch_size)
         ex = jnp.arange(start, start + batch_size)
         out = _sample_jit(model, params, jnp.asarray(b_ids), jnp.asarray(b_mask), key, ex,
                           cfg=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)

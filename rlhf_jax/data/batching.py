@@ -58,6 +58,13 @@ def encode_responses(tok: Tokenizer, responses: Sequence[str], length: int
                      what="response")
 
 
+def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with its last row repeated up to ``rows`` rows (fills a fixed-shape final batch)."""
+    if len(a) >= rows:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)])
+
+
 def pack_documents(tok: Tokenizer, docs: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
     """Pretraining batches: ``[bos] doc [eos]`` concatenated and cut into ``[N, seq_len]`` rows."""
     stream = np.concatenate([np.asarray([tok.bos_id] + tok.encode(d) + [tok.eos_id], np.int32)

@@ -37,17 +37,19 @@ def bradley_terry_loss(
         mask = jnp.ones_like(r_chosen)
     diff = r_chosen - r_rejected
     loss = masked_mean(-jax.nn.log_sigmoid(diff - margin), mask, axis_name=axis_name)
-    both = jnp.stack([r_chosen, r_rejected])
-    both_mask = jnp.stack([mask, mask])
-    mean = masked_mean(both, both_mask, axis_name=axis_name)
-    var = masked_mean(jnp.square(both - mean), both_mask, axis_name=axis_name)
     return loss, {
         "loss": loss,
         "accuracy": masked_mean((diff > 0).astype(jnp.float32), mask, axis_name=axis_name),
         "margin": masked_mean(diff, mask, axis_name=axis_name),
-        "reward_mean": mean,
-        "reward_std": jnp.sqrt(var),
+        **_reward_stats(jnp.stack([r_chosen, r_rejected]), jnp.stack([mask, mask]), axis_name),
     }
+
+
+def _reward_stats(rewards, mask, axis_name) -> dict[str, jax.Array]:
+    """Global mean and std of the counted rewards."""
+    mean = masked_mean(rewards, mask, axis_name=axis_name)
+    var = masked_mean(jnp.square(rewards - mean), mask, axis_name=axis_name)
+    return {"reward_mean": mean, "reward_std": jnp.sqrt(var)}
 
 
 def kwise_bradley_terry_loss(
@@ -76,14 +78,11 @@ def kwise_bradley_terry_loss(
     prompt_ok = (k >= 2).astype(rewards.dtype)
     loss = masked_mean(per_prompt, prompt_ok, axis_name=axis_name)
     _, pairs = masked_sum_and_count(diff, better, axis_name=axis_name)
-    mean = masked_mean(rewards, valid, axis_name=axis_name)
-    var = masked_mean(jnp.square(rewards - mean), valid, axis_name=axis_name)
     return loss, {
         "loss": loss,
         "accuracy": masked_mean((diff > 0).astype(rewards.dtype), better, axis_name=axis_name),
         "margin": masked_mean(diff, better, axis_name=axis_name),
-        "reward_mean": mean,
-        "reward_std": jnp.sqrt(var),
+        **_reward_stats(rewards, valid, axis_name),
         "pairs": pairs,
     }
 

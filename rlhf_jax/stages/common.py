@@ -80,7 +80,11 @@ def evaluate_heldout(model, params, world: FactsWorld, task: TaskConfig, seed: i
 def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,
                 run: RunDir, prefix: str, log_every: int, checkpoint_every: int):
     """Train ``params`` on ``loss_fn(params, batch, key)`` with batches ``batch_at(step)``:
-    resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``."""
+    resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``.
+
+    The caller's ``params`` stay valid: the state starts from a copy, because the jitted step
+    donates its state and ``params`` may share buffers with another model (``transplant``)."""
+    params = jax.tree.map(lambda x: x.copy(), params)
     state = TrainState.create(params, make_optimizer(optim, steps))
     ckpt = Checkpointer(run.path / "checkpoints")
     state = resume(state, ckpt, run)

@@ -11,7 +11,6 @@ import functools
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from rlhf_jax.configs import check, positive, to_dict

@@ -19,9 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.configs import check, positive, to_dict
-from rlhf_jax.data.batching import EpochOrder, encode_prompts, encode_responses
+from rlhf_jax.data.batching import EpochOrder, encode_responses, pad_left, pad_rows
 from rlhf_jax.data.facts_world import FactsWorld
-from rlhf_jax.labeler import LabelerConfig, Preferences, collect_preferences, noise_ceiling
+from rlhf_jax.data.preferences import (build_preference_dataset, decode_record,
+                                       load_preference_source)
+from rlhf_jax.labeler import (LabelerConfig, Preferences, collect_preferences, noise_ceiling,
+                              response_kind)
 from rlhf_jax.losses.reward import kwise_rm_loss_fn, sequence_rewards
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
@@ -40,6 +43,8 @@ class RewardConfig:
       seed: seeds labelling noise, head initialisation and batch order.
       sft_dir: a finished SFT run to start from; empty = run ``sft`` first into ``<out>/sft``.
       sft: the SFT config used when ``sft_dir`` is empty.
+      preferences_dir: a TFDS preference data set built by an earlier reward run (its
+        ``<out>/data``) to train on instead of labelling afresh.
       labeler: responses per prompt (K) and the labeller's noise temperature τ.
       margin: Bradley–Terry margin (0 = plain BT).
       batch_prompts: prompts per step (each with its K responses).
@@ -53,6 +58,7 @@ class RewardConfig:
     seed: int = 0
     sft_dir: str = ""
     sft: SFTConfig = SFTConfig()
+    preferences_dir: str = ""
     labeler: LabelerConfig = LabelerConfig()
     margin: float = 0.0
     batch_prompts: int = 16
@@ -70,10 +76,14 @@ class RewardConfig:
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
 
 
+DATASET = "facts_world_preferences"
+
+
 def preference_arrays(tok, prefs: Preferences, task: TaskConfig) -> dict[str, np.ndarray]:
     """Token arrays of K-wise preferences: prompts ``[N, Lp]``, responses ``[N, K, Lr]``."""
     n, k = prefs.ranking.shape
-    p_ids, p_mask = encode_prompts(tok, prefs.prompts, task.prompt_len)
+    p_ids, p_mask = pad_left([[tok.bos_id] + tok.encode(p.text) for p in prefs.prompts],
+                             task.prompt_len, tok.pad_id, what="prompt")
     flat = [r for row in prefs.responses for r in row]
     r_ids, r_mask = encode_responses(tok, flat, task.max_new_tokens + 1)
     return {"prompts": p_ids, "prompt_mask": p_mask,
@@ -94,8 +104,7 @@ def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: 
     for s in range(0, n * k, batch):
         sl = slice(s, s + batch)
         rows = len(prompts[sl])
-        pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch - rows, 0)]) if rows < batch else a  # noqa: E731,E501
-        out.append(np.asarray(fn(params, *(jnp.asarray(pad(a[sl])) for a in
+        out.append(np.asarray(fn(params, *(jnp.asarray(pad_rows(a[sl], batch)) for a in
                                             (prompts, prompt_mask, responses, response_mask))))[:rows])
     return np.concatenate(out).reshape(n, k)
 
@@ -144,6 +153,30 @@ def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *, min_pairs
     return out
 
 
+def store_and_reload(prefs: dict[str, Preferences], data_dir: Path, world: FactsWorld
+                     ) -> dict[str, Preferences]:
+    """Write the labelled splits as a versioned TFDS data set (``array_record``) and read them
+    back through ``tfds.data_source``, so training sees exactly what is stored."""
+    build_preference_dataset({k: v.records() for k, v in prefs.items()}, data_dir, name=DATASET)
+    return {split: read_preferences(data_dir, split, world) for split in prefs}
+
+
+def read_preferences(data_dir: Path, split: str, world: FactsWorld) -> Preferences:
+    """A stored split, re-joined with the task's prompts (for the judge's evaluation-only kinds)."""
+    by_uid = {p.uid: p for s in ("train", "heldout") for p in world.prompts(s)}
+    records = [decode_record(r) for r in load_preference_source(data_dir, DATASET, split)]
+    prompts = []
+    for r in records:
+        if r["id"] not in by_uid:
+            raise ValueError(f"{data_dir}: split {split!r}: record id {r['id']!r} is not a prompt "
+                             "of this task's world (different world config?)")
+        prompts.append(by_uid[r["id"]])
+    responses = [list(r["responses"]) for r in records]
+    kinds = [[response_kind(world.judge(p, t)) for t in row] for p, row in zip(prompts, responses)]
+    return Preferences(prompts, responses, np.asarray([r["ranking"] for r in records], np.float32),
+                       np.asarray([r["gold"] for r in records], np.float32), kinds)
+
+
 def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``."""
     out = Path(out)
@@ -163,15 +196,19 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
-    label_key = stage_key(cfg.seed, STREAM_LABEL)
-    collect = functools.partial(collect_preferences, policy, sft_params, world, cfg=cfg.labeler,
-                                max_new_tokens=task.max_new_tokens, prompt_len=task.prompt_len)
-    train_prefs = collect(world.prompts("train"), jax.random.fold_in(label_key, 0),
-                          seed=cfg.seed * 1000 + 1)
-    test_prefs = collect(world.prompts("heldout"), jax.random.fold_in(label_key, 1),
-                         seed=cfg.seed * 1000 + 2)
-    run.write_jsonl("preferences_train.jsonl", train_prefs.records())
-    run.write_jsonl("preferences_heldout.jsonl", test_prefs.records())
+    if cfg.preferences_dir:
+        data_dir = Path(cfg.preferences_dir)
+        prefs = {s: read_preferences(data_dir, s, world) for s in ("train", "heldout")}
+    else:
+        label_key = stage_key(cfg.seed, STREAM_LABEL)
+        collect = functools.partial(collect_preferences, policy, sft_params, world,
+                                    cfg=cfg.labeler, max_new_tokens=task.max_new_tokens,
+                                    prompt_len=task.prompt_len)
+        prefs = {split: collect(world.prompts(split), jax.random.fold_in(label_key, i),
+                                seed=cfg.seed * 1000 + i)
+                 for i, split in enumerate(("train", "heldout"))}
+        prefs = store_and_reload(prefs, out / "data", world)
+    train_prefs, test_prefs = prefs["train"], prefs["heldout"]
     collect_s = time.perf_counter() - t0
 
     rm, rm_params = create_model(pre.model, stage_key(cfg.seed, STREAM_INIT), heads=("reward",))
