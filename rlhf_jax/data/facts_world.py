@@ -70,6 +70,7 @@ RELATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] =
     ),
 }
 FUNCTION_WORDS = ("question", ":", "answer", "?", ".", "names")
+CHECK_WORDS = ("that", "true", "false")  # in the vocabulary only when checks_per_person > 0
 
 
 def _name_words(count: int, seed: int, taken: set[str]) -> list[str]:
@@ -99,6 +100,9 @@ class FactsWorldConfig:
       heldout_relations: how many of such a person's relations are held out for evaluation.
       docs_per_person: corpus documents per real person (facts in a random order and phrasing).
       name_mentions: times each name (real or fictional) appears in fact-free name lists.
+      checks_per_person: fact-check sentences per real person in the corpus ("the home of X is
+        V . that is false ."), half true and half false, over all relations: text that teaches a
+        base model to verify a statement against what it knows.
       p_fabricate_fictional: demonstrator's chance of inventing an answer about a fictional person.
       p_misstate_real: demonstrator's chance of stating a wrong fact about a real person.
     """
@@ -110,12 +114,14 @@ class FactsWorldConfig:
     heldout_relations: int = 2
     docs_per_person: int = 8
     name_mentions: int = 4
+    checks_per_person: int = 0
     p_fabricate_fictional: float = 0.7
     p_misstate_real: float = 0.15
 
     def __post_init__(self):
         positive(self, "n_real", "n_fictional", "docs_per_person")
         check(self.name_mentions >= 0, "name_mentions", "must be >= 0")
+        check(self.checks_per_person >= 0, "checks_per_person", "must be >= 0")
         in_unit_interval(self, "heldout_frac", "p_fabricate_fictional", "p_misstate_real")
         check(self.n_real + self.n_fictional <= 20000, "n_fictional",
               f"n_real + n_fictional = {self.n_real + self.n_fictional} exceeds 20000 names")
@@ -133,6 +139,8 @@ class FactsWorld:
     def __init__(self, cfg: FactsWorldConfig = FactsWorldConfig()):
         self.cfg = cfg
         fixed = set(FUNCTION_WORDS) | {UNKNOWN}
+        if cfg.checks_per_person:
+            fixed |= set(CHECK_WORDS)
         for values, statements, questions in RELATIONS.values():
             fixed |= set(values)
             for t in statements + questions:
@@ -170,6 +178,14 @@ class FactsWorld:
         mentions = [mentions[i] for i in rng.permutation(len(mentions))]
         for start in range(0, len(mentions), 16):
             docs.append("names : " + " ".join(mentions[start:start + 16]) + " .")
+        for person in self.real:
+            for c in range(self.cfg.checks_per_person):
+                rel = str(rng.choice(list(RELATIONS)))
+                values, statements, _ = RELATIONS[rel]
+                truth = self.facts[person][rel]
+                value = truth if c % 2 == 0 else str(rng.choice([v for v in values if v != truth]))
+                verdict = "true" if value == truth else "false"
+                docs.append(f"{statements[0].format(e=person, v=value)} that is {verdict} .")
         order = rng.permutation(len(docs))
         return [docs[i] for i in order]
 
