@@ -173,3 +173,10 @@ def test_reward_end_to_end_on_small_config(tmp_path):
                          "--preferences-dir", str(out / "data"), *SMALL_REWARD[SMALL_REWARD.index("--steps"):]])
     assert again["rm/gold_agreement"] == summary["rm/gold_agreement"]
     assert again["rm/noise_ceiling"] == summary["rm/noise_ceiling"]
+
+
+def test_missing_upstream_run_is_a_named_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrain_dir"):
+        _load("sft").main(["--out", str(tmp_path / "s"), "--pretrain-dir", str(tmp_path / "nope")])
+    with pytest.raises(FileNotFoundError, match="sft_dir"):
+        _load("reward").main(["--out", str(tmp_path / "r"), "--sft-dir", str(tmp_path / "nope")])

@@ -53,6 +53,18 @@ def check_context(model: GPTConfig, task: TaskConfig, field: str = "task.max_new
           f"model context {model.max_len}")
 
 
+def upstream_run(given: str, default: Path, run_default, default_cfg, field: str) -> Path:
+    """The finished run a stage starts from: ``given`` (must hold a finished run, else an error
+    naming ``field``), or a default run written by ``run_default(default_cfg, default)`` unless
+    one already finished there."""
+    path = Path(given) if given else default
+    if not (path / "summary.json").exists():
+        if given:
+            raise FileNotFoundError(f"{field} {path} holds no finished run (no summary.json)")
+        run_default(default_cfg, path)
+    return path
+
+
 def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] = (),
                config_of=lambda cfg: cfg):
     """``(config, Model, params)`` of a finished stage run (its ``config.json`` and ``params/``);

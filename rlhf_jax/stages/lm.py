@@ -22,7 +22,7 @@ from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.functional import count_params
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, TaskConfig, check_context, evaluate_heldout,
-                                    load_stage, stage_key, train_stage)
+                                    load_stage, stage_key, train_stage, upstream_run)
 from rlhf_jax.train import OptimConfig
 
 
@@ -148,11 +148,8 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
 def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
     """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary."""
     out = Path(out)
-    pre_dir = Path(cfg.pretrain_dir) if cfg.pretrain_dir else out / "pretrain"
-    if not (pre_dir / "summary.json").exists():
-        if cfg.pretrain_dir:
-            raise FileNotFoundError(f"pretrain_dir {pre_dir} holds no finished pretraining run")
-        run_pretrain(cfg.pretrain, pre_dir)
+    pre_dir = upstream_run(cfg.pretrain_dir, out / "pretrain", run_pretrain, cfg.pretrain,
+                           "pretrain_dir")
     pre_cfg, model, params = load_stage(pre_dir, PretrainConfig)
     pre_summary = RunDir(pre_dir).read_summary()
     cfg = dataclasses.replace(cfg, pretrain_dir=str(pre_dir), pretrain=pre_cfg)

@@ -30,7 +30,7 @@ from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, TaskConfig, load_stage, stage_key,
-                                    train_stage)
+                                    train_stage, upstream_run)
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_sft
 from rlhf_jax.train import OptimConfig
 
@@ -180,11 +180,7 @@ def read_preferences(data_dir: Path, split: str, world: FactsWorld) -> Preferenc
 def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``."""
     out = Path(out)
-    sft_dir = Path(cfg.sft_dir) if cfg.sft_dir else out / "sft"
-    if not (sft_dir / "summary.json").exists():
-        if cfg.sft_dir:
-            raise FileNotFoundError(f"sft_dir {sft_dir} holds no finished SFT run")
-        run_sft(cfg.sft, sft_dir)
+    sft_dir = upstream_run(cfg.sft_dir, out / "sft", run_sft, cfg.sft, "sft_dir")
     sft_cfg, policy, sft_params = load_stage(sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
     cfg = dataclasses.replace(cfg, sft_dir=str(sft_dir), sft=sft_cfg)
     pre: PretrainConfig = sft_cfg.pretrain
