@@ -349,11 +349,11 @@ def test_fact_check_sentences_state_the_right_verdict():
     from rlhf_jax.data.facts_world import RELATIONS, FactsWorld, FactsWorldConfig
 
     w = FactsWorld(FactsWorldConfig(n_real=10, n_fictional=10, checks_per_person=4))
-    checks = [d for d in w.pretraining_corpus() if d.endswith(("that is true .", "that is false ."))]
+    checks = [d for d in w.pretraining_corpus() if d.endswith((". true .", ". false ."))]
     assert len(checks) == 10 * 4
     verdicts = []
     for doc in checks:
-        words = doc.split()   # the <rel> of <person> is <value> . that is <verdict> .
+        words = doc.split()   # the <rel> of <person> is <value> . <verdict> .
         rel, person, value, verdict = words[1], words[3], words[5], words[-2]
         assert rel in RELATIONS and person in w.real
         assert (value == w.facts[person][rel]) == (verdict == "true"), doc

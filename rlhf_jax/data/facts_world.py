@@ -70,7 +70,7 @@ RELATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] =
     ),
 }
 FUNCTION_WORDS = ("question", ":", "answer", "?", ".", "names")
-CHECK_WORDS = ("that", "true", "false")  # in the vocabulary only when checks_per_person > 0
+CHECK_WORDS = ("true", "false")  # in the vocabulary only when checks_per_person > 0
 
 
 def _name_words(count: int, seed: int, taken: set[str]) -> list[str]:
@@ -101,8 +101,9 @@ class FactsWorldConfig:
       docs_per_person: corpus documents per real person (facts in a random order and phrasing).
       name_mentions: times each name (real or fictional) appears in fact-free name lists.
       checks_per_person: fact-check sentences per real person in the corpus ("the home of X is
-        V . that is false ."), half true and half false, over all relations: text that teaches a
-        base model to verify a statement against what it knows.
+        V . false ."), half true and half false, over all relations: text that teaches a base model
+        to verify a statement against what it knows. The verdict follows the statement's "." at
+        once, so the position that ends a statement is where the check is computed.
       p_fabricate_fictional: demonstrator's chance of inventing an answer about a fictional person.
       p_misstate_real: demonstrator's chance of stating a wrong fact about a real person.
     """
@@ -185,7 +186,7 @@ class FactsWorld:
                 truth = self.facts[person][rel]
                 value = truth if c % 2 == 0 else str(rng.choice([v for v in values if v != truth]))
                 verdict = "true" if value == truth else "false"
-                docs.append(f"{statements[0].format(e=person, v=value)} that is {verdict} .")
+                docs.append(f"{statements[0].format(e=person, v=value)} {verdict} .")
         order = rng.permutation(len(docs))
         return [docs[i] for i in order]
 
