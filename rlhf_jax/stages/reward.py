@@ -91,6 +91,9 @@ def preference_arrays(tok, prefs: Preferences, task: TaskConfig) -> dict[str, np
             "ranking": prefs.ranking.astype(np.float32)}
 
 
+_rewards_jit = jax.jit(sequence_rewards, static_argnames=("model", "head"))
+
+
 def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: int = 512
                     ) -> np.ndarray:
     """Reward of every response, ``[N, K]``."""
@@ -99,13 +102,13 @@ def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: 
     prompt_mask = np.repeat(arrays["prompt_mask"], k, axis=0)
     responses = arrays["responses"].reshape(n * k, lr)
     response_mask = arrays["response_mask"].reshape(n * k, lr)
-    fn = jax.jit(functools.partial(sequence_rewards, model))
     out = []
     for s in range(0, n * k, batch):
         sl = slice(s, s + batch)
         rows = len(prompts[sl])
-        out.append(np.asarray(fn(params, *(jnp.asarray(pad_rows(a[sl], batch)) for a in
-                                            (prompts, prompt_mask, responses, response_mask))))[:rows])
+        arrays = (jnp.asarray(pad_rows(a[sl], batch))
+                  for a in (prompts, prompt_mask, responses, response_mask))
+        out.append(np.asarray(_rewards_jit(model, params, *arrays))[:rows])
     return np.concatenate(out).reshape(n, k)
 
 
