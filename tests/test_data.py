@@ -286,25 +286,28 @@ def test_canonical_answers_are_judged_as_intended(world):
         assert best.correct and best.score == world.top_score
 
 
-@pytest.mark.parametrize("p_real, p_fict", [(0.15, 0.7), (0.4, 0.25)])
-def test_demonstrator_fabrication_rates(p_real, p_fict):
+@pytest.mark.parametrize("p_real, p_unk, p_fict", [(0.15, 0.1, 0.7), (0.4, 0.0, 0.25)])
+def test_demonstrator_fabrication_rates(p_real, p_unk, p_fict):
     world = FactsWorld(FactsWorldConfig(seed=1, n_real=60, n_fictional=60,
-                                        p_misstate_real=p_real, p_fabricate_fictional=p_fict))
+                                        p_misstate_real=p_real, p_unknown_real=p_unk,
+                                        p_fabricate_fictional=p_fict))
     rng = np.random.default_rng(0)
     prompts = world.prompts("train") * 6
-    counts = {True: [0, 0], False: [0, 0]}       # answerable -> [fabricated, total]
+    counts = {True: [0, 0, 0], False: [0, 0, 0]}   # answerable -> [fabricated, unknown, total]
     for p in prompts:
         j = world.judge(p, world.demonstration(p, rng))
         assert j.label != "malformed"
-        if p.answerable and not j.fabricated:
+        if p.answerable and not j.fabricated and not j.says_unknown:
             assert j.correct                     # truthful demonstrations state the truth
         counts[p.answerable][0] += j.fabricated
-        counts[p.answerable][1] += 1
-    for answerable, p in ((True, p_real), (False, p_fict)):
-        k, n = counts[answerable]
+        counts[p.answerable][1] += j.says_unknown
+        counts[p.answerable][2] += 1
+    for answerable, p_fab, p_u in ((True, p_real, p_unk), (False, p_fict, 1 - p_fict)):
+        fab, unk, n = counts[answerable]
         assert n > 1000
-        sigma = math.sqrt(p * (1 - p) / n)
-        assert abs(k / n - p) < 3 * sigma, (answerable, k / n, p, sigma)
+        for k, p in ((fab, p_fab), (unk, p_u)):
+            sigma = math.sqrt(max(p * (1 - p), 1e-12) / n)
+            assert abs(k / n - p) < 3 * sigma + 1e-9, (answerable, k / n, p, sigma)
 
 
 def test_summarize_hand_made():
@@ -337,6 +340,7 @@ def test_knowledge_probes_are_canonical_prefixes(world):
     (dict(heldout_frac=0.0), "heldout_frac"),
     (dict(heldout_relations=4), "heldout_relations"),
     (dict(p_misstate_real=1.5), "p_misstate_real"),
+    (dict(p_misstate_real=0.95, p_unknown_real=0.1), "p_unknown_real"),
     (dict(n_real=0), "n_real"),
     (dict(name_mentions=-1), "name_mentions"),
 ])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,15 +105,19 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("script", ["pretrain", "sft"])
+@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "pipeline"])
 def test_help_lists_every_option(script):
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=120,
                          env={"RLHF_JAX_NO_REEXEC": "1", "PATH": "/usr/bin:/bin",
                               "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    for flag in ("--out", "--seed", "--steps", "--batch-size", "--optim.learning-rate"):
-        assert flag in out.stdout
+    flags = {"ppo": ("--iterations", "--ppo.kl-coef", "--policy-optim.learning-rate"),
+             "pipeline": ("--ppo.iterations", "--sft.steps", "--reward.steps"),
+             "reward": ("--steps", "--batch-prompts", "--optim.learning-rate")}.get(
+        script, ("--steps", "--batch-size", "--optim.learning-rate"))
+    for flag in ("--out", "--seed", *flags):
+        assert flag in out.stdout, flag
 
 
 @pytest.mark.parametrize("args, field", [
@@ -156,12 +161,17 @@ SMALL_REWARD = [  # small, but SFT learns enough of the format to give pairs of 
 ]
 
 
-def test_reward_end_to_end_on_small_config(tmp_path):
+@pytest.fixture(scope="module")
+def small_reward_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reward") / "rm"
+    return out, _load("reward").main(["--out", str(out), *SMALL_REWARD])
+
+
+def test_reward_end_to_end_on_small_config(small_reward_run, tmp_path):
     """Pretrain + SFT + preference collection (stored as TFDS) + RM training on a small config:
     the RM beats chance on held-out pairs; rerunning from the stored data set reproduces it."""
     reward = _load("reward")
-    out = tmp_path / "rm"
-    summary = reward.main(["--out", str(out), *SMALL_REWARD])
+    out, summary = small_reward_run
     for key in ("rm/accuracy", "rm/noise_ceiling", "rm/gold_agreement", "rm/spearman",
                 "time_s/reward"):
         assert key in summary, key
@@ -180,3 +190,54 @@ def test_missing_upstream_run_is_a_named_error(tmp_path):
         _load("sft").main(["--out", str(tmp_path / "s"), "--pretrain-dir", str(tmp_path / "nope")])
     with pytest.raises(FileNotFoundError, match="sft_dir"):
         _load("reward").main(["--out", str(tmp_path / "r"), "--sft-dir", str(tmp_path / "nope")])
+
+
+TINY_PPO = ["--iterations", "3", "--ppo.prompts-per-iter", "16", "--ppo.epochs", "1",
+            "--ppo.minibatches", "2", "--policy-optim.warmup-steps", "1",
+            "--value-optim.warmup-steps", "1", "--checkpoint-every", "2"]
+
+
+def test_ppo_end_to_end_on_small_config(small_reward_run, tmp_path):
+    """PPO from a finished reward run: summary keys, finite diagnostics, plots, paired counts."""
+    rm_dir, _ = small_reward_run
+    out = tmp_path / "ppo"
+    summary = _load("ppo").main(["--out", str(out), "--reward-dir", str(rm_dir), *TINY_PPO])
+    for key in ("gold/base", "gold/sft", "gold/rlhf", "gold/best_of_n", "kl/best_of_n",
+                "fabrication_rate/sft", "fabrication_rate/rlhf", "accuracy/sft", "accuracy/rlhf",
+                "win_rate/rlhf_vs_sft", "wins/rlhf_vs_sft", "ties/rlhf_vs_sft",
+                "losses/rlhf_vs_sft", "win_rate/ceiling", "kl/rlhf_vs_sft", "rm/gold_agreement",
+                "rm/gold_agreement_on_policy", "time_s/pretrain", "time_s/sft", "time_s/reward",
+                "time_s/ppo"):
+        assert key in summary, key
+    n_eval = summary["wins/rlhf_vs_sft"] + summary["ties/rlhf_vs_sft"] + summary["losses/rlhf_vs_sft"]
+    assert n_eval == len((out / "samples_rlhf.jsonl").read_text().splitlines())
+    assert 0.5 <= summary["win_rate/ceiling"] <= 1.0
+    assert summary["kl/rlhf_vs_sft"] >= 0.0
+    assert summary["max/rollout/logprob_max_diff"] <= 1e-5
+    assert np.isclose(summary["kl/best_of_n"], np.log(4) - 3 / 4)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("kl/per_token", "kl/per_sequence", "kl/entropy_term", "kl/cross_entropy_term",
+                "train/approx_kl", "train/clip_frac", "rollout/entropy",
+                "rollout/value_explained_var", "rollout/rm_score", "rollout/length",
+                "rollout/rm_gold_gap", "rollout/rm_gold_agreement",
+                "rollout/reward_length_corr"):
+        assert key in rows[-1], key
+    for png in ("reward.png", "kl.png", "gold.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_pipeline_end_to_end_on_tiny_config(tmp_path):
+    out = tmp_path / "pipe"
+    args = ["--out", str(out), *TINY_PRETRAIN, *[a if not a.startswith("--") else "--sft." + a[2:]
+                                               for a in TINY_SFT],
+            "--reward.steps", "10", "--reward.batch-prompts", "4",
+            "--reward.optim.warmup-steps", "2",
+            *[a if not a.startswith("--") else "--ppo." + a[2:] for a in TINY_PPO]]
+    summary = _load("pipeline").main(args)
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert (out / stage / "summary.json").exists(), stage
+    assert "gold/rlhf" in summary and summary["time_s/pipeline"] > 0
+    # a rerun reuses the finished stages
+    again = _load("pipeline").main(args)
+    assert again["gold/rlhf"] == summary["gold/rlhf"]

@@ -145,3 +145,24 @@ def test_identical_responses_are_tied():
     ranking = np.array([[3.0, 2.0, 1.0, 0.0]], np.float32)
     out = tie_identical([["a", "b", "a", "c"]], ranking)
     np.testing.assert_array_equal(out, [[2.0, 2.0, 2.0, 0.0]])
+
+
+def test_lm_readout_adds_coef_times_response_loglik_and_ignores_padding():
+    """reward = head(h_last) + c(h_last) · Σ log p(response tokens | prefix), padding-invariant."""
+    model, params = create_model(preset("test"), jax.random.key(1), heads=("reward", "coef"))
+    prompt = jnp.array([[1, 5, 6, 7]])
+    resp = jnp.array([[8, 9, 2]])
+    kw = dict(lm_coef_head="coef")
+    got = sequence_rewards(model, params, prompt, jnp.ones_like(prompt), resp, jnp.ones_like(resp),
+                           **kw)
+    tokens = jnp.concatenate([prompt, resp], axis=1)
+    out = model.apply(params, tokens)
+    logp = jax.nn.log_softmax(out.logits[0], axis=-1)
+    ll = sum(float(logp[t - 1, tokens[0, t]]) for t in range(4, 7))   # the 3 response tokens
+    want = float(out.scalars["reward"][0, -1]) + float(out.scalars["coef"][0, -1]) * ll
+    np.testing.assert_allclose(float(got[0]), want, rtol=1e-5, atol=1e-5)
+    p2 = jnp.array([[0, 0, 1, 5, 6, 7]])
+    r2 = jnp.array([[8, 9, 2, 0, 0]])
+    padded = sequence_rewards(model, params, p2, (jnp.arange(6) >= 2)[None].astype(jnp.int32),
+                              r2, jnp.array([[1, 1, 1, 0, 0]]), **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(padded), atol=1e-4)

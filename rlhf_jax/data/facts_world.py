@@ -13,7 +13,8 @@ they are wrong. This task reproduces that, shaped like real LLM training:
   about a fictional person is ``the home of … is unknown .``
 * **The failure.** A simulated demonstrator writes the SFT data. On fictional people it fabricates
   a confident answer with probability ``p_fabricate_fictional``; on real people it misstates the fact
-  with probability ``p_misstate_real``. Its overall fabrication rate on a prompt mix is ``p_d``
+  with probability ``p_misstate_real`` and declines ("unknown") with ``p_unknown_real``. Its
+  overall fabrication rate on a prompt mix is ``p_d``
   (``demonstrator/fabrication_rate`` in the run summary, measured on the held-out prompts).
 * **Held-out evaluation: held-out facts.** For a random quarter of the people (real and
   fictional), two of their four relations are never demonstrated. SFT (and later RM and PPO) use
@@ -106,6 +107,11 @@ class FactsWorldConfig:
         once, so the position that ends a statement is where the check is computed.
       p_fabricate_fictional: demonstrator's chance of inventing an answer about a fictional person.
       p_misstate_real: demonstrator's chance of stating a wrong fact about a real person.
+      p_unknown_real: demonstrator's chance of declining ("unknown") about a real person, as a
+        person who does not recall a fact does. It puts honest declines about real people into
+        the SFT samples, so labellers get to rank them against true answers (without it, nothing
+        in the preference data says a true answer beats "unknown", and an RM may learn that
+        "unknown" always wins).
     """
 
     seed: int = 0
@@ -118,12 +124,17 @@ class FactsWorldConfig:
     checks_per_person: int = 0
     p_fabricate_fictional: float = 0.7
     p_misstate_real: float = 0.15
+    p_unknown_real: float = 0.1
 
     def __post_init__(self):
         positive(self, "n_real", "n_fictional", "docs_per_person")
         check(self.name_mentions >= 0, "name_mentions", "must be >= 0")
         check(self.checks_per_person >= 0, "checks_per_person", "must be >= 0")
-        in_unit_interval(self, "heldout_frac", "p_fabricate_fictional", "p_misstate_real")
+        in_unit_interval(self, "heldout_frac", "p_fabricate_fictional", "p_misstate_real",
+                         "p_unknown_real")
+        check(self.p_misstate_real + self.p_unknown_real <= 1.0, "p_unknown_real",
+              f"p_misstate_real + p_unknown_real = "
+              f"{self.p_misstate_real + self.p_unknown_real} exceeds 1")
         check(self.n_real + self.n_fictional <= 20000, "n_fictional",
               f"n_real + n_fictional = {self.n_real + self.n_fictional} exceeds 20000 names")
         check(0 < self.heldout_frac < 1, "heldout_frac", "must be strictly between 0 and 1")
@@ -231,8 +242,11 @@ class FactsWorld:
         values = RELATIONS[prompt.info["relation"]][0]
         truth = prompt.info["truth"]
         if prompt.answerable:
-            if rng.random() < self.cfg.p_misstate_real:
+            u = rng.random()
+            if u < self.cfg.p_misstate_real:
                 return self.answer(prompt, str(rng.choice([v for v in values if v != truth])))
+            if u < self.cfg.p_misstate_real + self.cfg.p_unknown_real:
+                return self.answer(prompt, UNKNOWN)
             return self.answer(prompt, truth)
         if rng.random() < self.cfg.p_fabricate_fictional:
             return self.answer(prompt, str(rng.choice(values)))

@@ -95,20 +95,47 @@ def reward_at_last_token(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, last[:, None], axis=-1)[:, 0]
 
 
+def response_logprob(logits: jax.Array, tokens: jax.Array, mask: jax.Array, prompt_len: int
+                     ) -> jax.Array:
+    """Sum of the LM's log-probs of the response tokens (EOS included) of ``[prompt | response]``
+    rows: ``logits [N, T, V]``, ``tokens``/``mask [N, T]``, the first ``prompt_len`` columns being
+    the prompt -> ``[N]``."""
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]         # [N, T-1]
+    is_resp = (jnp.arange(tokens.shape[1] - 1) >= prompt_len - 1)[None]        # predicts a response token
+    return jnp.sum(jnp.where(is_resp & (mask[:, 1:] > 0), lp, 0.0), axis=-1)
+
+
 def sequence_rewards(model, params, prompts, prompt_mask, responses, response_mask, *,
-                     head: str = "reward") -> jax.Array:
+                     head: str = "reward", lm_coef_head: str | None = None,
+                     lm_stop_grad: bool = False) -> jax.Array:
     """Scalar-head reward of each ``[prompt | response]`` read at its last response token.
 
     ``prompts [N, Lp]`` left-padded, ``responses [N, Lr]`` right-padded -> ``[N]``.
+
+    With ``lm_coef_head`` (the LM-likelihood readout), the reward adds ``c · log p(response)``:
+    the trunk's own (tied-embedding) LM log-likelihood of the response, weighted by the scalar
+    ``c`` that head ``lm_coef_head`` reads at the last token (learned; a constant when its kernel
+    is zero). This lets a shallow trunk use knowledge it can only express as a next-token
+    prediction (e.g. a recalled fact at the position before the stated value), which a readout at
+    the last token alone cannot compare with the stated value. ``lm_stop_grad`` keeps the
+    likelihood term from training the trunk (only the coefficient learns from it).
     """
     tokens = jnp.concatenate([prompts, responses], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = model.apply(params, tokens, attention_mask=mask, compute_logits=False)
-    return reward_at_last_token(out.scalars[head], mask)
+    out = model.apply(params, tokens, attention_mask=mask, compute_logits=lm_coef_head is not None)
+    reward = reward_at_last_token(out.scalars[head], mask)
+    if lm_coef_head is not None:
+        logp = response_logprob(out.logits, tokens, mask, prompts.shape[1])
+        if lm_stop_grad:
+            logp = jax.lax.stop_gradient(logp)
+        reward = reward + reward_at_last_token(out.scalars[lm_coef_head], mask) * logp
+    return reward
 
 
 def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,
-                     model, margin: float = 0.0, axis_name: AxisName = None):
+                     model, margin: float = 0.0, axis_name: AxisName = None,
+                     lm_coef_head: str | None = None, lm_stop_grad: bool = False):
     """Forward every response once, then :func:`kwise_bradley_terry_loss`.
 
     ``batch``: ``prompts [P, Lp]``, ``prompt_mask``, ``responses [P, K, Lr]``, ``response_mask``,
@@ -120,6 +147,7 @@ def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None 
     prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
     rewards = sequence_rewards(model, params, prompts, prompt_mask,
                                batch["responses"].reshape(p * k, lr),
-                               batch["response_mask"].reshape(p * k, lr)).reshape(p, k)
+                               batch["response_mask"].reshape(p * k, lr),
+                               lm_coef_head=lm_coef_head, lm_stop_grad=lm_stop_grad).reshape(p, k)
     return kwise_bradley_terry_loss(rewards, batch["ranking"], valid=batch.get("valid"),
                                     margin=margin, axis_name=axis_name)

@@ -53,13 +53,17 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def transplant(src: nnx.State, dst: nnx.State) -> nnx.State:
+def transplant(src: nnx.State, dst: nnx.State, *, rename: dict[str, str] | None = None
+               ) -> nnx.State:
     """``dst`` with every leaf that also exists in ``src`` (same path, same shape) taken from it.
 
     Used to start a reward or value model from the SFT trunk: the trunk comes from ``src``, the new
-    scalar head keeps its fresh initialisation from ``dst``.
+    scalar head keeps its fresh initialisation from ``dst``. ``rename`` maps path components of
+    ``src`` to ``dst`` (``{"reward": "value"}`` starts a value head from a reward head).
     """
-    src_flat = dict(nnx.to_flat_state(src))
+    rename = rename or {}
+    src_flat = {tuple(rename.get(k, k) for k in path): var
+                for path, var in nnx.to_flat_state(src)}
     out = []
     for path, var in nnx.to_flat_state(dst):
         if path in src_flat and src_flat[path][...].shape == var[...].shape:

@@ -53,6 +53,15 @@ class RewardConfig:
       normalize: fit gain and bias so rewards of SFT samples have mean 0, std 1 (Ziegler et al.).
       log_every: log metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
+      lm_readout: add the LM-likelihood readout: reward = head(h_last) + c · log p(response), with
+        log p the trunk's own LM log-likelihood of the response and c a second head (``LM_COEF``)
+        read at the last token (see ``losses.reward.sequence_rewards``).
+      lm_coef_init: the coefficient's initial value (its head starts with a zero kernel).
+      lm_stop_grad: the likelihood term does not train the trunk, only the coefficient.
+      lm_coef_gated: let the coefficient depend on the last hidden state (its head's kernel
+        learns); otherwise c is one learned scalar (its kernel stays zero), which cannot turn
+        negative on unusual responses.
+      freeze_trunk: train only the scalar heads; the trunk keeps the SFT weights.
     """
 
     seed: int = 0
@@ -67,6 +76,11 @@ class RewardConfig:
     normalize: bool = True
     log_every: int = 50
     checkpoint_every: int = 0
+    lm_readout: bool = True
+    lm_coef_init: float = 1.0
+    lm_stop_grad: bool = False
+    lm_coef_gated: bool = False
+    freeze_trunk: bool = True
 
     def __post_init__(self):
         positive(self, "batch_prompts", "steps", "log_every")
@@ -77,6 +91,37 @@ class RewardConfig:
 
 
 DATASET = "facts_world_preferences"
+LM_COEF = "reward_lm_coef"
+
+
+def rm_heads(cfg: RewardConfig) -> tuple[str, ...]:
+    return ("reward", LM_COEF) if cfg.lm_readout else ("reward",)
+
+
+def rm_score_kwargs(cfg: RewardConfig) -> dict:
+    """Keyword arguments of ``sequence_rewards`` (and the loss) for this RM's readout."""
+    return {"lm_coef_head": LM_COEF if cfg.lm_readout else None, "lm_stop_grad": cfg.lm_stop_grad}
+
+
+def with_frozen(loss_fn, *, trunk: bool, coef_kernel: bool):
+    """``loss_fn`` with no gradient into the trunk (everything but ``params["heads"]``) and/or the
+    LM coefficient head's kernel (so it stays at its zero initialisation)."""
+    def wrapped(params, batch, key=None):
+        sg = jax.lax.stop_gradient
+        new = jax.tree.map(sg, params) if trunk else jax.tree.map(lambda x: x, params)
+        new["heads"] = jax.tree.map(lambda x: x, params["heads"])
+        if coef_kernel:
+            new["heads"][LM_COEF]["kernel"] = jax.tree.map(sg, params["heads"][LM_COEF]["kernel"])
+        return loss_fn(new, batch, key)
+    return wrapped
+
+
+def init_lm_coef(params, value: float):
+    """The coefficient head with a zero kernel and bias ``value``: a constant c at the start."""
+    heads = params["heads"][LM_COEF]
+    heads["kernel"][...] = jnp.zeros_like(heads["kernel"][...])
+    heads["bias"][...] = jnp.full_like(heads["bias"][...], value)
+    return params
 
 
 def preference_arrays(tok, prefs: Preferences, task: TaskConfig) -> dict[str, np.ndarray]:
@@ -91,11 +136,12 @@ def preference_arrays(tok, prefs: Preferences, task: TaskConfig) -> dict[str, np
             "ranking": prefs.ranking.astype(np.float32)}
 
 
-_rewards_jit = jax.jit(sequence_rewards, static_argnames=("model", "head"))
+_rewards_jit = jax.jit(sequence_rewards,
+                       static_argnames=("model", "head", "lm_coef_head", "lm_stop_grad"))
 
 
-def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: int = 512
-                    ) -> np.ndarray:
+def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: int = 512,
+                    **score_kw) -> np.ndarray:
     """Reward of every response, ``[N, K]``."""
     n, k, lr = arrays["responses"].shape
     prompts = np.repeat(arrays["prompts"], k, axis=0)
@@ -108,7 +154,7 @@ def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: 
         rows = len(prompts[sl])
         arrays = (jnp.asarray(pad_rows(a[sl], batch))
                   for a in (prompts, prompt_mask, responses, response_mask))
-        out.append(np.asarray(_rewards_jit(model, params, *arrays))[:rows])
+        out.append(np.asarray(_rewards_jit(model, params, *arrays, **score_kw))[:rows])
     return np.concatenate(out).reshape(n, k)
 
 
@@ -126,6 +172,15 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def pairwise_gold_agreement(rewards: np.ndarray, gold: np.ndarray) -> float:
+    """Share of within-prompt pairs with different gold scores that ``rewards [N, K]`` order as
+    ``gold [N, K]`` does (NaN if there are none)."""
+    i, j = np.triu_indices(rewards.shape[1], 1)
+    dg = gold[:, i] - gold[:, j]
+    agree = np.sign(rewards[:, i] - rewards[:, j]) == np.sign(dg)
+    return float(agree[dg != 0].mean()) if (dg != 0).any() else float("nan")
+
+
 def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *, min_pairs: int = 30
                ) -> dict[str, float]:
     """Held-out RM metrics (the ``rm/…`` keys of the reward summary)."""
@@ -139,7 +194,10 @@ def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *, min_pairs
         "rm/accuracy": float(np.mean((np.sign(dr) == np.sign(dl))[differ & (dl != 0)])),
         "rm/accuracy_all_pairs": float(np.mean((np.sign(dr) == np.sign(dl))[dl != 0])),
         "rm/noise_ceiling": noise_ceiling(prefs.gold, tau),
-        "rm/gold_agreement": float(np.mean((np.sign(dr) == np.sign(dg))[differ])),
+        # the gold ordering's own accuracy on exactly the pairs rm/accuracy counts: the ceiling as
+        # realised, after identical responses were tied (ties drop out of both)
+        "rm/gold_label_accuracy": float(np.mean((np.sign(dg) == np.sign(dl))[differ & (dl != 0)])),
+        "rm/gold_agreement": pairwise_gold_agreement(rewards, prefs.gold),
         "rm/gold_pairs": int(differ.sum()),
         "rm/spearman": _spearman(rewards.ravel(), prefs.gold.ravel()),
         "rm/reward_mean": float(rewards.mean()), "rm/reward_std": float(rewards.std()),
@@ -210,18 +268,24 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     train_prefs, test_prefs = prefs["train"], prefs["heldout"]
     collect_s = time.perf_counter() - t0
 
-    rm, rm_params = create_model(pre.model, stage_key(cfg.seed, STREAM_INIT), heads=("reward",))
+    rm, rm_params = create_model(pre.model, stage_key(cfg.seed, STREAM_INIT), heads=rm_heads(cfg))
     rm_params = transplant(sft_params, rm_params)
+    if cfg.lm_readout:
+        rm_params = init_lm_coef(rm_params, cfg.lm_coef_init)
+    score_kw = rm_score_kwargs(cfg)
     data = preference_arrays(tok, train_prefs, task)
     order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
-    loss_fn = functools.partial(kwise_rm_loss_fn, model=rm, margin=cfg.margin)
+    loss_fn = functools.partial(kwise_rm_loss_fn, model=rm, margin=cfg.margin, **score_kw)
+    if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
+        loss_fn = with_frozen(loss_fn, trunk=cfg.freeze_trunk,
+                              coef_kernel=cfg.lm_readout and not cfg.lm_coef_gated)
     rm_params = train_stage(rm_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
                             steps=cfg.steps, optim=cfg.optim, run=run, prefix="rm",
                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
 
-    summary = rm_metrics(score_responses(rm, rm_params, preference_arrays(tok, test_prefs, task)),
-                         test_prefs, cfg.labeler.tau)
-    train_rewards = score_responses(rm, rm_params, data)
+    summary = rm_metrics(score_responses(rm, rm_params, preference_arrays(tok, test_prefs, task),
+                                         **score_kw), test_prefs, cfg.labeler.tau)
+    train_rewards = score_responses(rm, rm_params, data, **score_kw)
     gain, bias = 1.0, 0.0
     if cfg.normalize:
         gain = float(1.0 / max(train_rewards.std(), 1e-6))

@@ -1,0 +1,1 @@
+"""Stage 3 machinery: rollouts, advantages, KL control and the compiled PPO iteration."""

@@ -1,0 +1,346 @@
+"""One PPO iteration as one jitted function (InstructGPT's RL stage, Ouyang et al. 2022, eq. 2).
+
+``make_iteration(...)`` returns a pure ``(state, batch, key) -> (state, metrics)``: sample the
+batch's prompts with the KV cache, score (policy, reference, value, RM), build per-token rewards
+(−β·KL each token, RM score at the last), GAE, then ``epochs × minibatches`` clipped updates in a
+nested ``lax.scan``, then the KL-controller update. No host round-trip inside; the caller's loop
+only logs, evaluates and checkpoints.
+
+The critic is ``"separate"`` (its own model, initialised from the RM as in InstructGPT),
+``"shared"`` (a value head on the policy trunk, one loss ``policy + vf_coef·value``) or ``"none"``
+(values 0, e.g. for group-relative advantages). Advantages come from the ``ADVANTAGES`` registry
+and the policy loss from ``POLICY_LOSSES``: the plug points for critic-free variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from rlhf_jax.configs import check, non_negative, positive
+from rlhf_jax.losses.lm import next_token_loss
+from rlhf_jax.losses.ppo import KL_ESTIMATORS, clipped_policy_loss, clipped_value_loss, kl_loss
+from rlhf_jax.models.functional import Model
+from rlhf_jax.ops import AxisName, entropy_from_logits, masked_mean, masked_var, token_logprobs
+from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
+from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
+from rlhf_jax.rl.rollout import Rollout, collect
+from rlhf_jax.sampling import SamplingConfig, response_logits
+from rlhf_jax.train import TrainState
+
+POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss}
+CRITICS = ("separate", "shared", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOHParams:
+    """Algorithm settings of one iteration.
+
+    Attributes:
+      prompts_per_iter: prompts sampled per iteration.
+      group_size: samples per prompt (G; > 1 for group-relative advantages).
+      temperature: sampling temperature, also used when the trainer scores (no top-k/top-p).
+      epochs: passes over the rollout.
+      minibatches: minibatches per epoch (the rollout's sequences must divide into them).
+      clip_eps: policy ratio clip ε.
+      value_clip_eps: value clip (0 = off).
+      vf_coef: value-loss weight when the critic shares the policy trunk.
+      discount: GAE discount γ.
+      gae_lambda: GAE λ.
+      whiten_advantages: normalise advantages to mean 0, std 1 over the batch.
+      kl_coef: β, the initial value when adaptive.
+      kl_estimator: reward-side per-token KL: ``k1`` (log π − log π_SFT at the sampled token)
+        or ``exact`` (full-vocabulary KL at each position). A position's exact KL does not depend
+        on the token sampled there, so in the reward it only credits earlier tokens; its direct
+        gradient at its own position is added to the loss (the decomposition is exact).
+      kl_in_loss: put β·KL in the loss instead of the reward: ``""`` (off), ``k2`` or ``exact``
+        (``k1``/``k3`` allowed for experiments; see ``rlhf_jax.losses.ppo``).
+      adaptive_kl: Ziegler et al.'s controller on β.
+      kl_target: target per-sequence KL (nats) of the controller.
+      kl_horizon: controller horizon (in sequences).
+      entropy_coef: entropy bonus in the policy loss (default 0: the KL already regularises).
+      ptx_coef: γ_ptx, weight of the pretraining-corpus log-likelihood (PPO-ptx; 0 = off).
+      no_eos_penalty: subtracted from the score of a response that hits the budget without EOS.
+      scale_rewards: divide scores by their running std (the mean is never shifted).
+      advantage: advantage estimator (key of ``ADVANTAGES``).
+      policy_loss: policy loss (key of ``POLICY_LOSSES``).
+      critic: ``separate``, ``shared`` or ``none``.
+    """
+
+    prompts_per_iter: int = 64
+    group_size: int = 1
+    temperature: float = 1.0
+    epochs: int = 4
+    minibatches: int = 4
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    discount: float = 1.0
+    gae_lambda: float = 0.95
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_in_loss: str = ""
+    adaptive_kl: bool = False
+    kl_target: float = 1.0
+    kl_horizon: float = 10000.0
+    entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    no_eos_penalty: float = 1.0
+    scale_rewards: bool = False
+    advantage: str = "gae"
+    policy_loss: str = "clipped"
+    critic: str = "separate"
+
+    def __post_init__(self):
+        positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
+                 "kl_target", "kl_horizon")
+        non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
+                     "ptx_coef", "no_eos_penalty")
+        check(0.0 <= self.discount <= 1.0, "discount", "must be in [0, 1]")
+        check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "must be in [0, 1]")
+        check(self.kl_estimator in ("k1", "exact"), "kl_estimator",
+              f"reward-side KL must be 'k1' or 'exact', got {self.kl_estimator!r}")
+        check(self.kl_in_loss in ("",) + KL_ESTIMATORS, "kl_in_loss",
+              f"must be '' or one of {KL_ESTIMATORS}, got {self.kl_in_loss!r}")
+        check(self.advantage in ADVANTAGES, "advantage",
+              f"unknown {self.advantage!r}; choose one of {sorted(ADVANTAGES)}")
+        check(self.policy_loss in POLICY_LOSSES, "policy_loss",
+              f"unknown {self.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
+        check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
+        check(self.rollout_size % self.minibatches == 0, "minibatches",
+              f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
+              f"not divide into {self.minibatches} minibatches")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.prompts_per_iter * self.group_size
+
+
+@flax.struct.dataclass
+class Frozen:
+    """Parameters the iteration reads but never trains: the reference policy and the RM."""
+
+    ref: Any
+    rm: Any
+
+
+@flax.struct.dataclass
+class PPOState:
+    policy: TrainState
+    value: TrainState | None      # None with a shared or no critic
+    kl_coef: jax.Array
+    reward_moments: RunningMoments
+    iteration: jax.Array
+    frozen: Frozen
+
+    def trainable(self) -> dict:
+        """What a checkpoint must hold (the frozen models come from their own runs)."""
+        return {"policy": self.policy, "value": self.value, "kl_coef": self.kl_coef,
+                "reward_moments": self.reward_moments, "iteration": self.iteration}
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The static halves of the four models (``value`` is None unless the critic is separate)."""
+
+    policy: Model
+    ref: Model
+    rm: Model
+    value: Model | None
+
+
+def _pearson(x, y):
+    x = x - jnp.mean(x)
+    y = y - jnp.mean(y)
+    return jnp.sum(x * y) / jnp.maximum(jnp.sqrt(jnp.sum(x * x) * jnp.sum(y * y)), 1e-12)
+
+
+def _explained_variance(values, returns, mask):
+    var_r = masked_mean(jnp.square(returns - masked_mean(returns, mask)), mask)
+    res = returns - values
+    var_res = masked_mean(jnp.square(res - masked_mean(res, mask)), mask)
+    return 1.0 - var_res / jnp.maximum(var_r, 1e-12)
+
+
+def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_id: int,
+                   pad_id: int, rm_gain: float = 1.0, rm_bias: float = 0.0,
+                   rm_score_kw: dict | None = None, axis_name: AxisName = None):
+    """The compiled PPO iteration ``(state, batch, key) -> (state, metrics)``.
+
+    ``batch``: ``prompts [B, P]``, ``prompt_mask``, ``example_ids [B·G]`` (per-sample key ids),
+    and with ``ptx_coef > 0`` ``ptx`` rows ``{"tokens", "attention_mask", "loss_mask"}`` of shape
+    ``[epochs·minibatches, R, T]`` (one slice of pretraining corpus per update). ``metrics`` holds
+    scalars plus ``"rollout"``: the sampled tokens, mask and scores for host-side evaluation."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=hp.temperature)
+    policy_model = models.policy
+    value_model = {"separate": models.value, "shared": models.policy, "none": None}[hp.critic]
+    advantage_fn = ADVANTAGES[hp.advantage]
+    policy_loss_fn = POLICY_LOSSES[hp.policy_loss]
+    t = hp.temperature
+    n_mb = hp.minibatches
+
+    def policy_terms(params, mb, ptx, kl_coef, adv_scale):
+        p = mb["prompts"].shape[1]
+        logits, out = response_logits(policy_model, params, mb["prompts"], mb["prompt_mask"],
+                                      mb["responses"], mb["mask"])
+        logits = logits / t
+        mask = mb["mask"]
+        logp = token_logprobs(logits, mb["responses"])
+        loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask, clip_eps=hp.clip_eps,
+                                 axis_name=axis_name)
+        ent = masked_mean(entropy_from_logits(logits), mask, axis_name=axis_name)
+        loss = loss - hp.entropy_coef * ent
+        m = dict(m, entropy=ent)
+        # KL terms in the loss are divided by the advantage-whitening scale, so β weighs the KL
+        # against the (unwhitened) reward exactly as in the reward-side penalty.
+        loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
+        if loss_kl:
+            ref_logits = mb["ref_logits"] if loss_kl == "exact" else None
+            kl = kl_loss(logp, mb["ref_logp"], mask, estimator=loss_kl, logits=logits,
+                         ref_logits=ref_logits, axis_name=axis_name)
+            loss = loss + kl_coef * kl / adv_scale
+            m["kl_loss"] = kl
+        if hp.critic == "shared":
+            values = out.scalars["value"][:, p - 1:-1]
+            vl, vm = clipped_value_loss(values, mb["values"], mb["returns"], mask,
+                                        clip_eps=hp.value_clip_eps, axis_name=axis_name)
+            loss = loss + hp.vf_coef * vl
+            m.update(vm)
+        if hp.ptx_coef > 0:
+            o = policy_model.apply(params, ptx["tokens"], attention_mask=ptx["attention_mask"])
+            ptx_loss, _ = next_token_loss(o.logits[:, :-1], ptx["tokens"][:, 1:],
+                                          ptx["loss_mask"][:, 1:], axis_name=axis_name)
+            loss = loss + hp.ptx_coef * ptx_loss
+            m["ptx_loss"] = ptx_loss
+        return loss, dict(m, loss=loss)
+
+    def value_terms(params, mb):
+        p = mb["prompts"].shape[1]
+        _, out = response_logits(value_model, params, mb["prompts"], mb["prompt_mask"],
+                                 mb["responses"], mb["mask"], compute_logits=False)
+        values = out.scalars["value"][:, p - 1:-1]
+        return clipped_value_loss(values, mb["values"], mb["returns"], mb["mask"],
+                                  clip_eps=hp.value_clip_eps, axis_name=axis_name)
+
+    def grads_of(fn, params, *args):
+        (_, m), g = jax.value_and_grad(fn, has_aux=True)(params, *args)
+        if axis_name is not None:
+            g = lax.pmean(g, axis_name)
+        return g, m
+
+    def iteration(state: PPOState, batch: dict, key: jax.Array):
+        k_sample, k_perm = jax.random.split(key)
+        g = hp.group_size
+        prompts = jnp.repeat(batch["prompts"], g, axis=0)
+        prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
+        value_params = {"separate": None if state.value is None else state.value.params,
+                        "shared": state.policy.params, "none": None}[hp.critic]
+        ro: Rollout = collect(policy_model, state.policy.params, models.ref, state.frozen.ref,
+                              models.rm, state.frozen.rm, value_model, value_params, prompts,
+                              prompt_mask, k_sample, batch["example_ids"], sampling=sampling,
+                              eos_id=eos_id, pad_id=pad_id, rm_score_kw=rm_score_kw)
+        mask = ro.mask.astype(jnp.float32)
+        n_seq = mask.shape[0]
+
+        # --- rewards --------------------------------------------------------------------
+        rm_score = ro.scores * rm_gain + rm_bias
+        score = rm_score - hp.no_eos_penalty * ro.truncated
+        moments = state.reward_moments
+        if hp.scale_rewards:
+            moments = moments.update(score, axis_name=axis_name)
+            score = score / jnp.maximum(moments.std, 1e-8)
+        k1 = ro.logp - ro.ref_logp
+        kl_tok = ro.exact_kl if hp.kl_estimator == "exact" else k1
+        reward_kl_coef = 0.0 if hp.kl_in_loss else state.kl_coef
+        rewards = token_rewards(score, kl_tok, mask, kl_coef=reward_kl_coef)
+        adv, returns = advantage_fn(rewards, ro.values, mask, discount=hp.discount,
+                                    gae_lambda=hp.gae_lambda, group_size=g)
+        adv_scale = jnp.ones(())
+        if hp.whiten_advantages:
+            adv_scale = jnp.sqrt(masked_var(adv, mask, axis_name=axis_name) + 1e-8)
+            adv = whiten(adv, mask, axis_name=axis_name)
+
+        data = {"prompts": prompts, "prompt_mask": prompt_mask, "responses": ro.responses,
+                "mask": mask, "logp": ro.logp, "ref_logp": ro.ref_logp, "values": ro.values,
+                "advantages": adv, "returns": returns}
+        if "exact" in (hp.kl_in_loss, hp.kl_estimator):   # needs every position's ref logits
+            data["ref_logits"] = response_logits(models.ref, state.frozen.ref, prompts,
+                                                 prompt_mask, ro.responses, ro.mask)[0] / t
+
+        # --- E epochs × M minibatches ---------------------------------------------------
+        mb_size = n_seq // n_mb
+
+        def update(carry, xs):
+            pstate, vstate = carry
+            idx, ptx = xs
+            mb = jax.tree.map(lambda x: x[idx], data)
+            pg, pm = grads_of(policy_terms, pstate.params, mb, ptx, state.kl_coef,
+                              adv_scale)
+            pm = dict(pm, grad_norm=_norm(pg))
+            pstate = pstate.apply_gradients(pg)
+            if hp.critic == "separate":
+                vg, vm = grads_of(value_terms, vstate.params, mb)
+                vstate = vstate.apply_gradients(vg)
+                pm.update(vm, value_grad_norm=_norm(vg))
+            return (pstate, vstate), pm
+
+        perm_keys = jax.random.split(k_perm, hp.epochs)
+        idx = jax.vmap(lambda k: jax.random.permutation(k, n_seq).reshape(n_mb, mb_size))(
+            perm_keys).reshape(hp.epochs * n_mb, mb_size)
+        ptx = batch.get("ptx") if hp.ptx_coef > 0 else None
+        xs = (idx, ptx if ptx is not None else jnp.zeros((hp.epochs * n_mb,)))
+        (pstate, vstate), um = lax.scan(update, (state.policy, state.value), xs)
+        um = jax.tree.map(jnp.mean, um)
+
+        # --- controller and diagnostics -------------------------------------------------
+        kl_seq = jnp.sum(k1 * mask, -1)
+        kl_seq_mean = _mean(kl_seq, axis_name)
+        kl_coef = state.kl_coef
+        if hp.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hp.kl_target,
+                                       horizon=hp.kl_horizon, n_steps=hp.rollout_size)
+        length = jnp.sum(mask, -1)
+        sampler_diff = jnp.max(jnp.abs(ro.sampler_logp - ro.logp) * mask)
+        if axis_name is not None:
+            sampler_diff = lax.pmax(sampler_diff, axis_name)
+        metrics = {
+            **{f"train/{k}": v for k, v in um.items()},
+            "kl/per_token": masked_mean(k1, mask, axis_name=axis_name),
+            "kl/per_sequence": kl_seq_mean,
+            "kl/exact_per_sequence": _mean(jnp.sum(ro.exact_kl, -1), axis_name),
+            "kl/entropy_term": masked_mean(-ro.logp, mask, axis_name=axis_name),
+            "kl/cross_entropy_term": masked_mean(-ro.ref_logp, mask, axis_name=axis_name),
+            "kl/coef": state.kl_coef,
+            "rollout/entropy": masked_mean(ro.entropy, mask, axis_name=axis_name),
+            "rollout/rm_score": _mean(rm_score, axis_name),
+            "rollout/score": _mean(score, axis_name),
+            "rollout/length": _mean(length, axis_name),
+            "rollout/truncated": _mean(ro.truncated.astype(jnp.float32), axis_name),
+            "rollout/reward_length_corr": _pearson(rm_score, length),
+            "rollout/logprob_max_diff": sampler_diff,
+            "rollout/value_explained_var": _explained_variance(ro.values, returns, mask),
+            "rollout/return_mean": masked_mean(returns, mask, axis_name=axis_name),
+            "rollout/advantage_std": jnp.sqrt(masked_mean(jnp.square(adv), mask,
+                                                          axis_name=axis_name)),
+        }
+        state = state.replace(policy=pstate, value=vstate, kl_coef=kl_coef,
+                              reward_moments=moments, iteration=state.iteration + 1)
+        metrics["rollout"] = {"responses": ro.responses, "mask": ro.mask, "rm_score": rm_score}
+        return state, metrics
+
+    return iteration
+
+
+def _mean(x, axis_name):
+    m = jnp.mean(x)
+    return m if axis_name is None else lax.pmean(m, axis_name)
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))

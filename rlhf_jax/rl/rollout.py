@@ -1,0 +1,75 @@
+"""A rollout: sample responses with the KV cache, then score them with every model in one pass each.
+
+``collect`` returns a :class:`Rollout` of ``[B, N]`` token arrays and ``[B]`` sequence arrays. The
+policy's log-probs are recomputed by a full forward pass at the sampling temperature (the values
+PPO's ratio uses); the sampler's own log-probs are kept beside them so their agreement can be
+checked (``rollout/logprob_max_diff``; sampling uses no top-k/top-p, so they must agree).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.reward import reward_at_last_token, sequence_rewards
+from rlhf_jax.models.functional import Model
+from rlhf_jax.ops import entropy_from_logits, token_logprobs
+from rlhf_jax.sampling import SamplingConfig, response_logits, sample
+
+
+class Rollout(NamedTuple):
+    prompts: jax.Array         # [B, P] left-padded
+    prompt_mask: jax.Array     # [B, P]
+    responses: jax.Array       # [B, N] right-padded (pad after EOS)
+    mask: jax.Array            # [B, N] generated tokens up to and including EOS
+    sampler_logp: jax.Array    # [B, N] log-probs reported by the sampler
+    logp: jax.Array            # [B, N] policy log-probs from a full forward (π_old)
+    ref_logp: jax.Array        # [B, N] π_SFT log-probs
+    exact_kl: jax.Array        # [B, N] full-vocabulary KL(π ‖ π_SFT) at each position
+    entropy: jax.Array         # [B, N] policy entropy at each position
+    values: jax.Array          # [B, N] V(state before token t) (zeros without a critic)
+    scores: jax.Array          # [B] raw RM score at the last response token
+    truncated: jax.Array       # [B] hit the budget without EOS
+
+
+def collect(policy: Model, policy_params, ref: Model, ref_params, rm: Model, rm_params,
+            value: Model | None, value_params, prompts: jax.Array, prompt_mask: jax.Array,
+            key: jax.Array, example_ids: jax.Array, *, sampling: SamplingConfig, eos_id: int,
+            pad_id: int, value_head: str = "value", rm_head: str = "reward",
+            rm_score_kw: dict | None = None) -> Rollout:
+    """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores.
+
+    ``value is None`` means no critic (values are 0); ``value is policy`` reads the value head of
+    the policy's own forward pass (shared trunk). ``rm_score_kw`` are the RM's readout options
+    (``rlhf_jax.stages.reward.rm_score_kwargs``)."""
+    out = sample(policy, policy_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
+                 pad_id=pad_id, example_ids=example_ids)
+    responses, mask = out.tokens, out.mask
+    t = sampling.temperature
+    p = prompts.shape[1]
+    logits, pol_out = response_logits(policy, policy_params, prompts, prompt_mask, responses, mask)
+    logits = logits / t
+    ref_logits, _ = response_logits(ref, ref_params, prompts, prompt_mask, responses, mask)
+    ref_logits = ref_logits / t
+    logp = token_logprobs(logits, responses)
+    ref_logp = token_logprobs(ref_logits, responses)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    exact_kl = jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits, axis=-1)), axis=-1)
+    if value is None:
+        values = jnp.zeros_like(logp)
+    elif value is policy:
+        values = pol_out.scalars[value_head][:, p - 1:-1]
+    else:
+        _, v_out = response_logits(value, value_params, prompts, prompt_mask, responses, mask,
+                                   compute_logits=False)
+        values = v_out.scalars[value_head][:, p - 1:-1]
+    scores = sequence_rewards(rm, rm_params, prompts, prompt_mask, responses, mask, head=rm_head,
+                              **(rm_score_kw or {}))
+    last = reward_at_last_token(responses, mask)
+    truncated = (last != eos_id) | (jnp.sum(mask, -1) == 0)
+    m = mask.astype(jnp.float32)
+    return Rollout(prompts, prompt_mask, responses, mask, out.logprobs * m, logp * m,
+                   ref_logp * m, exact_kl * m, entropy_from_logits(logits) * m, values * m,
+                   scores, truncated)

@@ -1,0 +1,380 @@
+"""Stage 3: PPO against the reward model with a per-token KL to the SFT policy, then evaluation.
+
+The RL loop calls the compiled iteration (:mod:`rlhf_jax.rl.ppo`) once per iteration; on the host
+it only judges the iteration's samples with the gold judge (evaluation-only over-optimisation
+signals: RM–gold gap, RM agreement with gold on the policy's own samples), logs, and checkpoints.
+At the end it evaluates SFT, RLHF and best-of-N on the held-out prompts under the pinned protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from rlhf_jax.checkpoint import Checkpointer, save_params
+from rlhf_jax.configs import check, from_dict, positive, to_dict
+from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
+from rlhf_jax.data.facts_world import FactsWorld
+from rlhf_jax.evaluate import generate, judge_all
+from rlhf_jax.data.task import summarize
+from rlhf_jax.losses.ppo import kl_per_token
+from rlhf_jax.models import create_model
+from rlhf_jax.models.functional import Model, transplant
+from rlhf_jax.rl.kl_control import RunningMoments
+from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
+from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.sampling import SamplingConfig, response_logits
+from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, evaluate_heldout,
+                                    load_stage, stage_key, upstream_run)
+from rlhf_jax.stages.lm import SFTConfig
+from rlhf_jax.stages.reward import (RewardConfig, pairwise_gold_agreement, rm_heads,
+                                    rm_score_kwargs, run_reward, score_responses)
+from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
+
+STREAM_BEST_OF_N = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """RLHF with PPO (InstructGPT's stage 3).
+
+    Attributes:
+      seed: seeds sampling, minibatch order and evaluation of best-of-N.
+      reward_dir: a finished reward run to start from; empty = run ``reward`` first into
+        ``<out>/reward`` (which itself runs pretrain + SFT unless told otherwise).
+      reward: the reward config used when ``reward_dir`` is empty.
+      ppo: the algorithm (see ``rlhf_jax.rl.ppo.PPOHParams``).
+      iterations: PPO iterations (each: one rollout, then ``epochs × minibatches`` updates).
+      policy_optim: policy optimizer (steps counted per minibatch update).
+      value_optim: value-model optimizer (separate critic).
+      normalize_rm: apply the reward run's gain and bias (SFT scores → mean 0, std 1).
+      ptx_rows: pretraining-corpus rows per minibatch update when ``ppo.ptx_coef > 0``.
+      best_of_n: N of the best-of-N baseline (SFT samples reranked by the RM).
+      log_every: log metrics every this many iterations.
+      checkpoint_every: resumable checkpoint interval in iterations (0 = only at the end).
+    """
+
+    seed: int = 0
+    reward_dir: str = ""
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOHParams = PPOHParams()
+    iterations: int = 40
+    policy_optim: OptimConfig = OptimConfig(learning_rate=5e-5, warmup_steps=10,
+                                            final_lr_frac=1.0, weight_decay=0.0)
+    value_optim: OptimConfig = OptimConfig(learning_rate=5e-5, warmup_steps=10,
+                                           final_lr_frac=1.0, weight_decay=0.0)
+    normalize_rm: bool = True
+    ptx_rows: int = 8
+    best_of_n: int = 4
+    log_every: int = 1
+    checkpoint_every: int = 20
+
+    def __post_init__(self):
+        positive(self, "iterations", "ptx_rows", "best_of_n", "log_every")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        updates = self.iterations * self.ppo.epochs * self.ppo.minibatches
+        for name in ("policy_optim", "value_optim"):
+            check(getattr(self, name).warmup_steps <= updates, f"{name}.warmup_steps",
+                  f"{getattr(self, name).warmup_steps} exceeds the {updates} updates")
+
+
+def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> PPOState:
+    """Policy from SFT (plus a fresh value head if shared), value model from the RM."""
+    hp = cfg.ppo
+    updates = cfg.iterations * hp.epochs * hp.minibatches
+    policy_params = sft_params
+    if hp.critic == "shared":   # SFT trunk and LM head, the RM's head as the value head
+        policy_params = transplant(rm_params, models.policy.init(stage_key(cfg.seed, STREAM_INIT)),
+                                   rename={"reward": "value"})
+        policy_params = transplant(sft_params, policy_params)
+    policy_params = jax.tree.map(lambda x: x.copy(), policy_params)   # donated by the step
+    value = None
+    if hp.critic == "separate":
+        value_params = transplant(rm_params, models.value.init(stage_key(cfg.seed, STREAM_INIT)),
+                                  rename={"reward": "value"})
+        value = TrainState.create(jax.tree.map(lambda x: x.copy(), value_params),
+                                  make_optimizer(cfg.value_optim, updates))
+    return PPOState(
+        policy=TrainState.create(policy_params, make_optimizer(cfg.policy_optim, updates)),
+        value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
+        reward_moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32),
+        frozen=Frozen(ref=sft_params, rm=rm_params))
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "ref"))
+def _sequence_kl(policy: Model, policy_params, ref: Model, ref_params, prompts, prompt_mask,
+                 responses, mask):
+    """Per-sequence sum of the exact full-vocabulary KL(π ‖ π_SFT) over response tokens, ``[B]``."""
+    logits, _ = response_logits(policy, policy_params, prompts, prompt_mask, responses, mask)
+    ref_logits, _ = response_logits(ref, ref_params, prompts, prompt_mask, responses, mask)
+    kl = kl_per_token(None, None, estimator="exact", logits=logits, ref_logits=ref_logits)
+    return jnp.sum(kl * mask, -1)
+
+
+def sequence_kl(policy: Model, policy_params, ref: Model, ref_params, tok, prompts, texts, *,
+                prompt_len: int, response_len: int, batch: int = 256) -> np.ndarray:
+    """Exact KL(π ‖ π_SFT) of each (prompt, response text) pair, summed over the response."""
+    from rlhf_jax.data.batching import encode_responses, pad_rows
+
+    p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
+    r_ids, r_mask = encode_responses(tok, texts, response_len)
+    out = []
+    for s in range(0, len(texts), batch):
+        sl = slice(s, s + batch)
+        rows = len(p_ids[sl])
+        arrs = [jnp.asarray(pad_rows(a[sl], batch)) for a in (p_ids, p_mask, r_ids, r_mask)]
+        out.append(np.asarray(_sequence_kl(policy, policy_params, ref, ref_params, *arrs))[:rows])
+    return np.concatenate(out)
+
+
+def paired_outcomes(ours: list[dict], theirs: list[dict], top_score: float) -> dict[str, float]:
+    """Win/tie/loss of ``ours`` vs ``theirs`` paired by (prompt uid, sample index) under the gold
+    judge, and the win rate a perfect policy would get against ``theirs``."""
+    key = lambda r: (r["uid"], r["sample"])  # noqa: E731
+    by_key = {key(r): r["score"] for r in theirs}
+    diffs = np.asarray([r["score"] - by_key[key(r)] for r in ours])
+    wins, ties, losses = (int(np.sum(diffs > 0)), int(np.sum(diffs == 0)), int(np.sum(diffs < 0)))
+    n = max(len(diffs), 1)
+    theirs_scores = np.asarray([r["score"] for r in theirs])
+    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n,
+            "ceiling": float(np.mean(np.where(theirs_scores < top_score, 1.0, 0.5)))}
+
+
+def best_of_n(policy: Model, params, rm: Model, rm_params, world, task, key, *, n: int,
+              score_kw: dict) -> tuple[dict[str, float], list[dict]]:
+    """Best-of-N from SFT under the pinned protocol: for each held-out prompt and sample index,
+    N fresh samples reranked by the RM; the top one is judged."""
+    from rlhf_jax.stages.reward import preference_arrays
+    from rlhf_jax.labeler import Preferences
+
+    prompts = world.prompts("heldout")
+    per = task.eval_samples * n
+    flat, texts = generate(policy, params, world, prompts, key, n_samples=per,
+                           sampling=SamplingConfig(max_new_tokens=task.max_new_tokens),
+                           prompt_len=task.prompt_len)
+    rows = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
+    dummy = np.zeros((len(prompts), per), np.float32)
+    arrays = preference_arrays(world.tokenizer, Preferences(prompts, rows, dummy, dummy, []), task)
+    scores = score_responses(rm, rm_params, arrays, **score_kw).reshape(
+        len(prompts), task.eval_samples, n)
+    best = scores.argmax(-1)
+    chosen_p, chosen_t, records = [], [], []
+    for i, p in enumerate(prompts):
+        for j in range(task.eval_samples):
+            t = rows[i][j * n + best[i, j]]
+            chosen_p.append(p)
+            chosen_t.append(t)
+    judgements = judge_all(world, chosen_p, chosen_t)
+    for k, (p, t, jd) in enumerate(zip(chosen_p, chosen_t, judgements)):
+        records.append({"uid": p.uid, "sample": k % task.eval_samples, "response": t,
+                        "label": jd.label, "score": jd.score})
+    return summarize(chosen_p, judgements), records
+
+
+def _rm_gold_agreement_on_samples(rm: Model, rm_params, world, task, records: list[dict],
+                                  score_kw: dict) -> float:
+    """RM vs gold ordering over pairs of one prompt's samples with different gold scores."""
+    from rlhf_jax.stages.reward import preference_arrays
+    from rlhf_jax.labeler import Preferences
+
+    by_uid: dict[str, list[dict]] = {}
+    for r in records:
+        by_uid.setdefault(r["uid"], []).append(r)
+    prompts_by_uid = {p.uid: p for p in world.prompts("heldout")}
+    uids = list(by_uid)
+    rows = [[r["response"] for r in by_uid[u]] for u in uids]
+    gold = np.asarray([[r["score"] for r in by_uid[u]] for u in uids], np.float32)
+    prompts = [prompts_by_uid[u] for u in uids]
+    arrays = preference_arrays(world.tokenizer, Preferences(prompts, rows, gold, gold, []), task)
+    return pairwise_gold_agreement(score_responses(rm, rm_params, arrays, **score_kw), gold)
+
+
+def _plot(run: RunDir, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [r["step"] for r in rows]
+    panels = [("reward (RM score, normalised)", ["rollout/rm_score"], "reward.png"),
+              ("KL(π ‖ π_SFT) per sequence", ["kl/per_sequence", "kl/exact_per_sequence"],
+               "kl.png"),
+              ("gold score of the policy's samples", ["rollout/gold"], "gold.png")]
+    for title, keys, name in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for k in keys:
+            ax.plot(it, [r.get(k, np.nan) for r in rows], label=k)
+        ax.set_xlabel("PPO iteration")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run.path / name, dpi=100)
+        plt.close(fig)
+
+
+def _host_signals(world, tok, prompts_flat, rollout) -> tuple[dict[str, float], np.ndarray]:
+    """Gold-judge signals of an iteration's samples (evaluation only; never fed to training)."""
+    resp = np.asarray(rollout["responses"])
+    rm = np.asarray(rollout["rm_score"])
+    texts = [tok.decode(r) for r in resp.tolist()]
+    gold = np.asarray([j.score for j in judge_all(world, prompts_flat, texts)], np.float32)
+    i, j = np.triu_indices(len(gold), 1)
+    differ = gold[i] != gold[j]
+    agree = np.sign(rm[i] - rm[j]) == np.sign(gold[i] - gold[j])
+    return {"rollout/gold": float(gold.mean()),
+            "rollout/rm_gold_gap": float(rm.mean() - gold.mean()),
+            "rollout/rm_gold_agreement": float(agree[differ].mean()) if differ.any() else
+            float("nan")}, gold
+
+
+def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
+    """Reward stage (unless ``cfg.reward_dir``), then PPO and the final evaluation into ``out``."""
+    out = Path(out)
+    reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
+                              "reward_dir")
+    reward_cfg = from_dict(RewardConfig, json.loads((Path(reward_dir) / "config.json").read_text()))
+    _, rm, rm_params = load_stage(reward_dir, RewardConfig, heads=rm_heads(reward_cfg),
+                                  config_of=lambda c: c.sft.pretrain)
+    score_kw = rm_score_kwargs(reward_cfg)
+    sft_cfg, ref, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
+                                          config_of=lambda c: c.pretrain)
+    cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
+    pre = sft_cfg.pretrain
+    task = pre.task
+    hp = cfg.ppo
+    world = FactsWorld(task.world)
+    tok = world.tokenizer
+    norm = json.loads((Path(reward_dir) / "reward_norm.json").read_text())
+    gain, bias = (norm["gain"], norm["bias"]) if cfg.normalize_rm else (1.0, 0.0)
+
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+    heads = ("value",) if hp.critic == "shared" else ()
+    policy = create_model(pre.model, jax.random.key(0), heads=heads)[0]
+    value = create_model(pre.model, jax.random.key(0), heads=("value",))[0] \
+        if hp.critic == "separate" else None
+    models = Models(policy=policy, ref=ref, rm=rm, value=value)
+    state = init_state(models, sft_params, rm_params, cfg)
+
+    ckpt = Checkpointer(run.path / "checkpoints")
+    start = ckpt.latest_step() or 0
+    if start:
+        restored, _ = ckpt.restore(state.trainable(), start)
+        state = state.replace(**restored)
+        metrics_path = run.path / "metrics.jsonl"
+        if metrics_path.exists():
+            keep = [r for r in metrics_path.read_text().splitlines()
+                    if r.strip() and json.loads(r)["step"] <= start]
+            metrics_path.write_text("".join(r + "\n" for r in keep))
+
+    train_prompts = world.prompts("train")
+    p_ids, p_mask = encode_prompts(tok, train_prompts, task.prompt_len)
+    order = EpochOrder(len(train_prompts), hp.prompts_per_iter, cfg.seed)
+    updates = hp.epochs * hp.minibatches
+    ptx_data = ptx_order = None
+    if hp.ptx_coef > 0:
+        ptx_data = pack_documents(tok, world.pretraining_corpus(), pre.seq_len)
+        ptx_order = EpochOrder(len(ptx_data["tokens"]), updates * cfg.ptx_rows, cfg.seed + 1)
+
+    iteration = jax.jit(make_iteration(models, hp, max_new_tokens=task.max_new_tokens,
+                                       eos_id=tok.eos_id, pad_id=tok.pad_id, rm_gain=gain,
+                                       rm_bias=bias, rm_score_kw=score_kw), donate_argnums=0)
+    key = stage_key(cfg.seed, STREAM_TRAIN)
+    example_ids = jnp.arange(hp.rollout_size)
+    bar = tqdm(range(start, cfg.iterations), desc="ppo", initial=start, total=cfg.iterations,
+               disable=None, dynamic_ncols=True, leave=False)
+    t_loop = time.perf_counter()
+    for it in bar:
+        idx = order.indices(it)
+        batch = {"prompts": jnp.asarray(p_ids[idx]), "prompt_mask": jnp.asarray(p_mask[idx]),
+                 "example_ids": example_ids}
+        if ptx_order is not None:
+            rows = ptx_order.batch(ptx_data, it)
+            batch["ptx"] = {k: jnp.asarray(v.reshape(updates, cfg.ptx_rows, -1))
+                            for k, v in rows.items()}
+        state, metrics = iteration(state, batch, jax.random.fold_in(key, it))
+        rollout = metrics.pop("rollout")
+        done = it + 1
+        if done % cfg.log_every == 0 or done == cfg.iterations:
+            flat_prompts = [train_prompts[i] for i in idx for _ in range(hp.group_size)]
+            host, _ = _host_signals(world, tok, flat_prompts, jax.device_get(rollout))
+            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            row.update(host)
+            run.log_metrics(done, row)
+            bar.set_postfix(rm=f"{row['rollout/rm_score']:.2f}", gold=f"{row['rollout/gold']:.2f}",
+                            kl=f"{row['kl/per_sequence']:.2f}")
+        if done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            ckpt.save(done, state.trainable())
+    jax.block_until_ready(state.policy.params)
+    run.log_timing(stage="ppo", steps=cfg.iterations - start, seconds=time.perf_counter() - t_loop)
+    ckpt.close()
+    policy_params = state.policy.params
+    sft_params, rm_params = state.frozen.ref, state.frozen.rm   # the loop donated the originals
+    save_params(run.path / "params", policy_params)
+    train_s = time.perf_counter() - t0
+
+    # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
+    t_eval = time.perf_counter()
+    eval_seed = pre.seed
+    sft_m = evaluate_heldout(ref, sft_params, world, task, eval_seed, run, "sft")
+    rl_m = evaluate_heldout(policy, policy_params, world, task, eval_seed, run, "rlhf")
+    sft_rec = [json.loads(r) for r in (run.path / "samples_sft.jsonl").read_text().splitlines()]
+    rl_rec = [json.loads(r) for r in (run.path / "samples_rlhf.jsonl").read_text().splitlines()]
+    pair = paired_outcomes(rl_rec, sft_rec, world.top_score)
+    bon_m, bon_rec = best_of_n(ref, sft_params, rm, rm_params, world, task,
+                               stage_key(cfg.seed, STREAM_BEST_OF_N), n=cfg.best_of_n,
+                               score_kw=score_kw)
+    run.write_jsonl("samples_best_of_n.jsonl", bon_rec)
+    bon_pair = paired_outcomes(bon_rec, sft_rec, world.top_score)
+    heldout = {p.uid: p for p in world.prompts("heldout")}
+    kl_rl = sequence_kl(policy, policy_params, ref, sft_params, tok,
+                        [heldout[r["uid"]] for r in rl_rec], [r["response"] for r in rl_rec],
+                        prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
+    rm_on_policy = _rm_gold_agreement_on_samples(rm, rm_params, world, task, rl_rec, score_kw)
+    eval_s = time.perf_counter() - t_eval
+
+    upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}
+    last = read_metrics(run.path)
+    _plot(run, last)
+    final = last[-1] if last else {}
+    n = cfg.best_of_n
+    summary = {
+        "gold/base": upstream.get("gold/base"),
+        **sft_m, **rl_m,
+        "gold/best_of_n": bon_m["gold"],
+        "fabrication_rate/best_of_n": bon_m["fabrication_rate"],
+        "accuracy/best_of_n": bon_m["accuracy"],
+        "win_rate/best_of_n_vs_sft": bon_pair["win_rate"],
+        "kl/best_of_n": math.log(n) - (n - 1) / n,
+        "win_rate/rlhf_vs_sft": pair["win_rate"],
+        "wins/rlhf_vs_sft": pair["wins"], "ties/rlhf_vs_sft": pair["ties"],
+        "losses/rlhf_vs_sft": pair["losses"],
+        "wins_over_decisive/rlhf_vs_sft": pair["wins"] / max(pair["wins"] + pair["losses"], 1),
+        "win_rate/ceiling": pair["ceiling"],
+        "kl/rlhf_vs_sft": float(kl_rl.mean()),
+        "rm/gold_agreement": upstream.get("rm/gold_agreement"),
+        "rm/gold_agreement_on_policy": rm_on_policy,
+        **{f"final/{k}": final[k] for k in ("rollout/rm_score", "rollout/gold",
+                                            "rollout/rm_gold_gap", "rollout/rm_gold_agreement",
+                                            "rollout/reward_length_corr", "kl/per_sequence",
+                                            "kl/coef", "rollout/logprob_max_diff")
+           if k in final},
+        "max/rollout/logprob_max_diff": max((r.get("rollout/logprob_max_diff", 0.0)
+                                             for r in last), default=0.0),
+        **{k: v for k, v in upstream.items() if k.startswith("time_s/")},
+        "time_s/ppo": train_s,
+        "time_s/ppo_eval": eval_s,
+    }
+    run.write_summary(summary)
+    return summary

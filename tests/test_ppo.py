@@ -1,0 +1,164 @@
+"""The compiled PPO iteration: equal to its pieces run one by one, and right on a one-step bandit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss
+from rlhf_jax.models import create_model, preset
+from rlhf_jax.models.gpt2 import ModelOutput
+from rlhf_jax.ops import token_logprobs
+from rlhf_jax.rl.advantages import gae, token_rewards, whiten
+from rlhf_jax.rl.kl_control import RunningMoments
+from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
+from rlhf_jax.rl.rollout import collect
+from rlhf_jax.sampling import SamplingConfig, response_logits
+from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TableReward:
+    """A reward model that is a lookup table over the last token: r(y) = table[y]."""
+
+    def apply(self, params, tokens, **kw):
+        return ModelOutput(None, None, {"reward": params["table"][tokens]}, None)
+
+
+def _state(models, policy_params, value_params, ref_params, rm_params, hp, optim, updates):
+    copy = lambda t: jax.tree.map(lambda x: x.copy(), t)  # noqa: E731
+    value = None if value_params is None else TrainState.create(
+        copy(value_params), make_optimizer(optim, updates))
+    return PPOState(policy=TrainState.create(copy(policy_params), make_optimizer(optim, updates)),
+                    value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
+                    reward_moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32),
+                    frozen=Frozen(ref=copy(ref_params), rm=copy(rm_params)))
+
+
+def _setup(vocab=16, prompt_len=5, b=8):
+    cfg = preset("test", vocab_size=vocab, max_len=16)
+    policy, p_params = create_model(cfg, jax.random.key(1))
+    _, ref_params = create_model(cfg, jax.random.key(2))
+    rm, rm_params = create_model(cfg, jax.random.key(3), heads=("reward",))
+    value, v_params = create_model(cfg, jax.random.key(4), heads=("value",))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, vocab, (b, prompt_len)).astype(np.int32)
+    lengths = rng.integers(1, prompt_len + 1, b)
+    mask = (np.arange(prompt_len)[None] >= prompt_len - lengths[:, None]).astype(np.int32)
+    prompts = np.where(mask, prompts, 0)
+    return (Models(policy=policy, ref=policy, rm=rm, value=value), p_params, ref_params,
+            rm_params, v_params, jnp.asarray(prompts), jnp.asarray(mask))
+
+
+def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
+    """The same iteration written out step by step in Python (independent of ``make_iteration``)."""
+    k_sample, k_perm = jax.random.split(key)
+    pol, val = state.policy, state.value
+    ro = collect(models.policy, pol.params, models.ref, state.frozen.ref, models.rm,
+                 state.frozen.rm, models.value, val.params, batch["prompts"],
+                 batch["prompt_mask"], k_sample, batch["example_ids"],
+                 sampling=SamplingConfig(max_new_tokens=n_new, temperature=hp.temperature),
+                 eos_id=eos, pad_id=pad)
+    mask = ro.mask.astype(jnp.float32)
+    score = ro.scores * gain + bias - hp.no_eos_penalty * ro.truncated
+    rewards = token_rewards(score, ro.logp - ro.ref_logp, mask, kl_coef=hp.kl_coef)
+    adv, ret = gae(rewards, ro.values, mask, discount=hp.discount, gae_lambda=hp.gae_lambda)
+    adv = whiten(adv, mask)
+    n = mask.shape[0]
+    mb = n // hp.minibatches
+    p = batch["prompts"].shape[1]
+    for ek in jax.random.split(k_perm, hp.epochs):
+        perm = np.asarray(jax.random.permutation(ek, n))
+        for m in range(hp.minibatches):
+            i = perm[m * mb:(m + 1) * mb]
+
+            def pl(params):
+                logits, _ = response_logits(models.policy, params, batch["prompts"][i],
+                                            batch["prompt_mask"][i], ro.responses[i], ro.mask[i])
+                logp = token_logprobs(logits / hp.temperature, ro.responses[i])
+                return clipped_policy_loss(logp, ro.logp[i], adv[i], mask[i],
+                                           clip_eps=hp.clip_eps)[0]
+
+            def vl(params):
+                _, out = response_logits(models.value, params, batch["prompts"][i],
+                                         batch["prompt_mask"][i], ro.responses[i], ro.mask[i],
+                                         compute_logits=False)
+                return clipped_value_loss(out.scalars["value"][:, p - 1:-1], ro.values[i], ret[i],
+                                          mask[i], clip_eps=hp.value_clip_eps)[0]
+
+            pol = pol.apply_gradients(jax.grad(pl)(pol.params))
+            val = val.apply_gradients(jax.grad(vl)(val.params))
+    return pol, val, ro
+
+
+def test_compiled_iteration_equals_its_pieces():
+    models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
+    hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, no_eos_penalty=0.5)
+    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
+    kw = dict(n_new=6, eos=2, pad=0, gain=1.5, bias=-0.2)
+    batch = {"prompts": prompts, "prompt_mask": pmask, "example_ids": jnp.arange(8)}
+    key = jax.random.key(7)
+
+    state = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 4)
+    pol, val, ro = _pieces(models, hp, state, batch, key, **kw)
+
+    it = jax.jit(make_iteration(models, hp, max_new_tokens=6, eos_id=2, pad_id=0, rm_gain=1.5,
+                                rm_bias=-0.2), donate_argnums=0)
+    state = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 4)
+    new, metrics = it(state, batch, key)
+
+    np.testing.assert_array_equal(np.asarray(metrics["rollout"]["responses"]),
+                                  np.asarray(ro.responses))
+    for a, b in ((new.policy.params, pol.params), (new.value.params, val.params)):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
+    assert int(new.policy.step) == 4 and int(new.iteration) == 1
+    assert float(metrics["rollout/logprob_max_diff"]) <= 1e-5
+    k1 = np.asarray((ro.logp - ro.ref_logp) * ro.mask).sum(-1).mean()
+    np.testing.assert_allclose(float(metrics["kl/per_sequence"]), k1, rtol=1e-5, atol=1e-6)
+    # the KL's two parts: k1 = (−log π_SFT) − (−log π)
+    np.testing.assert_allclose(
+        float(metrics["kl/cross_entropy_term"]) - float(metrics["kl/entropy_term"]),
+        float(metrics["kl/per_token"]), rtol=1e-4, atol=1e-6)
+    assert np.isfinite([float(v) for k, v in metrics.items() if k != "rollout"]).all()
+
+
+@pytest.mark.parametrize("kl_estimator, kl_in_loss", [("k1", ""), ("exact", ""), ("k1", "k2")])
+def test_one_step_bandit_reaches_the_kl_regularised_optimum(kl_estimator, kl_in_loss):
+    """One prompt, one response token from a vocabulary of 6: with reward r(y) and a KL penalty
+    of weight β (in the reward: k1 or exact; or in the loss: k2), the optimum is
+    π*(y) ∝ π_SFT(y)·exp(r(y)/β)."""
+    vocab, beta = 6, 0.5
+    cfg = preset("test", vocab_size=vocab, max_len=4)
+    policy, params = create_model(cfg, jax.random.key(0))
+    # a non-uniform reference policy
+    params["wte"]["embedding"][...] = params["wte"]["embedding"][...] * 3.0
+    prompt = jnp.ones((64, 1), jnp.int32)
+    pmask = jnp.ones((64, 1), jnp.int32)
+    ref_logits = policy.apply(params, prompt[:1]).logits[0, -1]
+    pi_ref = np.asarray(jax.nn.softmax(ref_logits))
+    assert pi_ref.max() - pi_ref.min() > 0.05
+    table = jnp.asarray([0.0, 0.2, -0.5, 0.3, 1.0, -1.0], jnp.float32)
+    target = pi_ref * np.exp(np.asarray(table) / beta)
+    target /= target.sum()
+
+    hp = PPOHParams(prompts_per_iter=64, epochs=2, minibatches=2, kl_coef=beta,
+                    kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, critic="none", no_eos_penalty=0.0)
+    iters = 150
+    optim = OptimConfig(learning_rate=2e-2, warmup_steps=5, final_lr_frac=0.05,
+                        weight_decay=0.0)
+    models = Models(policy=policy, ref=policy, rm=TableReward(), value=None)
+    state = _state(models, params, None, params, {"table": table}, hp, optim,
+                   iters * hp.epochs * hp.minibatches)
+    it = jax.jit(make_iteration(models, hp, max_new_tokens=1, eos_id=vocab - 1, pad_id=0),
+                 donate_argnums=0)
+    batch = {"prompts": prompt, "prompt_mask": pmask, "example_ids": jnp.arange(64)}
+    for i in range(iters):
+        state, _ = it(state, batch, jax.random.fold_in(jax.random.key(1), i))
+    pi = np.asarray(jax.nn.softmax(policy.apply(state.policy.params, prompt[:1]).logits[0, -1]))
+    tv = 0.5 * np.abs(pi - target).sum()
+    assert tv < 0.05, (pi.round(3), target.round(3))
+    assert 0.5 * np.abs(pi_ref - target).sum() > 0.2   # the test is not passed by standing still
