@@ -341,12 +341,10 @@ def test_clipped_value_loss_matches_numpy(seed, clip_eps, jit):
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="library: value_clip_frac counts float32 rounding ties "
-                   "V_old + (V − V_old) != V as clipped although |V − V_old| < ε")
 def test_value_clip_frac_ignores_rounding_ties():
     """A token with |V − V_old| = 0.071 < ε = 0.2 is not clipped: the clip fraction is 0. (In
     float32, 0.096 + (0.025 − 0.096) is 2⁻²⁹ below 0.025, which makes the 'clipped' error larger
-    by rounding and the token counted; the loss and gradient are unaffected.)"""
+    by rounding; such a tie must not count.)"""
     one = lambda x: jnp.full((1, 1), x, jnp.float32)
     loss, metrics = clipped_value_loss(one(0.025), one(0.096), one(0.2), jnp.ones((1, 1)),
                                        clip_eps=0.2)

@@ -103,7 +103,9 @@ def clipped_value_loss(
     if clip_eps > 0:
         clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
         err_c = jnp.square(clipped - returns)
-        frac = masked_mean((err_c > err).astype(jnp.float32), mask, axis_name=axis_name)
+        # clipped = the clip moved V and that made the error larger (not a float rounding tie)
+        active = (err_c > err) & (jnp.abs(values - old_values) > clip_eps)
+        frac = masked_mean(active.astype(jnp.float32), mask, axis_name=axis_name)
         err = jnp.maximum(err, err_c)
     else:
         frac = jnp.zeros(())
