@@ -155,17 +155,32 @@ class Models:
     value: Model | None
 
 
-def _pearson(x, y):
-    x = x - jnp.mean(x)
-    y = y - jnp.mean(y)
-    return jnp.sum(x * y) / jnp.maximum(jnp.sqrt(jnp.sum(x * x) * jnp.sum(y * y)), 1e-12)
+def _pearson(x, y, axis_name):
+    one = jnp.ones_like(x)
+    x = x - masked_mean(x, one, axis_name=axis_name)
+    y = y - masked_mean(y, one, axis_name=axis_name)
+    sums = [masked_mean(a, one, axis_name=axis_name) for a in (x * y, x * x, y * y)]
+    return sums[0] / jnp.maximum(jnp.sqrt(sums[1] * sums[2]), 1e-12)
 
 
-def _explained_variance(values, returns, mask):
-    var_r = masked_mean(jnp.square(returns - masked_mean(returns, mask)), mask)
+def _explained_variance(values, returns, mask, axis_name):
     res = returns - values
-    var_res = masked_mean(jnp.square(res - masked_mean(res, mask)), mask)
+    var_r = masked_var(returns, mask, axis_name=axis_name)
+    var_res = masked_var(res, mask, axis_name=axis_name)
     return 1.0 - var_res / jnp.maximum(var_r, 1e-12)
+
+
+def minibatch_indices(key: jax.Array, example_ids: jax.Array, minibatches: int) -> jax.Array:
+    """Local row indices of each minibatch, ``[minibatches, rows / minibatches]``.
+
+    Rows are grouped in blocks of ``minibatches`` consecutive example ids; a permutation drawn
+    from ``fold_in(key, block)`` sends each row of a block to a different minibatch. The split
+    depends only on the example ids, so it is the same on 1 or N devices (each device holds whole
+    blocks), and every device holds an equal share of every minibatch."""
+    block, pos = example_ids // minibatches, example_ids % minibatches
+    assign = jax.vmap(lambda b, i: jax.random.permutation(
+        jax.random.fold_in(key, b), minibatches)[i])(block, pos)
+    return jnp.argsort(assign, stable=True).reshape(minibatches, -1)
 
 
 def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_id: int,
@@ -229,9 +244,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
                                   clip_eps=hp.value_clip_eps, axis_name=axis_name)
 
     def grads_of(fn, params, *args):
+        # under shard_map the parameters are replicated, so these gradients of globally reduced
+        # losses already hold the sum over shards (the full-batch gradient)
         (_, m), g = jax.value_and_grad(fn, has_aux=True)(params, *args)
-        if axis_name is not None:
-            g = lax.pmean(g, axis_name)
         return g, m
 
     def iteration(state: PPOState, batch: dict, key: jax.Array):
@@ -291,7 +306,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
             return (pstate, vstate), pm
 
         perm_keys = jax.random.split(k_perm, hp.epochs)
-        idx = jax.vmap(lambda k: jax.random.permutation(k, n_seq).reshape(n_mb, mb_size))(
+        idx = jax.vmap(lambda k: minibatch_indices(k, batch["example_ids"], n_mb))(
             perm_keys).reshape(hp.epochs * n_mb, mb_size)
         ptx = batch.get("ptx") if hp.ptx_coef > 0 else None
         xs = (idx, ptx if ptx is not None else jnp.zeros((hp.epochs * n_mb,)))
@@ -322,9 +337,10 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
             "rollout/score": _mean(score, axis_name),
             "rollout/length": _mean(length, axis_name),
             "rollout/truncated": _mean(ro.truncated.astype(jnp.float32), axis_name),
-            "rollout/reward_length_corr": _pearson(rm_score, length),
+            "rollout/reward_length_corr": _pearson(rm_score, length, axis_name),
             "rollout/logprob_max_diff": sampler_diff,
-            "rollout/value_explained_var": _explained_variance(ro.values, returns, mask),
+            "rollout/value_explained_var": _explained_variance(ro.values, returns, mask,
+                                                               axis_name),
             "rollout/return_mean": masked_mean(returns, mask, axis_name=axis_name),
             "rollout/advantage_std": jnp.sqrt(masked_mean(jnp.square(adv), mask,
                                                           axis_name=axis_name)),

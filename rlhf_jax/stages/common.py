@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rlhf_jax.data.facts_world import FactsWorld, FactsWorldConfig
 from rlhf_jax.evaluate import evaluate_policy
 from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import GPTConfig, create_model
+from rlhf_jax.parallel import AXIS, data_parallel, make_mesh, replicate
 from rlhf_jax.runs import RunDir
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
@@ -90,17 +92,19 @@ def evaluate_heldout(model, params, world: FactsWorld, task: TaskConfig, seed: i
 
 
 def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,
-                run: RunDir, prefix: str, log_every: int, checkpoint_every: int):
-    """Train ``params`` on ``loss_fn(params, batch, key)`` with batches ``batch_at(step)``:
-    resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``.
+                run: RunDir, prefix: str, log_every: int, checkpoint_every: int, mesh=None):
+    """Train ``params`` on ``loss_fn(params, batch, key, axis_name=...)`` with batches
+    ``batch_at(step)``, data-parallel over ``mesh`` (default: every device; batches split on their
+    first axis): resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``.
 
     The caller's ``params`` stay valid: the state starts from a copy, because the jitted step
     donates its state and ``params`` may share buffers with another model (``transplant``)."""
+    mesh = make_mesh() if mesh is None else mesh
     params = jax.tree.map(lambda x: x.copy(), params)
     state = TrainState.create(params, make_optimizer(optim, steps))
     ckpt = Checkpointer(run.path / "checkpoints")
-    state = resume(state, ckpt, run)
-    step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
+    state = replicate(resume(state, ckpt, run), mesh)
+    step = data_parallel(make_train_step(functools.partial(loss_fn, axis_name=AXIS)), mesh)
     state = fit(state, step, batch_at, steps=steps, key=stage_key(seed, STREAM_TRAIN), run=run,
                 prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every, ckpt=ckpt)
     ckpt.close()

@@ -20,6 +20,7 @@ from rlhf_jax.evaluate import evaluate_demonstrator, probe_accuracy
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.functional import count_params
+from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, TaskConfig, check_context, evaluate_heldout,
                                     load_stage, stage_key, train_stage, upstream_run)
@@ -122,6 +123,7 @@ def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_si
 
 def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
     """Pretrain into run directory ``out``; returns (and writes) its summary."""
+    check_divisible(cfg.batch_size, make_mesh(), "batch_size")
     t0 = time.perf_counter()
     world = FactsWorld(cfg.task.world)
     cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=world.tokenizer.vocab_size))
@@ -147,6 +149,10 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
 
 def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
     """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary."""
+    mesh = make_mesh()
+    check_divisible(cfg.batch_size, mesh, "batch_size")
+    if cfg.ptx_coef > 0:
+        check_divisible(cfg.ptx_batch_size, mesh, "ptx_batch_size")
     out = Path(out)
     pre_dir = upstream_run(cfg.pretrain_dir, out / "pretrain", run_pretrain, cfg.pretrain,
                            "pretrain_dir")

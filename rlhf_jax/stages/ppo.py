@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rlhf_jax.checkpoint import Checkpointer, save_params
@@ -31,6 +32,7 @@ from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
+from rlhf_jax.parallel import AXIS, check_divisible, data_parallel, make_mesh, replicate
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import SamplingConfig, response_logits
 from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, evaluate_heldout,
@@ -85,6 +87,48 @@ class PPOConfig:
         for name in ("policy_optim", "value_optim"):
             check(getattr(self, name).warmup_steps <= updates, f"{name}.warmup_steps",
                   f"{getattr(self, name).warmup_steps} exceeds the {updates} updates")
+
+
+def check_ppo_sharding(cfg: PPOConfig, mesh) -> None:
+    """Config-time errors for batches that do not split over the mesh (each device needs whole
+    prompts, whole groups and an equal share of every minibatch)."""
+    hp = cfg.ppo
+    n = mesh.shape[AXIS]
+    check_divisible(hp.prompts_per_iter, mesh, "ppo.prompts_per_iter", "prompts per iteration")
+    check((hp.rollout_size // n) % hp.minibatches == 0, "ppo.minibatches",
+          f"each of {n} devices holds {hp.rollout_size // n} sequences, which do not divide "
+          f"into {hp.minibatches} minibatches")
+    if hp.ptx_coef > 0:
+        check_divisible(cfg.ptx_rows, mesh, "ptx_rows", "pretraining rows per update")
+
+
+def sharded_iteration(models: Models, hp: PPOHParams, mesh, **kw):
+    """The compiled PPO iteration, data-parallel over ``mesh``: prompts, example ids and
+    pretraining rows split over devices; the rollout comes back split the same way."""
+
+    probe = make_iteration(models, hp, **kw)   # only to learn the metric names
+    batch_spec = {"prompts": P(AXIS), "prompt_mask": P(AXIS), "example_ids": P(AXIS)}
+    if hp.ptx_coef > 0:
+        batch_spec["ptx"] = P(None, AXIS)
+
+    def shapes(state, batch, key):
+        return jax.eval_shape(probe, state, batch, key)[1]
+
+    def wrapped(state, batch, key):
+        return make_iteration(models, hp, axis_name=AXIS, **kw)(state, batch, key)
+
+    cache: dict = {}
+
+    def run(state, batch, key):
+        if "fn" not in cache:
+            names = shapes(state, batch, key)
+            specs = {k: P() for k in names if k != "rollout"}
+            specs["rollout"] = P(AXIS)
+            cache["fn"] = data_parallel(wrapped, mesh, batch_spec=batch_spec,
+                                        out_specs=(P(), specs))
+        return cache["fn"](state, batch, key)
+
+    return run
 
 
 def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> PPOState:
@@ -238,6 +282,8 @@ def _host_signals(world, tok, prompts_flat, rollout) -> tuple[dict[str, float], 
 
 def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     """Reward stage (unless ``cfg.reward_dir``), then PPO and the final evaluation into ``out``."""
+    mesh = make_mesh()
+    check_ppo_sharding(cfg, mesh)
     out = Path(out)
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
                               "reward_dir")
@@ -287,9 +333,10 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
         ptx_data = pack_documents(tok, world.pretraining_corpus(), pre.seq_len)
         ptx_order = EpochOrder(len(ptx_data["tokens"]), updates * cfg.ptx_rows, cfg.seed + 1)
 
-    iteration = jax.jit(make_iteration(models, hp, max_new_tokens=task.max_new_tokens,
-                                       eos_id=tok.eos_id, pad_id=tok.pad_id, rm_gain=gain,
-                                       rm_bias=bias, rm_score_kw=score_kw), donate_argnums=0)
+    state = replicate(state, mesh)
+    iteration = sharded_iteration(models, hp, mesh, max_new_tokens=task.max_new_tokens,
+                                  eos_id=tok.eos_id, pad_id=tok.pad_id, rm_gain=gain,
+                                  rm_bias=bias, rm_score_kw=score_kw)
     key = stage_key(cfg.seed, STREAM_TRAIN)
     example_ids = jnp.arange(hp.rollout_size)
     bar = tqdm(range(start, cfg.iterations), desc="ppo", initial=start, total=cfg.iterations,

@@ -28,6 +28,7 @@ from rlhf_jax.labeler import (LabelerConfig, Preferences, collect_preferences, n
 from rlhf_jax.losses.reward import kwise_rm_loss_fn, sequence_rewards
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
+from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, TaskConfig, load_stage, stage_key,
                                     train_stage, upstream_run)
@@ -106,13 +107,13 @@ def rm_score_kwargs(cfg: RewardConfig) -> dict:
 def with_frozen(loss_fn, *, trunk: bool, coef_kernel: bool):
     """``loss_fn`` with no gradient into the trunk (everything but ``params["heads"]``) and/or the
     LM coefficient head's kernel (so it stays at its zero initialisation)."""
-    def wrapped(params, batch, key=None):
+    def wrapped(params, batch, key=None, **kw):
         sg = jax.lax.stop_gradient
         new = jax.tree.map(sg, params) if trunk else jax.tree.map(lambda x: x, params)
         new["heads"] = jax.tree.map(lambda x: x, params["heads"])
         if coef_kernel:
             new["heads"][LM_COEF]["kernel"] = jax.tree.map(sg, params["heads"][LM_COEF]["kernel"])
-        return loss_fn(new, batch, key)
+        return loss_fn(new, batch, key, **kw)
     return wrapped
 
 
@@ -240,6 +241,7 @@ def read_preferences(data_dir: Path, split: str, world: FactsWorld) -> Preferenc
 
 def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``."""
+    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
     out = Path(out)
     sft_dir = upstream_run(cfg.sft_dir, out / "sft", run_sft, cfg.sft, "sft_dir")
     sft_cfg, policy, sft_params = load_stage(sft_dir, SFTConfig, config_of=lambda c: c.pretrain)

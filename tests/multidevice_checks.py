@@ -1,0 +1,135 @@
+"""Sharded = single device, for the SFT step, the RM step and a PPO iteration.
+
+Run in a process that sees 4 CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``);
+``tests/test_parallel.py`` does that. Each check runs the same step on a 4-device mesh and on a
+1-device mesh with the same global batch and key and compares parameters and metrics. Shards hold
+different numbers of counted tokens on purpose (a pmean of per-shard means would fail).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.losses.lm import lm_with_replay_loss_fn
+from rlhf_jax.losses.reward import kwise_rm_loss_fn
+from rlhf_jax.models import create_model, preset
+from rlhf_jax.parallel import AXIS, data_parallel, make_mesh, replicate
+from rlhf_jax.rl.kl_control import RunningMoments
+from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState
+from rlhf_jax.stages.ppo import sharded_iteration
+from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
+
+RTOL, ATOL = 1e-5, 1e-6
+CFG = preset("test", vocab_size=32, max_len=24)
+# eps keeps Adam from turning float-rounding noise in ~0 gradients into full-size steps
+OPTIM = OptimConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-4)
+
+
+def copy(tree):
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def close(a, b, what):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def lm_rows(rng, n, t):
+    tokens = rng.integers(3, 32, (n, t)).astype(np.int32)
+    lengths = rng.integers(2, t + 1, n)           # different counted tokens per shard
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    loss_mask = mask * (np.arange(t)[None] >= rng.integers(0, 3, n)[:, None])
+    return {"tokens": tokens * mask, "attention_mask": mask, "loss_mask": loss_mask}
+
+
+def train_twice(mesh, loss_fn, params, batch):
+    state = replicate(TrainState.create(copy(params), make_optimizer(OPTIM, 10)), mesh)
+    step = data_parallel(make_train_step(functools.partial(loss_fn, axis_name=AXIS)), mesh)
+    for s in range(2):
+        state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(0), s))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def check_sft(mesh4, mesh1):
+    rng = np.random.default_rng(0)
+    model, params = create_model(CFG, jax.random.key(1))
+    batch = {"sft": lm_rows(rng, 8, 12), "ptx": lm_rows(rng, 4, 12)}
+    loss = functools.partial(lm_with_replay_loss_fn, model=model, ptx_coef=0.5)
+    a, b = train_twice(mesh4, loss, params, batch), train_twice(mesh1, loss, params, batch)
+    close(a, b, "sft")
+
+
+def check_rm(mesh4, mesh1):
+    rng = np.random.default_rng(1)
+    model, params = create_model(CFG, jax.random.key(2), heads=("reward",))
+    p, k, lp, lr = 8, 3, 5, 6
+    plen = rng.integers(1, lp + 1, p)
+    pmask = (np.arange(lp)[None] >= lp - plen[:, None]).astype(np.int32)
+    rlen = rng.integers(1, lr + 1, (p, k))
+    rmask = (np.arange(lr)[None, None] < rlen[..., None]).astype(np.int32)
+    batch = {"prompts": rng.integers(3, 32, (p, lp)).astype(np.int32) * pmask,
+             "prompt_mask": pmask,
+             "responses": rng.integers(3, 32, (p, k, lr)).astype(np.int32) * rmask,
+             "response_mask": rmask,
+             "ranking": rng.permutation(np.tile(np.arange(k, dtype=np.float32), (p, 1)).T).T}
+    loss = functools.partial(kwise_rm_loss_fn, model=model)
+    close(train_twice(mesh4, loss, params, batch), train_twice(mesh1, loss, params, batch), "rm")
+
+
+def check_ppo(mesh4, mesh1):
+    policy, p_params = create_model(CFG, jax.random.key(3))
+    _, ref_params = create_model(CFG, jax.random.key(4))
+    rm, rm_params = create_model(CFG, jax.random.key(5), heads=("reward",))
+    value, v_params = create_model(CFG, jax.random.key(6), heads=("value",))
+    models = Models(policy=policy, ref=policy, rm=rm, value=value)
+    hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, ptx_coef=0.3,
+                    scale_rewards=True, adaptive_kl=True, kl_target=0.5, kl_horizon=100.0)
+    rng = np.random.default_rng(2)
+    lp = 6
+    plen = rng.integers(1, lp + 1, 8)
+    pmask = (np.arange(lp)[None] >= lp - plen[:, None]).astype(np.int32)
+    ptx = lm_rows(rng, hp.epochs * hp.minibatches * 4, 10)
+    batch = {"prompts": rng.integers(3, 32, (8, lp)).astype(np.int32) * pmask,
+             "prompt_mask": pmask, "example_ids": np.arange(8),
+             "ptx": {k: v.reshape(hp.epochs * hp.minibatches, 4, 10) for k, v in ptx.items()}}
+
+    def run(mesh):
+        opt = make_optimizer(OPTIM, 8)
+        state = PPOState(policy=TrainState.create(copy(p_params), opt),
+                         value=TrainState.create(copy(v_params), opt),
+                         kl_coef=jnp.asarray(0.1), reward_moments=RunningMoments.create(),
+                         iteration=jnp.zeros((), jnp.int32),
+                         frozen=Frozen(ref=copy(ref_params), rm=copy(rm_params)))
+        it = sharded_iteration(models, hp, mesh, max_new_tokens=8, eos_id=2, pad_id=0)
+        state = replicate(state, mesh)
+        out = []
+        for i in range(2):
+            state, metrics = it(state, batch, jax.random.fold_in(jax.random.key(9), i))
+            out.append(jax.device_get(metrics))
+        return jax.device_get(state.trainable()), out
+
+    (s4, m4), (s1, m1) = run(mesh4), run(mesh1)
+    for a, b in zip(m4, m1):
+        np.testing.assert_array_equal(a["rollout"]["responses"], b["rollout"]["responses"])
+        for key in a:
+            if key != "rollout":
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    close(s4, s1, "ppo state")
+
+
+def main() -> int:
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh4, mesh1 = make_mesh(), make_mesh(jax.devices()[:1])
+    for check in (check_sft, check_rm, check_ppo):
+        check(mesh4, mesh1)
+        print(check.__name__, "ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
