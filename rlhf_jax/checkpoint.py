@@ -9,11 +9,15 @@ checkpoint as the latest restorable one.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+FAULT_KILL_AT_SAVE = "RLHF_JAX_FAULT_KILL_AT_SAVE"
+"""Test hook: ``kill -9`` this process right after starting the asynchronous save of that step."""
 
 
 class Checkpointer:
@@ -26,9 +30,14 @@ class Checkpointer:
                                                  enable_async_checkpointing=async_save))
 
     def save(self, step: int, state: Any, extra: dict | None = None) -> None:
-        """Start saving ``state`` (a pytree) and ``extra`` (JSON) as ``step``."""
+        """Start saving ``state`` (a pytree) and ``extra`` (JSON) as ``step``.
+
+        Device arrays are copied to the host before this returns, so the caller may donate
+        ``state`` to the next step at once; the files are written in the background."""
         self._mgr.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})), force=True)
+        if os.environ.get(FAULT_KILL_AT_SAVE) == str(step):   # fault-injection hook for tests
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 
@@ -15,6 +16,20 @@ def check(condition: bool, field: str, message: str) -> None:
     """Raise ``ConfigError`` naming ``field`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"config field `{field}`: {message}")
+
+
+def check_numbers(cfg: Any, prefix: str = "") -> None:
+    """Every float field of ``cfg`` (nested configs too) is finite and every seed is >= 0; a
+    ``ConfigError`` names the dotted field otherwise (NaN or ±inf is never a meaningful setting
+    and would pass ``x > 0``-style range checks unnoticed)."""
+    for f in dataclasses.fields(cfg):
+        v, name = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            check_numbers(v, name + ".")
+        elif isinstance(v, float):
+            check(math.isfinite(v), name, f"must be a finite number, got {v!r}")
+        elif isinstance(v, int) and not isinstance(v, bool) and f.name.endswith("seed"):
+            check(v >= 0, name, f"must be >= 0, got {v}")
 
 
 def positive(cfg: Any, *fields: str) -> None:

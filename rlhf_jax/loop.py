@@ -2,41 +2,104 @@
 
 All numerical work is inside the jitted step. The loop resumes from the latest checkpoint of the
 run directory: batches are a pure function of the step (``batch_at(step)``) and per-step keys are
-``fold_in(key, step)``, so a resumed run replays exactly what an uninterrupted one would.
+``fold_in(key, step)``, so a resumed run replays exactly what an uninterrupted one would. Each
+checkpoint also records the data position (the next step) and the stage key, and a resumed run
+checks both.
+
+Non-finite steps: the train step (``train.make_train_step``) leaves the state unchanged when its
+loss or gradient is not finite and reports ``finite = 0``. The loop reads that flag one step late
+(so the host never waits on the device in the steady state) and always before a checkpoint, so no
+checkpoint ever holds a state after an unchecked step. ``on_nonfinite="stop"`` raises
+:class:`NonFiniteError` naming the step and its metrics; ``"skip"`` counts the step
+(``nonfinite_steps`` in the logged metrics) and goes on.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.runs import RunDir
 
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A train step produced a non-finite loss or gradient (the message names step and metrics)."""
+
+
+def key_data(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).ravel().tolist()
+
+
+class _FiniteWatch:
+    """Checks each step's ``finite`` flag, one step late (or at once on ``flush``)."""
+
+    def __init__(self, prefix: str, on_nonfinite: str, run: RunDir):
+        self.prefix, self.mode, self.run = prefix, on_nonfinite, run
+        self.pending: tuple[int, dict] | None = None
+        self.skipped = 0
+
+    def push(self, step: int, metrics: dict) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        if "finite" not in metrics or bool(jax.device_get(metrics["finite"])):
+            return
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if self.mode == "skip":
+            self.skipped += 1
+            return
+        self.run.write_json("nonfinite.json", {"stage": self.prefix, "step": step, **host})
+        raise NonFiniteError(
+            f"{self.prefix}: step {step} produced a non-finite loss or gradient; its update was "
+            f"not applied and no checkpoint after step {step - 1} was written. Metrics: "
+            + ", ".join(f"{k}={v:.6g}" for k, v in sorted(host.items()))
+            + " (set optim.on_nonfinite='skip' to skip such steps)")
+
 
 def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps: int,
         key: jax.Array, run: RunDir, prefix: str, log_every: int = 50,
-        checkpoint_every: int = 0, ckpt: Checkpointer | None = None, desc: str | None = None
-        ) -> Any:
+        checkpoint_every: int = 0, ckpt: Checkpointer | None = None, desc: str | None = None,
+        on_nonfinite: str = "stop") -> Any:
     """Run ``step_fn(state, batch_at(s), fold_in(key, s))`` for ``s`` from ``state.step`` to
     ``steps``; log metrics under ``prefix/`` every ``log_every`` steps and at the end; save a
-    checkpoint every ``checkpoint_every`` steps and at the end."""
+    checkpoint (state + ``{"next_step", "key"}``) every ``checkpoint_every`` steps and at the end."""
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     start = int(jax.device_get(state.step))
+    watch = _FiniteWatch(prefix, on_nonfinite, run)
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), desc=desc or prefix, initial=start, total=steps,
-               disable=None, dynamic_ncols=True, leave=False)
+               disable=None if jax.process_index() == 0 else True, dynamic_ncols=True,
+               leave=False)
     for s in bar:
         state, metrics = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
+        watch.push(s, metrics)
         done = s + 1
         if done % log_every == 0 or done == steps:
+            watch.flush()
             host = jax.device_get(metrics)
-            run.log_metrics(done, {f"{prefix}/{k}": float(v) for k, v in host.items()})
+            row = {f"{prefix}/{k}": float(v) for k, v in host.items()}
+            if on_nonfinite == "skip":
+                row[f"{prefix}/nonfinite_steps"] = float(watch.skipped)
+            run.log_metrics(done, row)
             bar.set_postfix(loss=f"{float(host.get('loss', float('nan'))):.4f}")
         if ckpt is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
-            ckpt.save(done, state)
+            watch.flush()
+            ckpt.save(done, state, extra={"next_step": done, "key": key_data(key)})
+    watch.flush()
     jax.block_until_ready(state)
     run.log_timing(stage=prefix, steps=steps - start, seconds=time.perf_counter() - t0)
     if ckpt is not None:
@@ -44,17 +107,35 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
     return state
 
 
-def resume(state: Any, ckpt: Checkpointer, run: RunDir) -> Any:
-    """The latest checkpoint's state (or ``state`` if none); metrics logged after it are dropped."""
+def truncate_metrics(run: RunDir, step: int) -> None:
+    """Drop ``metrics.jsonl`` rows logged after ``step`` (they will be logged again), and a last
+    row cut short by a kill."""
+    path = run.path / "metrics.jsonl"
+    if not (run.writer and path.exists()):
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue                  # the half-written last line of a killed run
+        if row["step"] <= step:
+            keep.append(line)
+    path.write_text("".join(r + "\n" for r in keep))
+
+
+def resume(state: Any, ckpt: Checkpointer, run: RunDir, key: jax.Array | None = None) -> Any:
+    """The latest checkpoint's state (or ``state`` if none); metrics logged after it are dropped.
+    With ``key``, a checkpoint written under another stage key (another seed) is refused."""
     step = ckpt.latest_step()
     if step is None:
         return state
-    restored, _ = ckpt.restore(state, step)
-    path = run.path / "metrics.jsonl"
-    if run.writer and path.exists():
-        import json
-
-        rows = [r for r in path.read_text().splitlines()
-                if r.strip() and json.loads(r)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+    restored, extra = ckpt.restore(state, step)
+    if key is not None and "key" in extra and extra["key"] != key_data(key):
+        raise ValueError(f"{ckpt.directory}/{step}: checkpoint was written with another PRNG key "
+                         "(another seed?); use a new run directory")
+    if "next_step" in extra and extra["next_step"] != int(jax.device_get(restored.step)):
+        raise ValueError(f"{ckpt.directory}/{step}: data position {extra['next_step']} does not "
+                         f"match the state's step {int(jax.device_get(restored.step))}")
+    truncate_metrics(run, step)
     return restored

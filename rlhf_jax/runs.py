@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 import rlhf_jax
+from rlhf_jax.configs import ConfigError
 
 
 def _jsonable(v: Any) -> Any:
@@ -55,6 +56,14 @@ def _git_commit() -> str | None:
         return None
 
 
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two JSON trees."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "<root>"]
+
+
 class RunDir:
     """One experiment's run directory. Only process 0 writes (multi-host safe)."""
 
@@ -77,6 +86,17 @@ class RunDir:
                 f.write(json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False) + "\n")
 
     def write_config(self, config: Mapping[str, Any]) -> None:
+        """Write ``config.json``; resuming a run directory under a different config is refused
+        (with the differing fields named) before anything is overwritten."""
+        path = self.path / "config.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            new = json.loads(json.dumps(_jsonable(config), default=str))
+            diff = _differences(old, new)
+            if diff:
+                raise ConfigError(
+                    f"{path} holds a different config; differing fields: {', '.join(diff[:10])}"
+                    " — use a new run directory (or the same options) to resume")
         self._write_json("config.json", config)
 
     def write_meta(self, *, seed: int, extra: Mapping[str, Any] | None = None) -> None:

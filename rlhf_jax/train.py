@@ -24,6 +24,8 @@ class OptimConfig:
       weight_decay: decoupled weight decay on matrices (not biases, LayerNorm or scalar biases).
       b1, b2, eps: Adam moments.
       clip_norm: global gradient-norm clip (0 = off).
+      on_nonfinite: a step whose loss or gradient is not finite is never applied; ``"stop"``
+        ends the run with an error naming the step, ``"skip"`` counts it and goes on.
     """
 
     learning_rate: float = 3e-4
@@ -34,6 +36,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
         positive(self, "learning_rate", "eps")
@@ -41,6 +44,8 @@ class OptimConfig:
         check(0.0 <= self.final_lr_frac <= 1.0, "final_lr_frac", "must be in [0, 1]")
         check(0.0 <= self.b1 < 1.0, "b1", "must be in [0, 1)")
         check(0.0 <= self.b2 < 1.0, "b2", "must be in [0, 1)")
+        check(self.on_nonfinite in ("stop", "skip"), "on_nonfinite",
+              f"must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -79,16 +84,29 @@ class TrainState:
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
+def apply_if_finite(state: TrainState, grads, loss: jax.Array, grad_norm: jax.Array
+                    ) -> tuple[TrainState, jax.Array]:
+    """``state.apply_gradients(grads)`` when ``loss`` and ``grad_norm`` are finite; otherwise the
+    same state with only ``step`` advanced (the data position moves on). Returns ``finite`` too."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new, kept = state.apply_gradients(grads), state.replace(step=state.step + 1)
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept), finite
+
+
 def make_train_step(loss_fn: LossFn):
     """A pure step ``(state, batch, key) -> (state, metrics)`` for ``loss_fn(params, batch, key)``.
 
-    Metrics are the loss's own plus ``grad_norm`` (before clipping). The caller jits the step where
-    it is called, donating the state: ``jax.jit(step, donate_argnums=0)``.
+    Metrics are the loss's own plus ``grad_norm`` (before clipping) and ``finite`` (1 when the
+    update was applied; a non-finite loss or gradient leaves the parameters and optimizer state
+    unchanged). The caller jits the step where it is called, donating the state:
+    ``jax.jit(step, donate_argnums=0)``.
     """
 
     def step(state: TrainState, batch, key):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return state.apply_gradients(grads), metrics
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
+                                                                           key)
+        norm = optax.tree.norm(grads)
+        state, finite = apply_if_finite(state, grads, loss, norm)
+        return state, dict(metrics, grad_norm=norm, finite=finite.astype(jnp.float32))
 
     return step

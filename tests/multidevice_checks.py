@@ -8,6 +8,7 @@ different numbers of counted tokens on purpose (a pmean of per-shard means would
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -18,7 +19,11 @@ import numpy as np
 from rlhf_jax.losses.lm import lm_with_replay_loss_fn
 from rlhf_jax.losses.reward import kwise_rm_loss_fn
 from rlhf_jax.models import create_model, preset
-from rlhf_jax.parallel import AXIS, data_parallel, make_mesh, replicate
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_step, make_mesh,
+                               place, replicate, shard_batch, state_specs, to_host,
+                               unshard)
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState
 from rlhf_jax.stages.ppo import sharded_iteration
@@ -47,12 +52,26 @@ def lm_rows(rng, n, t):
     return {"tokens": tokens * mask, "attention_mask": mask, "loss_mask": loss_mask}
 
 
-def train_twice(mesh, loss_fn, params, batch):
-    state = replicate(TrainState.create(copy(params), make_optimizer(OPTIM, 10)), mesh)
-    step = data_parallel(make_train_step(functools.partial(loss_fn, axis_name=AXIS)), mesh)
+def train_twice(mesh, loss_fn, params, batch, fsdp=False):
+    optim = dataclasses.replace(OPTIM, clip_norm=0.0) if fsdp else OPTIM
+    state = TrainState.create(copy(params), make_optimizer(optim, 10))
+    loss_fn = functools.partial(loss_fn, axis_name=AXIS)
+    if fsdp:
+        specs = fsdp_specs(state.params, mesh)
+        assert any(s != P() for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+        state_spec = state_specs(state, specs)
+        train_step = make_fsdp_train_step(loss_fn, specs, clip_norm=OPTIM.clip_norm)
+    else:
+        state_spec, train_step = P(), make_train_step(loss_fn)
+    state = place(state, mesh, state_spec)
+    step = data_parallel(train_step, mesh, state_spec=state_spec)
+    batch = shard_batch(batch, mesh)
     for s in range(2):
         state, metrics = step(state, batch, jax.random.fold_in(jax.random.key(0), s))
-    return jax.device_get(state.params), jax.device_get(metrics)
+    if fsdp:   # the moments really are split: each device holds 1/4 of the largest matrix
+        big = max(jax.tree.leaves(state.params), key=lambda x: x.size)
+        assert big.addressable_shards[0].data.size * 4 == big.size, big.sharding
+    return jax.device_get(unshard(state.params, mesh)), jax.device_get(metrics)
 
 
 def check_sft(mesh4, mesh1):
@@ -62,6 +81,7 @@ def check_sft(mesh4, mesh1):
     loss = functools.partial(lm_with_replay_loss_fn, model=model, ptx_coef=0.5)
     a, b = train_twice(mesh4, loss, params, batch), train_twice(mesh1, loss, params, batch)
     close(a, b, "sft")
+    close(train_twice(mesh4, loss, params, batch, fsdp=True), b, "sft fsdp")
 
 
 def check_rm(mesh4, mesh1):
@@ -81,7 +101,8 @@ def check_rm(mesh4, mesh1):
     close(train_twice(mesh4, loss, params, batch), train_twice(mesh1, loss, params, batch), "rm")
 
 
-def check_ppo(mesh4, mesh1):
+def ppo_setup():
+    """Models, hyperparameters, initial state and a host batch for a small PPO iteration."""
     policy, p_params = create_model(CFG, jax.random.key(3))
     _, ref_params = create_model(CFG, jax.random.key(4))
     rm, rm_params = create_model(CFG, jax.random.key(5), heads=("reward",))
@@ -97,29 +118,40 @@ def check_ppo(mesh4, mesh1):
     batch = {"prompts": rng.integers(3, 32, (8, lp)).astype(np.int32) * pmask,
              "prompt_mask": pmask, "example_ids": np.arange(8),
              "ptx": {k: v.reshape(hp.epochs * hp.minibatches, 4, 10) for k, v in ptx.items()}}
+    opt = make_optimizer(OPTIM, 8)
+    state = PPOState(policy=TrainState.create(copy(p_params), opt),
+                     value=TrainState.create(copy(v_params), opt),
+                     kl_coef=jnp.asarray(0.1), reward_moments=RunningMoments.create(),
+                     iteration=jnp.zeros((), jnp.int32),
+                     frozen=Frozen(ref=copy(ref_params), rm=copy(rm_params)))
+    return models, hp, state, batch
 
-    def run(mesh):
-        opt = make_optimizer(OPTIM, 8)
-        state = PPOState(policy=TrainState.create(copy(p_params), opt),
-                         value=TrainState.create(copy(v_params), opt),
-                         kl_coef=jnp.asarray(0.1), reward_moments=RunningMoments.create(),
-                         iteration=jnp.zeros((), jnp.int32),
-                         frozen=Frozen(ref=copy(ref_params), rm=copy(rm_params)))
-        it = sharded_iteration(models, hp, mesh, max_new_tokens=8, eos_id=2, pad_id=0)
-        state = replicate(state, mesh)
-        out = []
-        for i in range(2):
-            state, metrics = it(state, batch, jax.random.fold_in(jax.random.key(9), i))
-            out.append(jax.device_get(metrics))
-        return jax.device_get(state.trainable()), out
 
-    (s4, m4), (s1, m1) = run(mesh4), run(mesh1)
-    for a, b in zip(m4, m1):
-        np.testing.assert_array_equal(a["rollout"]["responses"], b["rollout"]["responses"])
-        for key in a:
+def ppo_run(mesh, iterations=2):
+    """Two sharded PPO iterations over ``mesh``: (trainable state, per-iteration metrics), on
+    the host of every process."""
+    models, hp, state, batch = ppo_setup()
+    it = sharded_iteration(models, hp, mesh, max_new_tokens=8, eos_id=2, pad_id=0)
+    state = replicate(state, mesh)
+    out = []
+    for i in range(iterations):
+        state, metrics = it(state, batch, jax.random.fold_in(jax.random.key(9), i))
+        out.append(to_host(metrics))
+    return jax.device_get(jax.tree.leaves(state.trainable())), out
+
+
+def compare_ppo(a, b):
+    (s_a, m_a), (s_b, m_b) = a, b
+    for x, y in zip(m_a, m_b):
+        np.testing.assert_array_equal(x["rollout"]["responses"], y["rollout"]["responses"])
+        for key in x:
             if key != "rollout":
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
-    close(s4, s1, "ppo state")
+                np.testing.assert_allclose(x[key], y[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    close(s_a, s_b, "ppo state")
+
+
+def check_ppo(mesh4, mesh1):
+    compare_ppo(ppo_run(mesh4), ppo_run(mesh1))
 
 
 def main() -> int:

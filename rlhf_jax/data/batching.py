@@ -119,3 +119,26 @@ class EpochOrder:
     def batch(self, data: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)
         return {k: v[idx] for k, v in data.items()}
+
+
+TOKEN_FIELDS = ("tokens", "prompts", "responses", "input_ids")
+MASK_FIELDS = ("attention_mask", "loss_mask", "prompt_mask", "response_mask", "mask")
+
+
+def check_tokens(data: dict[str, np.ndarray], *, vocab_size: int, source: str) -> None:
+    """Refuse token ids outside ``[0, vocab_size)`` and masks that are not 0/1 (a model would
+    otherwise clamp them silently inside jit), naming the source, field, row and position."""
+    for name, a in data.items():
+        a = np.asarray(a)
+        if name in TOKEN_FIELDS:
+            bad = np.argwhere((a < 0) | (a >= vocab_size))
+            if len(bad):
+                at = tuple(int(i) for i in bad[0])
+                raise ValueError(f"{source}: field {name!r} row {at[0]} position "
+                                 f"{', '.join(map(str, at[1:]))} holds token {a[at]}, outside "
+                                 f"the vocabulary [0, {vocab_size})")
+        elif name in MASK_FIELDS:
+            bad = np.argwhere((a != 0) & (a != 1))
+            if len(bad):
+                raise ValueError(f"{source}: field {name!r} row {int(bad[0][0])} is not a 0/1 "
+                                 f"mask (holds {a[tuple(bad[0])]})")

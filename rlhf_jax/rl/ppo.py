@@ -31,7 +31,7 @@ from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
 from rlhf_jax.sampling import SamplingConfig, response_logits
-from rlhf_jax.train import TrainState
+from rlhf_jax.train import TrainState, apply_if_finite
 
 POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss}
 CRITICS = ("separate", "shared", "none")
@@ -297,12 +297,15 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
             mb = jax.tree.map(lambda x: x[idx], data)
             pg, pm = grads_of(policy_terms, pstate.params, mb, ptx, state.kl_coef,
                               adv_scale)
+            # a non-finite gradient is never applied; `finite` reports the share applied
+            pstate, finite = apply_if_finite(pstate, pg, _norm(pg), _norm(pg))
             pm = dict(pm, grad_norm=_norm(pg))
-            pstate = pstate.apply_gradients(pg)
             if hp.critic == "separate":
                 vg, vm = grads_of(value_terms, vstate.params, mb)
-                vstate = vstate.apply_gradients(vg)
+                vstate, v_finite = apply_if_finite(vstate, vg, _norm(vg), _norm(vg))
+                finite = finite & v_finite
                 pm.update(vm, value_grad_norm=_norm(vg))
+            pm["finite"] = finite.astype(jnp.float32)
             return (pstate, vstate), pm
 
         perm_keys = jax.random.split(k_perm, hp.epochs)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
@@ -15,7 +16,8 @@ from rlhf_jax.data.facts_world import FactsWorld, FactsWorldConfig
 from rlhf_jax.evaluate import evaluate_policy
 from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import GPTConfig, create_model
-from rlhf_jax.parallel import AXIS, data_parallel, make_mesh, replicate
+from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_step, make_mesh,
+                               place, shard_batch, state_specs, unshard)
 from rlhf_jax.runs import RunDir
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
@@ -92,21 +94,35 @@ def evaluate_heldout(model, params, world: FactsWorld, task: TaskConfig, seed: i
 
 
 def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,
-                run: RunDir, prefix: str, log_every: int, checkpoint_every: int, mesh=None):
-    """Train ``params`` on ``loss_fn(params, batch, key, axis_name=...)`` with batches
+                run: RunDir, prefix: str, log_every: int, checkpoint_every: int, mesh=None,
+                fsdp: bool = False):
+    """Train ``params`` on ``loss_fn(params, batch, key, axis_name=...)`` with host batches
     ``batch_at(step)``, data-parallel over ``mesh`` (default: every device; batches split on their
-    first axis): resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``.
+    first axis; parameters and optimizer state replicated, or split over devices with ``fsdp``):
+    resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``.
 
     The caller's ``params`` stay valid: the state starts from a copy, because the jitted step
     donates its state and ``params`` may share buffers with another model (``transplant``)."""
     mesh = make_mesh() if mesh is None else mesh
     params = jax.tree.map(lambda x: x.copy(), params)
-    state = TrainState.create(params, make_optimizer(optim, steps))
+    # under FSDP the step clips by the global norm itself (optax's clip would see only shards)
+    tx = make_optimizer(dataclasses.replace(optim, clip_norm=0.0) if fsdp else optim, steps)
+    state = TrainState.create(params, tx)
     ckpt = Checkpointer(run.path / "checkpoints")
-    state = replicate(resume(state, ckpt, run), mesh)
-    step = data_parallel(make_train_step(functools.partial(loss_fn, axis_name=AXIS)), mesh)
-    state = fit(state, step, batch_at, steps=steps, key=stage_key(seed, STREAM_TRAIN), run=run,
-                prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every, ckpt=ckpt)
+    loss_fn = functools.partial(loss_fn, axis_name=AXIS)
+    if fsdp:
+        specs = fsdp_specs(state.params, mesh)
+        state_spec = state_specs(state, specs)
+        train_step = make_fsdp_train_step(loss_fn, specs, clip_norm=optim.clip_norm)
+    else:
+        state_spec, train_step = P(), make_train_step(loss_fn)
+    key = stage_key(seed, STREAM_TRAIN)
+    state = place(resume(state, ckpt, run, key), mesh, state_spec)
+    step = data_parallel(train_step, mesh, state_spec=state_spec)
+    state = fit(state, step, lambda s: shard_batch(batch_at(s), mesh), steps=steps, key=key,
+                run=run, prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every,
+                ckpt=ckpt, on_nonfinite=optim.on_nonfinite)
     ckpt.close()
-    save_params(run.path / "params", state.params)
-    return state.params
+    params = unshard(state.params, mesh)
+    save_params(run.path / "params", params)
+    return params

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax.configs import check, positive, to_dict
-from rlhf_jax.data.batching import EpochOrder, pack_documents, sft_examples
+from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.data.batching import EpochOrder, check_tokens, pack_documents, sft_examples
 from rlhf_jax.data.facts_world import FactsWorld
 from rlhf_jax.evaluate import evaluate_demonstrator, probe_accuracy
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
@@ -41,6 +41,7 @@ class PretrainConfig:
       optim: AdamW / schedule / clipping.
       log_every: log metrics every this many steps.
       checkpoint_every: save a resumable checkpoint every this many steps (0 = only at the end).
+      fsdp: split parameters and optimizer state over the devices (FSDP) instead of replicating.
     """
 
     seed: int = 0
@@ -52,8 +53,10 @@ class PretrainConfig:
     optim: OptimConfig = OptimConfig(learning_rate=5e-3, warmup_steps=30, weight_decay=0.0)
     log_every: int = 50
     checkpoint_every: int = 200
+    fsdp: bool = False
 
     def __post_init__(self):
+        check_numbers(self)
         positive(self, "seq_len", "batch_size", "steps", "log_every")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.seq_len <= self.model.max_len, "seq_len",
@@ -80,6 +83,7 @@ class SFTConfig:
       optim: AdamW / schedule / clipping.
       log_every: log metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
+      fsdp: split parameters and optimizer state over the devices (FSDP) instead of replicating.
     """
 
     seed: int = 0
@@ -93,8 +97,10 @@ class SFTConfig:
     optim: OptimConfig = OptimConfig(learning_rate=2e-3, warmup_steps=20, weight_decay=0.0)
     log_every: int = 50
     checkpoint_every: int = 0
+    fsdp: bool = False
 
     def __post_init__(self):
+        check_numbers(self)
         positive(self, "demos_per_prompt", "batch_size", "steps", "log_every", "ptx_batch_size")
         check(self.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {self.ptx_coef}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
@@ -105,9 +111,12 @@ class SFTConfig:
 def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_size: int,
               steps: int, optim: OptimConfig, run: RunDir, prefix: str, log_every: int,
               checkpoint_every: int, replay: dict[str, np.ndarray] | None = None,
-              ptx_coef: float = 0.0, ptx_batch_size: int = 0):
+              ptx_coef: float = 0.0, ptx_batch_size: int = 0, fsdp: bool = False):
     """Next-token loss over ``data`` rows (plus ``ptx_coef`` × the loss on replayed ``replay``
     rows), resumable."""
+    check_tokens(data, vocab_size=model.cfg.vocab_size, source=f"{prefix} data")
+    if replay is not None:
+        check_tokens(replay, vocab_size=model.cfg.vocab_size, source=f"{prefix} replay data")
     order = EpochOrder(len(data["tokens"]), batch_size, seed)
     if replay is not None and ptx_coef > 0:
         replay_order = EpochOrder(len(replay["tokens"]), ptx_batch_size, seed + 1)
@@ -118,7 +127,8 @@ def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_si
         loss_fn = functools.partial(lm_loss_fn, model=model)
         batch_at = lambda s: order.batch(data, s)  # noqa: E731
     return train_stage(params, loss_fn, batch_at, seed=seed, steps=steps, optim=optim, run=run,
-                       prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every)
+                       prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every,
+                       fsdp=fsdp)
 
 
 def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
@@ -135,7 +145,8 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
     model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
     params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
                        steps=cfg.steps, optim=cfg.optim, run=run, prefix="pretrain",
-                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                       fsdp=cfg.fsdp)
     train_s = time.perf_counter() - t0
     summary = {"params": count_params(params), "corpus_tokens": int(data["attention_mask"].sum()),
                "knowledge/base": probe_accuracy(model, params, world.tokenizer,
@@ -177,7 +188,8 @@ def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
     params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
                        steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
                        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                       replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size)
+                       replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size,
+                       fsdp=cfg.fsdp)
     train_s = time.perf_counter() - t0
     heldout = world.prompts("heldout")
     demo = evaluate_demonstrator(world, heldout, n_samples=task.eval_samples, seed=cfg.seed)

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from rlhf_jax.configs import to_dict
+from rlhf_jax.configs import check_numbers, to_dict
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_pretrain, run_sft
 from rlhf_jax.stages.ppo import PPOConfig, run_ppo
@@ -32,6 +32,9 @@ class PipelineConfig:
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+
+    def __post_init__(self):
+        check_numbers(self)
 
 
 def _finished(path: Path) -> bool:

@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rlhf_jax.checkpoint import Checkpointer, save_params
-from rlhf_jax.configs import check, from_dict, positive, to_dict
+from rlhf_jax.loop import NonFiniteError, key_data, truncate_metrics
+from rlhf_jax.configs import check, check_numbers, from_dict, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
 from rlhf_jax.data.facts_world import FactsWorld
 from rlhf_jax.evaluate import generate, judge_all
@@ -32,7 +33,8 @@ from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
-from rlhf_jax.parallel import AXIS, check_divisible, data_parallel, make_mesh, replicate
+from rlhf_jax.parallel import (AXIS, check_divisible, data_parallel, make_mesh, replicate,
+                               shard_batch, to_host)
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import SamplingConfig, response_logits
 from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, evaluate_heldout,
@@ -81,6 +83,7 @@ class PPOConfig:
     checkpoint_every: int = 20
 
     def __post_init__(self):
+        check_numbers(self)
         positive(self, "iterations", "ptx_rows", "best_of_n", "log_every")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         updates = self.iterations * self.ppo.epochs * self.ppo.minibatches
@@ -126,7 +129,7 @@ def sharded_iteration(models: Models, hp: PPOHParams, mesh, **kw):
             specs["rollout"] = P(AXIS)
             cache["fn"] = data_parallel(wrapped, mesh, batch_spec=batch_spec,
                                         out_specs=(P(), specs))
-        return cache["fn"](state, batch, key)
+        return cache["fn"](state, shard_batch(batch, mesh, batch_spec), key)
 
     return run
 
@@ -280,6 +283,22 @@ def _host_signals(world, tok, prompts_flat, rollout) -> tuple[dict[str, float], 
             float("nan")}, gold
 
 
+def _check_finite(metrics: dict, iteration: int, mode: str, run: RunDir) -> None:
+    """Stop (``mode="stop"``) before any checkpoint when an iteration's metrics are not finite
+    or one of its updates was skipped for a non-finite gradient."""
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if metrics.get("train/finite", 1.0) < 1.0:
+        bad.append("train/finite")
+    if bad and mode == "stop":
+        host = {k: float(v) for k, v in metrics.items()}
+        run.write_json("nonfinite.json", {"stage": "ppo", "iteration": iteration, **host})
+        raise NonFiniteError(
+            f"ppo: iteration {iteration} produced non-finite values in {', '.join(bad)}; no "
+            f"checkpoint after it was written. Metrics: "
+            + ", ".join(f"{k}={v:.6g}" for k, v in sorted(host.items()))
+            + " (set policy_optim.on_nonfinite='skip' to skip such updates)")
+
+
 def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     """Reward stage (unless ``cfg.reward_dir``), then PPO and the final evaluation into ``out``."""
     mesh = make_mesh()
@@ -313,16 +332,16 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     models = Models(policy=policy, ref=ref, rm=rm, value=value)
     state = init_state(models, sft_params, rm_params, cfg)
 
+    key = stage_key(cfg.seed, STREAM_TRAIN)
     ckpt = Checkpointer(run.path / "checkpoints")
     start = ckpt.latest_step() or 0
     if start:
-        restored, _ = ckpt.restore(state.trainable(), start)
+        restored, extra = ckpt.restore(state.trainable(), start)
+        if extra.get("key", key_data(key)) != key_data(key):
+            raise ValueError(f"{ckpt.directory}/{start}: checkpoint was written with another "
+                             "PRNG key (another seed?); use a new run directory")
         state = state.replace(**restored)
-        metrics_path = run.path / "metrics.jsonl"
-        if metrics_path.exists():
-            keep = [r for r in metrics_path.read_text().splitlines()
-                    if r.strip() and json.loads(r)["step"] <= start]
-            metrics_path.write_text("".join(r + "\n" for r in keep))
+        truncate_metrics(run, start)
 
     train_prompts = world.prompts("train")
     p_ids, p_mask = encode_prompts(tok, train_prompts, task.prompt_len)
@@ -337,32 +356,32 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     iteration = sharded_iteration(models, hp, mesh, max_new_tokens=task.max_new_tokens,
                                   eos_id=tok.eos_id, pad_id=tok.pad_id, rm_gain=gain,
                                   rm_bias=bias, rm_score_kw=score_kw)
-    key = stage_key(cfg.seed, STREAM_TRAIN)
-    example_ids = jnp.arange(hp.rollout_size)
+    example_ids = np.arange(hp.rollout_size)
     bar = tqdm(range(start, cfg.iterations), desc="ppo", initial=start, total=cfg.iterations,
-               disable=None, dynamic_ncols=True, leave=False)
+               disable=None if jax.process_index() == 0 else True, dynamic_ncols=True,
+               leave=False)
     t_loop = time.perf_counter()
     for it in bar:
         idx = order.indices(it)
-        batch = {"prompts": jnp.asarray(p_ids[idx]), "prompt_mask": jnp.asarray(p_mask[idx]),
-                 "example_ids": example_ids}
+        batch = {"prompts": p_ids[idx], "prompt_mask": p_mask[idx], "example_ids": example_ids}
         if ptx_order is not None:
             rows = ptx_order.batch(ptx_data, it)
-            batch["ptx"] = {k: jnp.asarray(v.reshape(updates, cfg.ptx_rows, -1))
-                            for k, v in rows.items()}
+            batch["ptx"] = {k: v.reshape(updates, cfg.ptx_rows, -1) for k, v in rows.items()}
         state, metrics = iteration(state, batch, jax.random.fold_in(key, it))
         rollout = metrics.pop("rollout")
         done = it + 1
+        _check_finite(jax.device_get(metrics), it, cfg.policy_optim.on_nonfinite, run)
         if done % cfg.log_every == 0 or done == cfg.iterations:
             flat_prompts = [train_prompts[i] for i in idx for _ in range(hp.group_size)]
-            host, _ = _host_signals(world, tok, flat_prompts, jax.device_get(rollout))
+            host, _ = _host_signals(world, tok, flat_prompts, to_host(rollout))
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
             row.update(host)
             run.log_metrics(done, row)
             bar.set_postfix(rm=f"{row['rollout/rm_score']:.2f}", gold=f"{row['rollout/gold']:.2f}",
                             kl=f"{row['kl/per_sequence']:.2f}")
         if done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            ckpt.save(done, state.trainable())
+            ckpt.save(done, state.trainable(),
+                      extra={"next_step": done, "key": key_data(key)})
     jax.block_until_ready(state.policy.params)
     run.log_timing(stage="ppo", steps=cfg.iterations - start, seconds=time.perf_counter() - t_loop)
     ckpt.close()

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.configs import check, positive, to_dict
-from rlhf_jax.data.batching import EpochOrder, encode_responses, pad_left, pad_rows
+from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.data.batching import (EpochOrder, check_tokens, encode_responses, pad_left,
+                                    pad_rows)
 from rlhf_jax.data.facts_world import FactsWorld
 from rlhf_jax.data.preferences import (build_preference_dataset, decode_record,
                                        load_preference_source)
@@ -63,6 +64,7 @@ class RewardConfig:
         learns); otherwise c is one learned scalar (its kernel stays zero), which cannot turn
         negative on unusual responses.
       freeze_trunk: train only the scalar heads; the trunk keeps the SFT weights.
+      fsdp: split parameters and optimizer state over the devices (FSDP) instead of replicating.
     """
 
     seed: int = 0
@@ -82,8 +84,10 @@ class RewardConfig:
     lm_stop_grad: bool = False
     lm_coef_gated: bool = False
     freeze_trunk: bool = True
+    fsdp: bool = False
 
     def __post_init__(self):
+        check_numbers(self)
         positive(self, "batch_prompts", "steps", "log_every")
         check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
@@ -276,6 +280,7 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
         rm_params = init_lm_coef(rm_params, cfg.lm_coef_init)
     score_kw = rm_score_kwargs(cfg)
     data = preference_arrays(tok, train_prefs, task)
+    check_tokens(data, vocab_size=pre.model.vocab_size, source="reward: train preferences")
     order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
     loss_fn = functools.partial(kwise_rm_loss_fn, model=rm, margin=cfg.margin, **score_kw)
     if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
@@ -283,7 +288,8 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
                               coef_kernel=cfg.lm_readout and not cfg.lm_coef_gated)
     rm_params = train_stage(rm_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
                             steps=cfg.steps, optim=cfg.optim, run=run, prefix="rm",
-                            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
+                            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                            fsdp=cfg.fsdp)
 
     summary = rm_metrics(score_responses(rm, rm_params, preference_arrays(tok, test_prefs, task),
                                          **score_kw), test_prefs, cfg.labeler.tau)

@@ -1,0 +1,114 @@
+"""Data parallelism: sharded = single device (4 simulated CPU devices), two processes = one,
+the same experiment command on 1 or 2 devices (replicated or FSDP), and config-time errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.parallel import check_divisible, fsdp_specs
+from rlhf_jax.rl.ppo import PPOHParams
+from rlhf_jax.stages.ppo import PPOConfig, check_ppo_sharding
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _env(devices: int) -> dict:
+    return dict(os.environ, RLHF_JAX_NO_REEXEC="1", PYTHONPATH=str(TESTS),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _run(args, devices, timeout=600):
+    out = subprocess.run([sys.executable, *args], env=_env(devices), cwd=TESTS, timeout=timeout,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def test_sft_rm_ppo_steps_on_4_devices_equal_one_device():
+    """SFT (+ replay, replicated and FSDP), K-wise RM and a PPO iteration (ptx, reward scaling,
+    adaptive KL): parameters and metrics of a 4-device mesh equal those of 1 device."""
+    out = _run(["multidevice_checks.py"], devices=4)
+    assert out.stdout.split() == ["check_sft", "ok", "check_rm", "ok", "check_ppo", "ok"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    """jax.distributed on 127.0.0.1 (gloo), 2 processes x 2 devices, one sharded PPO iteration
+    pair, against the same iterations in one process on one device."""
+    sys.path.insert(0, str(TESTS))
+    from multidevice_checks import compare_ppo
+
+    port = str(_free_port())
+    workers = [subprocess.Popen([sys.executable, "multiprocess_checks.py", "worker", str(i), port,
+                                 str(tmp_path / f"w{i}.pkl")], env=_env(2), cwd=TESTS,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    _run(["multiprocess_checks.py", "single", str(tmp_path / "single.pkl")], devices=1)
+    for w in workers:
+        log, _ = w.communicate(timeout=600)
+        assert w.returncode == 0, log[-6000:]
+    assert not (tmp_path / "w1.pkl").exists(), "only process 0 writes"
+    with open(tmp_path / "w0.pkl", "rb") as f, open(tmp_path / "single.pkl", "rb") as g:
+        compare_ppo(pickle.load(f), pickle.load(g))
+
+
+def test_sft_command_on_two_devices_with_fsdp_ends_at_the_same_numbers(tmp_path):
+    """The same experiment command on 1 device and on 2 (parameters split FSDP-style) writes the
+    same metrics, to float tolerance."""
+    from test_experiments import TINY_PRETRAIN, TINY_SFT
+
+    runs = {}
+    for devices, extra in ((1, []), (2, ["--fsdp", "--pretrain.fsdp"])):
+        out = tmp_path / f"d{devices}"
+        _run([str(ROOT / "experiments" / "sft.py"), "--out", str(out), *TINY_PRETRAIN, *TINY_SFT,
+              *extra], devices=devices)
+        meta = json.loads((out / "meta.json").read_text())
+        assert len(meta["devices"]) == devices
+        runs[devices] = [json.loads(r) for stage in ("pretrain/metrics.jsonl", "metrics.jsonl")
+                         for r in (out / stage).read_text().splitlines()]
+    assert [r.keys() for r in runs[1]] == [r.keys() for r in runs[2]]
+    for a, b in zip(runs[1], runs[2]):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-3, atol=2e-4, err_msg=k)
+
+
+def _mesh(n):
+    return SimpleNamespace(shape={"data": n})
+
+
+def test_batches_that_do_not_split_over_devices_fail_at_config_time():
+    with pytest.raises(ConfigError, match="batch_size.*10 does not divide over 4 devices"):
+        check_divisible(10, _mesh(4), "batch_size")
+    check_divisible(12, _mesh(4), "batch_size")
+    with pytest.raises(ConfigError, match="ppo.prompts_per_iter"):
+        check_ppo_sharding(PPOConfig(ppo=PPOHParams(prompts_per_iter=6, minibatches=2)), _mesh(4))
+    with pytest.raises(ConfigError, match="ppo.minibatches"):
+        check_ppo_sharding(PPOConfig(ppo=PPOHParams(prompts_per_iter=8, minibatches=4)), _mesh(4))
+
+
+def test_fsdp_specs_split_the_largest_divisible_dim_and_keep_small_leaves_whole():
+    tree = {"w": np.zeros((6, 512)), "v": np.zeros((512, 6)), "odd": np.zeros((511, 3)),
+            "b": np.zeros(512), "s": np.zeros(())}
+    specs = fsdp_specs(tree, _mesh(4))
+    assert specs == {"w": P(None, "data"), "v": P("data", None), "odd": P(), "b": P(), "s": P()}
+    assert all(s == P() for s in jax.tree.leaves(fsdp_specs(tree, _mesh(1)),
+                                                 is_leaf=lambda x: isinstance(x, P)))
