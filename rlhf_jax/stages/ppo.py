@@ -92,7 +92,7 @@ class PPOConfig:
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
         updates = self.iterations * self.ppo.epochs * self.ppo.minibatches
-        for name in ("policy_optim", "value_optim"):
+        for name in ("policy_optim",) + (("value_optim",) if self.ppo.critic == "separate" else ()):
             check(getattr(self, name).warmup_steps <= updates, f"{name}.warmup_steps",
                   f"{getattr(self, name).warmup_steps} exceeds the {updates} updates")
 
