@@ -150,3 +150,20 @@ def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
 def test_missing_reward_run_is_a_named_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="reward_dir"):
         _load("dpo").main(["--out", str(tmp_path / "d"), "--reward-dir", str(tmp_path / "no")])
+
+
+def test_help_lists_every_option():
+    import subprocess
+    import sys
+
+    from test_experiments import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "dpo.py"), "--help"],
+                         capture_output=True, text=True, timeout=120,
+                         env={"RLHF_JAX_NO_REEXEC": "1", "PATH": "/usr/bin:/bin",
+                              "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for flag in ("--out", "--reward-dir", "--loss", "--beta", "--label-smoothing", "--ipo-tau",
+                 "--ipo-average-length", "--simpo-beta", "--simpo-margin", "--reference",
+                 "--eval-every", "--optim.learning-rate", "--reward.steps"):
+        assert flag in out.stdout, flag

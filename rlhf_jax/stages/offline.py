@@ -52,7 +52,9 @@ class OfflineConfig:
         ``reward`` first into ``<out>/reward``.
       reward: the reward config used when ``reward_dir`` is empty.
       loss: ``dpo``, ``ipo`` or ``simpo`` (``rlhf_jax.losses.preference``).
-      beta: DPO's β (KL strength: the implicit reward is β·log π/π_ref).
+      beta: DPO's β (KL strength: the implicit reward is β·log π/π_ref). On the embedded task
+        (seed 0, 400 steps) β = 0.1 / 0.2 / 0.3 / 0.5 gave held-out gold 0.54 / 0.65 / 0.67 /
+        0.61 (β = 0.1 drifts to KL 1.16 and 12 % malformed answers).
       label_smoothing: conservative DPO's label-flip probability ε (0 = plain DPO).
       ipo_tau: IPO's τ (target log-ratio margin 1/(2τ)).
       ipo_average_length: IPO on per-token (length-averaged) log-ratios.
@@ -75,7 +77,7 @@ class OfflineConfig:
     reward_dir: str = ""
     reward: RewardConfig = RewardConfig()
     loss: str = "dpo"
-    beta: float = 0.1
+    beta: float = 0.3
     label_smoothing: float = 0.0
     ipo_tau: float = 0.1
     ipo_average_length: bool = False
