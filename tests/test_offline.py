@@ -95,6 +95,28 @@ def test_other_losses_run(loss, tiny_reward, tmp_path):
     assert np.isfinite(summary[f"final/{loss}/loss"])
 
 
+def test_readme_hinge_loss_runs_through_the_unchanged_stage(tiny_reward, tmp_path):
+    """README's walk-through: register one function, name it in the config, run the stage."""
+    from test_readme import _hinge_block
+
+    from rlhf_jax.losses.preference import PREFERENCE_LOSSES
+
+    try:
+        _hinge_block()
+        out = tmp_path / "hinge"
+        summary = _load("dpo").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+                                     *TINY_OFFLINE, "--loss", "hinge", "--loss-args", "beta",
+                                     "0.3", "delta", "1.0", "--optim.learning-rate", "1e-3"])
+    finally:
+        PREFERENCE_LOSSES.pop("hinge", None)
+    assert f"gold/hinge" in summary and summary["kl/hinge_vs_sft"] > 0.0
+    rows = _rows(out)
+    # at the start the policy is the reference: h = 0 and the hinge is delta = 1
+    assert rows[0]["hinge/loss"] < 1.0 + 1e-6 and np.isfinite(rows[-1]["hinge/loss"])
+    assert json.loads((out / "config.json").read_text())["loss_args"] == {"beta": 0.3,
+                                                                          "delta": 1.0}
+
+
 def test_recomputed_reference_equals_precomputed(tiny_reward):
     """The reference forwarded inside the step gives the same loss as the precomputed log-probs,
     and at the start (policy = reference) DPO's loss is log 2."""

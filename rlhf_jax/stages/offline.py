@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ class OfflineConfig:
       ipo_average_length: IPO on per-token (length-averaged) log-ratios.
       simpo_beta: SimPO's β (scale of the length-normalised log-likelihood reward).
       simpo_margin: SimPO's target reward margin γ.
+      loss_args: keyword hyperparameters passed to the loss on top of the ones above (e.g. for a
+        loss you registered in ``PREFERENCE_LOSSES``: ``--loss-args delta 1.0``).
       reference: ``precomputed`` (reference log-probs of every response computed once before
         training) or ``recompute`` (the frozen reference forwarded in every step).
       batch_prompts: prompts per step (each with its K responses).
@@ -83,6 +86,7 @@ class OfflineConfig:
     ipo_average_length: bool = False
     simpo_beta: float = 2.0
     simpo_margin: float = 1.0
+    loss_args: dict[str, float] = dataclasses.field(default_factory=dict)
     reference: str = "precomputed"
     batch_prompts: int = 16
     steps: int = 400
@@ -96,6 +100,9 @@ class OfflineConfig:
         check_numbers(self)
         check(self.loss in PREFERENCE_LOSSES, "loss",
               f"must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        for k, v in self.loss_args.items():
+            check(isinstance(v, (int, float)) and math.isfinite(v), f"loss_args.{k}",
+                  f"must be a finite number, got {v!r}")
         check(self.reference in REFERENCES, "reference",
               f"must be one of {REFERENCES}, got {self.reference!r}")
         positive(self, "beta", "ipo_tau", "simpo_beta", "batch_prompts", "steps", "log_every")
@@ -107,10 +114,10 @@ class OfflineConfig:
 
     def loss_hparams(self) -> dict[str, float | bool]:
         """Keyword hyperparameters of the chosen loss."""
-        return {"dpo": {"beta": self.beta, "label_smoothing": self.label_smoothing},
-                "ipo": {"tau": self.ipo_tau, "average_length": self.ipo_average_length},
-                "simpo": {"beta": self.simpo_beta, "simpo_margin": self.simpo_margin},
-                }[self.loss]
+        builtin = {"dpo": {"beta": self.beta, "label_smoothing": self.label_smoothing},
+                   "ipo": {"tau": self.ipo_tau, "average_length": self.ipo_average_length},
+                   "simpo": {"beta": self.simpo_beta, "simpo_margin": self.simpo_margin}}
+        return {**builtin.get(self.loss, {}), **self.loss_args}
 
 
 def response_logps(model: Model, params, prompts, prompt_mask, responses, response_mask
@@ -157,8 +164,9 @@ def offline_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None =
     if loss not in REFERENCE_FREE:
         ref = (batch["ref_logps"] if ref_params is None else
                jax.lax.stop_gradient(response_logps(model, ref_params, *args)))
-    return kwise_preference_loss(loss, logps, ref, batch["lengths"], batch["ranking"],
-                                 axis_name=axis_name, **hparams)
+    value, metrics = kwise_preference_loss(loss, logps, ref, batch["lengths"], batch["ranking"],
+                                           axis_name=axis_name, **hparams)
+    return value, {"loss": value, **metrics}
 
 
 def heldout_eval(policy: Model, params, sft_params, world: FactsWorld, task, seed: int
