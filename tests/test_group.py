@@ -287,7 +287,7 @@ def test_bandit_rloo_reaches_the_kl_regularised_optimum():
     """RLOO (leave-one-out REINFORCE, reward-side k1, the preset's one update per rollout) on the
     one-step bandit: π → π*(y) ∝ π_SFT(y)·exp(r(y)/β) (the baseline is unbiased)."""
     hp = rloo_hparams(kl_coef=BETA, no_eos_penalty=0.0)
-    pi, pi_ref, table = run_bandit(hp, iters=300)
+    pi, pi_ref, table = run_bandit(hp, iters=150, learning_rate=4e-2)
     target = kl_regularised_optimum(pi_ref, table, BETA)
     assert tv(pi, target) < 0.05, (pi.round(3), target.round(3))
     assert tv(pi_ref, target) > 0.2
@@ -304,7 +304,7 @@ def test_bandit_dr_grpo_with_reverse_kl_reaches_the_scaled_optimum():
     np.testing.assert_allclose(exact, target, atol=1e-6)
     assert tv(pi, target) < 0.05, (pi.round(3), target.round(3))
     assert tv(target, kl_regularised_optimum(pi_ref, table, BETA)) > 0.05
-    assert tv(pi_ref, target) > 0.2
+    assert tv(pi_ref, target) > 0.15   # the test is not passed by standing still
 
 
 def test_bandit_grpo_reaches_its_exact_fixed_point():
