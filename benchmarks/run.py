@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import platform
@@ -312,8 +313,8 @@ def dpo_loss_fn(params, batch, key=None, *, model, beta, prompt_len, axis_name=N
     else:
         ref = jax.lax.stop_gradient(_dpo_logps(model, batch["ref_params"], batch["tokens"],
                                                batch["mask"], prompt_len))
-    _ = axis_name  # dpo_loss reduces over pairs; one device here
-    return dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], beta=beta)
+    kw = {"axis_name": axis_name} if "axis_name" in inspect.signature(dpo_loss).parameters else {}
+    return dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], beta=beta, **kw)
 
 
 def bench_dpo(sh: Shapes, iters, peak, mesh):
@@ -611,6 +612,7 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
                 r["pairs_per_s"], r["compile_s"], r["mfu"])
             res["dpo_pairs_per_s_precomputed"] = r2["pairs_per_s"]
             res["compile_s"]["dpo_precomputed"] = r2["compile_s"]
+            res["mfu"]["dpo_precomputed"] = r2["mfu"]
             detail["dpo"], detail["dpo_precomputed"] = r, r2
         else:
             res["dpo_error"] = "rlhf_jax.losses.preference.dpo_loss not available"
