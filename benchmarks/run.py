@@ -26,10 +26,10 @@ f32 matmul peak measured in the same run (median of a jitted 1024³ matmul), wit
 forward-only work (reference/RM passes, sampling) is not counted. ``peak_rss_mb`` is the process's
 maximum resident set (``resource.getrusage``).
 
-``--workload default`` times each stage of the embedded-task pipeline (pretrain, SFT, RM, PPO) by
-running the stage code (``rlhf_jax.stages``) with a tiny number of steps into a temporary
-directory, twice with different step counts, so steady-state steps/s = Δsteps / Δseconds of the
-stages' own ``timings.jsonl`` (compile and set-up cancel out).
+``--workload default`` times each stage of the embedded-task pipeline (pretrain, SFT, RM, PPO):
+it runs the main job's code (``stages.pipeline.run_pipeline``, default configs) with a few steps
+per stage into a temporary directory, timing every call of the step functions the stages build;
+per stage the median step time after the first (compiling) steps.
 
 The process re-executes itself under the experiments' glibc allocator settings
 (``rlhf_jax.launch``) before JAX is imported.
@@ -42,6 +42,7 @@ The process re-executes itself under the experiments' glibc allocator settings
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -501,61 +502,70 @@ def _model_cfg(sh: Shapes):
 
 # ----------------------------------------------------------------------------- default workload
 def bench_default(quick: bool) -> dict:
-    """Steady-state steps/s of each pipeline stage, by running the stage code twice with
-    different step counts (Δsteps / Δseconds of the stages' own ``timings.jsonl``)."""
+    """Steps/s of each stage of the embedded-task pipeline, measured inside the stage code.
+
+    Runs ``stages.pipeline.run_pipeline`` (the main job's code) with a few steps per stage into a
+    temporary directory. The step functions the stages build (``loop.fit``'s ``step_fn`` for
+    pretrain / SFT / RM, ``stages.ppo.sharded_iteration`` for PPO) are wrapped to block and time
+    every call, so each stage reports the median step time after its first (compiling) steps.
+    """
+    import rlhf_jax.stages.common as common
+    import rlhf_jax.stages.ppo as ppo_stage
     from rlhf_jax.stages.pipeline import PipelineConfig, run_pipeline
 
-    lo, hi = (4, 12) if quick else (10, 40)
-    ppo_lo, ppo_hi = (2, 4) if quick else (3, 8)
+    n, n_ppo, warm = (8, 3, 1) if quick else (30, 8, 2)
+    times: dict[str, list[float]] = {}
 
-    def config(n, n_ppo):
-        base = PipelineConfig()
-        pre = dataclasses.replace(base.pretrain, steps=n, log_every=n, checkpoint_every=0,
-                                  optim=dataclasses.replace(base.pretrain.optim, warmup_steps=1))
-        sft = dataclasses.replace(base.sft, steps=n, log_every=n, checkpoint_every=0,
-                                  optim=dataclasses.replace(base.sft.optim, warmup_steps=1))
-        rw = dataclasses.replace(base.reward, steps=n, log_every=n, checkpoint_every=0,
-                                 optim=dataclasses.replace(base.reward.optim, warmup_steps=1))
-        po = dataclasses.replace(
-            base.ppo, iterations=n_ppo, log_every=1, checkpoint_every=0,
-            policy_optim=dataclasses.replace(base.ppo.policy_optim, warmup_steps=1),
-            value_optim=dataclasses.replace(base.ppo.value_optim, warmup_steps=1))
-        return dataclasses.replace(base, pretrain=pre, sft=sft, reward=rw, ppo=po)
-
-    def stage_seconds(out: Path) -> dict:
-        res = {}
-        for stage in ("pretrain", "sft", "reward", "ppo"):
-            for row in _read_jsonl(out / stage / "timings.jsonl"):
-                res.setdefault(stage, []).append(row)
-        return res
-
-    result = {}
-    with tempfile.TemporaryDirectory() as d:
-        runs = {}
-        for n, n_ppo in ((lo, ppo_lo), (hi, ppo_hi)):
+    def timed(fn, name):
+        def wrapped(*a, **kw):
             t0 = time.perf_counter()
-            run_pipeline(config(n, n_ppo), Path(d) / f"run{n}")
-            runs[n] = (stage_seconds(Path(d) / f"run{n}"), time.perf_counter() - t0)
-            log(f"[run] default pipeline with {n} steps / {n_ppo} PPO iterations: "
-                f"{runs[n][1]:.1f} s")
-        (a, wall_a), (b, wall_b) = runs[lo], runs[hi]
-        for stage in ("pretrain", "sft", "reward", "ppo"):
-            ra = {r["stage"]: r for r in a.get(stage, [])}
-            rb = {r["stage"]: r for r in b.get(stage, [])}
-            for name in sorted(set(ra) & set(rb)):
-                ds = rb[name]["steps"] - ra[name]["steps"]
-                dt = rb[name]["seconds"] - ra[name]["seconds"]
-                result[name] = {"steps_per_s": round(ds / dt, 3) if dt > 0 else None,
-                               "first_run_s": round(ra[name]["seconds"], 2),
-                               "steps": [ra[name]["steps"], rb[name]["steps"]]}
-        result["pipeline_wall_s"] = [round(wall_a, 1), round(wall_b, 1)]
+            out = jax.block_until_ready(fn(*a, **kw))
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+        return wrapped
+
+    orig_fit, orig_iter = common.fit, ppo_stage.sharded_iteration
+
+    def fit(state, step_fn, *a, prefix, **kw):
+        return orig_fit(state, timed(step_fn, prefix), *a, prefix=prefix, **kw)
+
+    def sharded_iteration(*a, **kw):
+        return timed(orig_iter(*a, **kw), "ppo")
+
+    base = PipelineConfig()
+    short = lambda c, **kw: dataclasses.replace(  # noqa: E731
+        c, log_every=kw.get("steps", kw.get("iterations")), checkpoint_every=0, **kw)
+    cfg = dataclasses.replace(
+        base,
+        pretrain=short(base.pretrain, steps=n,
+                       optim=dataclasses.replace(base.pretrain.optim, warmup_steps=1)),
+        sft=short(base.sft, steps=n, optim=dataclasses.replace(base.sft.optim, warmup_steps=1)),
+        reward=short(base.reward, steps=n,
+                     optim=dataclasses.replace(base.reward.optim, warmup_steps=1)),
+        ppo=short(base.ppo, iterations=n_ppo,
+                  policy_optim=dataclasses.replace(base.ppo.policy_optim, warmup_steps=1),
+                  value_optim=dataclasses.replace(base.ppo.value_optim, warmup_steps=1)))
+    common.fit, ppo_stage.sharded_iteration = fit, sharded_iteration
+    try:
+        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(sys.stderr):
+            t0 = time.perf_counter()
+            summary = run_pipeline(cfg, Path(d) / "pipeline")
+            wall = time.perf_counter() - t0
+    finally:
+        common.fit, ppo_stage.sharded_iteration = orig_fit, orig_iter
+    units = {"pretrain": "steps_per_s", "sft": "steps_per_s", "rm": "steps_per_s",
+             "ppo": "iterations_per_s"}
+    result = {}
+    for name, ts in times.items():
+        timed_ts = ts[warm:] or ts
+        med = statistics.median(timed_ts)
+        result[name] = {units.get(name, "steps_per_s"): round(1.0 / med, 3),
+                        "median_step_s": round(med, 4), "first_step_s": round(ts[0], 3),
+                        "n_timed": len(timed_ts)}
+    result["pipeline_wall_s"] = round(wall, 1)
+    result["stage_time_s"] = {k: round(v, 2) for k, v in summary.items()
+                              if k.startswith("time_s/") and isinstance(v, (int, float))}
     return result
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 # ----------------------------------------------------------------------------- main
@@ -659,10 +669,11 @@ def main(argv=None) -> dict:
         "compilation_cache": cache,
         "model": dataclasses.asdict(_model_cfg(sh)), "dtype": "float32",
     }
-    if a.workload == "reference":
-        res = run_reference(sh, a.quick, only)
-    else:
-        res = {"stages": bench_default(a.quick)}
+    with contextlib.redirect_stdout(sys.stderr):   # stdout holds only the result line
+        if a.workload == "reference":
+            res = run_reference(sh, a.quick, only)
+        else:
+            res = {"stages": bench_default(a.quick)}
     res = {**head, **res,
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     print(json.dumps(res), flush=True)
