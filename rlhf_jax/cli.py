@@ -22,16 +22,17 @@ from rlhf_jax.configs import ConfigError
 C = TypeVar("C")
 
 
-def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: str | None = None
-          ) -> tuple[str, C]:
-    """``(out, config)`` from the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: str | None = None,
+          default: C | None = None) -> tuple[str, C]:
+    """``(out, config)`` from the command line (``argv`` defaults to ``sys.argv[1:]``); flags
+    override ``default`` (``config_cls()`` if None)."""
 
     @dataclasses.dataclass(frozen=True)
     class Args:
         out: str
         """run directory to write (a finished or interrupted run there is resumed)"""
         cfg: Annotated[config_cls, tyro.conf.arg(name="")] = dataclasses.field(  # type: ignore
-            default_factory=config_cls)
+            default_factory=config_cls if default is None else (lambda: default))
         coordinator_address: str = ""
         """multi-host: HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS, else one process)"""
         num_processes: int | None = None
@@ -51,9 +52,10 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
 
 
 def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[str] | None = None,
-         description: str | None = None) -> dict:
-    """Parse, run the stage, print its summary as JSON; returns the summary."""
-    out, cfg = parse(config_cls, argv, description)
+         description: str | None = None, default: C | None = None) -> dict:
+    """Parse (flags override ``default``), run the stage, print its summary as JSON; returns the
+    summary."""
+    out, cfg = parse(config_cls, argv, description, default)
     try:
         summary = runner(cfg, out)
     except ConfigError as e:     # e.g. a run directory that holds another config

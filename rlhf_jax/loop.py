@@ -72,10 +72,15 @@ class _FiniteWatch:
 def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps: int,
         key: jax.Array, run: RunDir, prefix: str, log_every: int = 50,
         checkpoint_every: int = 0, ckpt: Checkpointer | None = None, desc: str | None = None,
-        on_nonfinite: str = "stop") -> Any:
+        on_nonfinite: str = "stop",
+        on_step: Callable[[int, Any], dict[str, float] | None] | None = None) -> Any:
     """Run ``step_fn(state, batch_at(s), fold_in(key, s))`` for ``s`` from ``state.step`` to
     ``steps``; log metrics under ``prefix/`` every ``log_every`` steps and at the end; save a
-    checkpoint (state + ``{"next_step", "key"}``) every ``checkpoint_every`` steps and at the end."""
+    checkpoint (state + ``{"next_step", "key"}``) every ``checkpoint_every`` steps and at the end.
+
+    ``on_step(done, state)``, if given, runs after every step (``done`` = steps completed, before
+    that step's checkpoint); a dict it returns (e.g. a periodic evaluation) is logged with the
+    step's metrics at step ``done``. It must not keep ``state``: the next step donates it."""
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     start = int(jax.device_get(state.step))
@@ -88,12 +93,14 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
         state, metrics = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
         watch.push(s, metrics)
         done = s + 1
-        if done % log_every == 0 or done == steps:
+        extra = on_step(done, state) if on_step is not None else None
+        if extra or done % log_every == 0 or done == steps:
             watch.flush()
             host = jax.device_get(metrics)
             row = {f"{prefix}/{k}": float(v) for k, v in host.items()}
             if on_nonfinite == "skip":
                 row[f"{prefix}/nonfinite_steps"] = float(watch.skipped)
+            row.update(extra or {})
             run.log_metrics(done, row)
             bar.set_postfix(loss=f"{float(host.get('loss', float('nan'))):.4f}")
         if ckpt is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):

@@ -127,10 +127,19 @@ def ppo_setup():
     return models, hp, state, batch
 
 
-def ppo_run(mesh, iterations=2):
+def group_setup(hp):
+    """``ppo_setup`` with a critic-free group preset ``hp`` (G samples of each of the 8 prompts;
+    each of 4 devices holds the samples of 2 whole prompts)."""
+    models, _, state, batch = ppo_setup()
+    batch = {k: v for k, v in batch.items() if k != "ptx"}
+    batch["example_ids"] = np.arange(hp.rollout_size)
+    return dataclasses.replace(models, value=None), hp, state.replace(value=None), batch
+
+
+def ppo_run(mesh, iterations=2, setup=ppo_setup):
     """Two sharded PPO iterations over ``mesh``: (trainable state, per-iteration metrics), on
     the host of every process."""
-    models, hp, state, batch = ppo_setup()
+    models, hp, state, batch = setup()
     it = sharded_iteration(models, hp, mesh, max_new_tokens=8, eos_id=2, pad_id=0)
     state = replicate(state, mesh)
     out = []
@@ -154,10 +163,21 @@ def check_ppo(mesh4, mesh1):
     compare_ppo(ppo_run(mesh4), ppo_run(mesh1))
 
 
+def check_group(mesh4, mesh1):
+    """GRPO (std-normalised groups, per-sequence means, k3 in the loss) and RLOO (leave-one-out,
+    REINFORCE, budget normaliser): every group stays on one device, so 4 devices = 1 device."""
+    from rlhf_jax.rl.presets import grpo_hparams, rloo_hparams
+
+    for hp in (grpo_hparams(prompts_per_iter=8, minibatches=2),
+               rloo_hparams(prompts_per_iter=8, minibatches=2)):
+        setup = functools.partial(group_setup, hp)
+        compare_ppo(ppo_run(mesh4, setup=setup), ppo_run(mesh1, setup=setup))
+
+
 def main() -> int:
     assert len(jax.devices()) == 4, jax.devices()
     mesh4, mesh1 = make_mesh(), make_mesh(jax.devices()[:1])
-    for check in (check_sft, check_rm, check_ppo):
+    for check in (check_sft, check_rm, check_ppo, check_group):
         check(mesh4, mesh1)
         print(check.__name__, "ok", flush=True)
     return 0

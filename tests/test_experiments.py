@@ -105,14 +105,17 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "pipeline"])
+@pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "pipeline", "grpo",
+                                    "rloo"])
 def test_help_lists_every_option(script):
     out = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=120,
                          env={"RLHF_JAX_NO_REEXEC": "1", "PATH": "/usr/bin:/bin",
                               "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    flags = {"ppo": ("--iterations", "--ppo.kl-coef", "--policy-optim.learning-rate"),
+    ppo_flags = ("--iterations", "--ppo.kl-coef", "--policy-optim.learning-rate",
+                 "--ppo.loss-aggregation", "--eval-every")
+    flags = {"ppo": ppo_flags, "grpo": ppo_flags, "rloo": ppo_flags,
              "pipeline": ("--ppo.iterations", "--sft.steps", "--reward.steps"),
              "reward": ("--steps", "--batch-prompts", "--optim.learning-rate")}.get(
         script, ("--steps", "--batch-size", "--optim.learning-rate"))
@@ -225,6 +228,71 @@ def test_ppo_end_to_end_on_small_config(small_reward_run, tmp_path):
         assert key in rows[-1], key
     for png in ("reward.png", "kl.png", "gold.png"):
         assert (out / png).stat().st_size > 1000
+
+
+TINY_ONLINE = ["--iterations", "3", "--ppo.prompts-per-iter", "4", "--policy-optim.warmup-steps",
+               "1", "--checkpoint-every", "2", "--eval-every", "2"]
+
+
+@pytest.mark.parametrize("script, method", [("grpo", "grpo"), ("rloo", "rloo")])
+def test_online_scripts_end_to_end_on_small_config(small_reward_run, tmp_path, script, method):
+    """GRPO / RLOO from a finished reward run: the preset is the default config (any --ppo.* flag
+    overrides it), PPO's summary keys, held-out evaluation logged every --eval-every iterations
+    (and equal, at the last iteration, to the final evaluation of the saved policy)."""
+    from rlhf_jax.stages.online import online_config
+
+    rm_dir, _ = small_reward_run
+    out = tmp_path / script
+    summary = _load(script).main(["--out", str(out), "--reward-dir", str(rm_dir), *TINY_ONLINE,
+                                  "--ppo.kl-coef", "0.07"])
+    config = json.loads((out / "config.json").read_text())
+    want = online_config(method, kl_coef=0.07)
+    for field in ("advantage", "policy_loss", "loss_aggregation", "group_size", "critic",
+                  "whiten_advantages", "kl_in_loss", "epochs", "minibatches"):
+        assert config["ppo"][field] == getattr(want.ppo, field), field
+    assert config["ppo"]["kl_coef"] == 0.07 and config["ppo"]["prompts_per_iter"] == 4
+    for key in ("gold/sft", "gold/rlhf", "fabrication_rate/rlhf", "accuracy/rlhf",
+                "win_rate/rlhf_vs_sft", "kl/rlhf_vs_sft", "time_s/ppo"):
+        assert key in summary, key
+    n_eval = summary["wins/rlhf_vs_sft"] + summary["ties/rlhf_vs_sft"] + summary["losses/rlhf_vs_sft"]
+    assert n_eval == len((out / "samples_rlhf.jsonl").read_text().splitlines())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    held = ("heldout/gold", "heldout/fabrication_rate", "heldout/accuracy", "heldout/kl")
+    assert all(k in rows[1] for k in held) and not any(k in rows[0] or k in rows[2] for k in held)
+    assert rows[1]["heldout/kl"] >= 0.0 and -2.0 <= rows[1]["heldout/gold"] <= 1.0
+    assert np.isfinite([v for r in rows for v in r.values()]).all()
+
+
+def test_eval_every_matches_final_evaluation_and_resumes_bit_identically(small_reward_run,
+                                                                         tmp_path):
+    """The held-out evaluation logged at the last iteration uses the final evaluation's pinned
+    protocol: its numbers equal the summary's, and it writes no samples file of its own. Losing
+    everything after the iteration-2 checkpoint and rerunning gives byte-identical metrics
+    (held-out evaluations included)."""
+    import shutil
+
+    rm_dir, _ = small_reward_run
+    out = tmp_path / "g"
+    args = list(TINY_ONLINE)
+    args[args.index("--eval-every") + 1] = "1"
+    argv = ["--out", str(out), "--reward-dir", str(rm_dir), *args]
+    summary = _load("grpo").main(argv)
+    full = (out / "metrics.jsonl").read_text()
+    last = json.loads(full.splitlines()[-1])
+    assert last["heldout/gold"] == summary["gold/rlhf"]
+    assert last["heldout/fabrication_rate"] == summary["fabrication_rate/rlhf"]
+    assert last["heldout/accuracy"] == summary["accuracy/rlhf"]
+    np.testing.assert_allclose(last["heldout/kl"], summary["kl/rlhf_vs_sft"], rtol=1e-6)
+    assert sorted(p.name for p in out.glob("samples_*.jsonl")) == [
+        "samples_best_of_n.jsonl", "samples_rlhf.jsonl", "samples_sft.jsonl"]
+
+    shutil.rmtree(out / "checkpoints" / "3")
+    shutil.rmtree(out / "params")
+    (out / "summary.json").unlink()
+    again = _load("grpo").main(argv)
+    assert (out / "metrics.jsonl").read_text() == full
+    assert again["gold/rlhf"] == summary["gold/rlhf"]
 
 
 def test_pipeline_end_to_end_on_tiny_config(tmp_path):

@@ -39,10 +39,12 @@ def _run(args, devices, timeout=600):
 
 
 def test_sft_rm_ppo_steps_on_4_devices_equal_one_device():
-    """SFT (+ replay, replicated and FSDP), K-wise RM and a PPO iteration (ptx, reward scaling,
-    adaptive KL): parameters and metrics of a 4-device mesh equal those of 1 device."""
+    """SFT (+ replay, replicated and FSDP), K-wise RM, a PPO iteration (ptx, reward scaling,
+    adaptive KL) and GRPO / RLOO iterations: parameters and metrics of a 4-device mesh equal
+    those of 1 device."""
     out = _run(["multidevice_checks.py"], devices=4)
-    assert out.stdout.split() == ["check_sft", "ok", "check_rm", "ok", "check_ppo", "ok"]
+    assert out.stdout.split() == ["check_sft", "ok", "check_rm", "ok", "check_ppo", "ok",
+                                  "check_group", "ok"]
 
 
 def _free_port() -> int:

@@ -130,39 +130,58 @@ def test_compiled_iteration_equals_its_pieces():
     assert np.isfinite([float(v) for k, v in metrics.items() if k != "rollout"]).all()
 
 
-@pytest.mark.parametrize("kl_estimator, kl_in_loss", [("k1", ""), ("exact", ""), ("k1", "k2")])
-def test_one_step_bandit_reaches_the_kl_regularised_optimum(kl_estimator, kl_in_loss):
-    """One prompt, one response token from a vocabulary of 6: with reward r(y) and a KL penalty
-    of weight β (in the reward: k1 or exact; or in the loss: k2), the optimum is
-    π*(y) ∝ π_SFT(y)·exp(r(y)/β)."""
-    vocab, beta = 6, 0.5
+BANDIT_VOCAB, BANDIT_TABLE = 6, (0.0, 0.2, -0.5, 0.3, 1.0, -1.0)
+
+
+def run_bandit(hp: PPOHParams, *, iters: int = 150, learning_rate: float = 2e-2):
+    """A one-step bandit on the compiled iteration: one prompt (``hp.prompts_per_iter`` copies,
+    ``group_size`` samples each), one response token from a vocabulary of 6 with reward
+    ``BANDIT_TABLE[y]``. Returns ``(π after training, π_SFT, rewards)`` as float64 arrays."""
+    vocab = BANDIT_VOCAB
     cfg = preset("test", vocab_size=vocab, max_len=4)
     policy, params = create_model(cfg, jax.random.key(0))
     # a non-uniform reference policy
     params["wte"]["embedding"][...] = params["wte"]["embedding"][...] * 3.0
-    prompt = jnp.ones((64, 1), jnp.int32)
-    pmask = jnp.ones((64, 1), jnp.int32)
-    ref_logits = policy.apply(params, prompt[:1]).logits[0, -1]
-    pi_ref = np.asarray(jax.nn.softmax(ref_logits))
+    n = hp.prompts_per_iter
+    prompt = jnp.ones((n, 1), jnp.int32)
+    pmask = jnp.ones((n, 1), jnp.int32)
+    pi_ref = np.asarray(jax.nn.softmax(policy.apply(params, prompt[:1]).logits[0, -1]), np.float64)
     assert pi_ref.max() - pi_ref.min() > 0.05
-    table = jnp.asarray([0.0, 0.2, -0.5, 0.3, 1.0, -1.0], jnp.float32)
-    target = pi_ref * np.exp(np.asarray(table) / beta)
-    target /= target.sum()
-
-    hp = PPOHParams(prompts_per_iter=64, epochs=2, minibatches=2, kl_coef=beta,
-                    kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, critic="none", no_eos_penalty=0.0)
-    iters = 150
-    optim = OptimConfig(learning_rate=2e-2, warmup_steps=5, final_lr_frac=0.05,
+    table = jnp.asarray(BANDIT_TABLE, jnp.float32)
+    optim = OptimConfig(learning_rate=learning_rate, warmup_steps=5, final_lr_frac=0.05,
                         weight_decay=0.0)
     models = Models(policy=policy, ref=policy, rm=TableReward(), value=None)
     state = _state(models, params, None, params, {"table": table}, hp, optim,
                    iters * hp.epochs * hp.minibatches)
     it = jax.jit(make_iteration(models, hp, max_new_tokens=1, eos_id=vocab - 1, pad_id=0),
                  donate_argnums=0)
-    batch = {"prompts": prompt, "prompt_mask": pmask, "example_ids": jnp.arange(64)}
+    batch = {"prompts": prompt, "prompt_mask": pmask, "example_ids": jnp.arange(hp.rollout_size)}
     for i in range(iters):
         state, _ = it(state, batch, jax.random.fold_in(jax.random.key(1), i))
-    pi = np.asarray(jax.nn.softmax(policy.apply(state.policy.params, prompt[:1]).logits[0, -1]))
-    tv = 0.5 * np.abs(pi - target).sum()
-    assert tv < 0.05, (pi.round(3), target.round(3))
-    assert 0.5 * np.abs(pi_ref - target).sum() > 0.2   # the test is not passed by standing still
+    pi = np.asarray(jax.nn.softmax(policy.apply(state.policy.params, prompt[:1]).logits[0, -1]),
+                    np.float64)
+    return pi, pi_ref, np.asarray(BANDIT_TABLE, np.float64)
+
+
+def kl_regularised_optimum(pi_ref, rewards, beta):
+    """π*(y) ∝ π_SFT(y)·exp(r(y)/β), the maximiser of E_π[r] − β·KL(π ‖ π_SFT)."""
+    target = pi_ref * np.exp(rewards / beta)
+    return target / target.sum()
+
+
+def tv(p, q) -> float:
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+@pytest.mark.parametrize("kl_estimator, kl_in_loss", [("k1", ""), ("exact", ""), ("k1", "k2")])
+def test_one_step_bandit_reaches_the_kl_regularised_optimum(kl_estimator, kl_in_loss):
+    """One prompt, one response token from a vocabulary of 6: with reward r(y) and a KL penalty
+    of weight β (in the reward: k1 or exact; or in the loss: k2), the optimum is
+    π*(y) ∝ π_SFT(y)·exp(r(y)/β)."""
+    beta = 0.5
+    hp = PPOHParams(prompts_per_iter=64, epochs=2, minibatches=2, kl_coef=beta,
+                    kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, critic="none", no_eos_penalty=0.0)
+    pi, pi_ref, table = run_bandit(hp)
+    target = kl_regularised_optimum(pi_ref, table, beta)
+    assert tv(pi, target) < 0.05, (pi.round(3), target.round(3))
+    assert tv(pi_ref, target) > 0.2   # the test is not passed by standing still

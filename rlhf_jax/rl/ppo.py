@@ -24,16 +24,18 @@ from jax import lax
 
 from rlhf_jax.configs import check, non_negative, positive
 from rlhf_jax.losses.lm import next_token_loss
-from rlhf_jax.losses.ppo import KL_ESTIMATORS, clipped_policy_loss, clipped_value_loss, kl_loss
+from rlhf_jax.losses.policy_gradient import AGGREGATIONS, clipped_loss, kl_penalty, reinforce_loss
+from rlhf_jax.losses.ppo import KL_ESTIMATORS, clipped_value_loss
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import AxisName, entropy_from_logits, masked_mean, masked_var, token_logprobs
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
+from rlhf_jax.rl.group import GROUP_ADVANTAGES  # also registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
 from rlhf_jax.sampling import SamplingConfig, response_logits
 from rlhf_jax.train import TrainState, apply_if_finite
 
-POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss}
+POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_loss, "reinforce": reinforce_loss}
 CRITICS = ("separate", "shared", "none")
 
 
@@ -68,7 +70,12 @@ class PPOHParams:
       no_eos_penalty: subtracted from the score of a response that hits the budget without EOS.
       scale_rewards: divide scores by their running std (the mean is never shifted).
       advantage: advantage estimator (key of ``ADVANTAGES``).
-      policy_loss: policy loss (key of ``POLICY_LOSSES``).
+      policy_loss: policy loss (key of ``POLICY_LOSSES``): ``clipped`` (PPO's surrogate) or
+        ``reinforce`` (−A·log π, no ratio; RLOO).
+      loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
+        ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
+        (token sum / (sequences · max_new_tokens), Dr. GRPO); see
+        ``rlhf_jax.losses.policy_gradient``.
       critic: ``separate``, ``shared`` or ``none``.
     """
 
@@ -96,6 +103,7 @@ class PPOHParams:
     advantage: str = "gae"
     policy_loss: str = "clipped"
     critic: str = "separate"
+    loss_aggregation: str = "token"
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
@@ -112,6 +120,11 @@ class PPOHParams:
               f"unknown {self.advantage!r}; choose one of {sorted(ADVANTAGES)}")
         check(self.policy_loss in POLICY_LOSSES, "policy_loss",
               f"unknown {self.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
+        check(self.loss_aggregation in AGGREGATIONS, "loss_aggregation",
+              f"must be one of {AGGREGATIONS}, got {self.loss_aggregation!r}")
+        check(self.advantage not in GROUP_ADVANTAGES or self.group_size >= 2, "group_size",
+              f"the {self.advantage!r} advantage compares samples of a prompt: needs group_size "
+              f">= 2, got {self.group_size}")
         check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
         check(self.rollout_size % self.minibatches == 0, "minibatches",
               f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
@@ -208,17 +221,19 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
         loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask, clip_eps=hp.clip_eps,
-                                 axis_name=axis_name)
+                                 aggregation=hp.loss_aggregation, axis_name=axis_name)
         ent = masked_mean(entropy_from_logits(logits), mask, axis_name=axis_name)
         loss = loss - hp.entropy_coef * ent
         m = dict(m, entropy=ent)
         # KL terms in the loss are divided by the advantage-whitening scale, so β weighs the KL
-        # against the (unwhitened) reward exactly as in the reward-side penalty.
+        # against the (unwhitened) reward exactly as in the reward-side penalty. (Without
+        # whitening the scale is 1: GRPO's β then weighs its std-normalised advantages, as in GRPO.)
         loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
         if loss_kl:
             ref_logits = mb["ref_logits"] if loss_kl == "exact" else None
-            kl = kl_loss(logp, mb["ref_logp"], mask, estimator=loss_kl, logits=logits,
-                         ref_logits=ref_logits, axis_name=axis_name)
+            kl = kl_penalty(logp, mb["ref_logp"], mask, estimator=loss_kl,
+                            aggregation=hp.loss_aggregation, logits=logits,
+                            ref_logits=ref_logits, axis_name=axis_name)
             loss = loss + kl_coef * kl / adv_scale
             m["kl_loss"] = kl
         if hp.critic == "shared":

@@ -95,11 +95,13 @@ def evaluate_heldout(model, params, world: FactsWorld, task: TaskConfig, seed: i
 
 def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,
                 run: RunDir, prefix: str, log_every: int, checkpoint_every: int, mesh=None,
-                fsdp: bool = False):
+                fsdp: bool = False, on_step=None):
     """Train ``params`` on ``loss_fn(params, batch, key, axis_name=...)`` with host batches
     ``batch_at(step)``, data-parallel over ``mesh`` (default: every device; batches split on their
     first axis; parameters and optimizer state replicated, or split over devices with ``fsdp``):
     resumes from ``run``'s checkpoints, saves the final parameters to ``run/params``.
+    ``on_step(done, params)`` (optional) runs after every step with the current parameters
+    (replicated); a dict it returns is logged at that step (``loop.fit``).
 
     The caller's ``params`` stay valid: the state starts from a copy, because the jitted step
     donates its state and ``params`` may share buffers with another model (``transplant``)."""
@@ -119,9 +121,13 @@ def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: Opti
     key = stage_key(seed, STREAM_TRAIN)
     state = place(resume(state, ckpt, run, key), mesh, state_spec)
     step = data_parallel(train_step, mesh, state_spec=state_spec)
+    hook = None
+    if on_step is not None:
+        def hook(done, st):
+            return on_step(done, unshard(st.params, mesh) if fsdp else st.params)
     state = fit(state, step, lambda s: shard_batch(batch_at(s), mesh), steps=steps, key=key,
                 run=run, prefix=prefix, log_every=log_every, checkpoint_every=checkpoint_every,
-                ckpt=ckpt, on_nonfinite=optim.on_nonfinite)
+                ckpt=ckpt, on_nonfinite=optim.on_nonfinite, on_step=hook)
     ckpt.close()
     params = unshard(state.params, mesh)
     save_params(run.path / "params", params)

@@ -26,7 +26,7 @@ from rlhf_jax.loop import NonFiniteError, key_data, truncate_metrics
 from rlhf_jax.configs import check, check_numbers, from_dict, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
 from rlhf_jax.data.facts_world import FactsWorld
-from rlhf_jax.evaluate import generate, judge_all
+from rlhf_jax.evaluate import evaluate_policy, generate, judge_all
 from rlhf_jax.data.task import summarize
 from rlhf_jax.losses.ppo import kl_per_token
 from rlhf_jax.models import create_model
@@ -37,7 +37,7 @@ from rlhf_jax.parallel import (AXIS, check_divisible, data_parallel, make_mesh, 
                                shard_batch, to_host)
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import SamplingConfig, response_logits
-from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, evaluate_heldout,
+from rlhf_jax.stages.common import (STREAM_EVAL, STREAM_INIT, STREAM_TRAIN, evaluate_heldout,
                                     load_stage, stage_key, upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward import (RewardConfig, pairwise_gold_agreement, rm_heads,
@@ -65,6 +65,9 @@ class PPOConfig:
       best_of_n: N of the best-of-N baseline (SFT samples reranked by the RM).
       log_every: log metrics every this many iterations.
       checkpoint_every: resumable checkpoint interval in iterations (0 = only at the end).
+      eval_every: every this many iterations evaluate the current policy on the held-out prompts
+        (pinned protocol) and its exact KL to SFT, logged as ``heldout/gold``,
+        ``heldout/fabrication_rate``, ``heldout/accuracy``, ``heldout/kl`` (0 = off).
     """
 
     seed: int = 0
@@ -81,13 +84,15 @@ class PPOConfig:
     best_of_n: int = 4
     log_every: int = 1
     checkpoint_every: int = 20
+    eval_every: int = 0
 
     def __post_init__(self):
         check_numbers(self)
         positive(self, "iterations", "ptx_rows", "best_of_n", "log_every")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        check(self.eval_every >= 0, "eval_every", "must be >= 0")
         updates = self.iterations * self.ppo.epochs * self.ppo.minibatches
-        for name in ("policy_optim", "value_optim"):
+        for name in ("policy_optim",) + (("value_optim",) if self.ppo.critic == "separate" else ()):
             check(getattr(self, name).warmup_steps <= updates, f"{name}.warmup_steps",
                   f"{getattr(self, name).warmup_steps} exceeds the {updates} updates")
 
@@ -196,6 +201,26 @@ def paired_outcomes(ours: list[dict], theirs: list[dict], top_score: float) -> d
             "ceiling": float(np.mean(np.where(theirs_scores < top_score, 1.0, 0.5)))}
 
 
+def heldout_signals(policy: Model, params, ref: Model, ref_params, world, task, seed: int
+                    ) -> dict[str, float]:
+    """The current policy on the held-out prompts under the pinned protocol (the final
+    evaluation's key, so intermediate and final numbers are comparable; nothing is written):
+    ``heldout/gold``, ``heldout/fabrication_rate``, ``heldout/accuracy`` and ``heldout/kl``, the
+    mean exact per-sequence KL(π ‖ π_SFT) of its responses."""
+    prompts = world.prompts("heldout")
+    metrics, records = evaluate_policy(policy, params, world, prompts,
+                                       stage_key(seed, STREAM_EVAL), n_samples=task.eval_samples,
+                                       max_new_tokens=task.max_new_tokens,
+                                       prompt_len=task.prompt_len)
+    by_uid = {p.uid: p for p in prompts}
+    kl = sequence_kl(policy, params, ref, ref_params, world.tokenizer,
+                     [by_uid[r["uid"]] for r in records], [r["response"] for r in records],
+                     prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
+    return {"heldout/gold": metrics["gold"],
+            "heldout/fabrication_rate": metrics["fabrication_rate"],
+            "heldout/accuracy": metrics["accuracy"], "heldout/kl": float(kl.mean())}
+
+
 def best_of_n(policy: Model, params, rm: Model, rm_params, world, task, key, *, n: int,
               score_kw: dict) -> tuple[dict[str, float], list[dict]]:
     """Best-of-N from SFT under the pinned protocol: for each held-out prompt and sample index,
@@ -255,10 +280,15 @@ def _plot(run: RunDir, rows: list[dict]) -> None:
     panels = [("reward (RM score, normalised)", ["rollout/rm_score"], "reward.png"),
               ("KL(π ‖ π_SFT) per sequence", ["kl/per_sequence", "kl/exact_per_sequence"],
                "kl.png"),
-              ("gold score of the policy's samples", ["rollout/gold"], "gold.png")]
+              ("gold score of the policy's samples", ["rollout/gold", "heldout/gold"], "gold.png")]
     for title, keys, name in panels:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for k in keys:
+            if k.startswith("heldout/"):   # logged only every eval_every iterations
+                pts = [(r["step"], r[k]) for r in rows if k in r]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=k)
+                continue
             ax.plot(it, [r.get(k, np.nan) for r in rows], label=k)
         ax.set_xlabel("PPO iteration")
         ax.set_title(title)
@@ -371,11 +401,15 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
         rollout = metrics.pop("rollout")
         done = it + 1
         _check_finite(jax.device_get(metrics), it, cfg.policy_optim.on_nonfinite, run)
-        if done % cfg.log_every == 0 or done == cfg.iterations:
+        eval_now = cfg.eval_every > 0 and done % cfg.eval_every == 0
+        if done % cfg.log_every == 0 or done == cfg.iterations or eval_now:
             flat_prompts = [train_prompts[i] for i in idx for _ in range(hp.group_size)]
             host, _ = _host_signals(world, tok, flat_prompts, to_host(rollout))
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
             row.update(host)
+            if eval_now:   # before the next iteration donates the parameters
+                row.update(heldout_signals(policy, state.policy.params, ref, state.frozen.ref,
+                                           world, task, pre.seed))
             run.log_metrics(done, row)
             bar.set_postfix(rm=f"{row['rollout/rm_score']:.2f}", gold=f"{row['rollout/gold']:.2f}",
                             kl=f"{row['kl/per_sequence']:.2f}")

@@ -1,0 +1,186 @@
+"""Offline preference losses on labelled pairs: DPO, IPO and SimPO, and K-wise rankings as pairs.
+
+Every loss takes per-pair arrays ``[B]`` of *summed* response log-probabilities (the response
+tokens, EOS included) and returns ``(loss, metrics)``; the loss is a weighted mean over pairs,
+``Σ w·l / Σ w`` (``weights=None``: every pair 1), reduced globally over ``axis_name`` under
+``shard_map``. Write ``h`` for the difference of the policy/reference log-ratios of the chosen
+(y_w) and rejected (y_l) response:
+
+    h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))
+
+* **DPO** (Rafailov et al. 2023, "Direct Preference Optimization"), with conservative label
+  smoothing ε (Mitchell 2023, "cDPO": the label is flipped with probability ε):
+
+      l = (1 − ε)·(−log σ(β h)) + ε·(−log σ(−β h))
+
+  Under a Bradley–Terry preference model with reward r the population optimum is
+  π*(y) ∝ π_ref(y)·exp(r(y)/β) (for ε = 0).
+* **IPO** (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+  Preferences", ΨPO with Ψ = identity):  l = (h − 1/(2τ))². With ``average_length`` each
+  log-ratio is divided by its response length first (the length-averaged variant).
+  For one pair of responses labelled i ≻ j with probability p_ij the expected loss is minimised at
+  h_ij = (p_ij − 1/2)/τ; over a whole bandit the optimum is the weighted least-squares fit of the
+  log-ratio differences to these targets.
+* **SimPO** (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+  Reward"): reference-free, length-normalised, with a target margin γ = ``simpo_margin``:
+
+      l = −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)
+
+K-wise rankings (InstructGPT-style data: K responses per prompt, ranking scores, higher =
+preferred, equal = tie, as in :mod:`rlhf_jax.losses.reward` and :mod:`rlhf_jax.data.preferences`)
+become pairs with :func:`kwise_pairs`: every one of the C(K, 2) unordered pairs as (winner, loser),
+ties dropped (weight 0), each kept pair weighted 1/(number of kept pairs of its prompt) so that
+every prompt counts once whatever its K and ties. (The RM's K-wise loss divides by C(K, 2)
+instead, so there a prompt with ties counts less; with no ties the two agree.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count
+
+
+def _weights(x: jax.Array, weights: jax.Array | None) -> jax.Array:
+    return jnp.ones_like(x) if weights is None else weights.astype(x.dtype)
+
+
+def _pair_metrics(h, chosen_reward, rejected_reward, w, axis_name) -> dict[str, jax.Array]:
+    """Weighted accuracy (h > 0), margin and the implicit rewards of both responses."""
+    mean = lambda x: masked_mean(x, w, axis_name=axis_name)  # noqa: E731
+    return {"accuracy": mean((h > 0).astype(h.dtype)), "margin": mean(h),
+            "chosen_reward": mean(chosen_reward), "rejected_reward": mean(rejected_reward)}
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+             ref_rejected: jax.Array, *, beta: float, label_smoothing: float = 0.0,
+             weights: jax.Array | None = None, axis_name: AxisName = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(Conservative) DPO: weighted mean of ``(1 − ε)(−log σ(βh)) + ε(−log σ(−βh))``.
+
+    Args are ``[B]`` summed response log-probs of the policy and the reference. Metrics:
+    ``loss``, ``accuracy`` (share with h > 0), ``margin`` (mean β·h: the implicit reward margin),
+    ``chosen_reward`` / ``rejected_reward`` (mean β·(log π − log π_ref)), all weighted.
+    """
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    logits = chosen_reward - rejected_reward                          # β h
+    losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits)
+              - label_smoothing * jax.nn.log_sigmoid(-logits))
+    w = _weights(losses, weights)
+    loss = masked_mean(losses, w, axis_name=axis_name)
+    return loss, {"loss": loss,
+                  **_pair_metrics(logits, chosen_reward, rejected_reward, w, axis_name)}
+
+
+def ipo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
+             ref_rejected: jax.Array, *, tau: float, chosen_len: jax.Array | None = None,
+             rejected_len: jax.Array | None = None, average_length: bool = False,
+             weights: jax.Array | None = None, axis_name: AxisName = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """IPO: weighted mean of ``(h − 1/(2τ))²``; with ``average_length`` the chosen and rejected
+    log-ratios are divided by ``chosen_len`` / ``rejected_len`` (response tokens) first.
+
+    Metrics: ``loss``, ``accuracy`` (h > 0), ``margin`` (mean h), ``chosen_reward`` /
+    ``rejected_reward`` (mean log-ratios, length-averaged if so configured).
+    """
+    chosen = policy_chosen - ref_chosen
+    rejected = policy_rejected - ref_rejected
+    if average_length:
+        if chosen_len is None or rejected_len is None:
+            raise ValueError("ipo_loss: average_length needs chosen_len and rejected_len")
+        chosen = chosen / jnp.maximum(chosen_len, 1)
+        rejected = rejected / jnp.maximum(rejected_len, 1)
+    h = chosen - rejected
+    losses = jnp.square(h - 1.0 / (2.0 * tau))
+    w = _weights(losses, weights)
+    loss = masked_mean(losses, w, axis_name=axis_name)
+    return loss, {"loss": loss, **_pair_metrics(h, chosen, rejected, w, axis_name)}
+
+
+def simpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, chosen_len: jax.Array,
+               rejected_len: jax.Array, *, beta: float, simpo_margin: float,
+               weights: jax.Array | None = None, axis_name: AxisName = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SimPO: weighted mean of ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)``.
+
+    Reference-free. Metrics: ``loss``, ``accuracy`` (length-normalised reward of the chosen
+    response higher), ``margin`` (mean reward difference, before subtracting γ),
+    ``chosen_reward`` / ``rejected_reward`` (mean β/|y|·log π(y)).
+    """
+    chosen_reward = beta * policy_chosen / jnp.maximum(chosen_len, 1)
+    rejected_reward = beta * policy_rejected / jnp.maximum(rejected_len, 1)
+    diff = chosen_reward - rejected_reward
+    losses = -jax.nn.log_sigmoid(diff - simpo_margin)
+    w = _weights(losses, weights)
+    loss = masked_mean(losses, w, axis_name=axis_name)
+    return loss, {"loss": loss,
+                  **_pair_metrics(diff, chosen_reward, rejected_reward, w, axis_name)}
+
+
+def kwise_pairs(ranking: jax.Array, valid: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """K-wise rankings ``[P, K]`` (higher = preferred, equal = tie; ``valid [P, K]`` marks present
+    responses) -> ``(winner, loser, weight)``, each ``[P, C(K, 2)]``.
+
+    Column m is the m-th unordered pair ``i < j`` (``np.triu_indices(K, 1)`` order), oriented so
+    that ``winner`` is the preferred index. Tied or absent pairs get weight 0; the others
+    ``1 / (kept pairs of the prompt)``, so each prompt with at least one untied pair sums to 1.
+    Static shapes: works under ``jit`` with the ranking as data.
+    """
+    k = ranking.shape[-1]
+    i, j = np.triu_indices(k, 1)
+    ri, rj = ranking[:, i], ranking[:, j]
+    i_wins = ri > rj
+    winner = jnp.where(i_wins, i, j).astype(jnp.int32)
+    loser = jnp.where(i_wins, j, i).astype(jnp.int32)
+    keep = ri != rj
+    if valid is not None:
+        keep = keep & (valid[:, i] > 0) & (valid[:, j] > 0)
+    keep = keep.astype(jnp.float32)
+    weight = keep / jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1.0)
+    return winner, loser, weight
+
+
+PREFERENCE_LOSSES: dict[str, Callable] = {"dpo": dpo_loss, "ipo": ipo_loss, "simpo": simpo_loss}
+REFERENCE_FREE = frozenset({"simpo"})
+
+
+def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=None,
+                    ref_rejected=None, chosen_len=None, rejected_len=None, weights=None,
+                    axis_name: AxisName = None, **hparams) -> tuple[jax.Array, dict]:
+    """Call ``PREFERENCE_LOSSES[name]`` with the arguments it takes (one calling convention for
+    the stage): reference log-probs are ignored by reference-free losses, lengths passed to the
+    losses that use them; ``hparams`` are that loss's keyword hyperparameters."""
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {name!r}; known: {sorted(PREFERENCE_LOSSES)}")
+    common = {"weights": weights, "axis_name": axis_name, **hparams}
+    if name == "simpo":
+        return simpo_loss(policy_chosen, policy_rejected, chosen_len, rejected_len, **common)
+    if name == "ipo":
+        common.update(chosen_len=chosen_len, rejected_len=rejected_len)
+    return PREFERENCE_LOSSES[name](policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                   **common)
+
+
+def kwise_preference_loss(name: str, policy_logps: jax.Array, ref_logps: jax.Array | None,
+                          lengths: jax.Array, ranking: jax.Array, *,
+                          valid: jax.Array | None = None, axis_name: AxisName = None,
+                          **hparams) -> tuple[jax.Array, dict]:
+    """A pairwise loss over every untied pair of K-wise rankings: ``policy_logps``,
+    ``ref_logps``, ``lengths`` and ``ranking`` are ``[P, K]`` (each response forwarded once);
+    pairs and weights from :func:`kwise_pairs`. Metrics add ``pairs`` (untied pairs counted)."""
+    winner, loser, weight = kwise_pairs(ranking, valid)
+    take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1).reshape(-1)  # noqa: E731
+    ref = {} if ref_logps is None else {"ref_chosen": take(ref_logps, winner),
+                                        "ref_rejected": take(ref_logps, loser)}
+    loss, metrics = preference_loss(
+        name, policy_chosen=take(policy_logps, winner), policy_rejected=take(policy_logps, loser),
+        chosen_len=take(lengths, winner), rejected_len=take(lengths, loser),
+        weights=weight.reshape(-1), axis_name=axis_name, **ref, **hparams)
+    _, pairs = masked_sum_and_count(weight, weight > 0, axis_name=axis_name)
+    return loss, {**metrics, "pairs": pairs}

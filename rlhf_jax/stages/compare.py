@@ -1,0 +1,169 @@
+"""PPO, DPO, IPO, SimPO, GRPO and RLOO side by side on one task, from one SFT model and one budget.
+
+One upstream (pretrain → SFT → simulated preferences → RM) is shared by every method and seed:
+the offline methods train on exactly the labelled comparisons the RM was trained on, the online
+methods optimise that RM with the same number of RM-scored samples (iterations × prompts × group).
+Each method × seed writes its own run directory ``<out>/<method>/seed<S>`` (a finished one is
+reused, an interrupted one resumes) and is evaluated under the pinned protocol (held-out prompts,
+T = 1, ``eval_samples`` per prompt, paired with SFT by prompt and sample index), plus
+``eval_points − 1`` intermediate held-out evaluations that trace its gold-vs-KL trajectory.
+
+Writes ``results.md`` (mean ± std over seeds, at the defaults and at matched KL),
+``results.json`` (every run's numbers and curve), ``gold_vs_kl.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.stages import compare_report as report
+from rlhf_jax.stages.common import upstream_run
+from rlhf_jax.stages.offline import OfflineConfig, run_offline
+from rlhf_jax.stages.online import METHODS as ONLINE, online_config
+from rlhf_jax.stages.ppo import PPOConfig, run_ppo
+from rlhf_jax.stages.reward import RewardConfig, run_reward
+
+OFFLINE = ("dpo", "ipo", "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """Attributes:
+      methods: online (``ppo``, ``grpo``, ``dr_grpo``, ``rloo``) and offline (``dpo``, ``ipo``,
+        ``simpo``) methods, each with its defaults.
+      seeds: the methods' seeds (sampling, data order, initialisation of new heads).
+      reward_dir: the shared finished reward run (its SFT model and labelled comparisons); empty =
+        run the default pretrain + SFT + RM (seed ``upstream_seed``) into ``<out>/reward``.
+      upstream_seed: seed of that default upstream.
+      reward: the reward config used when ``reward_dir`` is empty.
+      ppo: template for the online methods (iterations, optimizer, …); each method's preset
+        replaces its algorithm settings.
+      offline: template for the offline methods (steps, β, …); ``loss`` is set per method.
+      eval_points: held-out evaluations along each run, the final one included (≥ 1).
+      samples_per_iter: RM-scored samples per online iteration for every online method (prompts
+        per iteration = this ÷ the method's group size); 0 = each method's default (64 for all).
+    """
+
+    methods: tuple[str, ...] = ("ppo", "dpo", "ipo", "simpo", "grpo", "rloo")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    reward_dir: str = ""
+    upstream_seed: int = 0
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    offline: OfflineConfig = OfflineConfig()
+    eval_points: int = 4
+    samples_per_iter: int = 0
+
+    def __post_init__(self):
+        check_numbers(self)
+        positive(self, "eval_points")
+        check(len(self.methods) > 0, "methods", "name at least one method")
+        for m in self.methods:
+            check(m in ONLINE or m in OFFLINE, "methods",
+                  f"unknown method {m!r}; choose from {ONLINE + OFFLINE}")
+        check(len(set(self.methods)) == len(self.methods), "methods", "lists a method twice")
+        check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
+              "must be one or more distinct seeds")
+        check(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
+        check(self.samples_per_iter >= 0, "samples_per_iter", "must be >= 0")
+        for m in self.methods:
+            if m in ONLINE and self.samples_per_iter:
+                g = online_config(m).ppo.group_size
+                check(self.samples_per_iter % g == 0, "samples_per_iter",
+                      f"{self.samples_per_iter} does not divide into {m}'s groups of {g}")
+        check(self.eval_points <= self.ppo.iterations and self.eval_points <= self.offline.steps,
+              "eval_points", "exceeds the number of iterations / steps")
+
+
+def _every(total: int, points: int) -> int:
+    """Evaluate every ``total // points`` steps (0 = only the final evaluation)."""
+    return 0 if points <= 1 else max(total // points, 1)
+
+
+def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: Path) -> dict:
+    """One method × seed: run (or reuse) it and read its result."""
+    if method in OFFLINE:
+        c = dataclasses.replace(cfg.offline, loss=method, seed=seed, reward_dir=reward_dir,
+                                eval_every=_every(cfg.offline.steps, cfg.eval_points))
+        name, total = method, c.steps
+        budget = f"{c.steps * c.batch_prompts} prompts' rankings"
+        runner = run_offline
+    else:
+        template = dataclasses.replace(cfg.ppo, seed=seed, reward_dir=reward_dir,
+                                       eval_every=_every(cfg.ppo.iterations, cfg.eval_points))
+        # PPO keeps the template's algorithm settings; the others take their presets
+        overrides = dataclasses.asdict(cfg.ppo.ppo) if method == "ppo" else {}
+        if cfg.samples_per_iter:
+            overrides["prompts_per_iter"] = (cfg.samples_per_iter
+                                             // online_config(method).ppo.group_size)
+        c = online_config(method, ppo=template, **overrides)
+        name, total = "rlhf", c.iterations
+        budget = f"{c.iterations * c.ppo.rollout_size} RM-scored samples"
+        runner = run_ppo
+    if not (out / "summary.json").exists():
+        runner(c, out)
+    s = RunDir(out).read_summary()
+    curve = [(0.0, s["gold/sft"], s["fabrication_rate/sft"])]
+    for row in read_metrics(out):
+        if "heldout/gold" in row and row["step"] < total:
+            curve.append((row["heldout/kl"], row["heldout/gold"], row["heldout/fabrication_rate"]))
+    kl = s[f"kl/{name}_vs_sft"]
+    curve.append((kl, s[f"gold/{name}"], s[f"fabrication_rate/{name}"]))
+    timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()
+               if line.strip()] if (out / "timings.jsonl").exists() else []
+    train_s = s.get("time_s/offline") if method in OFFLINE else s.get("time_s/ppo")
+    return {
+        "method": method, "seed": seed, "dir": str(out), "budget": budget,
+        "gold": s[f"gold/{name}"], "fabrication_rate": s[f"fabrication_rate/{name}"],
+        "accuracy": s[f"accuracy/{name}"], "unknown_rate": s[f"unknown_rate/{name}"],
+        "win_rate": s[f"win_rate/{name}_vs_sft"], "wins": s[f"wins/{name}_vs_sft"],
+        "ties": s[f"ties/{name}_vs_sft"], "losses": s[f"losses/{name}_vs_sft"],
+        "win_rate_ceiling": s["win_rate/ceiling"], "kl": kl, "curve": curve,
+        "time_s": train_s, "timings": timings,
+        "sft": {k: s[f"{k}/sft"] for k in ("gold", "fabrication_rate", "accuracy",
+                                           "unknown_rate")},
+    }
+
+
+def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
+    out = Path(out)
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.upstream_seed)
+    default_reward = dataclasses.replace(cfg.reward, seed=cfg.upstream_seed)
+    reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", run_reward, default_reward,
+                                  "reward_dir"))
+    t_up = time.perf_counter() - t0
+    results: dict[str, list[dict]] = {}
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            r = _run_one(cfg, method, seed, reward_dir, out / method / f"seed{seed}")
+            results.setdefault(method, []).append(r)
+            run.log_metrics(len(sum(results.values(), [])),
+                            {f"{method}/seed{seed}/{k}": r[k] for k in
+                             ("gold", "fabrication_rate", "accuracy", "win_rate", "kl")})
+    sft = [next(iter(results.values()))[0]["sft"]]   # one SFT model, one evaluation seed
+    target = report.matched_kl(results)
+    table = report.markdown(results, sft, target)
+    (out / "results.md").write_text(table)
+    run.write_json("results.json", {"methods": list(cfg.methods), "matched_kl": target,
+                                    "runs": results})
+    report.plot(results, target, out / "gold_vs_kl.png")
+    agg = report.aggregate(results, target)
+    summary = {"matched_kl": target, "reward_dir": reward_dir,
+               **{f"{k}/sft": v for k, v in sft[0].items()}}
+    for method, row in agg.items():
+        for key, val in row.items():
+            if isinstance(val, tuple):
+                summary[f"{method}/{key}"] = val[0]
+                summary[f"{method}/{key}_std"] = val[1]
+    summary["time_s/upstream"] = t_up
+    summary["time_s/compare"] = time.perf_counter() - t0
+    run.write_summary(summary)
+    return summary

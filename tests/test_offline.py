@@ -1,0 +1,169 @@
+"""Offline preference stage (experiments/dpo.py) end to end on a tiny reward upstream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_experiments import TINY_PRETRAIN, TINY_SFT, _load
+
+TINY_REWARD = [*["--sft." + a[2:] if a.startswith("--") else a for a in TINY_PRETRAIN],
+               *["--sft." + a[2:] if a.startswith("--") else a for a in TINY_SFT],
+               "--steps", "4", "--batch-prompts", "4", "--optim.warmup-steps", "1"]
+TINY_OFFLINE = ["--steps", "6", "--batch-prompts", "4", "--optim.warmup-steps", "1",
+                "--log-every", "2", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tmp_path_factory):
+    out = tmp_path_factory.mktemp("offline_rm") / "rm"
+    _load("reward").main(["--out", str(out), *TINY_REWARD])
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_reward, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo") / "run"
+    summary = _load("dpo").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+                                 *TINY_OFFLINE, "--eval-every", "3", "--optim.learning-rate",
+                                 "1e-3"])
+    return out, summary
+
+
+def _rows(out):
+    return [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_end_to_end_summary_and_eval_rows(dpo_run):
+    out, summary = dpo_run
+    for key in ("gold/base", "gold/sft", "gold/dpo", "fabrication_rate/dpo", "accuracy/dpo",
+                "unknown_rate/dpo", "fabrication_rate/sft", "win_rate/dpo_vs_sft",
+                "wins/dpo_vs_sft", "ties/dpo_vs_sft", "losses/dpo_vs_sft", "win_rate/ceiling",
+                "kl/dpo_vs_sft", "time_s/offline", "time_s/offline_eval", "time_s/reward",
+                "final/dpo/loss", "final/dpo/accuracy"):
+        assert key in summary, key
+    n = summary["wins/dpo_vs_sft"] + summary["ties/dpo_vs_sft"] + summary["losses/dpo_vs_sft"]
+    assert n == len((out / "samples_dpo.jsonl").read_text().splitlines())
+    assert summary["kl/dpo_vs_sft"] > 0.0   # lr 1e-3: the policy moved
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    for r in rows:
+        assert ("heldout/gold" in r) == (r["step"] % 3 == 0), r
+        assert "dpo/loss" in r and "dpo/pairs" in r
+    last = rows[-1]
+    # the eval at the last step uses the final evaluation's protocol and key
+    assert last["heldout/gold"] == summary["gold/dpo"]
+    assert np.isclose(last["heldout/kl"], summary["kl/dpo_vs_sft"], rtol=1e-5)
+    assert last["heldout/fabrication_rate"] == summary["fabrication_rate/dpo"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == "dpo" and config["reward"]["sft_dir"]
+
+
+def test_resume_is_bit_identical(dpo_run, tiny_reward, tmp_path):
+    """Cut the run back to its step-3 checkpoint (as a kill would) and rerun: same metrics,
+    eval rows included, and the same parameters."""
+    import orbax.checkpoint as ocp
+
+    full, _ = dpo_run
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "6")
+    shutil.rmtree(cut / "params")
+    (cut / "summary.json").unlink()
+    again = _load("dpo").main(["--out", str(cut), "--reward-dir", str(tiny_reward),
+                               *TINY_OFFLINE, "--eval-every", "3", "--optim.learning-rate",
+                               "1e-3"])
+    assert (cut / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+    assert again["gold/dpo"] == dpo_run[1]["gold/dpo"]
+    with ocp.StandardCheckpointer() as c:
+        a, b = c.restore(full / "params"), c.restore(cut / "params")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("loss", ["ipo", "simpo"])
+def test_other_losses_run(loss, tiny_reward, tmp_path):
+    out = tmp_path / loss
+    summary = _load("dpo").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+                                 *TINY_OFFLINE, "--loss", loss])
+    assert f"gold/{loss}" in summary and f"kl/{loss}_vs_sft" in summary
+    assert np.isfinite(summary[f"final/{loss}/loss"])
+
+
+def test_recomputed_reference_equals_precomputed(tiny_reward):
+    """The reference forwarded inside the step gives the same loss as the precomputed log-probs,
+    and at the start (policy = reference) DPO's loss is log 2."""
+    from rlhf_jax.configs import from_dict
+    from rlhf_jax.data.facts_world import FactsWorld
+    from rlhf_jax.stages.common import load_stage
+    from rlhf_jax.stages.lm import SFTConfig
+    from rlhf_jax.stages.offline import offline_loss_fn, precompute_logps
+    from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences
+
+    rcfg = from_dict(RewardConfig, json.loads((tiny_reward / "config.json").read_text()))
+    sft_cfg, model, params = load_stage(rcfg.sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
+    world = FactsWorld(sft_cfg.pretrain.task.world)
+    prefs = read_preferences(tiny_reward / "data", "train", world)
+    data = preference_arrays(world.tokenizer, prefs, sft_cfg.pretrain.task)
+    data = {k: v[:6] for k, v in data.items()}
+    data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
+    data["ref_logps"] = precompute_logps(model, params, data, batch=4)   # padded last batch
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    hp = {"beta": 0.1, "label_smoothing": 0.0}
+    pre, m = offline_loss_fn(params, batch, model=model, loss="dpo", hparams=hp)
+    rec, _ = offline_loss_fn(params, batch, model=model, loss="dpo", hparams=hp,
+                             ref_params=params)
+    assert int(m["pairs"]) > 0
+    np.testing.assert_allclose(float(pre), np.log(2.0), rtol=1e-5)
+    np.testing.assert_allclose(float(rec), np.log(2.0), rtol=1e-5)
+    moved = jax.tree.map(lambda x: x * 1.01, params)
+    a, _ = offline_loss_fn(moved, batch, model=model, loss="dpo", hparams=hp)
+    b, _ = offline_loss_fn(moved, batch, model=model, loss="dpo", hparams=hp, ref_params=params)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+    assert abs(float(a) - np.log(2.0)) > 1e-4
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--loss", "kto"], "loss"),
+    (["--reference", "cached"], "reference"),
+    (["--beta", "0"], "beta"),
+    (["--label-smoothing", "0.5"], "label_smoothing"),
+    (["--ipo-tau", "-1"], "ipo_tau"),
+    (["--simpo-margin", "-0.5"], "simpo_margin"),
+    (["--eval-every", "-1"], "eval_every"),
+    (["--steps", "10", "--optim.warmup-steps", "20"], "warmup_steps"),
+    (["--beta", "nan"], "beta"),
+])
+def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        _load("dpo").main(["--out", str(tmp_path / "x"), *args])
+    assert exc.value.code == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_reward_run_is_a_named_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="reward_dir"):
+        _load("dpo").main(["--out", str(tmp_path / "d"), "--reward-dir", str(tmp_path / "no")])
+
+
+def test_help_lists_every_option():
+    import subprocess
+    import sys
+
+    from test_experiments import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "dpo.py"), "--help"],
+                         capture_output=True, text=True, timeout=120,
+                         env={"RLHF_JAX_NO_REEXEC": "1", "PATH": "/usr/bin:/bin",
+                              "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for flag in ("--out", "--reward-dir", "--loss", "--beta", "--label-smoothing", "--ipo-tau",
+                 "--ipo-average-length", "--simpo-beta", "--simpo-margin", "--reference",
+                 "--eval-every", "--optim.learning-rate", "--reward.steps"):
+        assert flag in out.stdout, flag
