@@ -32,8 +32,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRL_PYTHON = os.environ.get("RLHF_JAX_TRL_PYTHON", "/work/.venv-trl/bin/python")
-DEFAULT_TRL_SCRIPT = os.environ.get("RLHF_JAX_TRL_SCRIPT",
-                                    str(ROOT.parent / "shared" / "bench" / "trl_baseline.py"))
+def _default_trl_script() -> str:
+    """``../shared/bench/trl_baseline.py`` beside the checkout (or beside its parent, for a git
+    worktree one level down)."""
+    for base in (ROOT.parent, ROOT.parent.parent):
+        path = base / "shared" / "bench" / "trl_baseline.py"
+        if path.exists():
+            return str(path)
+    return str(ROOT.parent / "shared" / "bench" / "trl_baseline.py")
+
+
+DEFAULT_TRL_SCRIPT = os.environ.get("RLHF_JAX_TRL_SCRIPT") or _default_trl_script()
 
 # Same values as rlhf_jax.launch.ALLOCATOR_ENV (kept literal so this script needs no JAX import).
 ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
@@ -202,6 +211,7 @@ def run_program(cmd: list[str], env: dict, log_path: Path) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[1]} exited {p.returncode}; see {log_path}")
     res = last_json_line(p.stdout)
+    log_path.with_suffix(".json").write_text(json.dumps(res) + "\n")   # kept if a later run fails
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["loadavg_before"] = load
     return res
