@@ -1,0 +1,141 @@
+"""Smoke tests of the benchmark scripts: tiny shapes, no timed assertions, no TRL needed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # dataclasses look their module up while being built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# a canned trl_baseline.py result line (shape of its real output, made-up round numbers)
+TRL_LINE = {
+    "bench": "trl_baseline", "quick": False,
+    "sft_trl": {"tokens_per_s": 6000.0}, "sft_torch": {"tokens_per_s": 7000.0},
+    "rm_trl": {"pairs_per_s": 30.0}, "rm_torch": {"pairs_per_s": 32.0},
+    "dpo_trl": {"pairs_per_s": 20.0}, "dpo_torch": {"pairs_per_s": 22.0},
+    "ppo_trl": {"median_iter_s": 5.0, "gen_s": 0.3, "rollout_scoring_s": 0.5,
+                "train_and_rest_s": 4.2},
+    "gen": {"new_tokens_per_s": 7000.0},
+    "sft_trl_defaults": {"tokens_per_s": 12000.0}, "rm_trl_defaults": {"pairs_per_s": 55.0},
+    "dpo_trl_defaults": {"error": "TypeError: something"},
+}
+OURS_LINE = {
+    "sft_tokens_per_s": 12000.0, "rm_pairs_per_s": 60.0, "dpo_pairs_per_s": 40.0,
+    "dpo_pairs_per_s_precomputed": 50.0, "gen_new_tokens_per_s": 14000.0, "ppo_iter_s": 2.5,
+    "ppo_phases_s": {"gen_s": 0.15, "scoring_s": 0.25, "update_s": 2.1},
+    "ppo_iter_s_shared_value": 1.25, "mfu": {"sft": 0.5}, "matmul_peak_gflops": 480.0,
+    "compile_s": {"sft": 1.0}, "peak_rss_mb": 900.0,
+}
+
+
+def test_run_py_tiny_reference_prints_one_json_line():
+    # the persistent compilation cache stays on (a rerun compiles almost nothing): ~50 s of CPU
+    # on a fresh cache, most of it compiling the tiny PPO iteration and its phases
+    env = {k: v for k, v in os.environ.items() if k != "RLHF_JAX_NO_REEXEC"}
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--workload", "reference",
+         "--tiny", "--quick", "--only", "sft,rm,gen,ppo"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stdout
+    res = json.loads(lines[0])
+    # the process re-executed itself under the experiments' allocator settings
+    assert res["allocator_env"] == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                                    "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+    assert res["model"]["d_model"] == 32 and res["dtype"] == "float32"
+    for key in ("sft_tokens_per_s", "rm_pairs_per_s", "gen_new_tokens_per_s", "ppo_iter_s",
+                "matmul_peak_gflops", "peak_rss_mb"):
+        assert res[key] > 0, key
+    for w in ("sft", "rm", "gen", "ppo"):
+        assert res["compile_s"][w] > 0, w
+    for w in ("sft", "rm", "ppo"):
+        assert 0 < res["mfu"][w] < 10, w   # a ratio; > 1 only if the peak was mis-measured
+    assert set(res["ppo_phases_s"]) == {"gen_s", "scoring_s", "update_s"}
+    assert res["ppo_phases_s"]["gen_s"] > 0
+    assert "ppo_iter_s_shared_value" not in res          # --only honoured
+    assert (res["detail"]["sft"]["n_timed"], res["detail"]["ppo"]["n_timed"]) == (3, 2)
+
+
+def test_reference_shapes_match_the_trl_baseline():
+    run = _load("run")
+    from rlhf_jax.models.config import preset
+    cfg = preset(run.REFERENCE.model)
+    assert (cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.dropout) == (
+        512, 256, 256, 4, 4, 0.0)
+    r = run.REFERENCE
+    assert (r.sft_batch, r.sft_len, r.rm_pairs, r.rm_len) == (16, 128, 16, 128)
+    assert (r.dpo_pairs, r.dpo_prompt, r.dpo_completion) == (16, 32, 96)
+    assert (r.gen_prompts, r.gen_prompt_len, r.gen_new) == (64, 32, 32)
+    assert (r.ppo_prompts, r.ppo_prompt_len, r.ppo_new, r.ppo_epochs, r.ppo_minibatches) == (
+        64, 32, 32, 4, 4)
+    o = run.optim_config()
+    assert (o.clip_norm, o.b2, o.weight_decay, o.warmup_steps) == (1.0, 0.999, 0.0, 0)
+
+
+def test_flops_formula_and_bench_param_count():
+    run = _load("run")
+    import jax
+    from rlhf_jax.models import create_model
+    from rlhf_jax.models.config import preset
+    from rlhf_jax.models.functional import count_params
+
+    # 3.36M parameters as trl_baseline.py's GPT2LMHeadModel (tied embeddings)
+    n = count_params(jax.eval_shape(lambda: create_model(preset("bench"), jax.random.key(0))[1]))
+    assert abs(n - 3.36e6) < 0.01e6, n
+    assert run.flops_per_token(10, 2, 3, 4) == 6 * 10 + 12 * 2 * 3 * 4
+
+
+def test_side_by_side_table_from_canned_lines(tmp_path):
+    sbs = _load("side_by_side")
+    trl = tmp_path / "trl.json"
+    ours = tmp_path / "ours.json"
+    t2 = json.loads(json.dumps(TRL_LINE))
+    t2["sft_trl"]["tokens_per_s"] = 4000.0
+    trl.write_text("progress noise\n" + json.dumps(TRL_LINE) + "\n" + json.dumps(t2) + "\n")
+    o2 = dict(OURS_LINE, sft_tokens_per_s=10000.0)
+    ours.write_text(json.dumps(OURS_LINE) + "\n" + json.dumps(o2) + "\n")
+    res = sbs.main(["--pairs", "2", "--out", str(tmp_path / "out"), "--trl-json", str(trl),
+                    "--ours-json", str(ours)])
+    rows = {r["workload"]: r for r in res["rows"]}
+    sft = rows["sft"]
+    assert sft["ours"] == {"median": 11000.0, "min": 10000.0, "max": 12000.0, "n": 2}
+    assert sft["trl"]["median"] == 5000.0
+    assert sft["ratio_trl"] == pytest.approx(11000 / 5000)
+    # per-pair ratios: 12000/6000 = 2.0 and 10000/4000 = 2.5
+    assert (sft["ratio_trl_pairs"]["min"], sft["ratio_trl_pairs"]["max"]) == (2.0, 2.5)
+    assert sft["ratio_torch"] == pytest.approx(11000 / 7000)
+    assert sft["ratio_trl_bf16"] == pytest.approx(11000 / 12000)
+    # times: ratio = TRL / ours
+    assert rows["ppo iteration"]["ratio_trl"] == pytest.approx(5.0 / 2.5)
+    assert rows["  ppo: updates"]["ratio_trl"] == pytest.approx(4.2 / 2.1)
+    assert rows["ppo iteration, shared value trunk (ours)"]["ratio_trl"] == pytest.approx(4.0)
+    assert rows["generation"]["ratio_trl"] == pytest.approx(2.0)
+    assert rows["dpo"]["trl_bf16"] is None and rows["dpo"]["ratio_trl_bf16"] is None  # error entry
+    md = (tmp_path / "out" / "side_by_side.md").read_text()
+    assert "| sft | tokens/s | 11,000 (10,000–12,000) | 5,000 (4,000–6,000) | 2.20× (2.00–2.50) |" in md
+    assert "sft MFU" in md
+    saved = json.loads((tmp_path / "out" / "side_by_side.json").read_text())
+    assert saved["pairs"] == 2 and len(saved["trl_runs"]) == 2
+
+
+def test_last_json_line_skips_noise():
+    sbs = _load("side_by_side")
+    assert sbs.last_json_line('x\n{"a": 1}\n{broken\n') == {"a": 1}
+    with pytest.raises(ValueError):
+        sbs.last_json_line("no json here")
