@@ -56,7 +56,7 @@ class CompareConfig:
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     offline: OfflineConfig = OfflineConfig()
-    eval_points: int = 4
+    eval_points: int = 8
     samples_per_iter: int = 0
 
     def __post_init__(self):
@@ -91,7 +91,9 @@ def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: P
         c = dataclasses.replace(cfg.offline, loss=method, seed=seed, reward_dir=reward_dir,
                                 eval_every=_every(cfg.offline.steps, cfg.eval_points))
         name, total = method, c.steps
-        budget = f"{c.steps * c.batch_prompts} prompts' rankings"
+        n = RunDir(reward_dir).read_summary().get("preferences/train_prompts", "?")
+        budget = (f"the RM's {n} labelled prompts (K-wise), {c.steps} steps × "
+                  f"{c.batch_prompts} prompts")
         runner = run_offline
     else:
         template = dataclasses.replace(cfg.ppo, seed=seed, reward_dir=reward_dir,
