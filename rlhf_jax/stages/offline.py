@@ -26,17 +26,15 @@ import numpy as np
 from rlhf_jax.configs import check, check_numbers, from_dict, non_negative, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens, pad_rows
 from rlhf_jax.data.facts_world import FactsWorld
-from rlhf_jax.evaluate import evaluate_policy
 from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
                                         kwise_preference_loss)
 from rlhf_jax.losses.reward import response_logprob
 from rlhf_jax.models.functional import Model
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir, read_metrics
-from rlhf_jax.stages.common import (STREAM_EVAL, evaluate_heldout, load_stage, stage_key,
-                                    train_stage, upstream_run)
+from rlhf_jax.stages.common import load_stage, train_stage, upstream_run
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.ppo import paired_outcomes, sequence_kl
+from rlhf_jax.stages.ppo import heldout_signals, versus_sft
 from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences, run_reward
 from rlhf_jax.train import OptimConfig
 
@@ -169,22 +167,6 @@ def offline_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None =
     return value, {"loss": value, **metrics}
 
 
-def heldout_eval(policy: Model, params, sft_params, world: FactsWorld, task, seed: int
-                 ) -> tuple[dict[str, float], list[dict], np.ndarray]:
-    """Held-out gold metrics of ``params`` under the pinned protocol (the key the final
-    evaluation uses), its records, and the exact KL to SFT of each of its samples."""
-    prompts = world.prompts("heldout")
-    metrics, records = evaluate_policy(
-        policy, params, world, prompts, stage_key(seed, STREAM_EVAL),
-        n_samples=task.eval_samples, max_new_tokens=task.max_new_tokens,
-        prompt_len=task.prompt_len)
-    by_uid = {p.uid: p for p in prompts}
-    kl = sequence_kl(policy, params, policy, sft_params, world.tokenizer,
-                     [by_uid[r["uid"]] for r in records], [r["response"] for r in records],
-                     prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
-    return metrics, records, kl
-
-
 def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     """Reward stage (unless ``cfg.reward_dir``), then offline preference training from SFT on its
     train comparisons, then the held-out evaluation, into ``out``."""
@@ -225,9 +207,7 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     def on_step(done, params):
         if not (cfg.eval_every and done % cfg.eval_every == 0):
             return None
-        m, _, kl = heldout_eval(policy, params, sft_params, world, task, eval_seed)
-        return {"heldout/gold": m["gold"], "heldout/fabrication_rate": m["fabrication_rate"],
-                "heldout/accuracy": m["accuracy"], "heldout/kl": float(kl.mean())}
+        return heldout_signals(policy, params, policy, sft_params, world, task, eval_seed)
 
     params = train_stage(sft_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
                          steps=cfg.steps, optim=cfg.optim, run=run, prefix=name,
@@ -237,15 +217,8 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
 
     # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
     t_eval = time.perf_counter()
-    sft_m = evaluate_heldout(policy, sft_params, world, task, eval_seed, run, "sft")
-    pol_m = evaluate_heldout(policy, params, world, task, eval_seed, run, name)
-    read = lambda f: [json.loads(r) for r in (run.path / f).read_text().splitlines()]  # noqa
-    sft_rec, pol_rec = read("samples_sft.jsonl"), read(f"samples_{name}.jsonl")
-    pair = paired_outcomes(pol_rec, sft_rec, world.top_score)
-    heldout = {p.uid: p for p in world.prompts("heldout")}
-    kl = sequence_kl(policy, params, policy, sft_params, tok,
-                     [heldout[r["uid"]] for r in pol_rec], [r["response"] for r in pol_rec],
-                     prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
+    sft_m, pol_m, _, _, pair, kl = versus_sft(policy, params, policy, sft_params, world, task,
+                                              eval_seed, run, name)
     eval_s = time.perf_counter() - t_eval
 
     upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}

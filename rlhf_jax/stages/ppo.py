@@ -201,6 +201,24 @@ def paired_outcomes(ours: list[dict], theirs: list[dict], top_score: float) -> d
             "ceiling": float(np.mean(np.where(theirs_scores < top_score, 1.0, 0.5)))}
 
 
+def versus_sft(policy: Model, params, ref: Model, sft_params, world, task, seed: int,
+               run: RunDir, name: str):
+    """The final held-out evaluation under the pinned protocol: SFT and ``params`` (samples
+    written to ``samples_sft.jsonl`` / ``samples_<name>.jsonl``), paired by prompt and sample
+    index, and the exact per-sequence KL to SFT of the policy's samples. Returns ``(sft_metrics,
+    policy_metrics, sft_records, policy_records, paired, kl)``; metric keys end in ``/<name>``."""
+    sft_m = evaluate_heldout(ref, sft_params, world, task, seed, run, "sft")
+    pol_m = evaluate_heldout(policy, params, world, task, seed, run, name)
+    read = lambda f: [json.loads(r) for r in (run.path / f).read_text().splitlines()]  # noqa
+    sft_rec, pol_rec = read("samples_sft.jsonl"), read(f"samples_{name}.jsonl")
+    pair = paired_outcomes(pol_rec, sft_rec, world.top_score)
+    heldout = {p.uid: p for p in world.prompts("heldout")}
+    kl = sequence_kl(policy, params, ref, sft_params, world.tokenizer,
+                     [heldout[r["uid"]] for r in pol_rec], [r["response"] for r in pol_rec],
+                     prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
+    return sft_m, pol_m, sft_rec, pol_rec, pair, kl
+
+
 def heldout_signals(policy: Model, params, ref: Model, ref_params, world, task, seed: int
                     ) -> dict[str, float]:
     """The current policy on the held-out prompts under the pinned protocol (the final
@@ -427,20 +445,13 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
     t_eval = time.perf_counter()
     eval_seed = pre.seed
-    sft_m = evaluate_heldout(ref, sft_params, world, task, eval_seed, run, "sft")
-    rl_m = evaluate_heldout(policy, policy_params, world, task, eval_seed, run, "rlhf")
-    sft_rec = [json.loads(r) for r in (run.path / "samples_sft.jsonl").read_text().splitlines()]
-    rl_rec = [json.loads(r) for r in (run.path / "samples_rlhf.jsonl").read_text().splitlines()]
-    pair = paired_outcomes(rl_rec, sft_rec, world.top_score)
+    sft_m, rl_m, sft_rec, rl_rec, pair, kl_rl = versus_sft(
+        policy, policy_params, ref, sft_params, world, task, eval_seed, run, "rlhf")
     bon_m, bon_rec = best_of_n(ref, sft_params, rm, rm_params, world, task,
                                stage_key(cfg.seed, STREAM_BEST_OF_N), n=cfg.best_of_n,
                                score_kw=score_kw)
     run.write_jsonl("samples_best_of_n.jsonl", bon_rec)
     bon_pair = paired_outcomes(bon_rec, sft_rec, world.top_score)
-    heldout = {p.uid: p for p in world.prompts("heldout")}
-    kl_rl = sequence_kl(policy, policy_params, ref, sft_params, tok,
-                        [heldout[r["uid"]] for r in rl_rec], [r["response"] for r in rl_rec],
-                        prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
     rm_on_policy = _rm_gold_agreement_on_samples(rm, rm_params, world, task, rl_rec, score_kw)
     eval_s = time.perf_counter() - t_eval
 
