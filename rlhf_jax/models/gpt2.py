@@ -25,6 +25,7 @@ from flax import nnx
 from jax import lax
 
 from rlhf_jax.models.config import GPTConfig
+from rlhf_jax.models.dense import Linear
 from rlhf_jax.ops import positions_from_mask
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -59,8 +60,8 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.d_model
-        self.c_attn = nnx.Linear(d, 3 * d, kernel_init=_normal(0.02), rngs=rngs)
-        self.c_proj = nnx.Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
+        self.c_attn = Linear(d, 3 * d, kernel_init=_normal(0.02), rngs=rngs)
+        self.c_proj = Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
                                  rngs=rngs)
 
     def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None):
@@ -83,8 +84,8 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.c_fc = nnx.Linear(cfg.d_model, cfg.ff_dim, kernel_init=_normal(0.02), rngs=rngs)
-        self.c_proj = nnx.Linear(cfg.ff_dim, cfg.d_model,
+        self.c_fc = Linear(cfg.d_model, cfg.ff_dim, kernel_init=_normal(0.02), rngs=rngs)
+        self.c_proj = Linear(cfg.ff_dim, cfg.d_model,
                                  kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
 
     def __call__(self, x):
