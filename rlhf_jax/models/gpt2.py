@@ -62,7 +62,7 @@ class Attention(nnx.Module):
         d = cfg.d_model
         self.c_attn = Linear(d, 3 * d, kernel_init=_normal(0.02), rngs=rngs)
         self.c_proj = Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
-                                 rngs=rngs)
+                             rngs=rngs)
 
     def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None):
         cfg = self.cfg
@@ -86,7 +86,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.c_fc = Linear(cfg.d_model, cfg.ff_dim, kernel_init=_normal(0.02), rngs=rngs)
         self.c_proj = Linear(cfg.ff_dim, cfg.d_model,
-                                 kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
+                             kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
 
     def __call__(self, x):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # GPT-2's "gelu_new"
