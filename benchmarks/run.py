@@ -13,7 +13,8 @@ functions the experiment scripts run, never a benchmark-only fast path:
         log-probs recomputed every step (as TRL), and a precomputed variant       -> pairs/s
   gen   64 prompts × 32 → 32 new tokens, T = 1, ``sampling.sample`` (KV cache)    -> new tokens/s
   ppo   64 prompts × 32, 32 new tokens forced (no EOS, as TRL), separate RM, value and reference
-        models, 4 epochs × 4 minibatches of 16: ``rl.ppo.make_iteration`` under
+        models, 4 epochs × 4 minibatches of 16, π_old scored from the sampler's logits as TRL
+        does (``PPOHParams.rescore_policy=False``): ``rl.ppo.make_iteration`` under
         ``data_parallel`` (as ``stages.ppo.sharded_iteration``)                   -> s/iteration
         split into generation / scoring / update by timing separately jitted pieces of the same
         functions (``sampling.sample``, ``rl.rollout.collect``); also with ``critic="shared"``.
@@ -264,14 +265,13 @@ def bench_sft(sh: Shapes, iters, peak, mesh):
 def bt_loss_fn(params, batch, key=None, *, model, axis_name=None):
     """Bradley–Terry on independent chosen/rejected rows (TRL's RewardTrainer): one forward of
     the ``[2N, T]`` rows, the reward head read at each row's last real token."""
-    from rlhf_jax.losses.reward import bradley_terry_loss, reward_at_last_token
+    from rlhf_jax.losses.reward import bradley_terry_loss, last_token_rewards
 
     del key
     n = batch["chosen"].shape[0]
     tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-    out = model.apply(params, tokens, attention_mask=mask, compute_logits=False)
-    r = reward_at_last_token(out.scalars["reward"], mask)
+    r = last_token_rewards(model, params, tokens, mask, head="reward")
     return bradley_terry_loss(r[:n], r[n:], axis_name=axis_name)
 
 
@@ -294,10 +294,15 @@ def bench_rm(sh: Shapes, iters, peak, mesh):
 
 
 def _dpo_logps(model, params, tokens, mask, prompt_len):
-    from rlhf_jax.losses.reward import response_logprob
+    """Summed completion log-probs of ``[prompt | completion]`` rows, by the DPO stage's own
+    ``stages.offline.response_logps`` (one response per prompt row)."""
+    from rlhf_jax.stages.offline import response_logps
 
-    out = model.apply(params, tokens, attention_mask=mask)
-    return response_logprob(out.logits, tokens, mask, prompt_len)
+    n, t = tokens.shape
+    c = t - prompt_len
+    return response_logps(model, params, tokens[:, :prompt_len], mask[:, :prompt_len],
+                          tokens[:, prompt_len:].reshape(n, 1, c),
+                          mask[:, prompt_len:].reshape(n, 1, c))[:, 0]
 
 
 def dpo_loss_fn(params, batch, key=None, *, model, beta, prompt_len, axis_name=None):
@@ -392,7 +397,7 @@ def _ppo_setup(sh: Shapes, critic: str, mesh):
                       if critic == "separate" else (None, None))
     hp = PPOHParams(prompts_per_iter=sh.ppo_prompts, temperature=1.0, epochs=sh.ppo_epochs,
                     minibatches=sh.ppo_minibatches, no_eos_penalty=0.0, kl_coef=0.05,
-                    critic=critic)
+                    critic=critic, rescore_policy=False)   # TRL's PPO scores with gen. logits
     steps = 10 ** 4
     state = PPOState(policy=new_train_state(pparams, steps),
                      value=None if vparams is None else new_train_state(vparams, steps),
@@ -477,7 +482,8 @@ def bench_ppo(sh: Shapes, iters, peak, mesh, critic: str = "separate", phases: b
             return collect(models.policy, st.policy.params, models.ref, st.frozen.ref, models.rm,
                            st.frozen.rm, value_model, vparams, batch["prompts"],
                            batch["prompt_mask"], k_sample, batch["example_ids"],
-                           sampling=sampling, eos_id=-1, pad_id=0)
+                           sampling=sampling, eos_id=-1, pad_id=0,
+                           rescore_policy=hp.rescore_policy)
 
         phase_t = {}
         for name, f in (("gen", gen), ("rollout", rollout)):

@@ -52,6 +52,11 @@ class SampleOutput(NamedTuple):
     tokens: jax.Array     # [B, N] sampled ids, pad_id after EOS
     logprobs: jax.Array   # [B, N] log-prob of each sampled token (0 where mask is 0)
     mask: jax.Array       # [B, N] 1 for generated tokens up to and including EOS
+    # with keep_outputs: the model's own (untempered, unfiltered) logits that chose each token,
+    # [B, N, V], and its scalar heads at the same positions, {head: [B, N]}; what
+    # ``response_logits`` would recompute (after EOS: outputs of the padding fed back in)
+    logits: jax.Array | None = None
+    scalars: dict[str, jax.Array] | None = None
 
 
 def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
@@ -97,8 +102,12 @@ def sample(
     eos_id: int,
     pad_id: int,
     example_ids: jax.Array | None = None,   # [B] global example indices (default arange(B))
+    keep_outputs: bool = False,
 ) -> SampleOutput:
-    """Sample up to ``cfg.max_new_tokens`` tokens after each prompt (jit this, cfg static)."""
+    """Sample up to ``cfg.max_new_tokens`` tokens after each prompt (jit this, cfg static).
+
+    ``keep_outputs`` also returns every step's logits and scalar heads (``SampleOutput``), so a
+    caller can score the samples without a second forward pass (TRL's PPO does this)."""
     b, p = prompts.shape
     n = cfg.max_new_tokens
     check(p + n <= model.cfg.max_len, "max_new_tokens",
@@ -112,7 +121,8 @@ def sample(
     cache = init_cache(model.cfg, b, p + n)
     kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), jnp.bool_)], axis=1)  # [B, S]
     out = model.apply(params, prompts, positions=jnp.maximum(jnp.cumsum(prompt_mask, -1) - 1, 0),
-                      cache=cache, cache_index=0, kv_mask=kv_mask)
+                      cache=cache, cache_index=0, kv_mask=kv_mask,
+                      output_positions=slice(p - 1, None))   # left-padded: the last prompt token
     tok, logp = _choose(out.logits[:, -1], ex_keys, 0, cfg)
     done = tok == eos_id
 
@@ -125,26 +135,31 @@ def sample(
         live = ~done
         tok = jnp.where(live, tok, pad_id)
         new_done = done | (tok == eos_id)
-        return (o.cache, kv_mask, tok, new_done), (tok, jnp.where(live, logp, 0.0), live)
+        return (o.cache, kv_mask, tok, new_done), (tok, jnp.where(live, logp, 0.0), live,
+                                                   *_kept(o, 0))
 
-    first = (tok, logp, jnp.ones((b,), jnp.bool_))
+    def _kept(o, t):   # this step's logits and scalars, when kept
+        return (o.logits[:, t], {h: v[:, t] for h, v in o.scalars.items()}) if keep_outputs else ()
+
+    first = (tok, logp, jnp.ones((b,), jnp.bool_), *_kept(out, -1))
     if n > 1:
-        _, (toks, logps, live) = lax.scan(step, (out.cache, kv_mask, tok, done), jnp.arange(1, n))
-        toks = jnp.concatenate([first[0][None], toks], 0)
-        logps = jnp.concatenate([first[1][None], logps], 0)
-        live = jnp.concatenate([first[2][None], live], 0)
+        _, rest = lax.scan(step, (out.cache, kv_mask, tok, done), jnp.arange(1, n))
+        ys = jax.tree.map(lambda a, r: jnp.concatenate([a[None], r], 0), first, rest)
     else:
-        toks, logps, live = (x[None] for x in first)
-    return SampleOutput(toks.T, logps.T, live.T.astype(jnp.int32))
+        ys = jax.tree.map(lambda a: a[None], first)
+    ys = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), ys)                  # [B, N, ...]
+    return SampleOutput(ys[0], ys[1], ys[2].astype(jnp.int32), *ys[3:])
 
 
 def response_logits(model: Model, params, prompts, prompt_mask, responses, response_mask,
                     **kw):
-    """Full forward over ``[prompt | response]``; returns (logits predicting each response token
-    ``[B, N, V]``, the ``ModelOutput``). Prompts left-padded, responses right-padded."""
+    """Forward over ``[prompt | response]`` read at the ``N`` positions that predict the response
+    tokens: returns (logits ``[B, N, V]``, the ``ModelOutput``, whose hidden and scalars are at the
+    same positions: ``scalars[h][:, t]`` is the head's value of the state before response token
+    ``t``). Prompts left-padded, responses right-padded. Only the last block runs at those
+    positions alone (``GPT``'s ``output_positions``)."""
     p = prompts.shape[1]
     tokens = jnp.concatenate([prompts, responses], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = model.apply(params, tokens, attention_mask=mask, **kw)
-    logits = None if out.logits is None else out.logits[:, p - 1:-1]
-    return logits, out
+    out = model.apply(params, tokens, attention_mask=mask, output_positions=slice(p - 1, -1), **kw)
+    return out.logits, out

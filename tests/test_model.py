@@ -105,6 +105,40 @@ def test_right_padding_content_does_not_leak(tiny):
     np.testing.assert_allclose(np.asarray(a.logits)[:, :6], np.asarray(b.logits)[:, :6], atol=1e-6)
 
 
+def test_output_positions_equal_the_sliced_full_output_and_its_gradient(tiny):
+    """Running the last block at a subset of positions (a static slice, or per-row indices) gives
+    the full forward's logits, hidden and scalars there — and the same parameter gradient."""
+    cfg, model, params, apply = tiny
+    tokens = _tokens(5, (B, T), cfg.vocab_size)
+    mask = np.ones_like(tokens)
+    mask[1, :2] = 0          # left padding
+    mask[2, -3:] = 0         # right padding
+    idx = np.array([[9, 2], [4, 4], [6, 0]], np.int32)      # per-row, repeats allowed
+    full = apply(params, tokens, mask)
+    for positions, want in ((slice(3, -1), lambda x: x[:, 3:-1]),
+                            (jnp.asarray(idx), lambda x: np.take_along_axis(
+                                x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1))):
+        out = jax.jit(lambda p, pos=positions: model.apply(
+            p, tokens, attention_mask=mask, output_positions=pos))(params)
+        np.testing.assert_allclose(out.logits, want(np.asarray(full.logits)), atol=ATOL)
+        np.testing.assert_allclose(out.hidden, want(np.asarray(full.hidden)), atol=ATOL)
+        for h in ("value", "reward"):
+            np.testing.assert_allclose(out.scalars[h], want(np.asarray(full.scalars[h])),
+                                       atol=ATOL)
+
+        def loss(p, sub):
+            o = model.apply(p, tokens, attention_mask=mask,
+                            output_positions=positions if sub else None)
+            lg, v = (o.logits, o.scalars["value"]) if sub else (want(o.logits),
+                                                                 want(o.scalars["value"]))
+            return jnp.sum(jnp.sin(lg)) + jnp.sum(v ** 2)
+
+        grad = jax.jit(jax.grad(loss), static_argnums=1)
+        g_sub, g_full = (grad(params, s) for s in (True, False))
+        for a, b in zip(jax.tree.leaves(g_sub), jax.tree.leaves(g_full)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_scalar_heads_shapes(tiny):
     cfg, model, params, apply = tiny
     tokens = _tokens(7, (B, T), cfg.vocab_size)

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss
 from rlhf_jax.models import create_model, preset
-from rlhf_jax.models.gpt2 import ModelOutput
+from rlhf_jax.models.gpt2 import ModelOutput, take_positions
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.rl.advantages import gae, token_rewards, whiten
 from rlhf_jax.rl.kl_control import RunningMoments
@@ -25,8 +25,9 @@ from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 class TableReward:
     """A reward model that is a lookup table over the last token: r(y) = table[y]."""
 
-    def apply(self, params, tokens, **kw):
-        return ModelOutput(None, None, {"reward": params["table"][tokens]}, None)
+    def apply(self, params, tokens, *, output_positions=None, **kw):
+        r = take_positions(params["table"][tokens], output_positions)   # the model protocol
+        return ModelOutput(None, None, {"reward": r}, None)
 
 
 def _state(models, policy_params, value_params, ref_params, rm_params, hp, optim, updates):
@@ -91,12 +92,34 @@ def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
                 _, out = response_logits(models.value, params, batch["prompts"][i],
                                          batch["prompt_mask"][i], ro.responses[i], ro.mask[i],
                                          compute_logits=False)
-                return clipped_value_loss(out.scalars["value"][:, p - 1:-1], ro.values[i], ret[i],
+                return clipped_value_loss(out.scalars["value"], ro.values[i], ret[i],
                                           mask[i], clip_eps=hp.value_clip_eps)[0]
 
             pol = pol.apply_gradients(jax.grad(pl)(pol.params))
             val = val.apply_gradients(jax.grad(vl)(val.params))
     return pol, val, ro
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
+    """``rescore_policy=False`` (the sampler's own logits, TRL's way) gives the rollout of a full
+    policy forward pass: same tokens, and log-probs, exact KL, entropy and shared-trunk values
+    equal up to float rounding."""
+    models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
+    policy = models.policy
+    value, vparams = models.value, v_params
+    if critic == "shared":
+        policy, p_params = create_model(policy.cfg, jax.random.key(1), heads=("value",))
+        value, vparams = policy, p_params
+    run = jax.jit(lambda rescore: collect(
+        policy, p_params, models.ref, ref_params, models.rm, rm_params, value, vparams, prompts,
+        pmask, jax.random.key(3), jnp.arange(8), eos_id=2, pad_id=0, rescore_policy=rescore,
+        sampling=SamplingConfig(max_new_tokens=6, temperature=0.8)), static_argnums=0)
+    a, b = run(True), run(False)
+    np.testing.assert_array_equal(a.responses, b.responses)
+    assert 0 < int(a.mask.sum()) < a.mask.size      # EOS inside the budget for some rows
+    for f in ("logp", "ref_logp", "exact_kl", "entropy", "values", "scores", "sampler_logp"):
+        np.testing.assert_allclose(getattr(b, f), getattr(a, f), atol=1e-5, err_msg=f)
 
 
 def test_compiled_iteration_equals_its_pieces():

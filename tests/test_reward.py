@@ -118,6 +118,26 @@ def test_padded_equals_unpadded_scores():
     np.testing.assert_allclose(np.asarray(base), np.asarray(padded), atol=1e-5)
 
 
+def test_last_token_readout_matches_numpy_reference_forward():
+    """``sequence_rewards`` runs the last block at the last real token only; the reward equals the
+    NumPy reference forward's head output read there (left-padded prompts, right-padded
+    responses of different lengths)."""
+    import references as ref
+
+    cfg = preset("test")
+    model, params = create_model(cfg, jax.random.key(3), heads=("reward",))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(4, cfg.vocab_size, (3, 4)).astype(np.int32)
+    prompt_mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]], np.int32)
+    resp = rng.integers(4, cfg.vocab_size, (3, 5)).astype(np.int32)
+    resp_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], np.int32)
+    got = sequence_rewards(model, params, prompts, prompt_mask, resp, resp_mask)
+    tokens, mask = np.concatenate([prompts, resp], 1), np.concatenate([prompt_mask, resp_mask], 1)
+    _, _, scalars = ref.gpt_forward(params, cfg, tokens, mask)
+    last = [8, 5, 6]
+    np.testing.assert_allclose(np.asarray(got), scalars["reward"][np.arange(3), last], atol=1e-4)
+
+
 def test_plackett_luce_pairwise_marginals_are_bradley_terry():
     gold = np.tile(np.array([1.0, 0.0, -1.0, -2.0], np.float32), (40000, 1))
     ranking = plackett_luce_ranking(gold, 1.5, np.random.default_rng(0))

@@ -24,7 +24,7 @@ GREEDY = SamplingConfig(max_new_tokens=N, temperature=0.0)
 TOPK = SamplingConfig(max_new_tokens=N, temperature=1.0, top_k=3)
 TOPP = SamplingConfig(max_new_tokens=N, temperature=1.0, top_p=0.6)
 
-_sample = jax.jit(sample, static_argnames=("model", "cfg"))
+_sample = jax.jit(sample, static_argnames=("model", "cfg", "keep_outputs"))
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,34 @@ def test_sampled_logprobs_equal_tempered_log_softmax_of_full_forward(setup):
         # and not the untempered ones (the test can tell the difference)
         untempered = ref.token_logprobs(logits, out.tokens)
         assert np.abs(untempered[m] - out.logprobs[m]).max() > 1e-3
+
+
+def test_kept_outputs_equal_the_full_forward_and_leave_the_sample_unchanged():
+    """``keep_outputs``: each step's logits and scalar heads equal a full forward's at the
+    position that predicts that token (cached decode = full forward), EOS and padding included;
+    the tokens and log-probs are those of the call without it."""
+    cfg = preset("test")
+    model, params = create_model(cfg, jax.random.key(2), heads=("value",))
+    params = jax.tree.map(lambda x: 3.0 * x, params)
+    prompts = np.array([[0, 0, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]], np.int32)
+    pmask = (prompts != 0).astype(np.int32)
+    scfg = SamplingConfig(max_new_tokens=5, temperature=1.0)
+    key = jax.random.key(4)
+    free = _sample(model, params, prompts, pmask, key, cfg=scfg, eos_id=NEVER, pad_id=PAD)
+    # EOS := row 0's third free token, so row 0 stops early and post-EOS positions are covered
+    kw = dict(cfg=scfg, eos_id=int(free.tokens[0, 2]), pad_id=PAD)
+    kept = _sample(model, params, prompts, pmask, key, keep_outputs=True, **kw)
+    plain = _sample(model, params, prompts, pmask, key, **kw)
+    assert int(kept.mask[0].sum()) <= 3
+    for a, b in zip(plain[:3], kept[:3]):
+        np.testing.assert_array_equal(a, b)
+    assert plain.logits is None and plain.scalars is None
+    logits, out = response_logits(model, params, prompts, pmask, kept.tokens, kept.mask)
+    m = np.asarray(kept.mask, bool)
+    assert kept.logits.shape == (2, 5, cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(kept.logits)[m], np.asarray(logits)[m], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(kept.scalars["value"])[m],
+                               np.asarray(out.scalars["value"])[m], atol=1e-4)
 
 
 def test_top_k_tokens_are_among_k_largest_and_logprobs_renormalised(setup):

@@ -90,9 +90,25 @@ def kwise_bradley_terry_loss(
 def reward_at_last_token(values: jax.Array, mask: jax.Array) -> jax.Array:
     """``values[b, t_last(b)]`` with ``t_last`` the last position where ``mask`` is 1 (the EOS,
     or the last token of a truncated response): ``[B, T], [B, T] -> [B]``."""
+    return jnp.take_along_axis(values, last_token_index(mask)[:, None], axis=-1)[:, 0]
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """Index of the last position where ``mask [B, T]`` is 1 (``T - 1`` for an empty row), ``[B]``."""
     t = mask.shape[-1]
-    last = t - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), axis=-1), axis=-1)
-    return jnp.take_along_axis(values, last[:, None], axis=-1)[:, 0]
+    return (t - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), axis=-1), axis=-1)
+            ).astype(jnp.int32)
+
+
+def last_token_rewards(model, params, tokens: jax.Array, mask: jax.Array, *,
+                       head: str = "reward") -> jax.Array:
+    """Scalar head ``head`` of each row ``tokens [N, T]`` read at its last real token, ``[N]``.
+
+    The model's last block runs at that one position only (``output_positions``), which is all a
+    last-token readout needs: the same reward as reading the full output, for less work."""
+    out = model.apply(params, tokens, attention_mask=mask, compute_logits=False,
+                      output_positions=last_token_index(mask)[:, None])
+    return out.scalars[head][:, 0]
 
 
 def response_logprob(logits: jax.Array, tokens: jax.Array, mask: jax.Array, prompt_len: int
@@ -123,14 +139,14 @@ def sequence_rewards(model, params, prompts, prompt_mask, responses, response_ma
     """
     tokens = jnp.concatenate([prompts, responses], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = model.apply(params, tokens, attention_mask=mask, compute_logits=lm_coef_head is not None)
-    reward = reward_at_last_token(out.scalars[head], mask)
-    if lm_coef_head is not None:
-        logp = response_logprob(out.logits, tokens, mask, prompts.shape[1])
-        if lm_stop_grad:
-            logp = jax.lax.stop_gradient(logp)
-        reward = reward + reward_at_last_token(out.scalars[lm_coef_head], mask) * logp
-    return reward
+    if lm_coef_head is None:
+        return last_token_rewards(model, params, tokens, mask, head=head)
+    out = model.apply(params, tokens, attention_mask=mask)
+    logp = response_logprob(out.logits, tokens, mask, prompts.shape[1])
+    if lm_stop_grad:
+        logp = jax.lax.stop_gradient(logp)
+    return (reward_at_last_token(out.scalars[head], mask)
+            + reward_at_last_token(out.scalars[lm_coef_head], mask) * logp)
 
 
 def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,

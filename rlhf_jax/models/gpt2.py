@@ -37,6 +37,20 @@ class ModelOutput(NamedTuple):
     hidden: jax.Array                # [B, T, D] final-LayerNorm output
     scalars: dict[str, jax.Array]    # head name -> [B, T]
     cache: KVCache | None            # updated cache when one was passed in
+    # With ``output_positions`` the T axis of logits / hidden / scalars holds only those positions.
+
+
+Positions = slice | jax.Array | None   # a static slice of T, or per-row indices [B, T']
+
+
+def take_positions(x: jax.Array, positions: Positions) -> jax.Array:
+    """``x [B, T, ...]`` at ``positions``: all (None), a static slice, or indices ``[B, T']``."""
+    if positions is None:
+        return x
+    if isinstance(positions, slice):
+        return x[:, positions]
+    idx = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
 
 
 def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
@@ -64,11 +78,14 @@ class Attention(nnx.Module):
         self.c_proj = Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
                              rngs=rngs)
 
-    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None):
+    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None, positions=None):
+        """Keys and values at every position; queries (and so outputs) only at ``positions``."""
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.c_attn(x).reshape(b, t, 3, cfg.n_heads, cfg.head_dim)   # [B, T, 3, H, K]
-        q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))     # [B, H, T, K]
+        q = jnp.swapaxes(take_positions(qkv[:, :, 0], positions), 1, 2)     # [B, H, T', K]
+        k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in (1, 2))          # [B, H, T, K]
+        mask = take_positions(mask, positions)                              # [B, T', S]
         if kv is not None:
             k_cache, v_cache = kv                                            # [B, H, S, K]
             k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
@@ -78,7 +95,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None], scores, _NEG_INF)                 # mask [B, T, S]
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
         probs = _dropout(probs, cfg.dropout, dropout_key)
-        out = jnp.einsum("BHTS,BHSK->BTHK", probs, v).reshape(b, t, cfg.d_model)
+        out = jnp.einsum("BHTS,BHSK->BTHK", probs, v).reshape(b, q.shape[2], cfg.d_model)
         return self.c_proj(out), kv
 
 
@@ -100,10 +117,10 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None):
+    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None, positions=None):
         keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
-        a, kv = self.attn(self.ln_1(x), mask, kv, cache_index, keys[0])
-        x = x + _dropout(a, self.cfg.dropout, keys[1])
+        a, kv = self.attn(self.ln_1(x), mask, kv, cache_index, keys[0], positions)
+        x = take_positions(x, positions) + _dropout(a, self.cfg.dropout, keys[1])
         x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, keys[2])
         return x, kv
 
@@ -116,6 +133,13 @@ class GPT(nnx.Module):
     positions as the unpadded sequence. With ``cache`` (from :func:`init_cache`), the tokens are
     written at cache slots ``cache_index …`` and attend to every valid slot at or before their own;
     ``kv_mask [B, S]`` marks valid slots (prompt padding is invalid).
+
+    ``output_positions`` (a static slice of T, or per-row indices ``[B, T']``) asks for the
+    outputs (logits, hidden, scalars) at those positions only. Nothing upstream of the last block
+    depends on which outputs are read, so the last block computes keys and values everywhere but
+    queries, attention output, MLP and the heads only there: the same numbers as slicing the full
+    output, for less work (e.g. response positions in PPO, the last token in a reward model).
+    With dropout, the last block's dropout masks differ from the full call's.
     """
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ()):
@@ -139,6 +163,7 @@ class GPT(nnx.Module):
         cache_index: jax.Array | int | None = None,
         kv_mask: jax.Array | None = None,          # [B, S] with a cache
         compute_logits: bool = True,
+        output_positions: Positions = None,
         dropout_key: jax.Array | None = None,
     ) -> ModelOutput:
         b, t = tokens.shape
@@ -163,10 +188,12 @@ class GPT(nnx.Module):
             keys = list(jax.random.split(dropout_key, len(self.h) + 1))
         x = _dropout(x, self.cfg.dropout, keys[-1])
         new_cache = []
+        last = len(self.h) - 1
         for i, block in enumerate(self.h):
-            x, kv = block(x, mask, None if cache is None else cache[i], cache_index, keys[i])
+            x, kv = block(x, mask, None if cache is None else cache[i], cache_index, keys[i],
+                          output_positions if i == last else None)
             new_cache.append(kv)
-        hidden = self.ln_f(x)                                               # [B, T, D]
+        hidden = self.ln_f(x)                                               # [B, T', D]
         logits = None
         if compute_logits:
             logits = jnp.einsum("BTD,VD->BTV", hidden, self.wte.embedding[...]).astype(jnp.float32)

@@ -77,6 +77,10 @@ class PPOHParams:
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see
         ``rlhf_jax.losses.policy_gradient``.
       critic: ``separate``, ``shared`` or ``none``.
+      rescore_policy: π_old's log-probs (and a shared value head) from a full forward pass of the
+        policy over each rollout (default), or — ``False`` — from the logits the sampler computed
+        while decoding, as TRL's PPO does: one policy forward pass fewer per iteration, equal up
+        to float rounding (``rollout/logprob_max_diff`` is then 0 by construction).
     """
 
     prompts_per_iter: int = 64
@@ -104,6 +108,7 @@ class PPOHParams:
     policy_loss: str = "clipped"
     critic: str = "separate"
     loss_aggregation: str = "token"
+    rescore_policy: bool = True
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
@@ -214,7 +219,6 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
     n_mb = hp.minibatches
 
     def policy_terms(params, mb, ptx, kl_coef, adv_scale):
-        p = mb["prompts"].shape[1]
         logits, out = response_logits(policy_model, params, mb["prompts"], mb["prompt_mask"],
                                       mb["responses"], mb["mask"])
         logits = logits / t
@@ -222,7 +226,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
         logp = token_logprobs(logits, mb["responses"])
         loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask, clip_eps=hp.clip_eps,
                                  aggregation=hp.loss_aggregation, axis_name=axis_name)
-        ent = masked_mean(entropy_from_logits(logits), mask, axis_name=axis_name)
+        # without an entropy bonus the entropy is a diagnostic: no gradient through it
+        ent_logits = logits if hp.entropy_coef else jax.lax.stop_gradient(logits)
+        ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
         loss = loss - hp.entropy_coef * ent
         m = dict(m, entropy=ent)
         # KL terms in the loss are divided by the advantage-whitening scale, so β weighs the KL
@@ -237,7 +243,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
             loss = loss + kl_coef * kl / adv_scale
             m["kl_loss"] = kl
         if hp.critic == "shared":
-            values = out.scalars["value"][:, p - 1:-1]
+            values = out.scalars["value"]
             vl, vm = clipped_value_loss(values, mb["values"], mb["returns"], mask,
                                         clip_eps=hp.value_clip_eps, axis_name=axis_name)
             loss = loss + hp.vf_coef * vl
@@ -251,10 +257,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
         return loss, dict(m, loss=loss)
 
     def value_terms(params, mb):
-        p = mb["prompts"].shape[1]
         _, out = response_logits(value_model, params, mb["prompts"], mb["prompt_mask"],
                                  mb["responses"], mb["mask"], compute_logits=False)
-        values = out.scalars["value"][:, p - 1:-1]
+        values = out.scalars["value"]
         return clipped_value_loss(values, mb["values"], mb["returns"], mb["mask"],
                                   clip_eps=hp.value_clip_eps, axis_name=axis_name)
 
@@ -274,7 +279,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
         ro: Rollout = collect(policy_model, state.policy.params, models.ref, state.frozen.ref,
                               models.rm, state.frozen.rm, value_model, value_params, prompts,
                               prompt_mask, k_sample, batch["example_ids"], sampling=sampling,
-                              eos_id=eos_id, pad_id=pad_id, rm_score_kw=rm_score_kw)
+                              eos_id=eos_id, pad_id=pad_id, rm_score_kw=rm_score_kw,
+                              rescore_policy=hp.rescore_policy)
         mask = ro.mask.astype(jnp.float32)
         n_seq = mask.shape[0]
 

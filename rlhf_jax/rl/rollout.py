@@ -1,9 +1,12 @@
 """A rollout: sample responses with the KV cache, then score them with every model in one pass each.
 
-``collect`` returns a :class:`Rollout` of ``[B, N]`` token arrays and ``[B]`` sequence arrays. The
-policy's log-probs are recomputed by a full forward pass at the sampling temperature (the values
-PPO's ratio uses); the sampler's own log-probs are kept beside them so their agreement can be
-checked (``rollout/logprob_max_diff``; sampling uses no top-k/top-p, so they must agree).
+``collect`` returns a :class:`Rollout` of ``[B, N]`` token arrays and ``[B]`` sequence arrays. By
+default the policy's log-probs are recomputed by a full forward pass at the sampling temperature
+(the values PPO's ratio uses); the sampler's own log-probs are kept beside them so their agreement
+can be checked (``rollout/logprob_max_diff``; sampling uses no top-k/top-p, so they must agree).
+With ``rescore_policy=False`` the policy's logits (and a shared value head) are the ones the
+sampler computed while decoding, as in TRL's PPO: one forward pass of the policy fewer per
+rollout, equal to the recomputed ones up to float rounding (cached decode = full forward).
 """
 
 from __future__ import annotations
@@ -38,18 +41,22 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, rm: Model, rm_
             value: Model | None, value_params, prompts: jax.Array, prompt_mask: jax.Array,
             key: jax.Array, example_ids: jax.Array, *, sampling: SamplingConfig, eos_id: int,
             pad_id: int, value_head: str = "value", rm_head: str = "reward",
-            rm_score_kw: dict | None = None) -> Rollout:
+            rm_score_kw: dict | None = None, rescore_policy: bool = True) -> Rollout:
     """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores.
 
     ``value is None`` means no critic (values are 0); ``value is policy`` reads the value head of
     the policy's own forward pass (shared trunk). ``rm_score_kw`` are the RM's readout options
     (``rlhf_jax.stages.reward.rm_score_kwargs``)."""
     out = sample(policy, policy_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
-                 pad_id=pad_id, example_ids=example_ids)
+                 pad_id=pad_id, example_ids=example_ids, keep_outputs=not rescore_policy)
     responses, mask = out.tokens, out.mask
     t = sampling.temperature
-    p = prompts.shape[1]
-    logits, pol_out = response_logits(policy, policy_params, prompts, prompt_mask, responses, mask)
+    if rescore_policy:
+        logits, pol_out = response_logits(policy, policy_params, prompts, prompt_mask, responses,
+                                          mask)
+        pol_scalars = pol_out.scalars
+    else:
+        logits, pol_scalars = out.logits, out.scalars
     logits = logits / t
     ref_logits, _ = response_logits(ref, ref_params, prompts, prompt_mask, responses, mask)
     ref_logits = ref_logits / t
@@ -60,11 +67,11 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, rm: Model, rm_
     if value is None:
         values = jnp.zeros_like(logp)
     elif value is policy:
-        values = pol_out.scalars[value_head][:, p - 1:-1]
+        values = pol_scalars[value_head]
     else:
         _, v_out = response_logits(value, value_params, prompts, prompt_mask, responses, mask,
                                    compute_logits=False)
-        values = v_out.scalars[value_head][:, p - 1:-1]
+        values = v_out.scalars[value_head]
     scores = sequence_rewards(rm, rm_params, prompts, prompt_mask, responses, mask, head=rm_head,
                               **(rm_score_kw or {}))
     last = reward_at_last_token(responses, mask)

@@ -28,10 +28,11 @@ from rlhf_jax.data.batching import EpochOrder, check_tokens, pad_rows
 from rlhf_jax.data.facts_world import FactsWorld
 from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
                                         kwise_preference_loss)
-from rlhf_jax.losses.reward import response_logprob
 from rlhf_jax.models.functional import Model
+from rlhf_jax.ops import token_logprobs
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.sampling import response_logits
 from rlhf_jax.stages.common import load_stage, train_stage, upstream_run
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.ppo import heldout_signals, versus_sft
@@ -123,11 +124,11 @@ def response_logps(model: Model, params, prompts, prompt_mask, responses, respon
     """Summed log-probs of K responses per prompt, each forwarded once: ``prompts [P, Lp]``
     (left-padded), ``responses [P, K, Lr]`` (right-padded, EOS included) -> ``[P, K]``."""
     p, k, lr = responses.shape
-    tokens = jnp.concatenate([jnp.repeat(prompts, k, axis=0), responses.reshape(p * k, lr)], 1)
-    mask = jnp.concatenate([jnp.repeat(prompt_mask, k, axis=0),
-                            response_mask.reshape(p * k, lr)], 1)
-    out = model.apply(params, tokens, attention_mask=mask)
-    return response_logprob(out.logits, tokens, mask, prompts.shape[1]).reshape(p, k)
+    responses, response_mask = responses.reshape(p * k, lr), response_mask.reshape(p * k, lr)
+    logits, _ = response_logits(model, params, jnp.repeat(prompts, k, axis=0),
+                                jnp.repeat(prompt_mask, k, axis=0), responses, response_mask)
+    logp = token_logprobs(logits, responses)
+    return jnp.sum(jnp.where(response_mask > 0, logp, 0.0), axis=-1).reshape(p, k)
 
 
 _response_logps_jit = jax.jit(response_logps, static_argnames=("model",))
