@@ -9,7 +9,8 @@ trace's Perfetto JSON is read back and every executed op is
 * attributed to the top-level loop of the iteration it runs in: the sampler's ``lax.scan`` (trip
   count = new tokens − 1), the PPO update scan (trip count = epochs × minibatches), the GAE
   reverse scan (trip count = new tokens), or "outside loops" (prefill, the scoring forward passes
-  of policy / reference / value / RM, rewards, whitening, diagnostics);
+  of reference / value / RM — the policy is scored from the sampler's logits, as TRL does —,
+  rewards, whitening, diagnostics);
 * classed as matmul when its fused computation contains a ``dot`` or ``convolution`` (XLA's
   YNNPACK/oneDNN matmul fusions included).
 

@@ -494,8 +494,10 @@ def bench_ppo(sh: Shapes, iters, peak, mesh, critic: str = "separate", phases: b
         r["gen_s"] = round(phase_t["gen"], 4)
         r["scoring_s"] = round(phase_t["rollout"] - phase_t["gen"], 4)
         r["update_s"] = round(med - phase_t["rollout"], 4)
-        r["phase_note"] = ("gen = jit(sampling.sample); scoring = jit(rollout.collect) - gen; "
-                           "update (+ GAE, diagnostics) = whole iteration - jit(collect)")
+        r["phase_note"] = ("gen = jit(sampling.sample); scoring = jit(rollout.collect) - gen "
+                           "(so the sampler's keeping of its logits for scoring counts as "
+                           "scoring); update (+ GAE, diagnostics) = whole iteration - "
+                           "jit(collect)")
     log(f"[run] ppo[{critic}]: {json.dumps(r)}")
     return r
 

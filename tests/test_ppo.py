@@ -63,7 +63,7 @@ def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
                  state.frozen.rm, models.value, val.params, batch["prompts"],
                  batch["prompt_mask"], k_sample, batch["example_ids"],
                  sampling=SamplingConfig(max_new_tokens=n_new, temperature=hp.temperature),
-                 eos_id=eos, pad_id=pad)
+                 eos_id=eos, pad_id=pad, rescore_policy=hp.rescore_policy)
     mask = ro.mask.astype(jnp.float32)
     score = ro.scores * gain + bias - hp.no_eos_penalty * ro.truncated
     rewards = token_rewards(score, ro.logp - ro.ref_logp, mask, kl_coef=hp.kl_coef)
@@ -71,7 +71,6 @@ def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
     adv = whiten(adv, mask)
     n = mask.shape[0]
     mb = n // hp.minibatches
-    p = batch["prompts"].shape[1]
     big = hp.minibatches   # rows go to minibatches in blocks of consecutive example ids
     ids = np.asarray(batch["example_ids"])
     for ek in jax.random.split(k_perm, hp.epochs):
@@ -122,9 +121,11 @@ def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
         np.testing.assert_allclose(getattr(b, f), getattr(a, f), atol=1e-5, err_msg=f)
 
 
-def test_compiled_iteration_equals_its_pieces():
+@pytest.mark.parametrize("rescore_policy", [True, False])
+def test_compiled_iteration_equals_its_pieces(rescore_policy):
     models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
-    hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, no_eos_penalty=0.5)
+    hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, no_eos_penalty=0.5,
+                    rescore_policy=rescore_policy)
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
     kw = dict(n_new=6, eos=2, pad=0, gain=1.5, bias=-0.2)
     batch = {"prompts": prompts, "prompt_mask": pmask, "example_ids": jnp.arange(8)}

@@ -125,7 +125,7 @@ def test_last_token_readout_matches_numpy_reference_forward():
     import references as ref
 
     cfg = preset("test")
-    model, params = create_model(cfg, jax.random.key(3), heads=("reward",))
+    model, params = create_model(cfg, jax.random.key(3), heads=("reward", "coef"))
     rng = np.random.default_rng(0)
     prompts = rng.integers(4, cfg.vocab_size, (3, 4)).astype(np.int32)
     prompt_mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]], np.int32)
@@ -136,6 +136,14 @@ def test_last_token_readout_matches_numpy_reference_forward():
     _, _, scalars = ref.gpt_forward(params, cfg, tokens, mask)
     last = [8, 5, 6]
     np.testing.assert_allclose(np.asarray(got), scalars["reward"][np.arange(3), last], atol=1e-4)
+    # the LM-likelihood readout (outputs from the last prompt token on): head + coef · log p(resp)
+    got_lm = sequence_rewards(model, params, prompts, prompt_mask, resp, resp_mask,
+                              lm_coef_head="coef")
+    logits, _, _ = ref.gpt_forward(params, cfg, tokens, mask)
+    loglik = (ref.token_logprobs(logits[:, 3:-1], resp) * resp_mask).sum(-1)
+    want = (scalars["reward"][np.arange(3), last]
+            + scalars["coef"][np.arange(3), last] * loglik)
+    np.testing.assert_allclose(np.asarray(got_lm), want, atol=1e-4)
 
 
 def test_plackett_luce_pairwise_marginals_are_bradley_terry():

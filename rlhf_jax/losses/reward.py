@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count
+from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count, token_logprobs
 
 
 def bradley_terry_loss(
@@ -111,17 +111,6 @@ def last_token_rewards(model, params, tokens: jax.Array, mask: jax.Array, *,
     return out.scalars[head][:, 0]
 
 
-def response_logprob(logits: jax.Array, tokens: jax.Array, mask: jax.Array, prompt_len: int
-                     ) -> jax.Array:
-    """Sum of the LM's log-probs of the response tokens (EOS included) of ``[prompt | response]``
-    rows: ``logits [N, T, V]``, ``tokens``/``mask [N, T]``, the first ``prompt_len`` columns being
-    the prompt -> ``[N]``."""
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]         # [N, T-1]
-    is_resp = (jnp.arange(tokens.shape[1] - 1) >= prompt_len - 1)[None]        # predicts a response token
-    return jnp.sum(jnp.where(is_resp & (mask[:, 1:] > 0), lp, 0.0), axis=-1)
-
-
 def sequence_rewards(model, params, prompts, prompt_mask, responses, response_mask, *,
                      head: str = "reward", lm_coef_head: str | None = None,
                      lm_stop_grad: bool = False) -> jax.Array:
@@ -141,12 +130,17 @@ def sequence_rewards(model, params, prompts, prompt_mask, responses, response_ma
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
     if lm_coef_head is None:
         return last_token_rewards(model, params, tokens, mask, head=head)
-    out = model.apply(params, tokens, attention_mask=mask)
-    logp = response_logprob(out.logits, tokens, mask, prompts.shape[1])
+    # outputs from the last prompt token on (the model's last block runs only there): logits
+    # [:, :-1] predict the response tokens; the last real token sits at last_token_index - (p - 1)
+    p = prompts.shape[1]
+    out = model.apply(params, tokens, attention_mask=mask, output_positions=slice(p - 1, None))
+    logp = jnp.sum(jnp.where(response_mask > 0, token_logprobs(out.logits[:, :-1], responses),
+                             0.0), axis=-1)
     if lm_stop_grad:
         logp = jax.lax.stop_gradient(logp)
-    return (reward_at_last_token(out.scalars[head], mask)
-            + reward_at_last_token(out.scalars[lm_coef_head], mask) * logp)
+    last = (last_token_index(mask) - (p - 1))[:, None]
+    read = lambda h: jnp.take_along_axis(out.scalars[h], last, axis=-1)[:, 0]  # noqa: E731
+    return read(head) + read(lm_coef_head) * logp
 
 
 def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,

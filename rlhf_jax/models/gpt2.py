@@ -79,7 +79,7 @@ class Attention(nnx.Module):
                              rngs=rngs)
 
     def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None, positions=None):
-        """Keys and values at every position; queries (and so outputs) only at ``positions``."""
+        """Keys and values at every position; attention (and so outputs) only at ``positions``."""
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.c_attn(x).reshape(b, t, 3, cfg.n_heads, cfg.head_dim)   # [B, T, 3, H, K]
@@ -136,9 +136,10 @@ class GPT(nnx.Module):
 
     ``output_positions`` (a static slice of T, or per-row indices ``[B, T']``) asks for the
     outputs (logits, hidden, scalars) at those positions only. Nothing upstream of the last block
-    depends on which outputs are read, so the last block computes keys and values everywhere but
-    queries, attention output, MLP and the heads only there: the same numbers as slicing the full
-    output, for less work (e.g. response positions in PPO, the last token in a reward model).
+    depends on which outputs are read, so the last block runs its (fused) QKV projection everywhere
+    but attention, output projection, MLP, final LayerNorm and heads only there: the same numbers
+    as slicing the full output, for less work (e.g. response positions in PPO, the last token in a
+    reward model).
     With dropout, the last block's dropout masks differ from the full call's.
     """
 

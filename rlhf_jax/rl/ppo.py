@@ -80,7 +80,8 @@ class PPOHParams:
       rescore_policy: π_old's log-probs (and a shared value head) from a full forward pass of the
         policy over each rollout (default), or — ``False`` — from the logits the sampler computed
         while decoding, as TRL's PPO does: one policy forward pass fewer per iteration, equal up
-        to float rounding (``rollout/logprob_max_diff`` is then 0 by construction).
+        to float rounding (``rollout/logprob_max_diff`` then compares two computations from the same
+        logits, ~0, and no longer checks the sampler against a forward pass).
     """
 
     prompts_per_iter: int = 64

@@ -1,4 +1,5 @@
-"""A rollout: sample responses with the KV cache, then score them with every model in one pass each.
+"""A rollout: sample responses with the KV cache, then score them with every model in one pass each
+(the policy's pass can be the sampler's own decoding: ``rescore_policy=False``).
 
 ``collect`` returns a :class:`Rollout` of ``[B, N]`` token arrays and ``[B]`` sequence arrays. By
 default the policy's log-probs are recomputed by a full forward pass at the sampling temperature
@@ -28,7 +29,7 @@ class Rollout(NamedTuple):
     responses: jax.Array       # [B, N] right-padded (pad after EOS)
     mask: jax.Array            # [B, N] generated tokens up to and including EOS
     sampler_logp: jax.Array    # [B, N] log-probs reported by the sampler
-    logp: jax.Array            # [B, N] policy log-probs from a full forward (π_old)
+    logp: jax.Array            # [B, N] π_old log-probs (full forward, or the sampler's logits)
     ref_logp: jax.Array        # [B, N] π_SFT log-probs
     exact_kl: jax.Array        # [B, N] full-vocabulary KL(π ‖ π_SFT) at each position
     entropy: jax.Array         # [B, N] policy entropy at each position
@@ -45,7 +46,8 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, rm: Model, rm_
     """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores.
 
     ``value is None`` means no critic (values are 0); ``value is policy`` reads the value head of
-    the policy's own forward pass (shared trunk). ``rm_score_kw`` are the RM's readout options
+    the policy's own pass (shared trunk: the rescoring forward pass, or the sampler's decoding with
+    ``rescore_policy=False``). ``rm_score_kw`` are the RM's readout options
     (``rlhf_jax.stages.reward.rm_score_kwargs``)."""
     out = sample(policy, policy_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
                  pad_id=pad_id, example_ids=example_ids, keep_outputs=not rescore_policy)
