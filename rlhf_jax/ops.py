@@ -64,6 +64,12 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return picked - lse
 
 
+def sequence_logprob(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Summed :func:`token_logprobs` over the positions where ``mask`` is set: ``[B, N, V]``
+    logits, ``[B, N]`` targets and mask -> ``[B]``."""
+    return jnp.sum(jnp.where(mask > 0, token_logprobs(logits, targets), 0.0), axis=-1)
+
+
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
     """Entropy ``-Σ p log p`` of ``softmax(logits)`` over the last axis: ``[..., V] -> [...]``."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count, token_logprobs
+from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count, sequence_logprob
 
 
 def bradley_terry_loss(
@@ -134,8 +134,7 @@ def sequence_rewards(model, params, prompts, prompt_mask, responses, response_ma
     # [:, :-1] predict the response tokens; the last real token sits at last_token_index - (p - 1)
     p = prompts.shape[1]
     out = model.apply(params, tokens, attention_mask=mask, output_positions=slice(p - 1, None))
-    logp = jnp.sum(jnp.where(response_mask > 0, token_logprobs(out.logits[:, :-1], responses),
-                             0.0), axis=-1)
+    logp = sequence_logprob(out.logits[:, :-1], responses, response_mask)
     if lm_stop_grad:
         logp = jax.lax.stop_gradient(logp)
     last = (last_token_index(mask) - (p - 1))[:, None]

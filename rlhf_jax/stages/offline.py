@@ -29,7 +29,7 @@ from rlhf_jax.data.facts_world import FactsWorld
 from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
                                         kwise_preference_loss)
 from rlhf_jax.models.functional import Model
-from rlhf_jax.ops import token_logprobs
+from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import response_logits
@@ -127,8 +127,7 @@ def response_logps(model: Model, params, prompts, prompt_mask, responses, respon
     responses, response_mask = responses.reshape(p * k, lr), response_mask.reshape(p * k, lr)
     logits, _ = response_logits(model, params, jnp.repeat(prompts, k, axis=0),
                                 jnp.repeat(prompt_mask, k, axis=0), responses, response_mask)
-    logp = token_logprobs(logits, responses)
-    return jnp.sum(jnp.where(response_mask > 0, logp, 0.0), axis=-1).reshape(p, k)
+    return sequence_logprob(logits, responses, response_mask).reshape(p, k)
 
 
 _response_logps_jit = jax.jit(response_logps, static_argnames=("model",))
