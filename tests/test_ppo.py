@@ -112,7 +112,7 @@ def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
         value, vparams = policy, p_params
     run = jax.jit(lambda rescore: collect(
         policy, p_params, models.ref, ref_params, models.rm, rm_params, value, vparams, prompts,
-        pmask, jax.random.key(3), jnp.arange(8), eos_id=2, pad_id=0, rescore_policy=rescore,
+        pmask, jax.random.key(1), jnp.arange(8), eos_id=2, pad_id=0, rescore_policy=rescore,
         sampling=SamplingConfig(max_new_tokens=6, temperature=0.8)), static_argnums=0)
     a, b = run(True), run(False)
     np.testing.assert_array_equal(a.responses, b.responses)

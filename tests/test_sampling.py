@@ -14,7 +14,8 @@ import pytest
 import references as ref
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.models import create_model, preset
-from rlhf_jax.sampling import SamplingConfig, filter_logits, response_logits, sample
+from rlhf_jax.sampling import (SamplingConfig, choose_tokens, filter_logits, response_logits,
+                               sample)
 
 P, N, EXTRA = 8, 8, 4
 NEVER = 10_000                 # an eos id the model can never emit
@@ -241,6 +242,34 @@ def test_filter_logits_top_p_accepts_leading_dims():
     got = filter_logits(x, temperature=1.0, top_p=0.5)
     want = jnp.stack([filter_logits(x[:, i], temperature=1.0, top_p=0.5) for i in range(3)], 1)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_inverse_cdf_draw_on_a_uniform_grid_reproduces_the_filtered_distribution():
+    # u on an evenly spaced grid of M points: the share of each token is its probability to
+    # within 1/M (a deterministic check of the draw, no sampling noise)
+    logits = jnp.asarray([[2.0, -1.0, 0.5, 3.0, 1.0, -4.0],      # top-4 drops ids 1 and 5
+                          [-3.0, 0.0, 1.0, 0.2, 2.0, 1.5]])       # top-4 drops ids 0 and 3
+    cfg = SamplingConfig(temperature=0.8, top_k=4)
+    m = 20_000
+    u = (np.arange(m) + 0.5) / m
+    want = ref.softmax(np.asarray(filter_logits(logits, temperature=0.8, top_k=4), np.float64))
+    for row in range(2):
+        tok, logp = choose_tokens(jnp.broadcast_to(logits[row], (m, 6)), jnp.asarray(u), cfg)
+        tok, logp = np.asarray(tok), np.asarray(logp)
+        share = np.bincount(tok, minlength=6) / m
+        np.testing.assert_allclose(share, want[row], atol=1.5 / m)
+        np.testing.assert_allclose(logp, np.log(want[row][tok]), rtol=1e-5)
+        assert (np.diff(tok[np.argsort(u)]) != 0).sum() == 3   # monotone in u: 4 runs of ids
+
+
+def test_inverse_cdf_draw_never_picks_a_token_outside_the_support_at_the_ends():
+    # the vocabulary's first and last ids are filtered out; u = 0 and the largest float32 below 1
+    # must land on the first / last id of the support
+    logits = jnp.asarray([[-9.0, 1.0, 0.3, 2.0, -9.0]] * 2)
+    u = jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)
+    tok, logp = choose_tokens(logits, u, SamplingConfig(temperature=1.0, top_k=3))
+    np.testing.assert_array_equal(np.asarray(tok), [1, 3])
+    assert np.isfinite(np.asarray(logp)).all()
 
 
 # --------------------------------------------------------------------------- EOS
