@@ -202,6 +202,23 @@ def extras(ours_runs: list[dict], trl_runs: list[dict]) -> dict:
     return ex
 
 
+def cpu_info() -> dict:
+    """The CPU the pairs ran on: ratios to PyTorch depend on it (on an AVX-512 AMD EPYC our
+    ratios were ~1.6x those on the previous machine, whose matmul peak was 0.65x)."""
+    info = {"cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(ln.split(":", 1) for ln in text.splitlines() if ":" in ln)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    info["model"] = fields.get("model name", "")
+    info["simd"] = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+                            if f in flags)
+    return info
+
+
 def run_program(cmd: list[str], env: dict, log_path: Path) -> dict:
     t0 = time.perf_counter()
     load = float(open("/proc/loadavg").read().split()[0]) if os.path.exists("/proc/loadavg") else None
@@ -256,6 +273,7 @@ def main(argv=None) -> dict:
     rows = summarize(ours_runs, trl_runs)
     ex = extras(ours_runs, trl_runs)
     n = min(len(ours_runs), len(trl_runs))
+    ex["CPU"] = ", ".join(f"{k} {v}" for k, v in cpu_info().items())
     table = markdown(rows, n, ex)
     result = {"pairs": n, "allocator_env": ALLOCATOR_ENV, "rows": rows, "extras": ex,
               "ours_cmd": ours_cmd, "trl_cmd": trl_cmd, "ours_runs": ours_runs,
