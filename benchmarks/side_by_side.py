@@ -203,8 +203,7 @@ def extras(ours_runs: list[dict], trl_runs: list[dict]) -> dict:
 
 
 def cpu_info() -> dict:
-    """The CPU the pairs ran on: ratios to PyTorch depend on it (on an AVX-512 AMD EPYC our
-    ratios were ~1.6x those on the previous machine, whose matmul peak was 0.65x)."""
+    """The CPU the pairs ran on: the ratios to PyTorch depend on it (README, Benchmarks)."""
     info = {"cores": os.cpu_count()}
     try:
         text = Path("/proc/cpuinfo").read_text()
