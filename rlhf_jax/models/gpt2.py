@@ -24,12 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from rlhf_jax.models.attention import attention
 from rlhf_jax.models.config import GPTConfig
 from rlhf_jax.models.dense import Linear
 from rlhf_jax.ops import positions_from_mask
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
-_NEG_INF = -1e30  # finite, so fully masked rows (left padding) give a uniform softmax, not NaN
 
 
 class ModelOutput(NamedTuple):
@@ -66,6 +66,13 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def _keep(rate: float, key: jax.Array | None, shape) -> jax.Array | None:
+    """Dropout multiplier (0 or 1/(1 − rate)) drawn as :func:`_dropout` draws, or None."""
+    if rate == 0.0 or key is None:
+        return None
+    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
+
+
 def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
@@ -91,11 +98,9 @@ class Attention(nnx.Module):
             k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
             v = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
             kv = (k, v)
-        scores = jnp.einsum("BHTK,BHSK->BHTS", q, k) / math.sqrt(cfg.head_dim)
-        scores = jnp.where(mask[:, None], scores, _NEG_INF)                 # mask [B, T, S]
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
-        probs = _dropout(probs, cfg.dropout, dropout_key)
-        out = jnp.einsum("BHTS,BHSK->BTHK", probs, v).reshape(b, q.shape[2], cfg.d_model)
+        keep = _keep(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
+        out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim))  # [B,H,T',K]
+        out = jnp.swapaxes(out, 1, 2).reshape(b, q.shape[2], cfg.d_model)
         return self.c_proj(out), kv
 
 

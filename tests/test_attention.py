@@ -1,0 +1,71 @@
+"""The custom-VJP attention: same values and gradients as the plain expression and a NumPy derivation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models.attention import NEG_INF, attention
+
+B, H, T, S, K = 3, 2, 5, 7, 4
+SCALE = 1.0 / np.sqrt(K)
+
+
+def _plain(q, k, v, mask, keep=None):
+    scores = jnp.einsum("BHTK,BHSK->BHTS", q, k) * SCALE
+    p = jax.nn.softmax(jnp.where(mask[:, None], scores, NEG_INF), axis=-1)
+    return jnp.einsum("BHTS,BHSK->BHTK", p if keep is None else p * keep, v)
+
+
+def _inputs(seed=0, dropout=False):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q, k, v = (jax.random.normal(ks[i], (B, H, n, K)) for i, n in enumerate((T, S, S)))
+    w = jax.random.normal(ks[3], (B, H, T, K))                  # a random cotangent direction
+    # causal over the last T of S slots; row 1 left-padded (2 invalid slots); row 2's first query
+    # sees only invalid slots (a fully masked row)
+    valid = np.ones((B, S), bool)
+    valid[1, :2] = False
+    valid[2, :3] = False
+    causal = np.arange(S)[None, :] <= (S - T + np.arange(T))[:, None]     # [T, S]
+    mask = valid[:, None, :] & causal[None]
+    mask[2, 0] = False
+    keep = None
+    if dropout:
+        keep = jnp.where(jax.random.bernoulli(ks[4], 0.7, (B, H, T, S)), 1 / 0.7, 0.0)
+    return q, k, v, jnp.asarray(mask), keep, w
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_values_and_gradients_match_plain_expression(dropout, jit):
+    q, k, v, mask, keep, w = _inputs(dropout=dropout)
+    f = lambda q, k, v: attention(q, k, v, mask, keep, scale=SCALE)  # noqa: E731
+    np.testing.assert_allclose(f(q, k, v), _plain(q, k, v, mask, keep), rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda *a: jnp.sum(jnp.tanh(f(*a)) * w), argnums=(0, 1, 2))
+    got = (jax.jit(grad) if jit else grad)(q, k, v)
+    ref = jax.grad(lambda *a: jnp.sum(jnp.tanh(_plain(*a, mask, keep)) * w), argnums=(0, 1, 2))(
+        q, k, v)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_numpy_derivation():
+    """dv = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)) on allowed entries, dQ = s·dS·K,
+    dK = s·dSᵀ·Q, in float64 NumPy; a fully masked row gets no gradient into q or k."""
+    q, k, v, mask, _, w = _inputs(seed=1)
+    qn, kn, vn, wn, m = (np.asarray(a, np.float64) for a in (q, k, v, w, mask))
+    s = np.where(m[:, None] > 0, np.einsum("bhtk,bhsk->bhts", qn, kn) * SCALE, NEG_INF)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = p @ vn
+    do = wn * (1 - np.tanh(out) ** 2)
+    dv = np.swapaxes(p, -1, -2) @ do
+    dp = do @ np.swapaxes(vn, -1, -2)
+    ds = np.where(m[:, None] > 0, p * (dp - (dp * p).sum(-1, keepdims=True)), 0.0) * SCALE
+    dq, dk = ds @ kn, np.swapaxes(ds, -1, -2) @ qn
+    got = jax.grad(lambda *a: jnp.sum(jnp.tanh(attention(*a, mask, scale=SCALE)) * w),
+                   argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(attention(q, k, v, mask, scale=SCALE), out, rtol=1e-5, atol=1e-6)
+    for g, r in zip(got, (dq, dk, dv)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(got[0])[2, :, 0] == 0.0)           # the fully masked query row
