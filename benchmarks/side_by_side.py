@@ -8,6 +8,8 @@ of medians over the runs, their spread min–max, and the ratio per workload: ou
 throughputs, TRL/ours for times — above 1 means rlhf_jax is faster) into ``--out``, and prints the
 table. Besides TRL float32 it compares against the bare PyTorch loops and TRL's own bf16 defaults
 that ``trl_baseline.py`` also prints.
+On a CPU without bf16 instructions TRL's bf16 defaults are left out (PyTorch emulates bf16
+there, ~50× slower than its float32; ``--trl-bf16 yes`` runs them anyway).
 
     python benchmarks/side_by_side.py --pairs 5 --out runs/bench
     python benchmarks/side_by_side.py --pairs 1 --quick            # smoke run, both programs
@@ -218,6 +220,24 @@ def cpu_info() -> dict:
     return info
 
 
+# trl_baseline.py's float32 benchmarks: everything but TRL's bf16 defaults
+TRL_F32_BENCHES = "sft_trl,sft_torch,rm_trl,rm_torch,dpo_trl,dpo_torch,ppo_trl,gen"
+
+
+def trl_command(trl_python: str, trl_script: str, quick: list[str], trl_args: str,
+                trl_bf16: str, info: dict) -> list[str]:
+    """The TRL command line. TRL's bf16 defaults are left out (``--only`` the float32 benchmarks)
+    with ``trl_bf16="no"``, or with ``"auto"`` on a CPU without bf16 instructions (no
+    ``avx512_bf16`` / ``amx_bf16``), where PyTorch emulates bf16: measured on such a CPU, 49-55×
+    slower than TRL's own float32, and over 40 minutes per TRL run. An explicit ``--only`` in
+    ``trl_args`` is kept as given."""
+    args = shlex.split(trl_args)
+    native = any(f in info.get("simd", "").split() for f in ("avx512_bf16", "amx_bf16"))
+    if "--only" not in args and (trl_bf16 == "no" or (trl_bf16 == "auto" and not native)):
+        args += ["--only", TRL_F32_BENCHES]
+    return [trl_python, trl_script, *quick, *args]
+
+
 def run_program(cmd: list[str], env: dict, log_path: Path) -> dict:
     t0 = time.perf_counter()
     load = float(open("/proc/loadavg").read().split()[0]) if os.path.exists("/proc/loadavg") else None
@@ -243,6 +263,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--trl-script", default=DEFAULT_TRL_SCRIPT)
     ap.add_argument("--ours-args", default="", help="extra arguments for benchmarks/run.py")
     ap.add_argument("--trl-args", default="", help="extra arguments for trl_baseline.py")
+    ap.add_argument("--trl-bf16", choices=("auto", "yes", "no"), default="auto",
+                    help="run TRL's bf16 defaults too: auto = only on a CPU with bf16 "
+                         "instructions (elsewhere PyTorch emulates bf16, ~50x slower)")
     ap.add_argument("--trl-json", default="",
                     help="use this file's JSON line(s) as the TRL results instead of running TRL")
     ap.add_argument("--ours-json", default="",
@@ -256,7 +279,8 @@ def main(argv=None) -> dict:
     quick = ["--quick"] if a.quick else []
     ours_cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--workload", "reference",
                 *quick, *shlex.split(a.ours_args)]
-    trl_cmd = [a.trl_python, a.trl_script, *quick, *shlex.split(a.trl_args)]
+    cpu = cpu_info()
+    trl_cmd = trl_command(a.trl_python, a.trl_script, quick, a.trl_args, a.trl_bf16, cpu)
 
     def canned(path: str) -> list[dict]:
         lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip().startswith("{")]
@@ -272,7 +296,7 @@ def main(argv=None) -> dict:
     rows = summarize(ours_runs, trl_runs)
     ex = extras(ours_runs, trl_runs)
     n = min(len(ours_runs), len(trl_runs))
-    ex["CPU"] = ", ".join(f"{k} {v}" for k, v in cpu_info().items())
+    ex["CPU"] = ", ".join(f"{k} {v}" for k, v in cpu.items())
     table = markdown(rows, n, ex)
     result = {"pairs": n, "allocator_env": ALLOCATOR_ENV, "rows": rows, "extras": ex,
               "ours_cmd": ours_cmd, "trl_cmd": trl_cmd, "ours_runs": ours_runs,

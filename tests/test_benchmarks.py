@@ -134,6 +134,20 @@ def test_side_by_side_table_from_canned_lines(tmp_path):
     assert saved["pairs"] == 2 and len(saved["trl_runs"]) == 2
 
 
+def test_trl_bf16_defaults_left_out_where_bf16_is_emulated():
+    sbs = _load("side_by_side")
+    only = ["--only", sbs.TRL_F32_BENCHES]
+    cmd = lambda args, mode, simd: sbs.trl_command("py", "trl.py", [], args, mode,  # noqa: E731
+                                                   {"simd": simd})
+    assert cmd("", "auto", "avx2 fma") == ["py", "trl.py", *only]
+    assert cmd("", "auto", "avx2 fma avx512f avx512_bf16") == ["py", "trl.py"]
+    assert cmd("", "auto", "avx2 amx_bf16") == ["py", "trl.py"]
+    assert cmd("", "yes", "avx2") == ["py", "trl.py"]
+    assert cmd("", "no", "avx512_bf16") == ["py", "trl.py", *only]
+    assert cmd("--only sft_trl", "auto", "avx2") == ["py", "trl.py", "--only", "sft_trl"]
+    assert "sft_trl_defaults" not in sbs.TRL_F32_BENCHES.split(",")
+
+
 def test_last_json_line_skips_noise():
     sbs = _load("side_by_side")
     assert sbs.last_json_line('x\n{"a": 1}\n{broken\n') == {"a": 1}
