@@ -59,18 +59,17 @@ def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> KV
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if rate == 0.0 or key is None:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
 def _keep(rate: float, key: jax.Array | None, shape) -> jax.Array | None:
-    """Dropout multiplier (0 or 1/(1 − rate)) drawn as :func:`_dropout` draws, or None."""
+    """Dropout multiplier of ``shape`` (0, or 1/(1 − rate) with probability 1 − rate), or None
+    when there is no dropout."""
     if rate == 0.0 or key is None:
         return None
     return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    keep = _keep(rate, key, x.shape)
+    return x if keep is None else x * keep.astype(x.dtype)
 
 
 def _normal(std: float):
