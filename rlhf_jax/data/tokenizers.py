@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2's byte-level BPE (offline) and a word-level tokenizer for synthetic tasks."""
+"""Tokenizers: GPT-2's byte-level BPE (offline), a checkpoint's own ``tokenizer.json``, and a
+word-level tokenizer for synthetic tasks."""
 
 from __future__ import annotations
 
@@ -51,6 +52,75 @@ class GPT2Tokenizer:
         return self._tok.decode(list(ids))
 
 
+class HFTokenizer:
+    """A Hugging Face checkpoint's ``tokenizer.json`` (through HF ``tokenizers``) with the special
+    ids of its ``config.json``.
+
+    ``eos_token_id`` may be one id or a list (the first ends sampling; all are kept in
+    ``eos_ids``); a missing pad id falls back to EOS, a missing BOS to EOS (GPT-2's convention).
+    Encoding adds no special tokens (the stages add BOS / EOS themselves); decoding stops at the
+    first EOS and skips padding.
+    """
+
+    def __init__(self, tok, *, eos_ids: Sequence[int], pad_id: int | None = None,
+                 bos_id: int | None = None):
+        self._tok = tok
+        self.eos_ids = tuple(int(i) for i in eos_ids)
+        self.eos_id = self.eos_ids[0]
+        self.pad_id = self.eos_id if pad_id is None else int(pad_id)
+        self.bos_id = self.eos_id if bos_id is None else int(bos_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "HFTokenizer":
+        """The tokenizer of checkpoint directory ``path`` (``tokenizer.json`` + ``config.json``);
+        errors name the file and field."""
+        from tokenizers import Tokenizer as _Tok
+
+        path = Path(path)
+        file, cfg_file = path / "tokenizer.json", path / "config.json"
+        try:
+            tok = _Tok.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+            raise ValueError(f"{file}: not a readable HF tokenizer ({e})") from None
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{cfg_file}: unreadable ({e})") from None
+        ids = {}
+        for field in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            v = cfg.get(field)
+            vs = v if isinstance(v, list) else [] if v is None else [v]
+            if not all(isinstance(i, int) and not isinstance(i, bool)
+                       and 0 <= i < tok.get_vocab_size() for i in vs):
+                raise ValueError(f"{cfg_file}: field {field!r} = {v!r} is not a token id (or "
+                                 f"list of ids) below the tokenizer's {tok.get_vocab_size()}")
+            ids[field] = vs
+        if not ids["eos_token_id"]:
+            raise ValueError(f"{cfg_file}: field 'eos_token_id' is missing; sampling needs an EOS")
+        return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
+                   bos_id=(ids["bos_token_id"] or [None])[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i in self.eos_ids:
+                break
+            if i != self.pad_id:
+                out.append(i)
+        return self._tok.decode(out)
+
+    def hf_tokenizer(self):
+        return self._tok
+
+
 class WordTokenizer:
     """Whitespace word-level tokenizer over a fixed vocabulary; ids 0-2 are ``<pad> <bos> <eos>``.
 
@@ -95,6 +165,15 @@ class WordTokenizer:
 
     def to_json(self) -> str:
         return json.dumps({"type": "word", "vocab": self.vocab})
+
+    def hf_tokenizer(self):
+        """The same vocabulary as an HF ``tokenizers`` word-level tokenizer (for export)."""
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers import models, pre_tokenizers
+
+        tok = _Tok(models.WordLevel(dict(self._ids), unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()   # decoding joins words with spaces
+        return tok
 
     @classmethod
     def from_json(cls, text: str) -> "WordTokenizer":

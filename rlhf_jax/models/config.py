@@ -20,6 +20,8 @@ class GPTConfig:
       d_ff: MLP hidden width; 0 means ``4 * d_model`` as in GPT-2.
       dropout: residual/attention dropout; 0 by default so sampler and trainer log-probs agree.
       ln_eps: LayerNorm epsilon (GPT-2: 1e-5).
+      tie_embeddings: the output layer is the token embedding (GPT-2); False adds a separate
+        output matrix ``lm_head [V, D]`` (HF ``tie_word_embeddings: false``).
     """
 
     vocab_size: int = 50257
@@ -30,6 +32,7 @@ class GPTConfig:
     d_ff: int = 0
     dropout: float = 0.0
     ln_eps: float = 1e-5
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         positive(self, "vocab_size", "max_len", "d_model", "n_layers", "n_heads")

@@ -8,6 +8,7 @@ functions of the parameter pytree, which is what ``jax.jit``/``grad``/``shard_ma
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,11 +20,15 @@ from rlhf_jax.models.gpt2 import GPT, ModelOutput
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """Static half of a split NNX model: ``apply(params, tokens, **kw) -> ModelOutput``."""
+    """Static half of a split NNX model: ``apply(params, tokens, **kw) -> ModelOutput``.
+
+    ``source`` describes the Hugging Face checkpoint it was imported from, if any
+    (:func:`rlhf_jax.models.hf.load_pretrained`); it does not take part in equality or hashing."""
 
     cfg: GPTConfig
     graphdef: nnx.GraphDef
     heads: tuple[str, ...] = ()
+    source: Any = None
 
     def apply(self, params: nnx.State, tokens: jax.Array, **kw) -> ModelOutput:
         return nnx.merge(self.graphdef, params)(tokens, **kw)

@@ -130,7 +130,8 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """GPT-2 trunk + tied LM head + optional scalar heads (e.g. ``("reward",)`` or ``("value",)``).
+    """GPT-2 trunk + LM head (the token embedding, or ``lm_head`` when ``cfg.tie_embeddings`` is
+    False) + optional scalar heads (e.g. ``("reward",)`` or ``("value",)``).
 
     Call with ``tokens [B, T]`` and ``attention_mask [B, T]`` (1 = real token; left or right
     padding). Position ids default to ``cumsum(mask) - 1`` so a left-padded row sees the same
@@ -153,6 +154,8 @@ class GPT(nnx.Module):
         self.wpe = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=_normal(0.01), rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        if not cfg.tie_embeddings:                                           # [V, D] like wte
+            self.lm_head = nnx.Param(_normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.d_model)))
         self.heads = nnx.Dict({
             name: nnx.Linear(cfg.d_model, 1, kernel_init=_normal(1.0 / math.sqrt(cfg.d_model)),
                              rngs=rngs)
@@ -201,6 +204,7 @@ class GPT(nnx.Module):
         hidden = self.ln_f(x)                                               # [B, T', D]
         logits = None
         if compute_logits:
-            logits = jnp.einsum("BTD,VD->BTV", hidden, self.wte.embedding[...]).astype(jnp.float32)
+            out_w = self.wte.embedding if self.cfg.tie_embeddings else self.lm_head
+            logits = jnp.einsum("BTD,VD->BTV", hidden, out_w[...]).astype(jnp.float32)
         scalars = {name: head(hidden)[..., 0].astype(jnp.float32) for name, head in self.heads.items()}
         return ModelOutput(logits, hidden, scalars, None if cache is None else tuple(new_cache))

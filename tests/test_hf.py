@@ -1,0 +1,383 @@
+"""Hugging Face GPT-2 import/export: parity with transformers' own outputs (committed fixtures made
+by ``tests/fixtures/hf/make_fixtures.py``), export round trips, checkpoint variants published
+GPT-2s use, and untrusted-input errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import chex
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from rlhf_jax.losses.reward import last_token_rewards
+from rlhf_jax.models import create_model, preset
+from rlhf_jax.models.hf import CheckpointError, file_digests, load_pretrained, save_pretrained
+from rlhf_jax.sampling import SamplingConfig, sample
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+LM_FIXTURES = ["gpt2_odd", "gpt2_untied_bf16"]
+PAD, EOS = 0, 2
+HAS_TORCH = (importlib.util.find_spec("torch") is not None
+             and importlib.util.find_spec("transformers") is not None)
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
+
+
+def _flat(params) -> dict:
+    return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
+
+
+def _assert_same_params(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES / name, dst)
+    return dst
+
+
+def _rewrite(ckpt: Path, edit) -> None:
+    """Replace ``ckpt/model.safetensors`` by ``edit(tensors)``."""
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file(edit(dict(tensors)), ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+# --- parity with transformers -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LM_FIXTURES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_logits_match_transformers(name, jit):
+    model, params = load_pretrained(FIXTURES / name)
+    exp = np.load(FIXTURES / name / "expected.npz")
+    fwd = lambda p, t, m: model.apply(p, t, attention_mask=m).logits  # noqa: E731
+    logits = np.asarray((jax.jit(fwd) if jit else fwd)(params, exp["tokens"], exp["mask"]))
+    real = exp["mask"] == 1
+    assert np.abs(logits[real] - exp["logits"][real]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", LM_FIXTURES)
+def test_greedy_kv_cache_decoding_matches_transformers_generate(name):
+    model, params = load_pretrained(FIXTURES / name)
+    exp = np.load(FIXTURES / name / "expected.npz")
+    out = sample(model, params, exp["tokens"], exp["mask"], jax.random.key(0),
+                 cfg=SamplingConfig(max_new_tokens=exp["greedy"].shape[1], temperature=0.0),
+                 eos_id=EOS, pad_id=PAD)
+    np.testing.assert_array_equal(np.asarray(out.tokens), exp["greedy"])
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_reward_model_scores_match_transformers(padding):
+    model, params = load_pretrained(FIXTURES / "gpt2_reward")
+    exp = np.load(FIXTURES / "gpt2_reward" / "expected.npz")
+    assert model.heads == ("reward",)
+    r = last_token_rewards(model, params, exp[padding], exp[f"{padding}_mask"])
+    assert np.abs(np.asarray(r) - exp[f"{padding}_scores"]).max() <= 1e-5
+
+
+def test_imported_config_and_dtype():
+    model, params = load_pretrained(FIXTURES / "gpt2_untied_bf16")
+    assert (model.cfg.n_heads, model.cfg.head_dim, model.cfg.tie_embeddings) == (5, 8, False)
+    assert model.source.dtype == "bfloat16" and model.cfg.dropout == 0.0
+    chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda x: x.astype("float32"), params))
+    odd, _ = load_pretrained(FIXTURES / "gpt2_odd")
+    assert (odd.cfg.n_heads, odd.cfg.ff_dim, odd.source.dtype) == (3, 52, "float32")
+
+
+@pytest.mark.parametrize("size, n_embd, n_layer, n_head, n_params", [
+    ("gpt2", 768, 12, 12, 124_439_808), ("gpt2-medium", 1024, 24, 16, 354_823_168),
+    ("gpt2-large", 1280, 36, 20, 774_030_080), ("gpt2-xl", 1600, 48, 25, 1_557_611_200)])
+def test_every_gpt2_size_maps_to_its_published_parameter_count(size, n_embd, n_layer, n_head,
+                                                              n_params):
+    from rlhf_jax.models import hf_gpt2
+
+    raw = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257,
+           "n_positions": 1024, "n_ctx": 1024, "n_embd": n_embd, "n_layer": n_layer,
+           "n_head": n_head, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+    cfg, arch, heads = hf_gpt2.config_from_hf(raw, Path(size) / "config.json")
+    specs = hf_gpt2.tensor_specs(cfg, arch)
+    assert sum(int(np.prod(s.shape)) for s in specs.values()) == n_params
+    if size in ("gpt2", "gpt2-medium"):
+        assert cfg == preset(size)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LM_FIXTURES + ["gpt2_reward"])
+def test_export_reload_is_bit_identical_in_the_loaded_dtype(name, tmp_path):
+    model, params = load_pretrained(FIXTURES / name)
+    save_pretrained(tmp_path / "out", model, params)
+    again, params2 = load_pretrained(tmp_path / "out")
+    assert again.cfg == model.cfg and again.heads == model.heads
+    assert again.source.dtype == model.source.dtype
+    _assert_same_params(params, params2)
+    # the same tensor names, shapes and dtypes as transformers' own file
+    def table(f):
+        with safe_open(f, "numpy") as fh:
+            return {k: (fh.get_slice(k).get_shape(), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    assert table(tmp_path / "out" / "model.safetensors") == table(FIXTURES / name / "model.safetensors")
+
+
+def test_export_in_a_requested_dtype(tmp_path):
+    model, params = load_pretrained(FIXTURES / "gpt2_odd")
+    save_pretrained(tmp_path / "bf16", model, params, dtype="bfloat16")
+    m2, p2 = load_pretrained(tmp_path / "bf16")
+    assert m2.source.dtype == "bfloat16"
+    for k, v in _flat(p2).items():
+        ref = _flat(params)[k].astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(v, ref, err_msg=str(k))
+    with pytest.raises(ValueError, match="dtype"):
+        save_pretrained(tmp_path / "x", model, params, dtype="int8")
+
+
+def test_library_model_exports_and_reloads(tmp_path):
+    model, params = create_model(preset("test", tie_embeddings=False), jax.random.key(3))
+    save_pretrained(tmp_path / "m", model, params)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["tie_word_embeddings"] is False
+    m2, p2 = load_pretrained(tmp_path / "m")
+    assert m2.cfg == model.cfg
+    _assert_same_params(params, p2)
+
+
+def _reward_model(key=0):
+    model, params = create_model(preset("test"), jax.random.key(key), heads=("reward",))
+    params["heads"]["reward"]["bias"][...] = np.full((1,), 0.7, np.float32)
+    return model, params
+
+
+def test_reward_bias_and_normalisation_fold_into_the_export(tmp_path):
+    model, params = _reward_model()
+    tokens = np.random.default_rng(0).integers(3, 64, (5, 9))
+    mask = np.ones_like(tokens)
+    mask[1, 6:] = mask[3, 4:] = 0
+    r = np.asarray(last_token_rewards(model, params, tokens, mask))
+    gain, bias = 1.7, -0.4
+    save_pretrained(tmp_path / "rm", model, params, reward_norm=(gain, bias))
+    m2, p2 = load_pretrained(tmp_path / "rm")
+    np.testing.assert_array_equal(np.asarray(p2["heads"]["reward"]["bias"][...]), [0.0])
+    r2 = np.asarray(last_token_rewards(m2, p2, tokens, mask))
+    np.testing.assert_allclose(r2, gain * r + bias, atol=1e-5)
+
+
+def test_reward_export_refuses_a_readout_it_cannot_express(tmp_path):
+    model, params = create_model(preset("test"), jax.random.key(0),
+                                 heads=("reward", "reward_lm_coef"))
+    with pytest.raises(ValueError, match="reward_lm_coef.*not all zeros"):
+        save_pretrained(tmp_path / "rm", model, params)
+    assert not (tmp_path / "rm").exists()
+    for leaf in ("kernel", "bias"):
+        params["heads"]["reward_lm_coef"][leaf][...] = 0.0 * params["heads"]["reward_lm_coef"][leaf][...]
+    save_pretrained(tmp_path / "rm", model, params)          # a zero readout changes nothing
+    assert load_pretrained(tmp_path / "rm")[0].heads == ("reward",)
+    value_model, vparams = create_model(preset("test"), jax.random.key(0), heads=("value",))
+    with pytest.raises(ValueError, match="architecture"):
+        save_pretrained(tmp_path / "v", value_model, vparams)
+
+
+# --- variants of published checkpoints ---------------------------------------------------------
+
+def test_names_without_prefix_and_attention_buffers(tmp_path):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    def edit(t):
+        t = {k.removeprefix("transformer."): v for k, v in t.items()}
+        for i in range(3):   # the causal-mask buffers old GPT-2 files carry
+            t[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 40, 40), np.float32))
+            t[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+        return t
+    _rewrite(ckpt, edit)
+    _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "gpt2_odd")[1])
+
+
+def test_sharded_checkpoint(tmp_path):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for f, ns in shards.items():
+        save_file({n: tensors[n] for n in ns}, ckpt / f, metadata={"format": "pt"})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, ns in shards.items() for n in ns}}))
+    _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "gpt2_odd")[1])
+    # an index entry that points outside the directory is refused
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"][names[0]] = "../model-00001-of-00002.safetensors"
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file name inside"):
+        load_pretrained(ckpt)
+
+
+def test_tied_checkpoint_that_still_stores_the_output_matrix(tmp_path):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    _rewrite(ckpt, lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"]})
+    _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "gpt2_odd")[1])
+    _rewrite(ckpt, lambda t: {**t, "lm_head.weight": t["lm_head.weight"] + 1.0})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' differs from the token embedding"):
+        load_pretrained(ckpt)
+
+
+# --- untrusted input --------------------------------------------------------------------------
+
+def _error(ckpt, **kw) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(ckpt, **kw)
+    return str(e.value)
+
+
+def test_truncated_file(tmp_path):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    msg = _error(ckpt)
+    assert "model.safetensors" in msg and "truncated or corrupt" in msg
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda t: {("transformer.h.1.mlp.c_fc.weightx" if k == "transformer.h.1.mlp.c_fc.weight"
+                 else k): v for k, v in t.items()},
+     r"missing tensor 'transformer.h.1.mlp.c_fc.weight'"),
+    (lambda t: {**t, "transformer.h.0.attn.extra": np.zeros(3, np.float32)},
+     r"unexpected tensor 'transformer.h.0.attn.extra'"),
+    (lambda t: {**t, "transformer.h.2.ln_2.bias": np.zeros(35, np.float32)},
+     r"tensor 'transformer.h.2.ln_2.bias' has shape \[35\], config.json implies \[36\]"),
+    (lambda t: {**t, "transformer.wpe.weight": t["transformer.wpe.weight"].astype(np.int32)},
+     r"tensor 'transformer.wpe.weight' has dtype I32"),
+    (lambda t: {**t, "transformer.ln_f.bias": np.full(36, np.nan, np.float32)},
+     r"tensor 'transformer.ln_f.bias' holds non-finite values"),
+])
+def test_bad_tensors_are_named(tmp_path, edit, pattern):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    _rewrite(ckpt, edit)
+    msg = _error(ckpt)
+    assert str(ckpt / "model.safetensors") in msg
+    assert re.search(pattern, msg), msg
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("n_head", 5, r"field 'n_head': d_model=36 is not divisible by n_heads=5"),
+    ("n_embd", "36", r"field 'n_embd' must be int, got '36'"),
+    ("n_layer", 0, r"field 'n_layer': must be > 0"),
+    ("model_type", "bert", r"field 'model_type' = 'bert'"),
+    ("architectures", ["GPT2DoubleHeadsModel"], r"field 'architectures'"),
+    ("activation_function", "relu", r"field 'activation_function' = 'relu'"),
+    ("vocab_size", None, r"field 'vocab_size' must be int"),
+])
+def test_bad_config_fields_are_named(tmp_path, field, value, pattern):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    msg = _error(ckpt)
+    assert str(ckpt / "config.json") in msg
+    assert re.search(pattern, msg), msg
+
+
+def test_missing_files(tmp_path):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    assert "no model.safetensors" in _error(ckpt)
+    (ckpt / "config.json").write_text("{not json")
+    assert "config.json: not valid JSON" in _error(ckpt)
+    assert "not a checkpoint directory" in _error(tmp_path / "nowhere")
+
+
+class _Payload:
+    """Unpickling this writes a marker file: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_malicious_pickle_is_never_executed(tmp_path, allow):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps({"wte.weight": _Payload(marker)}))
+    msg = _error(ckpt, allow_torch_bin=allow)
+    assert "pytorch_model.bin" in msg
+    assert not marker.exists()
+    # the payload does run when unpickled naively: the test can fail
+    pickle.loads((ckpt / "pytorch_model.bin").read_bytes())
+    assert marker.exists()
+
+
+@needs_torch
+def test_torch_bin_loads_only_tensors(tmp_path):
+    import torch
+
+    ckpt = _copy("gpt2_odd", tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors").unlink()
+    torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, ckpt / "pytorch_model.bin")
+    assert "pickle file, not loaded by default" in _error(ckpt)
+    _assert_same_params(load_pretrained(ckpt, allow_torch_bin=True)[1],
+                        load_pretrained(FIXTURES / "gpt2_odd")[1])
+    marker = tmp_path / "marker"
+    torch.save({"wte.weight": _Payload(marker)}, ckpt / "pytorch_model.bin")
+    assert "weights_only" in _error(ckpt, allow_torch_bin=True)
+    assert not marker.exists()
+
+
+def test_file_digests(tmp_path):
+    ckpt = _copy("gpt2_odd", tmp_path)
+    digests = file_digests(ckpt)
+    assert set(digests) == {"config.json", "model.safetensors", "generation_config.json",
+                            "expected.npz"}
+    import hashlib
+    assert digests["config.json"] == hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest()
+
+
+# --- against transformers itself (only where torch is installed) ------------------------------
+
+@needs_torch
+@pytest.mark.parametrize("name", LM_FIXTURES + ["gpt2_reward"])
+def test_transformers_loads_our_export_unchanged(name, tmp_path):
+    import torch
+    import transformers
+
+    model, params = load_pretrained(FIXTURES / name)
+    save_pretrained(tmp_path / "out", model, params)
+    cls = getattr(transformers, model.source.architecture)
+    hf = cls.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    exp = np.load(FIXTURES / name / "expected.npz")
+    key, mask_key = ("tokens", "mask") if "tokens" in exp else ("left", "left_mask")
+    t, m = torch.tensor(exp[key]), torch.tensor(exp[mask_key])
+    pos = (m.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = hf(t, attention_mask=m, position_ids=pos).logits.numpy()
+    if "tokens" in exp:
+        real = exp["mask"] == 1
+        assert np.abs(out[real] - exp["logits"][real]).max() <= 1e-5
+    else:
+        assert np.abs(out[:, 0] - exp["left_scores"]).max() <= 1e-5
+
+
+@needs_torch
+def test_regenerated_fixtures_match_the_committed_ones(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(tmp_path)
+    for name in LM_FIXTURES + ["gpt2_reward"]:
+        new, old = np.load(tmp_path / name / "expected.npz"), np.load(FIXTURES / name / "expected.npz")
+        for k in old.files:
+            np.testing.assert_allclose(new[k], old[k], rtol=1e-5, atol=1e-5, err_msg=f"{name}/{k}")
