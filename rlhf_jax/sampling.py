@@ -26,7 +26,7 @@ from jax import lax
 
 from rlhf_jax.configs import check
 from rlhf_jax.models.functional import Model
-from rlhf_jax.models.gpt2 import init_cache
+from rlhf_jax.models.decoder import init_cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Hugging Face GPT-2 import/export: parity with transformers' own outputs (committed fixtures made
-by ``tests/fixtures/hf/make_fixtures.py``), export round trips, checkpoint variants published
-GPT-2s use, and untrusted-input errors."""
+"""Hugging Face import/export (GPT-2, Llama, Qwen2, Qwen3): parity with transformers' own outputs
+(committed fixtures made by ``tests/fixtures/hf/make_fixtures.py``), export round trips, checkpoint
+variants published models use, and untrusted-input errors."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from rlhf_jax.models.hf import CheckpointError, file_digests, load_pretrained, s
 from rlhf_jax.sampling import SamplingConfig, sample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
-LM_FIXTURES = ["gpt2_odd", "gpt2_untied_bf16"]
+LM_FIXTURES = ["gpt2_odd", "gpt2_untied_bf16", "llama_gqa", "llama32_rope", "qwen2_bias",
+               "qwen3_qknorm"]
+REWARD_FIXTURES = ["gpt2_reward", "qwen2_reward"]
 PAD, EOS = 0, 2
 HAS_TORCH = (importlib.util.find_spec("torch") is not None
              and importlib.util.find_spec("transformers") is not None)
@@ -79,10 +81,11 @@ def test_greedy_kv_cache_decoding_matches_transformers_generate(name):
     np.testing.assert_array_equal(np.asarray(out.tokens), exp["greedy"])
 
 
+@pytest.mark.parametrize("name", REWARD_FIXTURES)
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_reward_model_scores_match_transformers(padding):
-    model, params = load_pretrained(FIXTURES / "gpt2_reward")
-    exp = np.load(FIXTURES / "gpt2_reward" / "expected.npz")
+def test_reward_model_scores_match_transformers(name, padding):
+    model, params = load_pretrained(FIXTURES / name)
+    exp = np.load(FIXTURES / name / "expected.npz")
     assert model.heads == ("reward",)
     r = last_token_rewards(model, params, exp[padding], exp[f"{padding}_mask"])
     assert np.abs(np.asarray(r) - exp[f"{padding}_scores"]).max() <= 1e-5
@@ -95,6 +98,62 @@ def test_imported_config_and_dtype():
     chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda x: x.astype("float32"), params))
     odd, _ = load_pretrained(FIXTURES / "gpt2_odd")
     assert (odd.cfg.n_heads, odd.cfg.ff_dim, odd.source.dtype) == (3, 52, "float32")
+    llama = load_pretrained(FIXTURES / "llama_gqa")[0].cfg
+    assert (llama.n_heads, llama.n_kv_heads, llama.rope_theta, llama.tie_embeddings) == (
+        6, 2, 5000.0, False)
+    qwen2 = load_pretrained(FIXTURES / "qwen2_bias")[0].cfg
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.qk_norm, qwen2.tie_embeddings) == (
+        True, False, False, True)
+    qwen3 = load_pretrained(FIXTURES / "qwen3_qknorm")[0].cfg
+    assert (qwen3.head_dim, qwen3.d_model // qwen3.n_heads, qwen3.qk_norm) == (16, 8, True)
+    scaled, p32 = load_pretrained(FIXTURES / "llama32_rope")
+    assert scaled.cfg.rope_llama3 == (8.0, 1.0, 4.0, 16) and scaled.source.dtype == "bfloat16"
+    assert (scaled.cfg.o_bias, scaled.cfg.mlp_bias) == (True, True)
+
+
+def _edit_config(ckpt: Path, edit) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(edit(cfg)))
+
+
+def test_llama_configs_in_the_older_form_load_the_same(tmp_path):
+    """Top-level ``rope_theta`` / ``rope_scaling`` and ``torch_dtype`` (most published files)
+    mean the same as transformers 5's ``rope_parameters`` and ``dtype``."""
+    for name in ("llama_gqa", "llama32_rope"):
+        ckpt = _copy(name, tmp_path)
+        def old(cfg):
+            rope = cfg.pop("rope_parameters")
+            cfg["rope_theta"] = rope.pop("rope_theta")
+            cfg["rope_scaling"] = None if rope["rope_type"] == "default" else {
+                "type" if k == "rope_type" else k: v for k, v in rope.items()}
+            cfg["torch_dtype"] = cfg.pop("dtype")
+            return cfg
+        _edit_config(ckpt, old)
+        m_old, p_old = load_pretrained(ckpt)
+        m_new, p_new = load_pretrained(FIXTURES / name)
+        assert m_old.cfg == m_new.cfg
+        _assert_same_params(p_old, p_new)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+     r"field 'rope_parameters.rope_type' = 'yarn' is not supported"),
+    (lambda c: {**c, "rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     r"field 'rope_scaling.rope_type' = 'linear'"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}},
+     r"'dynamic' is not supported"),
+    (lambda c: {**c, "use_sliding_window": True}, r"sliding-window"),
+    (lambda c: {**c, "layer_types": ["full_attention", "sliding_attention"]}, r"sliding-window"),
+    (lambda c: {**c, "hidden_act": "gelu"}, r"field 'hidden_act' = 'gelu'"),
+    (lambda c: {**c, "num_key_value_heads": 4}, r"field 'num_key_value_heads': n_heads=6 is not a "
+                                                r"multiple of n_kv_heads=4"),
+    (lambda c: {**c, "architectures": ["Qwen2ForCausalLM"]}, r"field 'architectures'"),
+])
+def test_llama_family_refuses_what_it_would_compute_differently(tmp_path, edit, pattern):
+    ckpt = _copy("llama_gqa", tmp_path)
+    _edit_config(ckpt, edit)
+    msg = _error(ckpt)
+    assert str(ckpt / "config.json") in msg and re.search(pattern, msg), msg
 
 
 @pytest.mark.parametrize("size, n_embd, n_layer, n_head, n_params", [
@@ -116,7 +175,7 @@ def test_every_gpt2_size_maps_to_its_published_parameter_count(size, n_embd, n_l
 
 # --- export ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", LM_FIXTURES + ["gpt2_reward"])
+@pytest.mark.parametrize("name", LM_FIXTURES + REWARD_FIXTURES)
 def test_export_reload_is_bit_identical_in_the_loaded_dtype(name, tmp_path):
     model, params = load_pretrained(FIXTURES / name)
     save_pretrained(tmp_path / "out", model, params)
@@ -143,14 +202,27 @@ def test_export_in_a_requested_dtype(tmp_path):
         save_pretrained(tmp_path / "x", model, params, dtype="int8")
 
 
-def test_library_model_exports_and_reloads(tmp_path):
-    model, params = create_model(preset("test", tie_embeddings=False), jax.random.key(3))
+@pytest.mark.parametrize("cfg, arch", [
+    (preset("test", tie_embeddings=False), "GPT2LMHeadModel"),
+    (preset("llama-test"), "LlamaForCausalLM"),
+    (preset("llama-test", qkv_bias=True, tie_embeddings=True), "Qwen2ForCausalLM"),
+    (preset("llama-test", qk_norm=True, head_dim=16), "Qwen3ForCausalLM"),
+])
+def test_library_model_exports_and_reloads(tmp_path, cfg, arch):
+    model, params = create_model(cfg, jax.random.key(3))
     save_pretrained(tmp_path / "m", model, params)
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["tie_word_embeddings"] is False
+    written = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert written["architectures"] == [arch]
+    assert written["tie_word_embeddings"] is cfg.tie_embeddings
     m2, p2 = load_pretrained(tmp_path / "m")
     assert m2.cfg == model.cfg
     _assert_same_params(params, p2)
+
+
+def test_llama_export_refuses_biases_no_architecture_has(tmp_path):
+    model, params = create_model(preset("llama-test", o_bias=True), jax.random.key(0))
+    with pytest.raises(ValueError, match="biases differ"):
+        save_pretrained(tmp_path / "m", model, params)
 
 
 def _reward_model(key=0):
@@ -171,6 +243,16 @@ def test_reward_bias_and_normalisation_fold_into_the_export(tmp_path):
     np.testing.assert_array_equal(np.asarray(p2["heads"]["reward"]["bias"][...]), [0.0])
     r2 = np.asarray(last_token_rewards(m2, p2, tokens, mask))
     np.testing.assert_allclose(r2, gain * r + bias, atol=1e-5)
+
+
+def test_llama_reward_export_folds_the_gain_and_refuses_a_constant(tmp_path):
+    model, params = load_pretrained(FIXTURES / "qwen2_reward")
+    exp = np.load(FIXTURES / "qwen2_reward" / "expected.npz")
+    save_pretrained(tmp_path / "rm", model, params, reward_norm=(2.5, 0.0))
+    r = last_token_rewards(*load_pretrained(tmp_path / "rm"), exp["left"], exp["left_mask"])
+    np.testing.assert_allclose(np.asarray(r), 2.5 * exp["left_scores"], atol=1e-5)
+    with pytest.raises(ValueError, match="final RMSNorm has no bias"):
+        save_pretrained(tmp_path / "rm2", model, params, reward_norm=(1.0, 0.3))
 
 
 def test_reward_export_refuses_a_readout_it_cannot_express(tmp_path):
@@ -200,6 +282,18 @@ def test_names_without_prefix_and_attention_buffers(tmp_path):
         return t
     _rewrite(ckpt, edit)
     _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "gpt2_odd")[1])
+
+
+def test_llama_names_and_rotary_buffers(tmp_path):
+    ckpt = _copy("llama_gqa", tmp_path)
+    def edit(t):
+        for i in range(2):
+            t[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+        return t
+    _rewrite(ckpt, edit)
+    _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "llama_gqa")[1])
+    _rewrite(ckpt, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+    assert "missing tensor 'lm_head.weight'" in _error(ckpt)   # untied: the output layer is needed
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -349,7 +443,7 @@ def test_file_digests(tmp_path):
 # --- against transformers itself (only where torch is installed) ------------------------------
 
 @needs_torch
-@pytest.mark.parametrize("name", LM_FIXTURES + ["gpt2_reward"])
+@pytest.mark.parametrize("name", LM_FIXTURES + REWARD_FIXTURES)
 def test_transformers_loads_our_export_unchanged(name, tmp_path):
     import torch
     import transformers
@@ -377,7 +471,7 @@ def test_regenerated_fixtures_match_the_committed_ones(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(tmp_path)
-    for name in LM_FIXTURES + ["gpt2_reward"]:
+    for name in LM_FIXTURES + REWARD_FIXTURES:
         new, old = np.load(tmp_path / name / "expected.npz"), np.load(FIXTURES / name / "expected.npz")
         for k in old.files:
             np.testing.assert_allclose(new[k], old[k], rtol=1e-5, atol=1e-5, err_msg=f"{name}/{k}")

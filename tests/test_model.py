@@ -1,4 +1,6 @@
-"""The GPT-2 model: NumPy reference forward, padding invariance, KV cache, heads, configs."""
+"""The decoders: GPT-2's NumPy reference forward; for GPT-2 and the Llama family alike, padding
+invariance, output positions, KV cache and heads; configs. (Llama parity with transformers:
+``test_hf.py``.)"""
 
 from __future__ import annotations
 
@@ -16,12 +18,24 @@ from rlhf_jax.models.functional import count_params, transplant
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = preset("test")
+def _tiny(cfg):
     model, params = create_model(cfg, jax.random.key(0), heads=("value", "reward"))
     apply = jax.jit(lambda p, t, m: model.apply(p, t, attention_mask=m))
     return cfg, model, params, apply
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return _tiny(preset("test"))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, gpt):
+    """Each decoder family; the Llama one with grouped-query attention (4 query heads on 2 KV
+    heads), q/k norms, q/k/v biases and an untied output layer."""
+    if request.param == "gpt2":
+        return gpt
+    return _tiny(preset("llama-test", qk_norm=True, qkv_bias=True))
 
 
 def _tokens(seed, shape, vocab):
@@ -31,8 +45,8 @@ def _tokens(seed, shape, vocab):
 B, T = 3, 10   # one shape for every full forward in this file: each new shape is a compile
 
 
-def test_forward_matches_numpy_reference(tiny):
-    cfg, model, params, apply = tiny
+def test_forward_matches_numpy_reference(gpt):
+    cfg, model, params, apply = gpt
     tokens = _tokens(0, (B, T), cfg.vocab_size)
     out = apply(params, tokens, np.ones_like(tokens))
     logits, hidden, scalars = ref.gpt_forward(params, cfg, tokens)
@@ -43,8 +57,8 @@ def test_forward_matches_numpy_reference(tiny):
         np.testing.assert_allclose(np.asarray(out.scalars[name]), scalars[name], atol=ATOL)
 
 
-def test_forward_with_padding_mask_matches_numpy_reference(tiny):
-    cfg, model, params, apply = tiny
+def test_forward_with_padding_mask_matches_numpy_reference(gpt):
+    cfg, model, params, apply = gpt
     tokens = _tokens(1, (B, T), cfg.vocab_size)
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1],      # left padding
                      [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],      # right padding
@@ -58,9 +72,9 @@ def test_forward_with_padding_mask_matches_numpy_reference(tiny):
     assert np.all(np.isfinite(np.asarray(out.logits)))   # fully-masked rows give no NaN
 
 
-def test_reference_is_sensitive_to_params(tiny):
+def test_reference_is_sensitive_to_params(gpt):
     """Guard: the reference would catch a wrong layer (here: one perturbed MLP bias)."""
-    cfg, model, params, apply = tiny
+    cfg, model, params, apply = gpt
     tokens = _tokens(2, (B, T), cfg.vocab_size)
     out = apply(params, tokens, np.ones_like(tokens))
     _, changed = create_model(cfg, jax.random.key(0), heads=("value", "reward"))  # a fresh copy
@@ -177,7 +191,7 @@ def test_cached_decode_token_by_token_matches_full_forward(tiny, cached_step):
         np.testing.assert_allclose(np.asarray(out.scalars["value"])[:, 0],
                                    np.asarray(full.scalars["value"])[:, i], atol=ATOL)
     assert len(cache) == cfg.n_layers
-    assert cache[0][0].shape == (B, cfg.n_heads, T, cfg.head_dim)
+    assert cache[0][0].shape == (B, cfg.kv_heads, T, cfg.head_dim)   # KV heads only
 
 
 def test_cached_prefill_of_left_padded_prompt_then_decode(tiny, cached_step):

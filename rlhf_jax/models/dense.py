@@ -59,7 +59,11 @@ _dense.defvjp(_fwd, _bwd)
 
 
 class Linear(nnx.Linear):
-    """``nnx.Linear`` (same parameters and names) computed with :func:`dense`."""
+    """``nnx.Linear`` (same parameters and names) computed with :func:`dense`; without a bias
+    (``use_bias=False``) it adds zeros."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return dense(x, self.kernel[...], self.bias[...])
+        kernel = self.kernel[...]
+        bias = (jnp.zeros(kernel.shape[-1:], kernel.dtype) if self.bias is None
+                else self.bias[...])
+        return dense(x, kernel, bias)

@@ -14,8 +14,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.models.config import GPTConfig
+from rlhf_jax.models.config import GPTConfig, LlamaConfig
 from rlhf_jax.models.gpt2 import GPT, ModelOutput
+from rlhf_jax.models.llama import Llama
+
+ModelConfig = GPTConfig | LlamaConfig
+ARCHITECTURES: dict[type, type[nnx.Module]] = {GPTConfig: GPT, LlamaConfig: Llama}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Model:
     ``source`` describes the Hugging Face checkpoint it was imported from, if any
     (:func:`rlhf_jax.models.hf.load_pretrained`); it does not take part in equality or hashing."""
 
-    cfg: GPTConfig
+    cfg: ModelConfig
     graphdef: nnx.GraphDef
     heads: tuple[str, ...] = ()
     source: Any = None
@@ -46,10 +50,15 @@ class Model:
         return isinstance(other, Model) and (self.cfg, self.heads) == (other.cfg, other.heads)
 
 
-def create_model(cfg: GPTConfig, key: jax.Array, *, heads: tuple[str, ...] = ()
+def build_module(cfg: ModelConfig, rngs: nnx.Rngs, heads: tuple[str, ...] = ()) -> nnx.Module:
+    """The decoder a config describes (``GPT`` or ``Llama``)."""
+    return ARCHITECTURES[type(cfg)](cfg, rngs=rngs, heads=tuple(heads))
+
+
+def create_model(cfg: ModelConfig, key: jax.Array, *, heads: tuple[str, ...] = ()
                  ) -> tuple[Model, nnx.State]:
-    """Build a ``GPT`` from ``key`` and split it into ``(Model, params)``."""
-    module = GPT(cfg, rngs=nnx.Rngs(params=key), heads=tuple(heads))
+    """Build the decoder ``cfg`` describes from ``key`` and split it into ``(Model, params)``."""
+    module = build_module(cfg, nnx.Rngs(params=key), heads)
     graphdef, params = nnx.split(module)
     return Model(cfg, graphdef, tuple(heads)), params
 

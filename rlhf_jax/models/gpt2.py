@@ -6,70 +6,26 @@ to the token embedding. Parameter names and kernel layouts ([in, out]) follow HF
 checkpoint imports by renaming alone.
 
 Einsum letters: B batch, T query positions, S key positions (cache slots), D d_model, H heads,
-K head_dim, F MLP width, V vocab.
-
-The KV cache is a tuple with one ``(k, v)`` pair per layer, each ``[B, H, S, K]``, written in place
-with ``lax.dynamic_update_slice`` (see ``../shared/bench/CPU-NOTES.md``: per-layer arrays are ~2x
-faster than one stacked array on CPU). It is an argument and a return value, never module state, so
-jitted code stays a pure function of ``(params, tokens, cache)``.
+K head_dim, F MLP width, V vocab. The call convention, masks, positions and the explicit per-layer
+KV cache are shared with the other decoders (:mod:`rlhf_jax.models.decoder`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from rlhf_jax.models.attention import attention
 from rlhf_jax.models.config import GPTConfig
+from rlhf_jax.models.decoder import (KVCache, ModelOutput, Positions, dropout, init_cache,
+                                     keep_mask, layer_keys, mask_and_positions, output,
+                                     run_blocks, take_positions, write_cache)
 from rlhf_jax.models.dense import Linear
-from rlhf_jax.ops import positions_from_mask
 
-KVCache = tuple[tuple[jax.Array, jax.Array], ...]
-
-
-class ModelOutput(NamedTuple):
-    logits: jax.Array | None         # [B, T, V] float32, or None when not requested
-    hidden: jax.Array                # [B, T, D] final-LayerNorm output
-    scalars: dict[str, jax.Array]    # head name -> [B, T]
-    cache: KVCache | None            # updated cache when one was passed in
-    # With ``output_positions`` the T axis of logits / hidden / scalars holds only those positions.
-
-
-Positions = slice | jax.Array | None   # a static slice of T, or per-row indices [B, T']
-
-
-def take_positions(x: jax.Array, positions: Positions) -> jax.Array:
-    """``x [B, T, ...]`` at ``positions``: all (None), a static slice, or indices ``[B, T']``."""
-    if positions is None:
-        return x
-    if isinstance(positions, slice):
-        return x[:, positions]
-    idx = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=1)
-
-
-def init_cache(cfg: GPTConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    """An empty KV cache: per layer a ``(k, v)`` pair of zeros ``[B, H, S, K]``."""
-    shape = (batch, cfg.n_heads, length, cfg.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
-
-
-def _keep(rate: float, key: jax.Array | None, shape) -> jax.Array | None:
-    """Dropout multiplier of ``shape`` (0, or 1/(1 − rate) with probability 1 − rate), or None
-    when there is no dropout."""
-    if rate == 0.0 or key is None:
-        return None
-    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    keep = _keep(rate, key, x.shape)
-    return x if keep is None else x * keep.astype(x.dtype)
+__all__ = ["GPT", "KVCache", "ModelOutput", "Positions", "init_cache", "take_positions"]
 
 
 def _normal(std: float):
@@ -85,19 +41,16 @@ class Attention(nnx.Module):
                              rngs=rngs)
 
     def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None, positions=None):
-        """Keys and values at every position; attention (and so outputs) only at ``positions``."""
+        """Keys and values at every position; attention (and so outputs) only at ``positions``
+        (output positions)."""
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.c_attn(x).reshape(b, t, 3, cfg.n_heads, cfg.head_dim)   # [B, T, 3, H, K]
         q = jnp.swapaxes(take_positions(qkv[:, :, 0], positions), 1, 2)     # [B, H, T', K]
         k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in (1, 2))          # [B, H, T, K]
         mask = take_positions(mask, positions)                              # [B, T', S]
-        if kv is not None:
-            k_cache, v_cache = kv                                            # [B, H, S, K]
-            k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
-            v = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
-            kv = (k, v)
-        keep = _keep(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
+        k, v, kv = write_cache(kv, k, v, cache_index)                      # [B, H, S, K]
+        keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
         out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim))  # [B,H,T',K]
         out = jnp.swapaxes(out, 1, 2).reshape(b, q.shape[2], cfg.d_model)
         return self.c_proj(out), kv
@@ -121,11 +74,13 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None, positions=None):
+    def __call__(self, x, mask, token_positions, kv=None, cache_index=None, dropout_key=None,
+                 positions=None):
+        del token_positions   # learned absolute positions enter at the embedding
         keys = (None,) * 3 if dropout_key is None else tuple(jax.random.split(dropout_key, 3))
         a, kv = self.attn(self.ln_1(x), mask, kv, cache_index, keys[0], positions)
-        x = take_positions(x, positions) + _dropout(a, self.cfg.dropout, keys[1])
-        x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, keys[2])
+        x = take_positions(x, positions) + dropout(a, self.cfg.dropout, keys[1])
+        x = x + dropout(self.mlp(self.ln_2(x)), self.cfg.dropout, keys[2])
         return x, kv
 
 
@@ -174,37 +129,13 @@ class GPT(nnx.Module):
         output_positions: Positions = None,
         dropout_key: jax.Array | None = None,
     ) -> ModelOutput:
-        b, t = tokens.shape
-        if cache is None:
-            if attention_mask is None:
-                attention_mask = jnp.ones((b, t), jnp.bool_)
-            kv_valid = attention_mask.astype(jnp.bool_)                      # [B, S=T]
-            q_slot = jnp.arange(t)
-            if positions is None:
-                positions = positions_from_mask(attention_mask)
-        else:
-            if kv_mask is None or positions is None or cache_index is None:
-                raise ValueError("a cached call needs kv_mask, positions and cache_index")
-            kv_valid = kv_mask.astype(jnp.bool_)
-            q_slot = cache_index + jnp.arange(t)
-        s_slot = jnp.arange(kv_valid.shape[1])
-        mask = kv_valid[:, None, :] & (s_slot[None, None, :] <= q_slot[None, :, None])  # [B,T,S]
-
+        mask, positions = mask_and_positions(tokens, attention_mask, positions, cache,
+                                             cache_index, kv_mask)               # [B, T, S]
         x = self.wte(tokens) + self.wpe(positions)                          # [B, T, D]
-        keys = [None] * (len(self.h) + 1)
-        if dropout_key is not None and self.cfg.dropout > 0:
-            keys = list(jax.random.split(dropout_key, len(self.h) + 1))
-        x = _dropout(x, self.cfg.dropout, keys[-1])
-        new_cache = []
-        last = len(self.h) - 1
-        for i, block in enumerate(self.h):
-            x, kv = block(x, mask, None if cache is None else cache[i], cache_index, keys[i],
-                          output_positions if i == last else None)
-            new_cache.append(kv)
+        keys = layer_keys(dropout_key, self.cfg.dropout, len(self.h) + 1)
+        x = dropout(x, self.cfg.dropout, keys[-1])
+        x, new_cache = run_blocks(self.h, x, mask, positions, cache, cache_index, keys,
+                                  output_positions)
         hidden = self.ln_f(x)                                               # [B, T', D]
-        logits = None
-        if compute_logits:
-            out_w = self.wte.embedding if self.cfg.tie_embeddings else self.lm_head
-            logits = jnp.einsum("BTD,VD->BTV", hidden, out_w[...]).astype(jnp.float32)
-        scalars = {name: head(hidden)[..., 0].astype(jnp.float32) for name, head in self.heads.items()}
-        return ModelOutput(logits, hidden, scalars, None if cache is None else tuple(new_cache))
+        out_w = self.wte.embedding if self.cfg.tie_embeddings else self.lm_head
+        return output(hidden, out_w[...], self.heads, new_cache, compute_logits)

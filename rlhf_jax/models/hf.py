@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out, named like the ``transformers`` functions (GPT-2 family)::
+"""Hugging Face checkpoints in and out, named like the ``transformers`` functions (GPT-2 and the
+Llama family: Llama, Qwen2, Qwen3)::
 
     model, params = load_pretrained("path/to/checkpoint")      # config.json + *.safetensors
     out = model.apply(params, tokens, attention_mask=mask)      # ModelOutput; .logits [B, T, V]
@@ -18,10 +19,11 @@ last position whose *attention mask* is 1 (``losses.reward.last_token_index``: t
 response has one). The two agree when ``pad_token_id`` is distinct from every real token; with
 GPT-2's convention pad == eos, transformers skips a trailing EOS and reads one token earlier, so
 give an exported reward model a pad id of its own to get the same scores. A head bias and a reward
-normalisation ``gain · r + bias`` are folded into the exported weights exactly (the gain into
-``score.weight``; the constant into ``ln_f.bias`` along ``score.weight``, which a sequence
-classifier uses for nothing else); any other non-zero scalar head (the LM-likelihood readout) has no
-place in the HF layout, and export refuses rather than change the scores.
+normalisation ``gain · r + bias`` are folded into the exported weights exactly: the gain into
+``score.weight``; for GPT-2 the constant into ``ln_f.bias`` along ``score.weight``, which a sequence
+classifier uses for nothing else (a Llama-family final RMSNorm has no bias, so there a non-zero
+constant is refused). Any other non-zero scalar head (the LM-likelihood readout) has no place in
+the HF layout, and export refuses rather than change the scores.
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.models import hf_gpt2
-from rlhf_jax.models.functional import Model
-from rlhf_jax.models.gpt2 import GPT
+from rlhf_jax.models import hf_gpt2, hf_llama
+from rlhf_jax.models.config import GPTConfig, LlamaConfig
+from rlhf_jax.models.functional import Model, build_module
 from rlhf_jax.models.hf_io import (DTYPES, INDEX, NUMPY_DTYPES, SAFETENSORS, CheckpointError,
                                    read_headers, read_json, read_tensor, weight_files,
                                    write_json, write_safetensors)
 
 __all__ = ["CheckpointError", "HFSource", "file_digests", "load_pretrained", "save_pretrained"]
 
-FAMILIES = {hf_gpt2.MODEL_TYPE: hf_gpt2}
+# model_type -> the module that maps its config and tensor names (the same interface for each)
+FAMILIES = {t: fam for fam in (hf_gpt2, hf_llama) for t in fam.MODEL_TYPES}
+FAMILY_OF_CONFIG = {GPTConfig: hf_gpt2, LlamaConfig: hf_llama}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,9 @@ def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
     raw = read_json(cfg_file)
     fam = _family(raw, cfg_file)
     cfg, arch, heads = fam.config_from_hf(raw, cfg_file)
+    lm_arch = fam.architectures(raw["model_type"])[0]
+    if arch != lm_arch:   # no output layer in the checkpoint: the embedding serves (none invented)
+        cfg = cfg.replace(tie_embeddings=True)
     specs = fam.tensor_specs(cfg, arch)
     files = weight_files(path, allow_torch_bin=allow_torch_bin)
     where = next(iter(files)) if len(files) == 1 else path / INDEX
@@ -109,7 +116,7 @@ def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
     # a tied checkpoint may still carry the output matrix: accepted only as an exact copy
     tied_copy = stored.pop("lm_head.weight") if (
         "lm_head.weight" in stored and "lm_head.weight" not in specs
-        and cfg.tie_embeddings and arch == hf_gpt2.LM) else None
+        and cfg.tie_embeddings and arch == lm_arch) else None
     missing = [n for n in specs if n not in stored]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -140,7 +147,7 @@ def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
     if "reward" in heads:
         values[("heads", "reward", "bias")] = np.zeros((1,), np.float32)
 
-    module = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0), heads=heads))
+    module = nnx.eval_shape(lambda: build_module(cfg, nnx.Rngs(0), heads))
     graphdef, abstract = nnx.split(module)
     flat = [(p, var.replace(jnp.asarray(values[p]))) for p, var in nnx.to_flat_state(abstract)]
     dtype = Counter(i.dtype for _, i in stored.values()).most_common(1)[0][0]
@@ -166,26 +173,30 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
     """
     path = Path(path)
     heads = set(model.heads)
-    arch = architecture or (hf_gpt2.REWARD if "reward" in heads else
-                            hf_gpt2.LM if not heads else None)
-    if arch is None or arch not in (hf_gpt2.LM, hf_gpt2.REWARD):
+    fam = FAMILY_OF_CONFIG[type(model.cfg)]
+    base = dict(model.source.config) if model.source is not None else {}
+    model_type = base.get("model_type") or fam.model_type_of(model.cfg)
+    lm, _, reward = fam.architectures(model_type)
+    arch = architecture or (reward if "reward" in heads else lm if not heads else None)
+    if arch not in (lm, reward):
         raise ValueError(f"architecture={architecture!r}: a model with heads {sorted(heads)} needs "
-                         f"one of {[hf_gpt2.LM, hf_gpt2.REWARD]}")
-    if arch == hf_gpt2.REWARD and "reward" not in heads:
+                         f"one of {[lm, reward]}")
+    if arch == reward and "reward" not in heads:
         raise ValueError(f"{arch} needs a 'reward' head; the model has {sorted(heads)}")
     dtype = dtype or (model.source.dtype if model.source is not None else "float32")
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(NUMPY_DTYPES)}")
     flat = {p: np.asarray(v.get_value(), np.float32) for p, v in nnx.to_flat_state(params)}
-    if arch == hf_gpt2.REWARD:
+    if arch == reward:
         flat = _fold_reward(flat, heads, reward_norm)
 
     tensors = {}
-    for canon, spec in hf_gpt2.tensor_specs(model.cfg, arch).items():
+    for canon, spec in fam.tensor_specs(model.cfg, arch).items():
         arr = flat[spec.path].T if spec.transpose else flat[spec.path]
-        tensors[hf_gpt2.stored_name(canon)] = arr.astype(NUMPY_DTYPES[dtype])
-    base = dict(model.source.config) if model.source is not None else {}
-    config = hf_gpt2.config_to_hf(model.cfg, arch, base)
+        tensors[fam.stored_name(canon)] = arr.astype(NUMPY_DTYPES[dtype])
+    config = fam.config_to_hf(model.cfg, arch, model_type, base)
+    if arch == reward and "tie_word_embeddings" in base:   # meaningless for a classifier: as read
+        config["tie_word_embeddings"] = base["tie_word_embeddings"]
     config["dtype"] = config["torch_dtype"] = dtype   # transformers >= 4.56 reads "dtype"
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
@@ -212,6 +223,12 @@ def _fold_reward(flat: dict, heads: set[str], reward_norm: tuple[float, float]) 
     flat[("heads", "reward", "kernel")] = w[:, None].astype(np.float32)
     if const != 0.0:
         norm2 = float(w @ w)
+        if ("ln_f", "bias") not in flat:
+            raise ValueError(
+                f"a reward constant {const!r} (head bias and normalisation shift) cannot be folded "
+                "into this model: its final RMSNorm has no bias and HF's score layer has none. A "
+                "constant shift leaves Bradley-Terry preferences unchanged; pass reward_norm="
+                "(gain, shift) with gain * head bias + shift == 0 to export r - const")
         if norm2 == 0.0:
             raise ValueError("the reward head's kernel is zero, so its constant "
                              f"{const!r} cannot be folded into the final LayerNorm")

@@ -19,7 +19,7 @@ from rlhf_jax.configs import ConfigError
 from rlhf_jax.models.config import GPTConfig
 from rlhf_jax.models.hf_io import CheckpointError
 
-MODEL_TYPE = "gpt2"
+MODEL_TYPES = ("gpt2",)
 LM, BACKBONE, REWARD = "GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification"
 ARCHITECTURES: dict[str, tuple[str, ...]] = {LM: (), BACKBONE: (), REWARD: ("reward",)}
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")       # the tanh approximation GPT uses
@@ -37,7 +37,9 @@ class TensorSpec:
     transpose: bool = False      # HF stores the transpose of our layout
 
 
-def _get(raw: Mapping, field: str, kind: type, default: Any, source: Path):
+def get_field(raw: Mapping, field: str, kind: type, default: Any, source: Path):
+    """``raw[field]`` (or ``default`` when absent), which must be of ``kind`` (an int passes as a
+    float, a bool never as a number); otherwise a :class:`CheckpointError` naming the field."""
     value = raw.get(field, default)
     ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
           or kind is float and isinstance(value, int) and not isinstance(value, bool))
@@ -45,6 +47,19 @@ def _get(raw: Mapping, field: str, kind: type, default: Any, source: Path):
         raise CheckpointError(f"{source}: field {field!r} must be {kind.__name__}, "
                               f"got {value!r}")
     return value
+
+
+def architectures(model_type: str) -> tuple[str, str, str]:
+    """``(causal LM, backbone, sequence classification)`` architecture names."""
+    return LM, BACKBONE, REWARD
+
+
+def is_reward(arch: str) -> bool:
+    return arch == REWARD
+
+
+def model_type_of(cfg: GPTConfig) -> str:
+    return "gpt2"
 
 
 def architecture_of(raw: Mapping, source: Path) -> str:
@@ -65,7 +80,7 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[GPTConfig, str, tuple[st
                               f"computes the tanh GELU, one of {ACTIVATIONS}")
     for field, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                         ("add_cross_attention", False)):
-        if _get(raw, field, bool, want, source) != want:
+        if get_field(raw, field, bool, want, source) != want:
             raise CheckpointError(f"{source}: field {field!r} = {raw[field]!r} is not supported "
                                   f"(only {want})")
     if arch == REWARD:
@@ -76,25 +91,26 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[GPTConfig, str, tuple[st
     for hf in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
         if hf not in raw:
             raise CheckpointError(f"{source}: field {hf!r} is missing")
-    ints = {ours: _get(raw, hf, int, None, source) for ours, hf in FIELDS.items()
+    ints = {ours: get_field(raw, hf, int, None, source) for ours, hf in FIELDS.items()
             if ours in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads")}
     try:
         cfg = GPTConfig(**ints,
-                        d_ff=0 if raw.get("n_inner") is None else _get(raw, "n_inner", int, 0,
+                        d_ff=0 if raw.get("n_inner") is None else get_field(raw, "n_inner", int, 0,
                                                                         source),
-                        ln_eps=float(_get(raw, "layer_norm_epsilon", float, 1e-5, source)),
-                        tie_embeddings=_get(raw, "tie_word_embeddings", bool, True, source))
+                        ln_eps=float(get_field(raw, "layer_norm_epsilon", float, 1e-5, source)),
+                        tie_embeddings=get_field(raw, "tie_word_embeddings", bool, True, source))
     except ConfigError as e:
         field, _, message = str(e).removeprefix("config field `").partition("`: ")
         raise CheckpointError(f"{source}: field {FIELDS.get(field, field)!r}: {message}") from None
     return cfg, arch, ARCHITECTURES[arch]
 
 
-def config_to_hf(cfg: GPTConfig, arch: str, base: Mapping | None = None) -> dict:
+def config_to_hf(cfg: GPTConfig, arch: str, model_type: str = "gpt2",
+                 base: Mapping | None = None) -> dict:
     """An HF GPT-2 ``config.json`` for ``cfg``; fields of ``base`` (an imported checkpoint's
     config) that do not describe the architecture are kept."""
     out = dict(base or {})
-    out.update({"model_type": MODEL_TYPE, "architectures": [arch],
+    out.update({"model_type": model_type, "architectures": [arch],
                 **{hf: getattr(cfg, ours) for ours, hf in FIELDS.items()},
                 "n_inner": cfg.d_ff or None, "n_ctx": cfg.max_len,
                 "activation_function": out.get("activation_function", "gelu_new"),
