@@ -3,6 +3,11 @@
 Fields of nested configs become dotted flags (``--optim.learning-rate 1e-3``); ``--help`` lists all
 of them with their docstrings. Invalid values fail before any work, with a message naming the field.
 
+``--init-from DIR`` (a Hugging Face checkpoint directory) sets the ``init_from`` field of the
+outermost stage config that has one, so every script starts its policy from the checkpoint with the
+same flag (``sft.py``: the SFT stage; ``ppo.py``: the SFT stage it runs first; ``pretrain.py``:
+continued pretraining).
+
 Multi-host runs: ``--coordinator-address HOST:PORT --num-processes N --process-id I`` (or the
 environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; or
 ``RLHF_JAX_DISTRIBUTED=auto`` on SLURM / Open MPI / Cloud TPU) connect the processes before any work.
@@ -39,6 +44,9 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
         """multi-host: number of processes (default: $JAX_NUM_PROCESSES)"""
         process_id: int | None = None
         """multi-host: this process's index (default: $JAX_PROCESS_ID)"""
+        init_from: str = ""
+        """a Hugging Face checkpoint directory (config.json + safetensors [+ tokenizer.json]) to
+        start the policy from, instead of pretraining on the task"""
 
     try:
         args = tyro.cli(Args, args=argv, description=description)
@@ -48,7 +56,35 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     from rlhf_jax.parallel import initialize_distributed
 
     initialize_distributed(args.coordinator_address or None, args.num_processes, args.process_id)
-    return args.out, args.cfg
+    cfg = args.cfg
+    if args.init_from:
+        try:
+            cfg = with_init_from(cfg, args.init_from)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
+    return args.out, cfg
+
+
+def with_init_from(cfg: C, path: str) -> C:
+    """``cfg`` with ``init_from = path`` in the outermost (breadth-first) nested config that has
+    that field; a ``ConfigError`` when none has."""
+    queue: list[tuple[tuple[str, ...], object]] = [((), cfg)]
+    while queue:
+        where, node = queue.pop(0)
+        names = {f.name for f in dataclasses.fields(node)}
+        if "init_from" in names:
+            return _replace_at(cfg, where, init_from=path)
+        queue += [((*where, f.name), getattr(node, f.name)) for f in dataclasses.fields(node)
+                  if dataclasses.is_dataclass(getattr(node, f.name))]
+    raise ConfigError(f"--init-from: {type(cfg).__name__} has no stage that starts from a policy")
+
+
+def _replace_at(cfg, where: tuple[str, ...], **kw):
+    if not where:
+        return dataclasses.replace(cfg, **kw)
+    return dataclasses.replace(cfg, **{where[0]: _replace_at(getattr(cfg, where[0]), where[1:],
+                                                             **kw)})
 
 
 def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[str] | None = None,

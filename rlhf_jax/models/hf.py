@@ -45,7 +45,8 @@ from rlhf_jax.models.hf_io import (DTYPES, INDEX, NUMPY_DTYPES, SAFETENSORS, Che
                                    read_headers, read_json, read_tensor, weight_files,
                                    write_json, write_safetensors)
 
-__all__ = ["CheckpointError", "HFSource", "file_digests", "load_pretrained", "save_pretrained"]
+__all__ = ["CheckpointError", "HFSource", "file_digests", "load_config", "load_pretrained",
+           "save_pretrained"]
 
 # model_type -> the module that maps its config and tensor names (the same interface for each)
 FAMILIES = {t: fam for fam in (hf_gpt2, hf_llama) for t in fam.MODEL_TYPES}
@@ -83,6 +84,21 @@ def _family(raw: dict, source: Path):
     return FAMILIES[model_type]
 
 
+def load_config(path: str | Path) -> tuple[Any, str, tuple[str, ...]]:
+    """``(model config, architecture, scalar heads)`` of the HF checkpoint directory ``path``,
+    from its ``config.json`` alone (no weights read)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    cfg_file = path / "config.json"
+    raw = read_json(cfg_file)
+    fam = _family(raw, cfg_file)
+    cfg, arch, heads = fam.config_from_hf(raw, cfg_file)
+    if arch != fam.architectures(raw["model_type"])[0]:   # no output layer in the checkpoint:
+        cfg = cfg.replace(tie_embeddings=True)            # the embedding serves (none invented)
+    return cfg, arch, heads
+
+
 def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
                     ) -> tuple[Model, nnx.State]:
     """``(Model, params)`` of the HF checkpoint directory ``path``.
@@ -91,15 +107,10 @@ def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
     ``torch.load(weights_only=True)`` (needs torch); by default only safetensors are read.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    cfg_file = path / "config.json"
-    raw = read_json(cfg_file)
-    fam = _family(raw, cfg_file)
-    cfg, arch, heads = fam.config_from_hf(raw, cfg_file)
+    cfg, arch, heads = load_config(path)
+    raw = read_json(path / "config.json")
+    fam = FAMILIES[raw["model_type"]]
     lm_arch = fam.architectures(raw["model_type"])[0]
-    if arch != lm_arch:   # no output layer in the checkpoint: the embedding serves (none invented)
-        cfg = cfg.replace(tie_embeddings=True)
     specs = fam.tensor_specs(cfg, arch)
     files = weight_files(path, allow_torch_bin=allow_torch_bin)
     where = next(iter(files)) if len(files) == 1 else path / INDEX
