@@ -16,7 +16,7 @@ the reward model (``rlhf_jax.stages.reward_model.make_score_fn``) and pass it in
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,9 @@ from rlhf_jax.losses.ppo import kl_per_token
 from rlhf_jax.models.functional import Model
 from rlhf_jax.runs import RunDir
 from rlhf_jax.sampling import SamplingConfig, response_logits, sample
-from rlhf_jax.tasks import TaskConfig
+
+if TYPE_CHECKING:   # only its shapes are read: prompt_len, max_new_tokens, eval_samples
+    from rlhf_jax.tasks import TaskConfig
 
 ScoreFn = Callable[..., jax.Array]   # (params, tokens [B, T], mask [B, T]) -> [B]
 

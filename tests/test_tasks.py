@@ -41,6 +41,16 @@ def test_stages_and_evaluation_import_no_concrete_task():
         assert "FactsWorld" not in f.read_text(), f.name
 
 
+def test_evaluation_loads_no_concrete_task_even_indirectly():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhf_jax.evaluate, rlhf_jax.labeler, rlhf_jax.rl.ppo; "
+            "print('rlhf_jax.data.facts_world' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_the_checker_sees_an_import():
     """The check above can fail: it finds the import a stage used to have."""
     import tempfile
