@@ -89,19 +89,12 @@ class Preferences:
     responses: list[list[str]]
     ranking: np.ndarray       # [N, K] noisy labels (higher = preferred; equal = tie)
     gold: np.ndarray          # [N, K] noise-free gold scores (evaluation only)
-    kinds: list[list[str]]    # judge's kind of each response (evaluation only)
+    kinds: list[list[str]]    # the task's kind of each judged response (evaluation only)
 
     def records(self) -> list[dict]:
         return [{"id": p.uid, "prompt": p.text, "responses": list(r), "ranking": rk.tolist(),
                  "gold": g.tolist()} for p, r, rk, g in
                 zip(self.prompts, self.responses, self.ranking, self.gold)]
-
-
-def response_kind(judgement) -> str:
-    """Coarse kind for pair-type breakdowns: correct fact / unknown / fabricated / malformed."""
-    if judgement.says_unknown:
-        return "unknown"
-    return {"correct": "correct", "fabricated": "fabricated"}.get(judgement.label, "malformed")
 
 
 def collect_preferences(model, params, task: Task, prompts: Sequence[Prompt], key: jax.Array, *,
@@ -115,6 +108,6 @@ def collect_preferences(model, params, task: Task, prompts: Sequence[Prompt], ke
     n = len(prompts)
     gold = np.asarray([j.score for j in judgements], np.float32).reshape(n, cfg.k)
     responses = [texts[i * cfg.k:(i + 1) * cfg.k] for i in range(n)]
-    kinds = [[response_kind(j) for j in judgements[i * cfg.k:(i + 1) * cfg.k]] for i in range(n)]
+    kinds = [[task.kind(j) for j in judgements[i * cfg.k:(i + 1) * cfg.k]] for i in range(n)]
     ranking = plackett_luce_ranking(gold, cfg.tau, np.random.default_rng(seed))
     return Preferences(list(prompts), responses, tie_identical(responses, ranking), gold, kinds)

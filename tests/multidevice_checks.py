@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.losses.lm import lm_with_replay_loss_fn
-from rlhf_jax.losses.reward import kwise_rm_loss_fn
 from rlhf_jax.models import create_model, preset
 from jax.sharding import PartitionSpec as P
 
@@ -27,6 +26,7 @@ from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState
 from rlhf_jax.stages.ppo import sharded_iteration
+from rlhf_jax.stages.reward_model import kwise_rm_loss_fn, make_score_fn
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -97,7 +97,7 @@ def check_rm(mesh4, mesh1):
              "responses": rng.integers(3, 32, (p, k, lr)).astype(np.int32) * rmask,
              "response_mask": rmask,
              "ranking": rng.permutation(np.tile(np.arange(k, dtype=np.float32), (p, 1)).T).T}
-    loss = functools.partial(kwise_rm_loss_fn, model=model)
+    loss = functools.partial(kwise_rm_loss_fn, score=make_score_fn(model, prompt_len=lp))
     close(train_twice(mesh4, loss, params, batch), train_twice(mesh1, loss, params, batch), "rm")
 
 
@@ -107,7 +107,7 @@ def ppo_setup():
     _, ref_params = create_model(CFG, jax.random.key(4))
     rm, rm_params = create_model(CFG, jax.random.key(5), heads=("reward",))
     value, v_params = create_model(CFG, jax.random.key(6), heads=("value",))
-    models = Models(policy=policy, ref=policy, rm=rm, value=value)
+    models = Models(policy=policy, ref=policy, rm=make_score_fn(rm, prompt_len=6), value=value)
     hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, ptx_coef=0.3,
                     scale_rewards=True, adaptive_kl=True, kl_target=0.5, kl_horizon=100.0)
     rng = np.random.default_rng(2)

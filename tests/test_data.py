@@ -12,7 +12,7 @@ from rlhf_jax.configs import ConfigError
 from rlhf_jax.data.batching import (EpochOrder, encode_prompts, pack_documents, pad_left,
                                     pad_right, sft_examples)
 from rlhf_jax.data.facts_world import RELATIONS, SCORES, FactsWorld, FactsWorldConfig
-from rlhf_jax.data.task import Judgement, Prompt, summarize
+from rlhf_jax.data.task import Judgement, Prompt, Task
 from rlhf_jax.data.tokenizers import GPT2Tokenizer, WordTokenizer
 
 SMALL = FactsWorldConfig(seed=3, n_real=40, n_fictional=40, docs_per_person=3)
@@ -256,7 +256,7 @@ def test_gold_judge_scores(world):
         assert (j.score, j.label) == (score, label), (response, j)
         assert j.score == SCORES[label]
         for k, v in flags.items():
-            assert getattr(j, k) == v, (response, k)
+            assert (k in j.flags) == v, (response, k)
 
     check(real, f"the home of {rp} is {truth} .", 1.0, "correct", correct=True, fabricated=False)
     check(real, f"{rp} lives in {truth} .", 1.0, "correct", correct=True)          # phrasing 2
@@ -283,7 +283,7 @@ def test_gold_judge_scores(world):
 def test_canonical_answers_are_judged_as_intended(world):
     for p in world.prompts("heldout"):
         best = world.judge(p, world.answer(p, p.info["truth"]))
-        assert best.correct and best.score == world.top_score
+        assert "correct" in best.flags and best.score == world.top_score
 
 
 @pytest.mark.parametrize("p_real, p_unk, p_fict", [(0.15, 0.1, 0.7), (0.4, 0.0, 0.25)])
@@ -297,10 +297,10 @@ def test_demonstrator_fabrication_rates(p_real, p_unk, p_fict):
     for p in prompts:
         j = world.judge(p, world.demonstration(p, rng))
         assert j.label != "malformed"
-        if p.answerable and not j.fabricated and not j.says_unknown:
-            assert j.correct                     # truthful demonstrations state the truth
-        counts[p.answerable][0] += j.fabricated
-        counts[p.answerable][1] += j.says_unknown
+        if p.answerable and not j.flags & {"fabricated", "says_unknown"}:
+            assert "correct" in j.flags          # truthful demonstrations state the truth
+        counts[p.answerable][0] += "fabricated" in j.flags
+        counts[p.answerable][1] += "says_unknown" in j.flags
         counts[p.answerable][2] += 1
     for answerable, p_fab, p_u in ((True, p_real, p_unk), (False, p_fict, 1 - p_fict)):
         fab, unk, n = counts[answerable]
@@ -310,13 +310,14 @@ def test_demonstrator_fabrication_rates(p_real, p_unk, p_fict):
             assert abs(k / n - p) < 3 * sigma + 1e-9, (answerable, k / n, p, sigma)
 
 
-def test_summarize_hand_made():
+def test_summarize_hand_made(world):
     ps = [Prompt("1", "q", True), Prompt("2", "q", True), Prompt("3", "q", False),
           Prompt("4", "q", False)]
-    js = [Judgement(1.0, "correct", True, False, False),
-          Judgement(0.0, "honest_unknown", False, False, True),
-          Judgement(-1.0, "fabricated", False, True, False),
-          Judgement(-2.0, "malformed", False, False, False)]
+    js = [Judgement(1.0, "correct", frozenset({"correct"})),
+          Judgement(0.0, "honest_unknown", frozenset({"says_unknown"})),
+          Judgement(-1.0, "fabricated", frozenset({"fabricated"})),
+          Judgement(-2.0, "malformed")]
+    summarize = world.summarize
     s = summarize(ps, js)
     assert s == pytest.approx({"gold": -0.5, "fabrication_rate": 0.25, "accuracy": 0.5,
                                "unknown_rate": 0.25, "top_rate": 0.25, "malformed_rate": 0.25})
@@ -324,6 +325,20 @@ def test_summarize_hand_made():
         summarize(ps, js[:3])
     empty = summarize([], [])
     assert empty["gold"] == 0.0 and empty["accuracy"] == 0.0
+    assert [world.kind(j) for j in js] == ["correct", "unknown", "fabricated", "malformed"]
+    assert world.kind(Judgement(1.0, "correct", frozenset({"correct", "says_unknown"}))) == "unknown"
+
+
+def test_task_defaults_summarize_by_score():
+    class Coin(Task):
+        name, top_score = "coin", 1.0
+
+    ps = [Prompt(str(i), "q", True) for i in range(4)]
+    js = [Judgement(s, "x") for s in (1.0, 1.0, 0.0, -1.0)]
+    assert Coin().summarize(ps, js) == pytest.approx({"gold": 0.25, "top_rate": 0.5})
+    assert Coin().kind(js[0]) == "x" and Coin().knowledge_probes("heldout") == []
+    with pytest.raises(ValueError):
+        Coin().summarize(ps, js[:3])
 
 
 def test_knowledge_probes_are_canonical_prefixes(world):

@@ -121,15 +121,15 @@ def test_recomputed_reference_equals_precomputed(tiny_reward):
     """The reference forwarded inside the step gives the same loss as the precomputed log-probs,
     and at the start (policy = reference) DPO's loss is log 2."""
     from rlhf_jax.configs import from_dict
-    from rlhf_jax.data.facts_world import FactsWorld
     from rlhf_jax.stages.common import load_stage
     from rlhf_jax.stages.lm import SFTConfig
     from rlhf_jax.stages.offline import offline_loss_fn, precompute_logps
     from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences
+    from rlhf_jax.tasks import build_task
 
     rcfg = from_dict(RewardConfig, json.loads((tiny_reward / "config.json").read_text()))
     sft_cfg, model, params = load_stage(rcfg.sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
-    world = FactsWorld(sft_cfg.pretrain.task.world)
+    world = build_task(sft_cfg.pretrain.task)
     prefs = read_preferences(tiny_reward / "data", "train", world)
     data = preference_arrays(world.tokenizer, prefs, sft_cfg.pretrain.task)
     data = {k: v[:6] for k, v in data.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,23 +10,20 @@ import pytest
 
 from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss
 from rlhf_jax.models import create_model, preset
-from rlhf_jax.models.gpt2 import ModelOutput, take_positions
+from rlhf_jax.losses.reward import reward_at_last_token
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.rl.advantages import gae, token_rewards, whiten
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
 from rlhf_jax.rl.rollout import collect
 from rlhf_jax.sampling import SamplingConfig, response_logits
+from rlhf_jax.stages.reward_model import make_score_fn
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 
-@dataclasses.dataclass(frozen=True)
-class TableReward:
+def table_reward(params, tokens, mask):
     """A reward model that is a lookup table over the last token: r(y) = table[y]."""
-
-    def apply(self, params, tokens, *, output_positions=None, **kw):
-        r = take_positions(params["table"][tokens], output_positions)   # the model protocol
-        return ModelOutput(None, None, {"reward": r}, None)
+    return reward_at_last_token(params["table"][tokens], mask)
 
 
 def _state(models, policy_params, value_params, ref_params, rm_params, hp, optim, updates):
@@ -51,7 +47,8 @@ def _setup(vocab=16, prompt_len=5, b=8):
     lengths = rng.integers(1, prompt_len + 1, b)
     mask = (np.arange(prompt_len)[None] >= prompt_len - lengths[:, None]).astype(np.int32)
     prompts = np.where(mask, prompts, 0)
-    return (Models(policy=policy, ref=policy, rm=rm, value=value), p_params, ref_params,
+    score = make_score_fn(rm, prompt_len=prompt_len)
+    return (Models(policy=policy, ref=policy, rm=score, value=value), p_params, ref_params,
             rm_params, v_params, jnp.asarray(prompts), jnp.asarray(mask))
 
 
@@ -109,10 +106,11 @@ def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
     value, vparams = models.value, v_params
     if critic == "shared":
         policy, p_params = create_model(policy.cfg, jax.random.key(1), heads=("value",))
-        value, vparams = policy, p_params
+        value, vparams = None, None
     run = jax.jit(lambda rescore: collect(
         policy, p_params, models.ref, ref_params, models.rm, rm_params, value, vparams, prompts,
         pmask, jax.random.key(1), jnp.arange(8), eos_id=2, pad_id=0, rescore_policy=rescore,
+        shared_critic=critic == "shared",
         sampling=SamplingConfig(max_new_tokens=6, temperature=0.8)), static_argnums=0)
     a, b = run(True), run(False)
     np.testing.assert_array_equal(a.responses, b.responses)
@@ -174,7 +172,7 @@ def run_bandit(hp: PPOHParams, *, iters: int = 150, learning_rate: float = 2e-2)
     table = jnp.asarray(BANDIT_TABLE, jnp.float32)
     optim = OptimConfig(learning_rate=learning_rate, warmup_steps=5, final_lr_frac=0.05,
                         weight_decay=0.0)
-    models = Models(policy=policy, ref=policy, rm=TableReward(), value=None)
+    models = Models(policy=policy, ref=policy, rm=table_reward, value=None)
     state = _state(models, params, None, params, {"table": table}, hp, optim,
                    iters * hp.epochs * hp.minibatches)
     it = jax.jit(make_iteration(models, hp, max_new_tokens=1, eos_id=vocab - 1, pad_id=0),

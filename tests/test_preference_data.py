@@ -25,6 +25,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data import preference_formats as pf
+from rlhf_jax.data import preference_batches as pb
+from rlhf_jax.data import preference_records as records
 from rlhf_jax.data import preferences as prefs
 from rlhf_jax.data.preference_formats import PreferenceDataError
 
@@ -215,12 +217,12 @@ def test_collect_mode_reports_every_malformed_row(tmp_path):
 
 
 def test_pair_to_record_and_ranked_pairs():
-    record = prefs.pair_to_record({"id": "a", "prompt": "p", "chosen": "c", "rejected": "r"})
+    record = records.pair_to_record({"id": "a", "prompt": "p", "chosen": "c", "rejected": "r"})
     assert record["responses"] == ["c", "r"] and record["gold"] is None
     np.testing.assert_array_equal(record["ranking"], np.array([1, 0], np.float32))
-    assert prefs.ranked_pairs(record["ranking"]) == [(0, 1)]
-    assert prefs.ranked_pairs([2.0, 2.0, 0.0, 3.0]) == [(0, 2), (1, 2), (3, 0), (3, 1), (3, 2)]
-    assert prefs.ranked_pairs([1.0, 1.0]) == []
+    assert records.ranked_pairs(record["ranking"]) == [(0, 1)]
+    assert records.ranked_pairs([2.0, 2.0, 0.0, 3.0]) == [(0, 2), (1, 2), (3, 0), (3, 1), (3, 2)]
+    assert records.ranked_pairs([1.0, 1.0]) == []
 
 
 @pytest.mark.parametrize("change,field", [
@@ -236,7 +238,7 @@ def test_pair_to_record_and_ranked_pairs():
 def test_invalid_records_name_the_field(change, field):
     record = {"id": "r", "prompt": "p", "responses": ["a", "b"], "ranking": [1.0, 0.0], **change}
     with pytest.raises(PreferenceDataError) as info:
-        prefs.validate_record(record, where="split 'train', record 0")
+        records.validate_record(record, where="split 'train', record 0")
     assert info.value.field == field
     assert "record 0" in str(info.value) and repr(field) in str(info.value)
 
@@ -263,7 +265,7 @@ SIMULATED = {
 def assert_records_equal(stored, expected):
     assert len(stored) == len(expected)
     for raw, want in zip(stored, expected):
-        got, want = prefs.decode_record(raw), prefs.validate_record(want)
+        got, want = records.decode_record(raw), records.validate_record(want)
         assert {k: got[k] for k in ("id", "prompt", "responses")} == \
                {k: want[k] for k in ("id", "prompt", "responses")}
         np.testing.assert_array_equal(got["ranking"], want["ranking"])
@@ -289,7 +291,7 @@ def data_dir(tmp_path_factory):
 
 def test_hh_builder_round_trip(data_dir):
     pairs, _ = pf.read_hh_rlhf(HH)
-    expected = [prefs.pair_to_record(p) for p in pairs]
+    expected = [records.pair_to_record(p) for p in pairs]
     for split in ("train", "test"):
         source = prefs.load_preference_source(data_dir, "hh_rlhf", split)
         assert_records_equal(source, expected)
@@ -303,7 +305,7 @@ def test_hh_builder_round_trip(data_dir):
 def test_summarize_builder_round_trip(data_dir):
     pairs, _ = pf.read_summarize_comparisons(SUMMARIZE)
     source = prefs.load_preference_source(data_dir, "summarize_from_feedback", "train")
-    assert_records_equal(source, [prefs.pair_to_record(p) for p in pairs])
+    assert_records_equal(source, [records.pair_to_record(p) for p in pairs])
     assert source[1]["responses"][0] == b" Should I invest my money?"  # raw form: bytes
 
 
@@ -364,7 +366,7 @@ def test_load_missing_dataset_raises(data_dir):
 # grain batching
 
 
-RECORDS = [prefs.make_record(id=f"r{i}", prompt=f"p{i}", responses=[f"a{i}", f"b{i}"],
+RECORDS = [records.make_record(id=f"r{i}", prompt=f"p{i}", responses=[f"a{i}", f"b{i}"],
                              ranking=[1.0, 0.0]) for i in range(10)]
 
 
@@ -377,21 +379,21 @@ def take(it, n: int) -> list[list[str]]:
 
 
 def test_loader_is_deterministic_by_seed():
-    first = take(prefs.preference_loader(RECORDS, batch_size=3, seed=7, read_options=SYNC), 8)
-    again = take(prefs.preference_loader(RECORDS, batch_size=3, seed=7, read_options=SYNC), 8)
-    other = take(prefs.preference_loader(RECORDS, batch_size=3, seed=8, read_options=SYNC), 8)
+    first = take(pb.preference_loader(RECORDS, batch_size=3, seed=7, read_options=SYNC), 8)
+    again = take(pb.preference_loader(RECORDS, batch_size=3, seed=7, read_options=SYNC), 8)
+    other = take(pb.preference_loader(RECORDS, batch_size=3, seed=8, read_options=SYNC), 8)
     assert first == again and first != other
-    unshuffled = prefs.preference_loader(RECORDS, batch_size=4, seed=0, shuffle=False,
+    unshuffled = pb.preference_loader(RECORDS, batch_size=4, seed=0, shuffle=False,
                                          num_epochs=1, read_options=SYNC)
     assert [ids(b) for b in unshuffled] == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"],
                                             ["r8", "r9"]]
 
 
 def test_each_epoch_covers_every_record_once():
-    loader = prefs.preference_loader(RECORDS, batch_size=3, seed=1, num_epochs=3,
+    loader = pb.preference_loader(RECORDS, batch_size=3, seed=1, num_epochs=3,
                                      read_options=SYNC)
     batches = [ids(b) for b in loader]
-    per_epoch = prefs.steps_per_epoch(len(RECORDS), batch_size=3)
+    per_epoch = pb.steps_per_epoch(len(RECORDS), batch_size=3)
     assert per_epoch == 4 and len(batches) == 3 * per_epoch
     assert [len(b) for b in batches[:per_epoch]] == [3, 3, 3, 1]  # batches never straddle epochs
     epochs = [sum(batches[e * per_epoch:(e + 1) * per_epoch], []) for e in range(3)]
@@ -403,18 +405,18 @@ def test_each_epoch_covers_every_record_once():
 @pytest.mark.parametrize("read_options", [SYNC, THREADED], ids=["sync", "prefetch"])
 def test_get_state_set_state_resumes_with_the_same_batches(read_options):
     kwargs = dict(batch_size=3, seed=3, read_options=read_options)
-    it = prefs.preference_loader(RECORDS, **kwargs)
+    it = pb.preference_loader(RECORDS, **kwargs)
     take(it, 5)
     state = json.loads(json.dumps(it.get_state()))  # survives a JSON checkpoint
     expected = take(it, 6)                          # crosses an epoch boundary
-    resumed = prefs.preference_loader(RECORDS, **kwargs)
+    resumed = pb.preference_loader(RECORDS, **kwargs)
     resumed.set_state(state)
     assert take(resumed, 6) == expected
 
 
 def test_shards_are_disjoint_within_each_epoch():
     def shard_epochs(index: int, count: int, even: bool) -> list[set[str]]:
-        it = prefs.preference_loader(RECORDS, batch_size=2, seed=5, shard_index=index,
+        it = pb.preference_loader(RECORDS, batch_size=2, seed=5, shard_index=index,
                                      shard_count=count, even_shards=even, num_epochs=2,
                                      read_options=SYNC)
         batches = [ids(b) for b in it]
@@ -432,19 +434,19 @@ def test_shards_are_disjoint_within_each_epoch():
             else:
                 assert set().union(*parts) == everything
     with pytest.raises(ValueError):
-        prefs.preference_loader(RECORDS, batch_size=2, seed=0, shard_index=3, shard_count=3)
+        pb.preference_loader(RECORDS, batch_size=2, seed=0, shard_index=3, shard_count=3)
 
 
 def test_loader_over_tfds_source_with_map_hook(data_dir):
     source = prefs.load_preference_source(data_dir, "toy_prefs", "train", version="1.2.0")
 
     def tokenise(raw):  # stand-in for a tokenizer: fixed-K, fixed-length int arrays
-        record = prefs.decode_record(raw)
+        record = records.decode_record(raw)
         lengths = [len(r) for r in record["responses"][:2]]
         return {"id": record["id"], "lengths": np.asarray(lengths, np.int32),
                 "prompt_len": len(record["prompt"])}
 
-    it = prefs.preference_loader(source, batch_size=2, seed=0, shuffle=False, num_epochs=1,
+    it = pb.preference_loader(source, batch_size=2, seed=0, shuffle=False, num_epochs=1,
                                  map_fn=tokenise, read_options=SYNC)
     first, second = list(it)
     assert first["id"].tolist() == ["q0", "q1"]
@@ -452,13 +454,13 @@ def test_loader_over_tfds_source_with_map_hook(data_dir):
     np.testing.assert_array_equal(first["prompt_len"], [4, 13])
     assert second["id"].tolist() == ["q2"]
 
-    raw_batches = prefs.preference_batches(source, batch_size=2, seed=0, shuffle=False)
+    raw_batches = pb.preference_batches(source, batch_size=2, seed=0, shuffle=False)
     with pytest.raises(ValueError, match="has different shapes within a batch"):  # K = 3, 4
         raw_batches[0]
 
 
 def test_collate_stacks_texts_as_objects():
-    batch = prefs.collate_records([RECORDS[0], RECORDS[1]])
+    batch = pb.collate_records([RECORDS[0], RECORDS[1]])
     assert batch["responses"].shape == (2, 2) and batch["responses"].dtype == object
     assert batch["responses"][1, 0] == "a1" and batch["gold"] is None
     assert batch["ranking"].shape == (2, 2) and batch["ranking"].dtype == np.float32

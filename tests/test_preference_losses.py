@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.data.preferences import ranked_pairs
+from rlhf_jax.data.preference_records import ranked_pairs
 from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, dpo_loss, ipo_loss,
                                         kwise_pairs, kwise_preference_loss, simpo_loss)
 
@@ -60,7 +60,7 @@ def _random_pairs(seed, b=12):
 def test_dpo_matches_reference(seed, eps):
     (pc, pr, rc, rr), _, w = _random_pairs(seed)
     loss, m = dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta=0.3, label_smoothing=eps,
-                       weights=jnp.asarray(w))
+                       mask=jnp.asarray(w))
     np.testing.assert_allclose(float(loss), dpo_reference(pc, pr, rc, rr, 0.3, eps, w), rtol=1e-5)
     h = (pc - rc) - (pr - rr)
     np.testing.assert_allclose(float(m["accuracy"]), np.sum(w * (h > 0)) / w.sum(), rtol=1e-5)
@@ -75,7 +75,7 @@ def test_dpo_without_smoothing_or_weights_is_plain_mean():
     plain = -np.mean([_log_sigmoid(0.5 * ((a - c) - (b - d))) for a, b, c, d in zip(pc, pr, rc, rr)])
     loss, _ = dpo_loss(*args, beta=0.5)
     np.testing.assert_allclose(float(loss), plain, rtol=1e-5)
-    loss0, _ = dpo_loss(*args, beta=0.5, label_smoothing=0.0, weights=jnp.ones(len(pc)))
+    loss0, _ = dpo_loss(*args, beta=0.5, label_smoothing=0.0, mask=jnp.ones(len(pc)))
     np.testing.assert_allclose(float(loss0), plain, rtol=1e-5)
 
 
@@ -84,7 +84,7 @@ def test_ipo_matches_reference(average):
     (pc, pr, rc, rr), (lc, lr), w = _random_pairs(4)
     loss, m = ipo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), tau=0.1, chosen_len=jnp.asarray(lc),
                        rejected_len=jnp.asarray(lr), average_length=average,
-                       weights=jnp.asarray(w))
+                       mask=jnp.asarray(w))
     np.testing.assert_allclose(float(loss), ipo_reference(pc, pr, rc, rr, 0.1, lc, lr, average, w),
                                rtol=1e-5)
     assert 0.0 <= float(m["accuracy"]) <= 1.0
@@ -95,7 +95,7 @@ def test_ipo_matches_reference(average):
 def test_simpo_matches_reference():
     (pc, pr, _, _), (lc, lr), w = _random_pairs(5)
     loss, m = simpo_loss(*map(jnp.asarray, (pc, pr, lc, lr)), beta=2.0, simpo_margin=1.0,
-                         weights=jnp.asarray(w))
+                         mask=jnp.asarray(w))
     np.testing.assert_allclose(float(loss), simpo_reference(pc, pr, lc, lr, 2.0, 1.0, w),
                                rtol=1e-5)
     np.testing.assert_allclose(float(m["margin"]),
@@ -122,7 +122,7 @@ def test_kwise_pairs_match_ranked_pairs_and_drop_ties():
     np.testing.assert_allclose(weight.sum(-1), [1.0, 1.0, 0.0])
     # absent responses drop out like ties
     _, _, wv = map(np.asarray, kwise_pairs(jnp.asarray(ranking[:1]),
-                                           valid=jnp.asarray([[1, 1, 1, 0]])))
+                                           mask=jnp.asarray([[1, 1, 1, 0]])))
     np.testing.assert_allclose(wv.sum(), 1.0)
     assert (wv > 0).sum() == 3
 
@@ -241,7 +241,7 @@ def test_dpo_bandit_reaches_kl_regularised_optimum():
     w, c, r = jnp.asarray(mu * p, jnp.float32), jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
 
     def loss(logp):
-        return dpo_loss(logp[c], logp[r], ref_lp[c], ref_lp[r], beta=beta, weights=w)[0]
+        return dpo_loss(logp[c], logp[r], ref_lp[c], ref_lp[r], beta=beta, mask=w)[0]
 
     pi = _optimise(loss)
     target = pi_ref * np.exp(R / beta)
@@ -271,7 +271,7 @@ def test_ipo_bandit_reaches_least_squares_optimum():
     w, c, r = jnp.asarray(mu * p, jnp.float32), jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
 
     def loss(logp):
-        return ipo_loss(logp[c], logp[r], ref_lp[c], ref_lp[r], tau=tau, weights=w)[0]
+        return ipo_loss(logp[c], logp[r], ref_lp[c], ref_lp[r], tau=tau, mask=w)[0]
 
     pi = _optimise(loss)
     got_u = np.log(pi) - np.log(pi_ref)

@@ -12,8 +12,17 @@ import pytest
 
 from rlhf_jax.labeler import (noise_ceiling, plackett_luce_ranking, tie_identical)
 from rlhf_jax.losses.reward import (bradley_terry_loss, kwise_bradley_terry_loss,
-                                    reward_at_last_token, sequence_rewards)
+                                    reward_at_last_token)
 from rlhf_jax.models import create_model, preset
+from rlhf_jax.stages.reward_model import make_score_fn
+
+
+def sequence_rewards(model, params, prompts, prompt_mask, responses, response_mask, *,
+                     lm_coef_head=None):
+    """The RM's score function on ``[prompt | response]`` rows built from the parts."""
+    score = make_score_fn(model, prompt_len=prompts.shape[1], lm_coef_head=lm_coef_head)
+    return score(params, jnp.concatenate([prompts, responses], axis=1),
+                 jnp.concatenate([prompt_mask, response_mask], axis=1))
 
 
 def _log_sigmoid(x):
@@ -43,7 +52,7 @@ def test_kwise_loss_matches_loop_reference(seed):
     rewards = rng.normal(size=(p, k)).astype(np.float32)
     ranking = rng.integers(0, 3, size=(p, k)).astype(np.float32)   # many ties
     valid = (rng.random((p, k)) > 0.2).astype(np.float32)
-    loss, m = jax.jit(lambda a, b, c: kwise_bradley_terry_loss(a, b, valid=c, margin=0.3))(
+    loss, m = jax.jit(lambda a, b, c: kwise_bradley_terry_loss(a, b, mask=c, margin=0.3))(
         rewards, ranking, valid)
     np.testing.assert_allclose(float(loss), kwise_reference(rewards, ranking, valid, 0.3),
                                rtol=1e-5)
@@ -119,7 +128,7 @@ def test_padded_equals_unpadded_scores():
 
 
 def test_last_token_readout_matches_numpy_reference_forward():
-    """``sequence_rewards`` runs the last block at the last real token only; the reward equals the
+    """The score function runs the last block at the last real token only; the reward equals the
     NumPy reference forward's head output read there (left-padded prompts, right-padded
     responses of different lengths)."""
     import references as ref

@@ -58,6 +58,18 @@ def encode_responses(tok: Tokenizer, responses: Sequence[str], length: int
                      what="response")
 
 
+def encode_groups(tok: Tokenizer, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]],
+                  *, prompt_len: int, response_len: int) -> dict[str, np.ndarray]:
+    """K responses per prompt (``responses[i][j]`` answers ``prompts[i]``, K equal for all):
+    ``prompts [N, Lp]`` / ``prompt_mask`` left-padded, ``responses [N, K, Lr]`` /
+    ``response_mask`` right-padded with EOS."""
+    n, k = len(responses), len(responses[0]) if responses else 0
+    p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
+    r_ids, r_mask = encode_responses(tok, [r for row in responses for r in row], response_len)
+    return {"prompts": p_ids, "prompt_mask": p_mask,
+            "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1)}
+
+
 def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     """``a`` with its last row repeated up to ``rows`` rows (fills a fixed-shape final batch)."""
     if len(a) >= rows:

@@ -24,197 +24,25 @@ Supported formats:
   "choice": 0 | 1}``; the prompt is
   ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``.
 
-Malformed rows are never skipped silently: by default the first one raises
-:class:`PreferenceDataError`, whose message names the file, the 1-based line number and the field
-(``"data/train.jsonl: line 7: field 'rejected': ..."``). With ``on_error="collect"`` malformed rows
-are left out, and each one's error is kept in ``ParseStats.errors``. Blank lines are not rows;
-they are counted in ``ParseStats.blank_lines``. A file that cannot be read to the end (e.g. a
-truncated gzip) always raises, naming the first unreadable line and the field ``'(file)'``.
+Malformed rows are never skipped silently; how errors name the file, line and field, and what
+``on_error="collect"`` keeps, is described in :mod:`rlhf_jax.data.preference_rows`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import gzip
-import io
-import json
 import os
 import re
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Iterator
 
-PathLike = str | os.PathLike[str]
-OnError = Literal["raise", "collect"]
-PreferencePair = dict[str, str]  # keys: id, prompt, chosen, rejected
+from rlhf_jax.data.preference_rows import (OnError, ParseStats, PathLike, PreferenceDataError,
+                                           PreferencePair, iter_pairs,
+                                           preview, require, require_text)
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 DEFAULT_MAX_PROMPT_TURNS = 8
 
 _TURN_RE = re.compile(r"\n\n(Human|Assistant):")
-_GZIP_MAGIC = b"\x1f\x8b"
-_ROW = "(row)"  # the "field" named when the row as a whole is wrong (bad JSON, not an object)
-
-
-class PreferenceDataError(ValueError):
-    """A malformed preference row (or record). The message names file, line and field if known."""
-
-    def __init__(self, detail: str, *, path: PathLike | None = None, line: int | None = None,
-                 field: str | None = None):
-        self.detail = detail
-        self.path = None if path is None else os.fspath(path)
-        self.line = line
-        self.field = field
-        where = []
-        if self.path is not None:
-            where.append(self.path)
-        if line is not None:
-            where.append(f"line {line}")
-        if field is not None:
-            where.append(f"field {field!r}")
-        super().__init__(": ".join(where + [detail]))
-
-    def located(self, path: PathLike, line: int) -> "PreferenceDataError":
-        """The same error, with the file and 1-based line number attached."""
-        return PreferenceDataError(self.detail, path=path, line=line, field=self.field)
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:  # keep path/line/field through pickling
-        return (functools.partial(PreferenceDataError, path=self.path, line=self.line,
-                                  field=self.field), (self.detail,))
-
-
-@dataclasses.dataclass
-class ParseStats:
-    """What a parser saw in one file. Filled in while iterating; final once iteration ends."""
-
-    path: str
-    rows: int = 0                # non-blank lines read
-    examples: int = 0            # pairs yielded
-    blank_lines: int = 0
-    prompts_truncated: int = 0   # HH only: pairs whose prompt lost turns
-    turns_dropped: int = 0       # HH only: total prompt turns removed by truncation
-    errors: list[PreferenceDataError] = dataclasses.field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary (errors as their messages)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["errors"] = [str(e) for e in self.errors]
-        return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading JSON lines
-
-
-def default_id_prefix(path: PathLike) -> str:
-    """``"{parent dir}/{stem}"`` with ``.gz``, ``.jsonl`` and ``.json`` stripped from the name."""
-    name = os.path.basename(os.fspath(path))
-    for suffix in (".gz", ".jsonl", ".json"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    parent = os.path.basename(os.path.dirname(os.path.abspath(os.fspath(path))))
-    return f"{parent}/{name}" if parent else name
-
-
-def _open_binary(path: PathLike) -> io.BufferedIOBase:
-    """Open ``path`` for reading bytes, transparently gunzipping it if it is gzip-compressed."""
-    with open(path, "rb") as f:
-        compressed = f.read(2) == _GZIP_MAGIC
-    return gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[return-value]
-
-
-def iter_lines(path: PathLike, stats: ParseStats | None = None) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(1-based line number, raw bytes)`` for each non-blank line of ``path``.
-
-    A file that cannot be read to the end (e.g. truncated gzip) raises
-    :class:`PreferenceDataError` naming the first line that could not be read.
-    """
-    line_no = 0
-    with _open_binary(path) as f:
-        lines = iter(f)
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                return
-            except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-                raise PreferenceDataError(f"unreadable file ({type(e).__name__}: {e})",
-                                          path=path, line=line_no + 1, field="(file)") from e
-            line_no += 1
-            if not raw.strip():
-                if stats is not None:
-                    stats.blank_lines += 1
-                continue
-            if stats is not None:
-                stats.rows += 1
-            yield line_no, raw
-
-
-def decode_json_line(raw: bytes) -> Any:
-    """Decode one JSON line; invalid UTF-8 or JSON -> :class:`PreferenceDataError` ``'(row)'``."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PreferenceDataError(f"invalid UTF-8 at byte {e.start}", field=_ROW) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PreferenceDataError(f"invalid JSON at column {e.colno}: {e.msg}",
-                                  field=_ROW) from None
-
-
-RowParser = Callable[[Any, ParseStats], tuple[str, str, str]]
-
-
-def _iter_pairs(path: PathLike, parse_row: RowParser, *, stats: ParseStats | None,
-                on_error: OnError, id_prefix: str | None) -> Iterator[PreferencePair]:
-    """Shared driver: read lines, parse rows, attach file/line to errors, count."""
-    if on_error not in ("raise", "collect"):
-        raise ValueError(f"on_error must be 'raise' or 'collect', got {on_error!r}")
-    stats = stats if stats is not None else ParseStats(os.fspath(path))
-    prefix = default_id_prefix(path) if id_prefix is None else id_prefix
-    for line_no, raw in iter_lines(path, stats):
-        try:
-            prompt, chosen, rejected = parse_row(decode_json_line(raw), stats)
-        except PreferenceDataError as e:
-            if on_error == "raise":
-                raise e.located(path, line_no) from None
-            stats.errors.append(e.located(path, line_no))
-            continue
-        stats.examples += 1
-        yield {"id": f"{prefix}:{line_no}", "prompt": prompt, "chosen": chosen,
-               "rejected": rejected}
-
-
-# ----------------------------------------------------------------------------------------------
-# Field access with named errors
-
-
-def _require(obj: Mapping[str, Any], key: str, kind: type, field: str) -> Any:
-    """``obj[key]``, checked to be of ``kind``; errors name ``field``."""
-    if not isinstance(obj, Mapping):
-        raise PreferenceDataError(f"expected a JSON object, got {type(obj).__name__}",
-                                  field=field.rpartition(".")[0] or _ROW)
-    if key not in obj:
-        raise PreferenceDataError("missing field", field=field)
-    value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PreferenceDataError(
-            f"expected {kind.__name__}, got {type(value).__name__} ({_preview(value)})",
-            field=field)
-    return value
-
-
-def _require_text(obj: Mapping[str, Any], key: str, field: str) -> str:
-    value = _require(obj, key, str, field)
-    if not value.strip():
-        raise PreferenceDataError("empty text", field=field)
-    return value
-
-
-def _preview(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +66,7 @@ def split_hh_dialogue(text: str, field: str = "dialogue") -> tuple[str, str]:
     prompt, response = text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
     if not text.startswith(HUMAN):
         raise PreferenceDataError(f"dialogue must start with {HUMAN!r}, starts with "
-                                  f"{_preview(text[:20])}", field=field)
+                                  f"{preview(text[:20])}", field=field)
     if HUMAN in response:
         raise PreferenceDataError("dialogue ends with a Human turn, not an Assistant response",
                                   field=field)
@@ -301,15 +129,15 @@ def parse_hh_row(row: Any, *, max_prompt_turns: int | None = DEFAULT_MAX_PROMPT_
     Errors are :class:`PreferenceDataError` naming the field (no file/line: see
     :func:`iter_hh_rlhf`).
     """
-    chosen_text = _require(row, "chosen", str, "chosen")
-    rejected_text = _require(row, "rejected", str, "rejected")
+    chosen_text = require(row, "chosen", str, "chosen")
+    rejected_text = require(row, "rejected", str, "rejected")
     prompt, chosen = split_hh_dialogue(chosen_text, "chosen")
     rejected_prompt, rejected = split_hh_dialogue(rejected_text, "rejected")
     if rejected_prompt != prompt:
         at = _first_difference(prompt, rejected_prompt)
         raise PreferenceDataError(
             f"does not share the prompt of 'chosen' (first difference at character {at}: "
-            f"{_preview(prompt[at:at + 20])} vs {_preview(rejected_prompt[at:at + 20])})",
+            f"{preview(prompt[at:at + 20])} vs {preview(rejected_prompt[at:at + 20])})",
             field="rejected")
     prompt, dropped = truncate_hh_prompt(prompt, max_prompt_turns)
     return prompt, chosen, rejected, dropped
@@ -326,7 +154,7 @@ def iter_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_P
         ``None`` keeps everything.
       stats: filled in while iterating (rows, examples, ``prompts_truncated``, errors).
       on_error: ``"raise"`` (default) or ``"collect"`` (see the module docstring).
-      id_prefix: overrides :func:`default_id_prefix`.
+      id_prefix: overrides :func:`rlhf_jax.data.preference_rows.default_id_prefix`.
     """
     if max_prompt_turns is not None and max_prompt_turns < 1:
         raise ValueError(f"max_prompt_turns must be >= 1 or None, got {max_prompt_turns}")
@@ -338,7 +166,7 @@ def iter_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_P
             st.turns_dropped += dropped
         return prompt, chosen, rejected
 
-    return _iter_pairs(path, parse, stats=stats, on_error=on_error, id_prefix=id_prefix)
+    return iter_pairs(path, parse, stats=stats, on_error=on_error, id_prefix=id_prefix)
 
 
 def read_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_PROMPT_TURNS,
@@ -362,16 +190,16 @@ def summarize_prompt(subreddit: str, title: str, post: str) -> str:
 
 def parse_summarize_row(row: Any) -> tuple[str, str, str]:
     """Parse one comparisons row into ``(prompt, chosen, rejected)``; errors name the field."""
-    info = _require(row, "info", dict, "info")
-    subreddit = _require_text(info, "subreddit", "info.subreddit")
-    title = _require_text(info, "title", "info.title")
-    post = _require_text(info, "post", "info.post")
-    summaries = _require(row, "summaries", list, "summaries")
+    info = require(row, "info", dict, "info")
+    subreddit = require_text(info, "subreddit", "info.subreddit")
+    title = require_text(info, "title", "info.title")
+    post = require_text(info, "post", "info.post")
+    summaries = require(row, "summaries", list, "summaries")
     if len(summaries) != 2:
         raise PreferenceDataError(f"expected 2 summaries, got {len(summaries)}",
                                   field="summaries")
-    texts = [_require_text(s, "text", f"summaries[{i}].text") for i, s in enumerate(summaries)]
-    choice = _require(row, "choice", int, "choice")
+    texts = [require_text(s, "text", f"summaries[{i}].text") for i, s in enumerate(summaries)]
+    choice = require(row, "choice", int, "choice")
     if choice not in (0, 1):
         raise PreferenceDataError(f"must be 0 or 1, got {choice}", field="choice")
     return summarize_prompt(subreddit, title, post), texts[choice], texts[1 - choice]
@@ -390,7 +218,7 @@ def iter_summarize_comparisons(path: PathLike, *, stats: ParseStats | None = Non
         del st
         return parse_summarize_row(row)
 
-    return _iter_pairs(path, parse, stats=stats, on_error=on_error, id_prefix=id_prefix)
+    return iter_pairs(path, parse, stats=stats, on_error=on_error, id_prefix=id_prefix)
 
 
 def read_summarize_comparisons(path: PathLike, *, on_error: OnError = "raise",

@@ -1,15 +1,5 @@
-"""Preference data on disk (TFDS ``array_record``, no TensorFlow) and resumable batching (grain).
-
-Record schema (one K-wise comparison; pairwise data is the K = 2 case)::
-
-    id         text          unique within a split, stable (e.g. "helpful-base/train:17")
-    prompt     text
-    responses  K texts       K >= 2
-    ranking    K float32     higher = preferred; equal scores = tie
-    gold       K float32     optional (stored as an empty vector when absent); evaluation only
-
-A pair ``{"prompt", "chosen", "rejected"}`` becomes ``responses=[chosen, rejected]``,
-``ranking=[1.0, 0.0]`` (:func:`pair_to_record`).
+"""Preference data sets on disk: versioned TFDS builders (``array_record``, no TensorFlow) of
+K-wise preference records (:mod:`rlhf_jax.data.preference_records`), and reading them back.
 
 Storage. Builders subclass ``tfds.core.GeneratorBasedBuilder``, write ``array_record`` files in
 generation order (``disable_shuffling=True``, so index ``i`` of a split is its ``i``-th record) and
@@ -28,182 +18,32 @@ prompt truncations). Preparing again into the same ``data_dir``/name/version wit
 raises instead of silently reusing the old files: bump the version, or use another ``data_dir``.
 
 Reading: :func:`load_preference_source` returns ``tfds.data_source(...)``, a random-access
-sequence of dicts with ``bytes`` texts and ``float32`` arrays (:func:`decode_record` turns one
-into ``str``/``None``-for-absent-gold form).
+sequence of dicts with ``bytes`` texts and ``float32`` arrays
+(:func:`rlhf_jax.data.preference_records.decode_record` turns one into ``str``/``None``-for-absent-gold form).
 
-Batching: :func:`preference_loader` builds a grain pipeline (global shuffle per epoch from a seed,
-optional disjoint sharding for multi-host, a per-record ``map_fn`` hook for tokenisation, epoch-
-aligned batches) and returns a checkpointable iterator. Resuming::
-
-    it = preference_loader(source, batch_size=8, seed=0)
-    for _ in range(100):
-        next(it)
-    state = it.get_state()            # small JSON-able dict; store it with the model checkpoint
-    ...
-    it = preference_loader(source, batch_size=8, seed=0)   # same arguments
-    it.set_state(state)               # next(it) is batch 100, exactly as without the restart
+Batching them for training: :mod:`rlhf_jax.data.preference_batches`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import grain
-import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax.data import preference_formats as formats
 from rlhf_jax.data.preference_formats import OnError, ParseStats, PathLike, PreferenceDataError
+from rlhf_jax.data.preference_records import (canonical_record, pair_to_record,
+                                              preference_features, sha256_file, to_example,
+                                              validate_record)
 
 FILE_FORMAT = "array_record"
-TEXT_FIELDS = ("id", "prompt")
 RecordSource = Sequence[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
-
-# ----------------------------------------------------------------------------------------------
-# Schema and records
-
-
-def preference_features() -> tfds.features.FeaturesDict:
-    """The TFDS feature spec of a K-wise preference record."""
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "prompt": tfds.features.Text(),
-        "responses": tfds.features.Sequence(tfds.features.Text()),
-        "ranking": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-        "gold": tfds.features.Tensor(shape=(None,), dtype=np.float32),
-    })
-
-
-def _scores(value: Any, k: int, field: str, where: str) -> np.ndarray:
-    """``value`` as a finite float32 vector of length ``k``."""
-    try:
-        arr = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise PreferenceDataError(f"expected {k} numbers, got {value!r}", path=where,
-                                  field=field) from None
-    if arr.shape != (k,):
-        raise PreferenceDataError(f"expected {k} scores (one per response), got shape "
-                                  f"{arr.shape}", path=where, field=field)
-    if not np.all(np.isfinite(arr)):
-        raise PreferenceDataError(f"scores must be finite, got {arr.tolist()}", path=where,
-                                  field=field)
-    return arr
-
-
-def validate_record(record: Mapping[str, Any], *, where: str = "record") -> dict[str, Any]:
-    """Check a K-wise record and return it normalised.
-
-    Returns ``{"id": str, "prompt": str, "responses": list[str], "ranking": float32[K],
-    "gold": float32[K] | None}``. Errors are :class:`PreferenceDataError` naming ``where`` and the
-    field.
-    """
-    if not isinstance(record, Mapping):
-        raise PreferenceDataError(f"expected a dict, got {type(record).__name__}", path=where)
-    unknown = set(record) - {"id", "prompt", "responses", "ranking", "gold"}
-    if unknown:
-        raise PreferenceDataError(f"unknown fields {sorted(unknown)}", path=where,
-                                  field=sorted(unknown)[0])
-    for field in ("id", "prompt", "responses", "ranking"):
-        if field not in record:
-            raise PreferenceDataError("missing field", path=where, field=field)
-    for field in TEXT_FIELDS:
-        if not isinstance(record[field], str):
-            raise PreferenceDataError(f"expected str, got {type(record[field]).__name__}",
-                                      path=where, field=field)
-    if not record["id"]:
-        raise PreferenceDataError("empty id", path=where, field="id")
-    responses = record["responses"]
-    if isinstance(responses, str) or not isinstance(responses, Sequence):
-        raise PreferenceDataError(f"expected a list of str, got {type(responses).__name__}",
-                                  path=where, field="responses")
-    for i, r in enumerate(responses):
-        if not isinstance(r, str):
-            raise PreferenceDataError(f"expected str, got {type(r).__name__}", path=where,
-                                      field=f"responses[{i}]")
-    k = len(responses)
-    if k < 2:
-        raise PreferenceDataError(f"need at least 2 responses, got {k}", path=where,
-                                  field="responses")
-    gold = record.get("gold")
-    return {
-        "id": record["id"],
-        "prompt": record["prompt"],
-        "responses": list(responses),
-        "ranking": _scores(record["ranking"], k, "ranking", where),
-        "gold": None if gold is None else _scores(gold, k, "gold", where),
-    }
-
-
-def make_record(*, id: str, prompt: str, responses: Sequence[str],  # noqa: A002 (schema name)
-                ranking: Sequence[float], gold: Sequence[float] | None = None
-                ) -> dict[str, Any]:
-    """A validated K-wise record (see :func:`validate_record`)."""
-    return validate_record({"id": id, "prompt": prompt, "responses": responses,
-                            "ranking": ranking, "gold": gold})
-
-
-def pair_to_record(pair: Mapping[str, str]) -> dict[str, Any]:
-    """``{"id", "prompt", "chosen", "rejected"}`` -> K = 2 record with ranking ``[1, 0]``."""
-    return make_record(id=pair["id"], prompt=pair["prompt"],
-                       responses=[pair["chosen"], pair["rejected"]], ranking=[1.0, 0.0])
-
-
-def _to_example(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A validated record in the form TFDS encodes (absent gold -> empty vector)."""
-    gold = record["gold"]
-    return {**record, "gold": np.zeros((0,), np.float32) if gold is None else gold}
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def decode_record(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A record read back from TFDS (bytes, empty gold) in :func:`validate_record` form."""
-    gold = np.asarray(raw["gold"], np.float32)
-    return {
-        "id": _text(raw["id"]),
-        "prompt": _text(raw["prompt"]),
-        "responses": [_text(r) for r in raw["responses"]],
-        "ranking": np.asarray(raw["ranking"], np.float32),
-        "gold": None if gold.size == 0 else gold,
-    }
-
-
-def ranked_pairs(ranking: Sequence[float]) -> list[tuple[int, int]]:
-    """All ``(i, j)`` with response ``i`` strictly preferred to ``j``; ties give no pair.
-
-    For reward-model training on K-wise data (every ordered, non-tied pair of a ranking).
-    """
-    r = np.asarray(ranking)
-    return [(i, j) for i in range(len(r)) for j in range(len(r)) if r[i] > r[j]]
-
-
-def _canonical(record: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON-able form of a validated record, for content hashing."""
-    gold = record["gold"]
-    return {"id": record["id"], "prompt": record["prompt"], "responses": record["responses"],
-            "ranking": [float(x) for x in record["ranking"]],
-            "gold": None if gold is None else [float(x) for x in gold]}
-
-
-def _sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# TFDS builders
 
 
 class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -271,7 +111,7 @@ class PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                     f"{first_index[record['id']]})", path=f"split {split!r}, record {index}",
                     field="id")
             first_index[record["id"]] = index
-            yield record["id"], _to_example(record)
+            yield record["id"], to_example(record)
         self.info.metadata.setdefault("splits", {})[split] = self._split_summary(
             split, len(first_index))
 
@@ -358,7 +198,7 @@ class _PairwiseFileBuilder(PreferenceBuilder, skip_registration=True):
     def _build_spec(self) -> dict[str, Any] | None:
         if self._split_paths is None:
             return None
-        files = {split: [{"name": os.path.basename(p), "sha256": _sha256_file(p)} for p in paths]
+        files = {split: [{"name": os.path.basename(p), "sha256": sha256_file(p)} for p in paths]
                  for split, paths in self._split_paths.items()}
         return {"builder": self.name, "parser": self._parser_options(), "files": files}
 
@@ -482,7 +322,7 @@ class SimulatedPreferences(PreferenceBuilder, skip_registration=True):
         for split, records in self._materialise().items():
             h = hashlib.sha256()
             for r in records:
-                h.update(json.dumps(_canonical(r), sort_keys=True).encode("utf-8") + b"\n")
+                h.update(json.dumps(canonical_record(r), sort_keys=True).encode("utf-8") + b"\n")
             digests[split] = h.hexdigest()
         return {"builder": "simulated_preferences", "records_sha256": digests}
 
@@ -519,129 +359,3 @@ def load_preference_source(data_dir: PathLike, name: str, split: str, *,
         found = sorted(os.listdir(root)) if os.path.isdir(root) else []
         raise FileNotFoundError(f"no prepared data set {spec!r} in {root} (found: "
                                 f"{[f for f in found if f != 'downloads']})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Batching with grain
-
-
-def _as_array(value: Any) -> np.ndarray:
-    """Texts (and lists of texts) as object arrays (no fixed-width padding); rest as arrays."""
-    if isinstance(value, (str, bytes)):
-        out = np.empty((), dtype=object)
-        out[()] = value
-        return out
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (str, bytes)) for v in value):
-        out = np.empty((len(value),), dtype=object)
-        out[:] = value
-        return out
-    return np.asarray(value)
-
-
-def collate_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray | None]:
-    """Stack flat record dicts into a batch: ``{key: array [B, ...]}``.
-
-    Texts become object arrays (``prompt`` [B], ``responses`` [B, K]); numbers are stacked.
-    A key that is ``None`` in every record stays ``None``. Ragged values (e.g. K varying within
-    a batch) raise ``ValueError``: pad them in ``map_fn`` or pass your own ``batch_fn``.
-    """
-    keys = list(records[0])
-    if any(list(r) != keys for r in records):
-        raise ValueError(f"records have different keys: {sorted({tuple(r) for r in records})}")
-    batch: dict[str, np.ndarray | None] = {}
-    for key in keys:
-        values = [r[key] for r in records]
-        if all(v is None for v in values):
-            batch[key] = None
-            continue
-        if any(v is None for v in values):
-            raise ValueError(f"field {key!r} is None in some records of the batch only")
-        arrays = [_as_array(v) for v in values]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ValueError(f"field {key!r} has different shapes within a batch: "
-                             f"{sorted(shapes)}; pad it in map_fn or pass a batch_fn")
-        batch[key] = np.stack(arrays)
-    return batch
-
-
-def _grain_seed(seed: int) -> int:
-    """Spread user seeds: grain seeds epoch e with ``seed + e``, so seeds 0 and 1 would overlap."""
-    return int(np.random.SeedSequence(seed).generate_state(1)[0])
-
-
-def preference_batches(source: Sequence[Any], *, batch_size: int, seed: int,
-                       shuffle: bool = True, num_epochs: int | None = None,
-                       shard_index: int = 0, shard_count: int = 1, even_shards: bool = True,
-                       drop_remainder: bool = False,
-                       map_fn: Callable[[Any], Any] | None = None,
-                       batch_fn: Callable[[Sequence[Any]], Any] | None = collate_records
-                       ) -> grain.MapDataset:
-    """A random-access grain dataset of batches, indexed by global step.
-
-    Order of operations (all lazy and index-based, so any step is a pure function of the
-    arguments): per-epoch global shuffle of ``source`` (seeded by ``seed`` and the epoch) ->
-    strided shard ``shard_index::shard_count`` (records in a shard differ between epochs; shards
-    are disjoint within every epoch) -> ``map_fn`` per record -> batches of ``batch_size`` that
-    never straddle epochs (the last one of an epoch is smaller unless ``drop_remainder``) ->
-    ``num_epochs`` epochs (``None``: endless).
-
-    Args:
-      source: any random-access sequence of records, e.g. :func:`load_preference_source`.
-      seed: shuffle seed; every host of a multi-host job must pass the same one.
-      even_shards: drop ``len(source) % shard_count`` records per epoch (different ones each
-        epoch when shuffling) so every shard has the same number of batches.
-      map_fn: per-record hook (e.g. decode + tokenise); runs after sharding.
-      batch_fn: how to stack records (``None``: grain's default, ``np.stack`` per leaf).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=_grain_seed(seed))
-    if shard_count > 1:
-        if even_shards:
-            ds = ds[: len(ds) - len(ds) % shard_count]
-        ds = ds[shard_index::shard_count]
-    if len(ds) == 0:
-        raise ValueError(f"shard {shard_index}/{shard_count} of {len(source)} records is empty")
-    if map_fn is not None:
-        ds = ds.map(map_fn)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
-    if len(ds) == 0:
-        raise ValueError(f"fewer than batch_size={batch_size} records per shard "
-                         f"with drop_remainder=True")
-    return ds.repeat(num_epochs)
-
-
-def preference_loader(source: Sequence[Any], *, batch_size: int, seed: int,
-                      shuffle: bool = True, num_epochs: int | None = None,
-                      shard_index: int = 0, shard_count: int = 1, even_shards: bool = True,
-                      drop_remainder: bool = False,
-                      map_fn: Callable[[Any], Any] | None = None,
-                      batch_fn: Callable[[Sequence[Any]], Any] | None = collate_records,
-                      read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-    """A checkpointable iterator over :func:`preference_batches` (same arguments).
-
-    ``it.get_state()`` returns a small JSON-able dict; a fresh loader built with the same
-    arguments and given that state via ``it.set_state(state)`` yields exactly the batches the
-    original would have yielded next. ``read_options`` controls grain's prefetch threads
-    (``grain.ReadOptions(num_threads=0)`` reads synchronously).
-    """
-    ds = preference_batches(source, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                            num_epochs=num_epochs, shard_index=shard_index,
-                            shard_count=shard_count, even_shards=even_shards,
-                            drop_remainder=drop_remainder, map_fn=map_fn, batch_fn=batch_fn)
-    return iter(ds.to_iter_dataset(read_options))
-
-
-def steps_per_epoch(num_records: int, *, batch_size: int, shard_count: int = 1,
-                    even_shards: bool = True, drop_remainder: bool = False) -> int:
-    """Batches per epoch yielded by each shard (the largest shard if shards are uneven)."""
-    per_shard = num_records // shard_count if even_shards else math.ceil(num_records / shard_count)
-    return per_shard // batch_size if drop_remainder else math.ceil(per_shard / batch_size)

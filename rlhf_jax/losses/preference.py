@@ -1,8 +1,9 @@
 """Offline preference losses on labelled pairs: DPO, IPO and SimPO, and K-wise rankings as pairs.
 
 Every loss takes per-pair arrays ``[B]`` of *summed* response log-probabilities (the response
-tokens, EOS included) and returns ``(loss, metrics)``; the loss is a weighted mean over pairs,
-``Σ w·l / Σ w`` (``weights=None``: every pair 1), reduced globally over ``axis_name`` under
+tokens, EOS included) and returns ``(loss, metrics)``; the loss is a mean over pairs weighted by
+``mask`` (0 = pair not counted; K-wise rankings give fractional weights), ``Σ m·l / Σ m``
+(``mask=None``: every pair 1), reduced globally over ``axis_name`` under
 ``shard_map``. Write ``h`` for the difference of the policy/reference log-ratios of the chosen
 (y_w) and rejected (y_l) response:
 
@@ -45,8 +46,8 @@ import numpy as np
 from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count
 
 
-def _weights(x: jax.Array, weights: jax.Array | None) -> jax.Array:
-    return jnp.ones_like(x) if weights is None else weights.astype(x.dtype)
+def _mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return jnp.ones_like(x) if mask is None else mask.astype(x.dtype)
 
 
 def _pair_metrics(h, chosen_reward, rejected_reward, w, axis_name) -> dict[str, jax.Array]:
@@ -58,9 +59,9 @@ def _pair_metrics(h, chosen_reward, rejected_reward, w, axis_name) -> dict[str, 
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
              ref_rejected: jax.Array, *, beta: float, label_smoothing: float = 0.0,
-             weights: jax.Array | None = None, axis_name: AxisName = None
+             mask: jax.Array | None = None, axis_name: AxisName = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(Conservative) DPO: weighted mean of ``(1 − ε)(−log σ(βh)) + ε(−log σ(−βh))``.
+    """(Conservative) DPO: mean over pairs (weighted by ``mask``) of ``(1 − ε)(−log σ(βh)) + ε(−log σ(−βh))``.
 
     Args are ``[B]`` summed response log-probs of the policy and the reference. Metrics:
     ``loss``, ``accuracy`` (share with h > 0), ``margin`` (mean β·h: the implicit reward margin),
@@ -71,7 +72,7 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
     logits = chosen_reward - rejected_reward                          # β h
     losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits)
               - label_smoothing * jax.nn.log_sigmoid(-logits))
-    w = _weights(losses, weights)
+    w = _mask(losses, mask)
     loss = masked_mean(losses, w, axis_name=axis_name)
     return loss, {"loss": loss,
                   **_pair_metrics(logits, chosen_reward, rejected_reward, w, axis_name)}
@@ -80,9 +81,9 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
 def ipo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
              ref_rejected: jax.Array, *, tau: float, chosen_len: jax.Array | None = None,
              rejected_len: jax.Array | None = None, average_length: bool = False,
-             weights: jax.Array | None = None, axis_name: AxisName = None
+             mask: jax.Array | None = None, axis_name: AxisName = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """IPO: weighted mean of ``(h − 1/(2τ))²``; with ``average_length`` the chosen and rejected
+    """IPO: mean over pairs (weighted by ``mask``) of ``(h − 1/(2τ))²``; with ``average_length`` the chosen and rejected
     log-ratios are divided by ``chosen_len`` / ``rejected_len`` (response tokens) first.
 
     Metrics: ``loss``, ``accuracy`` (h > 0), ``margin`` (mean h), ``chosen_reward`` /
@@ -97,16 +98,16 @@ def ipo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
         rejected = rejected / jnp.maximum(rejected_len, 1)
     h = chosen - rejected
     losses = jnp.square(h - 1.0 / (2.0 * tau))
-    w = _weights(losses, weights)
+    w = _mask(losses, mask)
     loss = masked_mean(losses, w, axis_name=axis_name)
     return loss, {"loss": loss, **_pair_metrics(h, chosen, rejected, w, axis_name)}
 
 
 def simpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, chosen_len: jax.Array,
                rejected_len: jax.Array, *, beta: float, simpo_margin: float,
-               weights: jax.Array | None = None, axis_name: AxisName = None
+               mask: jax.Array | None = None, axis_name: AxisName = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SimPO: weighted mean of ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)``.
+    """SimPO: mean over pairs (weighted by ``mask``) of ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)``.
 
     Reference-free. Metrics: ``loss``, ``accuracy`` (length-normalised reward of the chosen
     response higher), ``margin`` (mean reward difference, before subtracting γ),
@@ -116,15 +117,15 @@ def simpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, chosen_len:
     rejected_reward = beta * policy_rejected / jnp.maximum(rejected_len, 1)
     diff = chosen_reward - rejected_reward
     losses = -jax.nn.log_sigmoid(diff - simpo_margin)
-    w = _weights(losses, weights)
+    w = _mask(losses, mask)
     loss = masked_mean(losses, w, axis_name=axis_name)
     return loss, {"loss": loss,
                   **_pair_metrics(diff, chosen_reward, rejected_reward, w, axis_name)}
 
 
-def kwise_pairs(ranking: jax.Array, valid: jax.Array | None = None
+def kwise_pairs(ranking: jax.Array, mask: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """K-wise rankings ``[P, K]`` (higher = preferred, equal = tie; ``valid [P, K]`` marks present
+    """K-wise rankings ``[P, K]`` (higher = preferred, equal = tie; ``mask [P, K]`` marks present
     responses) -> ``(winner, loser, weight)``, each ``[P, C(K, 2)]``.
 
     Column m is the m-th unordered pair ``i < j`` (``np.triu_indices(K, 1)`` order), oriented so
@@ -139,8 +140,8 @@ def kwise_pairs(ranking: jax.Array, valid: jax.Array | None = None
     winner = jnp.where(i_wins, i, j).astype(jnp.int32)
     loser = jnp.where(i_wins, j, i).astype(jnp.int32)
     keep = ri != rj
-    if valid is not None:
-        keep = keep & (valid[:, i] > 0) & (valid[:, j] > 0)
+    if mask is not None:
+        keep = keep & (mask[:, i] > 0) & (mask[:, j] > 0)
     keep = keep.astype(jnp.float32)
     weight = keep / jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1.0)
     return winner, loser, weight
@@ -151,14 +152,14 @@ REFERENCE_FREE = frozenset({"simpo"})
 
 
 def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=None,
-                    ref_rejected=None, chosen_len=None, rejected_len=None, weights=None,
+                    ref_rejected=None, chosen_len=None, rejected_len=None, mask=None,
                     axis_name: AxisName = None, **hparams) -> tuple[jax.Array, dict]:
     """Call ``PREFERENCE_LOSSES[name]`` with the arguments it takes (one calling convention for
     the stage): reference log-probs are ignored by reference-free losses, lengths passed to the
     losses that use them; ``hparams`` are that loss's keyword hyperparameters."""
     if name not in PREFERENCE_LOSSES:
         raise ValueError(f"unknown preference loss {name!r}; known: {sorted(PREFERENCE_LOSSES)}")
-    common = {"weights": weights, "axis_name": axis_name, **hparams}
+    common = {"mask": mask, "axis_name": axis_name, **hparams}
     if name == "simpo":
         return simpo_loss(policy_chosen, policy_rejected, chosen_len, rejected_len, **common)
     if name == "ipo":
@@ -169,18 +170,19 @@ def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=Non
 
 def kwise_preference_loss(name: str, policy_logps: jax.Array, ref_logps: jax.Array | None,
                           lengths: jax.Array, ranking: jax.Array, *,
-                          valid: jax.Array | None = None, axis_name: AxisName = None,
+                          mask: jax.Array | None = None, axis_name: AxisName = None,
                           **hparams) -> tuple[jax.Array, dict]:
     """A pairwise loss over every untied pair of K-wise rankings: ``policy_logps``,
-    ``ref_logps``, ``lengths`` and ``ranking`` are ``[P, K]`` (each response forwarded once);
-    pairs and weights from :func:`kwise_pairs`. Metrics add ``pairs`` (untied pairs counted)."""
-    winner, loser, weight = kwise_pairs(ranking, valid)
+    ``ref_logps``, ``lengths`` and ``ranking`` are ``[P, K]`` (each response forwarded once),
+    ``mask [P, K]`` marks present responses; pairs and their weights from :func:`kwise_pairs`, the
+    loss a mean over prompts with an untied pair. Metrics add ``pairs`` (untied pairs counted)."""
+    winner, loser, weight = kwise_pairs(ranking, mask)
     take = lambda x, idx: jnp.take_along_axis(x, idx, axis=1).reshape(-1)  # noqa: E731
     ref = {} if ref_logps is None else {"ref_chosen": take(ref_logps, winner),
                                         "ref_rejected": take(ref_logps, loser)}
     loss, metrics = preference_loss(
         name, policy_chosen=take(policy_logps, winner), policy_rejected=take(policy_logps, loser),
         chosen_len=take(lengths, winner), rejected_len=take(lengths, loser),
-        weights=weight.reshape(-1), axis_name=axis_name, **ref, **hparams)
+        mask=weight.reshape(-1), axis_name=axis_name, **ref, **hparams)
     _, pairs = masked_sum_and_count(weight, weight > 0, axis_name=axis_name)
     return loss, {**metrics, "pairs": pairs}

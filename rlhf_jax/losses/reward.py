@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count, sequence_logprob
+from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count
 
 
 def bradley_terry_loss(
@@ -28,7 +28,7 @@ def bradley_terry_loss(
     mask: jax.Array | None = None,   # [N] 1 = pair counted
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean over counted pairs of ``−log σ(r_chosen − r_rejected − margin)``.
+    """Mean over the pairs where ``mask`` is 1 of ``−log σ(r_chosen − r_rejected − margin)``.
 
     Metrics: ``loss``, ``accuracy`` (share with r_chosen > r_rejected), ``margin`` (mean
     r_chosen − r_rejected), ``reward_mean``/``reward_std`` over both responses of counted pairs.
@@ -56,19 +56,18 @@ def kwise_bradley_terry_loss(
     rewards: jax.Array,   # [P, K] one reward per response
     ranking: jax.Array,   # [P, K] labeller's ranking scores: higher = preferred, equal = tie
     *,
-    valid: jax.Array | None = None,   # [P, K] 1 = response present (K may vary per prompt)
+    mask: jax.Array | None = None,   # [P, K] 1 = response present (K may vary per prompt)
     margin: float | jax.Array = 0.0,
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """InstructGPT's K-wise loss (module docstring): mean over prompts of the per-prompt sum over
-    ranked pairs, each prompt's sum divided by its C(K, 2).
+    """InstructGPT's K-wise loss (module docstring): mean over prompts with at least two present
+    responses (``mask``) of the per-prompt sum over ranked pairs, each prompt's sum divided by its
+    C(K, 2).
 
     Metrics: ``loss``, ``accuracy`` and ``margin`` over all untied pairs, ``reward_mean`` and
     ``reward_std`` over present responses, ``pairs`` (untied pairs counted).
     """
-    if valid is None:
-        valid = jnp.ones_like(rewards)
-    valid = valid.astype(rewards.dtype)
+    valid = jnp.ones_like(rewards) if mask is None else mask.astype(rewards.dtype)
     diff = rewards[:, :, None] - rewards[:, None, :]                       # [P, K, K] r_i − r_j
     pair_ok = valid[:, :, None] * valid[:, None, :]
     better = (ranking[:, :, None] > ranking[:, None, :]).astype(rewards.dtype) * pair_ok
@@ -104,59 +103,11 @@ def last_token_rewards(model, params, tokens: jax.Array, mask: jax.Array, *,
                        head: str = "reward") -> jax.Array:
     """Scalar head ``head`` of each row ``tokens [N, T]`` read at its last real token, ``[N]``.
 
+    (The one model-running helper left here: ``benchmarks/run.py`` imports it. The reward model's
+    score function, ``rlhf_jax.stages.reward_model.make_score_fn``, builds on it.)
+
     The model's last block runs at that one position only (``output_positions``), which is all a
     last-token readout needs: the same reward as reading the full output, for less work."""
     out = model.apply(params, tokens, attention_mask=mask, compute_logits=False,
                       output_positions=last_token_index(mask)[:, None])
     return out.scalars[head][:, 0]
-
-
-def sequence_rewards(model, params, prompts, prompt_mask, responses, response_mask, *,
-                     head: str = "reward", lm_coef_head: str | None = None,
-                     lm_stop_grad: bool = False) -> jax.Array:
-    """Scalar-head reward of each ``[prompt | response]`` read at its last response token.
-
-    ``prompts [N, Lp]`` left-padded, ``responses [N, Lr]`` right-padded -> ``[N]``.
-
-    With ``lm_coef_head`` (the LM-likelihood readout), the reward adds ``c · log p(response)``:
-    the trunk's own (tied-embedding) LM log-likelihood of the response, weighted by the scalar
-    ``c`` that head ``lm_coef_head`` reads at the last token (learned; a constant when its kernel
-    is zero). This lets a shallow trunk use knowledge it can only express as a next-token
-    prediction (e.g. a recalled fact at the position before the stated value), which a readout at
-    the last token alone cannot compare with the stated value. ``lm_stop_grad`` keeps the
-    likelihood term from training the trunk (only the coefficient learns from it).
-    """
-    tokens = jnp.concatenate([prompts, responses], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    if lm_coef_head is None:
-        return last_token_rewards(model, params, tokens, mask, head=head)
-    # outputs from the last prompt token on (the model's last block runs only there): logits
-    # [:, :-1] predict the response tokens; the last real token sits at last_token_index - (p - 1)
-    p = prompts.shape[1]
-    out = model.apply(params, tokens, attention_mask=mask, output_positions=slice(p - 1, None))
-    logp = sequence_logprob(out.logits[:, :-1], responses, response_mask)
-    if lm_stop_grad:
-        logp = jax.lax.stop_gradient(logp)
-    last = (last_token_index(mask) - (p - 1))[:, None]
-    read = lambda h: jnp.take_along_axis(out.scalars[h], last, axis=-1)[:, 0]  # noqa: E731
-    return read(head) + read(lm_coef_head) * logp
-
-
-def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,
-                     model, margin: float = 0.0, axis_name: AxisName = None,
-                     lm_coef_head: str | None = None, lm_stop_grad: bool = False):
-    """Forward every response once, then :func:`kwise_bradley_terry_loss`.
-
-    ``batch``: ``prompts [P, Lp]``, ``prompt_mask``, ``responses [P, K, Lr]``, ``response_mask``,
-    ``ranking [P, K]``, optional ``valid [P, K]``.
-    """
-    del key
-    p, k, lr = batch["responses"].shape
-    prompts = jnp.repeat(batch["prompts"], k, axis=0)
-    prompt_mask = jnp.repeat(batch["prompt_mask"], k, axis=0)
-    rewards = sequence_rewards(model, params, prompts, prompt_mask,
-                               batch["responses"].reshape(p * k, lr),
-                               batch["response_mask"].reshape(p * k, lr),
-                               lm_coef_head=lm_coef_head, lm_stop_grad=lm_stop_grad).reshape(p, k)
-    return kwise_bradley_terry_loss(rewards, batch["ranking"], valid=batch.get("valid"),
-                                    margin=margin, axis_name=axis_name)

@@ -166,11 +166,13 @@ class PPOState:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """The static halves of the four models (``value`` is None unless the critic is separate)."""
+    """The static halves of the models (``value`` is None unless the critic is separate) and the
+    reward model's score function ``rm(params, tokens, mask) -> [B]`` (``rlhf_jax.rl.rollout``;
+    a bare ``Model`` is read at its ``reward`` head)."""
 
     policy: Model
     ref: Model
-    rm: Model
+    rm: Any
     value: Model | None
 
 
@@ -204,7 +206,7 @@ def minibatch_indices(key: jax.Array, example_ids: jax.Array, minibatches: int) 
 
 def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_id: int,
                    pad_id: int, rm_gain: float = 1.0, rm_bias: float = 0.0,
-                   rm_score_kw: dict | None = None, axis_name: AxisName = None):
+                   axis_name: AxisName = None):
     """The compiled PPO iteration ``(state, batch, key) -> (state, metrics)``.
 
     ``batch``: ``prompts [B, P]``, ``prompt_mask``, ``example_ids [B·G]`` (per-sample key ids),
@@ -213,7 +215,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
     scalars plus ``"rollout"``: the sampled tokens, mask and scores for host-side evaluation."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=hp.temperature)
     policy_model = models.policy
-    value_model = {"separate": models.value, "shared": models.policy, "none": None}[hp.critic]
+    value_model = models.value if hp.critic == "separate" else None
     advantage_fn = ADVANTAGES[hp.advantage]
     policy_loss_fn = POLICY_LOSSES[hp.policy_loss]
     t = hp.temperature
@@ -275,12 +277,11 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_i
         g = hp.group_size
         prompts = jnp.repeat(batch["prompts"], g, axis=0)
         prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
-        value_params = {"separate": None if state.value is None else state.value.params,
-                        "shared": state.policy.params, "none": None}[hp.critic]
+        value_params = None if state.value is None else state.value.params
         ro: Rollout = collect(policy_model, state.policy.params, models.ref, state.frozen.ref,
                               models.rm, state.frozen.rm, value_model, value_params, prompts,
                               prompt_mask, k_sample, batch["example_ids"], sampling=sampling,
-                              eos_id=eos_id, pad_id=pad_id, rm_score_kw=rm_score_kw,
+                              eos_id=eos_id, pad_id=pad_id, shared_critic=hp.critic == "shared",
                               rescore_policy=hp.rescore_policy)
         mask = ro.mask.astype(jnp.float32)
         n_seq = mask.shape[0]

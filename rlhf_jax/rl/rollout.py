@@ -8,16 +8,22 @@ can be checked (``rollout/logprob_max_diff``; sampling uses no top-k/top-p, so t
 With ``rescore_policy=False`` the policy's logits (and a shared value head) are the ones the
 sampler computed while decoding, as in TRL's PPO: one forward pass of the policy fewer per
 rollout, equal to the recomputed ones up to float rounding (cached decode = full forward).
+
+The reward model enters as a *score function* ``score(params, tokens, mask) -> [B]`` over
+``[prompt | response]`` rows, built by the caller beside the model
+(``rlhf_jax.stages.reward_model.make_score_fn``); a bare ``Model`` stands for its ``reward`` head
+read at the last token.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.reward import reward_at_last_token, sequence_rewards
+from rlhf_jax.losses.reward import last_token_rewards, reward_at_last_token
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import entropy_from_logits, token_logprobs
 from rlhf_jax.sampling import SamplingConfig, response_logits, sample
@@ -38,17 +44,28 @@ class Rollout(NamedTuple):
     truncated: jax.Array       # [B] hit the budget without EOS
 
 
-def collect(policy: Model, policy_params, ref: Model, ref_params, rm: Model, rm_params,
-            value: Model | None, value_params, prompts: jax.Array, prompt_mask: jax.Array,
-            key: jax.Array, example_ids: jax.Array, *, sampling: SamplingConfig, eos_id: int,
-            pad_id: int, value_head: str = "value", rm_head: str = "reward",
-            rm_score_kw: dict | None = None, rescore_policy: bool = True) -> Rollout:
-    """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores.
+ScoreFn = Callable[..., jax.Array]   # (params, tokens [B, T], mask [B, T]) -> [B]
 
-    ``value is None`` means no critic (values are 0); ``value is policy`` reads the value head of
-    the policy's own pass (shared trunk: the rescoring forward pass, or the sampler's decoding with
-    ``rescore_policy=False``). ``rm_score_kw`` are the RM's readout options
-    (``rlhf_jax.stages.reward.rm_score_kwargs``)."""
+
+def as_score_fn(rm: ScoreFn | Model) -> ScoreFn:
+    """``rm`` itself, or for a bare ``Model`` its ``reward`` head read at the last token."""
+    return functools.partial(last_token_rewards, rm) if isinstance(rm, Model) else rm
+
+
+def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn | Model,
+            score_params, value: Model | None, value_params, prompts: jax.Array,
+            prompt_mask: jax.Array, key: jax.Array, example_ids: jax.Array, *,
+            sampling: SamplingConfig, eos_id: int, pad_id: int, shared_critic: bool = False,
+            value_head: str = "value", rescore_policy: bool = True) -> Rollout:
+    """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores
+    (``score(score_params, [prompts | responses], mask)``, see the module docstring).
+
+    The critic: ``value`` (a separate model, ``value_params`` its parameters); with
+    ``shared_critic`` the value head of the policy's own pass (the rescoring forward pass, or the
+    sampler's decoding with ``rescore_policy=False``; ``value`` must then be None); neither: no
+    critic, values 0."""
+    if shared_critic and value is not None:
+        raise ValueError("shared_critic reads the policy's value head; pass value=None")
     out = sample(policy, policy_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
                  pad_id=pad_id, example_ids=example_ids, keep_outputs=not rescore_policy)
     responses, mask = out.tokens, out.mask
@@ -66,16 +83,16 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, rm: Model, rm_
     ref_logp = token_logprobs(ref_logits, responses)
     lp = jax.nn.log_softmax(logits, axis=-1)
     exact_kl = jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits, axis=-1)), axis=-1)
-    if value is None:
-        values = jnp.zeros_like(logp)
-    elif value is policy:
+    if shared_critic:
         values = pol_scalars[value_head]
+    elif value is None:
+        values = jnp.zeros_like(logp)
     else:
         _, v_out = response_logits(value, value_params, prompts, prompt_mask, responses, mask,
                                    compute_logits=False)
         values = v_out.scalars[value_head]
-    scores = sequence_rewards(rm, rm_params, prompts, prompt_mask, responses, mask, head=rm_head,
-                              **(rm_score_kw or {}))
+    scores = as_score_fn(score)(score_params, jnp.concatenate([prompts, responses], axis=1),
+                                jnp.concatenate([prompt_mask, mask], axis=1))
     last = reward_at_last_token(responses, mask)
     truncated = (last != eos_id) | (jnp.sum(mask, -1) == 0)
     m = mask.astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Pieces every stage shares: the task config, keys, model loading and held-out evaluation."""
+"""Pieces every stage shares: keys, upstream runs, model loading and training."""
 
 from __future__ import annotations
 
@@ -12,39 +12,16 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
-from rlhf_jax.data.facts_world import FactsWorld, FactsWorldConfig
-from rlhf_jax.evaluate import evaluate_policy
 from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import GPTConfig, create_model
 from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_step, make_mesh,
                                place, shard_batch, state_specs, unshard)
 from rlhf_jax.runs import RunDir
+from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
 # independent key streams derived from the seed (fold_in(key(seed), stream))
 STREAM_INIT, STREAM_TRAIN, STREAM_EVAL, STREAM_LABEL = 0, 1, 2, 3
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    """The embedded task and the shapes it is trained and evaluated at.
-
-    Attributes:
-      world: the generated world and its demonstrator.
-      prompt_len: prompts are left-padded to this many tokens.
-      max_new_tokens: response budget (sampling) and response length (SFT rows).
-      eval_samples: samples per held-out prompt in evaluation (pinned protocol: T = 1, >= 4).
-    """
-
-    world: FactsWorldConfig = FactsWorldConfig()
-    prompt_len: int = 16
-    max_new_tokens: int = 12
-    eval_samples: int = 4
-
-    def __post_init__(self):
-        check(self.prompt_len > 0, "prompt_len", "must be > 0")
-        check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
-        check(self.eval_samples >= 4, "eval_samples", "the evaluation protocol needs >= 4")
 
 
 def stage_key(seed: int, stream: int) -> jax.Array:
@@ -69,6 +46,11 @@ def upstream_run(given: str, default: Path, run_default, default_cfg, field: str
     return path
 
 
+def read_config(run_dir: str | Path, config_cls: type):
+    """The config a stage run was written with (its ``config.json``)."""
+    return from_dict(config_cls, json.loads((Path(run_dir) / "config.json").read_text()))
+
+
 def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] = (),
                config_of=lambda cfg: cfg):
     """``(config, Model, params)`` of a finished stage run (its ``config.json`` and ``params/``);
@@ -76,21 +58,15 @@ def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] 
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no summary.json)")
-    cfg = from_dict(config_cls, json.loads((run_dir / "config.json").read_text()))
+    cfg = read_config(run_dir, config_cls)
     model, target = create_model(config_of(cfg).model, jax.random.key(0), heads=heads)
     return cfg, model, load_params(run_dir / "params", target)
 
 
-def evaluate_heldout(model, params, world: FactsWorld, task: TaskConfig, seed: int, run: RunDir,
-                     name: str) -> dict[str, float]:
-    """Held-out gold metrics under the pinned protocol, keys suffixed ``/<name>``; writes the
-    responses to ``samples_<name>.jsonl`` in the run directory."""
-    metrics, records = evaluate_policy(
-        model, params, world, world.prompts("heldout"), stage_key(seed, STREAM_EVAL),
-        n_samples=task.eval_samples, max_new_tokens=task.max_new_tokens,
-        prompt_len=task.prompt_len)
-    run.write_jsonl(f"samples_{name}.jsonl", records)
-    return {f"{k}/{name}": v for k, v in metrics.items()}
+def eval_key(seed: int) -> jax.Array:
+    """The held-out evaluation key of a pipeline seeded ``seed``: every stage evaluates with the
+    pretraining seed's key, so SFT and any later policy are paired by prompt and sample index."""
+    return stage_key(seed, STREAM_EVAL)
 
 
 def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,

@@ -15,15 +15,16 @@ import numpy as np
 
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens, pack_documents, sft_examples
-from rlhf_jax.data.facts_world import FactsWorld
-from rlhf_jax.evaluate import evaluate_demonstrator, probe_accuracy
+from rlhf_jax.data.task import Task
+from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout, probe_accuracy
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.functional import count_params
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, TaskConfig, check_context, evaluate_heldout,
-                                    load_stage, stage_key, train_stage, upstream_run)
+from rlhf_jax.stages.common import (STREAM_INIT, check_context, eval_key, load_stage, stage_key,
+                                    train_stage, upstream_run)
+from rlhf_jax.tasks import TaskConfig, build_task
 from rlhf_jax.train import OptimConfig
 
 
@@ -33,7 +34,8 @@ class PretrainConfig:
 
     Attributes:
       seed: seeds initialisation, batch order and evaluation sampling.
-      task: the embedded task (world, shapes, evaluation samples).
+      task: the task (``--task.name``, default the embedded facts world), its settings, and the
+        shapes and evaluation samples it runs at.
       model: architecture; ``vocab_size`` is replaced by the tokenizer's.
       seq_len: tokens per packed training row.
       batch_size: rows per step.
@@ -131,17 +133,27 @@ def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_si
                        fsdp=fsdp)
 
 
+def knowledge(model, params, task: Task, prompt_len: int, name: str) -> dict[str, float]:
+    """``knowledge/<name>``: the share of the task's held-out knowledge probes the model gets
+    right (none for a task without probes)."""
+    probes = task.knowledge_probes("heldout")
+    if not probes:
+        return {}
+    return {f"knowledge/{name}": probe_accuracy(model, params, task.tokenizer, probes,
+                                                length=prompt_len)}
+
+
 def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
     """Pretrain into run directory ``out``; returns (and writes) its summary."""
     check_divisible(cfg.batch_size, make_mesh(), "batch_size")
     t0 = time.perf_counter()
-    world = FactsWorld(cfg.task.world)
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=world.tokenizer.vocab_size))
+    task = build_task(cfg.task)
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=task.tokenizer.vocab_size))
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
-    run.write_json("tokenizer.json", world.tokenizer.to_json())
-    data = pack_documents(world.tokenizer, world.pretraining_corpus(), cfg.seq_len)
+    run.write_json("tokenizer.json", task.tokenizer.to_json())
+    data = pack_documents(task.tokenizer, task.pretraining_corpus(), cfg.seq_len)
     model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
     params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
                        steps=cfg.steps, optim=cfg.optim, run=run, prefix="pretrain",
@@ -149,10 +161,9 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
                        fsdp=cfg.fsdp)
     train_s = time.perf_counter() - t0
     summary = {"params": count_params(params), "corpus_tokens": int(data["attention_mask"].sum()),
-               "knowledge/base": probe_accuracy(model, params, world.tokenizer,
-                                                world.knowledge_probes("heldout"),
-                                                length=cfg.task.prompt_len),
-               **evaluate_heldout(model, params, world, cfg.task, cfg.seed, run, "base"),
+               **knowledge(model, params, task, cfg.task.prompt_len, "base"),
+               **evaluate_heldout(model, params, task, cfg.task, eval_key(cfg.seed), run=run,
+                                  name="base")[0],
                "time_s/pretrain": train_s}
     run.write_summary(summary)
     return summary
@@ -170,34 +181,34 @@ def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
     pre_cfg, model, params = load_stage(pre_dir, PretrainConfig)
     pre_summary = RunDir(pre_dir).read_summary()
     cfg = dataclasses.replace(cfg, pretrain_dir=str(pre_dir), pretrain=pre_cfg)
-    task = pre_cfg.task
+    tcfg = pre_cfg.task
 
     t0 = time.perf_counter()
-    world = FactsWorld(task.world)
+    task = build_task(tcfg)
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 2])
-    prompts = [p for p in world.prompts("train") for _ in range(cfg.demos_per_prompt)]
-    demos = [world.demonstration(p, rng) for p in prompts]
+    prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
+    demos = [task.demonstration(p, rng) for p in prompts]
     run.write_jsonl("demonstrations.jsonl",
                     ({"uid": p.uid, "prompt": p.text, "response": d} for p, d in zip(prompts, demos)))
-    data = sft_examples(world.tokenizer, prompts, demos, prompt_len=task.prompt_len,
-                        response_len=task.max_new_tokens)
-    replay = pack_documents(world.tokenizer, world.pretraining_corpus(), pre_cfg.seq_len)
+    data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
+                        response_len=tcfg.max_new_tokens)
+    replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
     params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
                        steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
                        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                        replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size,
                        fsdp=cfg.fsdp)
     train_s = time.perf_counter() - t0
-    heldout = world.prompts("heldout")
-    demo = evaluate_demonstrator(world, heldout, n_samples=task.eval_samples, seed=cfg.seed)
+    heldout = task.prompts("heldout")
+    demo = evaluate_demonstrator(task, heldout, n_samples=tcfg.eval_samples, seed=cfg.seed)
     summary = {
         **{k: v for k, v in pre_summary.items() if k.endswith("/base") or k == "time_s/pretrain"},
-        **evaluate_heldout(model, params, world, task, pre_cfg.seed, run, "sft"),
-        "knowledge/sft": probe_accuracy(model, params, world.tokenizer,
-                                        world.knowledge_probes("heldout"), length=task.prompt_len),
+        **evaluate_heldout(model, params, task, tcfg, eval_key(pre_cfg.seed), run=run,
+                           name="sft")[0],
+        **knowledge(model, params, task, tcfg.prompt_len, "sft"),
         **{f"demonstrator/{k}": v for k, v in demo.items()},
         "sft_examples": len(prompts),
         "time_s/sft": train_s,

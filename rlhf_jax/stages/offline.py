@@ -5,16 +5,15 @@ train on exactly the K-wise comparisons that reward model was trained on (the re
 TFDS ``train`` split): every prompt's K responses are forwarded once, and all C(K, 2) untied pairs
 enter the loss (``rlhf_jax.losses.preference``). Training goes through
 ``stages.common.train_stage`` (data parallel, checkpoints, resume, non-finite handling). The final
-held-out evaluation follows ``run_ppo``'s pinned protocol: SFT and the policy on the held-out
-prompts, paired by prompt and sample index under the gold judge, and the exact per-sequence
-KL(π ‖ π_SFT) on the policy's samples.
+held-out evaluation is the pinned protocol of :mod:`rlhf_jax.evaluate`, as in ``run_ppo``: SFT and
+the policy on the held-out prompts, paired by prompt and sample index under the gold judge, and the
+exact per-sequence KL(π ‖ π_SFT) on the policy's samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.configs import check, check_numbers, from_dict, non_negative, positive, to_dict
+from rlhf_jax.configs import check, check_numbers, non_negative, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens, pad_rows
-from rlhf_jax.data.facts_world import FactsWorld
+from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
 from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
                                         kwise_preference_loss)
 from rlhf_jax.models.functional import Model
@@ -33,10 +32,10 @@ from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import response_logits
-from rlhf_jax.stages.common import load_stage, train_stage, upstream_run
+from rlhf_jax.stages.common import eval_key, load_stage, read_config, train_stage, upstream_run
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.ppo import heldout_signals, versus_sft
 from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences, run_reward
+from rlhf_jax.tasks import build_task
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
@@ -68,8 +67,8 @@ class OfflineConfig:
       steps: optimizer steps.
       optim: AdamW / schedule / clipping.
       eval_every: every this many steps evaluate on the held-out prompts and log
-        ``heldout/gold``, ``heldout/fabrication_rate``, ``heldout/accuracy``, ``heldout/kl``
-        (0 = only the final evaluation).
+        ``heldout/<metric>`` for the task's headline metrics and ``heldout/kl`` (0 = only the
+        final evaluation).
       log_every: log training metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
       fsdp: split parameters and optimizer state over the devices instead of replicating.
@@ -174,14 +173,14 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     out = Path(out)
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
                               "reward_dir")
-    reward_cfg = from_dict(RewardConfig, json.loads((Path(reward_dir) / "config.json").read_text()))
+    reward_cfg = read_config(reward_dir, RewardConfig)
     sft_cfg, policy, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
                                              config_of=lambda c: c.pretrain)
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
     pre = sft_cfg.pretrain
-    task = pre.task
-    world = FactsWorld(task.world)
-    tok = world.tokenizer
+    tcfg = pre.task
+    task = build_task(tcfg)
+    tok = task.tokenizer
     name = cfg.loss
 
     t0 = time.perf_counter()
@@ -189,8 +188,8 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
     data_dir = Path(reward_cfg.preferences_dir or Path(reward_dir) / "data")
-    prefs = read_preferences(data_dir, "train", world)
-    data = preference_arrays(tok, prefs, task)
+    prefs = read_preferences(data_dir, "train", task)
+    data = preference_arrays(tok, prefs, tcfg)
     check_tokens(data, vocab_size=pre.model.vocab_size, source="offline: train preferences")
     data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
     ref_params = None
@@ -202,12 +201,12 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
     loss_fn = functools.partial(offline_loss_fn, model=policy, loss=name,
                                 hparams=cfg.loss_hparams(), ref_params=ref_params)
-    eval_seed = pre.seed   # the evaluation key run_ppo uses: same held-out samples of SFT
+    key = eval_key(pre.seed)   # the evaluation key run_ppo uses: same held-out samples of SFT
 
     def on_step(done, params):
         if not (cfg.eval_every and done % cfg.eval_every == 0):
             return None
-        return heldout_signals(policy, params, policy, sft_params, world, task, eval_seed)
+        return heldout_signals(policy, params, policy, sft_params, task, tcfg, key)
 
     params = train_stage(sft_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
                          steps=cfg.steps, optim=cfg.optim, run=run, prefix=name,
@@ -217,22 +216,18 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
 
     # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
     t_eval = time.perf_counter()
-    sft_m, pol_m, _, _, pair, kl = versus_sft(policy, params, policy, sft_params, world, task,
-                                              eval_seed, run, name)
+    vs = versus_reference(policy, params, policy, sft_params, task, tcfg, key, run=run, name=name)
     eval_s = time.perf_counter() - t_eval
 
     upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}
     rows = [r for r in read_metrics(run.path) if f"{name}/loss" in r]
     final = rows[-1] if rows else {}
-    vs = f"{name}_vs_sft"
     summary = {
         "gold/base": upstream.get("gold/base"),
-        **sft_m, **pol_m,
-        f"win_rate/{vs}": pair["win_rate"],
-        f"wins/{vs}": pair["wins"], f"ties/{vs}": pair["ties"], f"losses/{vs}": pair["losses"],
-        f"wins_over_decisive/{vs}": pair["wins"] / max(pair["wins"] + pair["losses"], 1),
-        "win_rate/ceiling": pair["ceiling"],
-        f"kl/{vs}": float(kl.mean()),
+        **vs.ref_metrics, **vs.metrics,
+        **versus_summary(vs.pair, f"{name}_vs_sft"),
+        "win_rate/ceiling": vs.pair["ceiling"],
+        f"kl/{name}_vs_sft": float(vs.kl.mean()),
         "preferences/train_prompts": len(prefs.prompts),
         **{f"final/{k}": v for k, v in final.items() if k.startswith(f"{name}/")},
         **{k: v for k, v in upstream.items() if k.startswith("time_s/")},

@@ -3,13 +3,13 @@
 The RL loop calls the compiled iteration (:mod:`rlhf_jax.rl.ppo`) once per iteration; on the host
 it only judges the iteration's samples with the gold judge (evaluation-only over-optimisation
 signals: RM–gold gap, RM agreement with gold on the policy's own samples), logs, and checkpoints.
-At the end it evaluates SFT, RLHF and best-of-N on the held-out prompts under the pinned protocol.
+At the end it evaluates SFT, RLHF and best-of-N on the held-out prompts under the pinned protocol
+(:mod:`rlhf_jax.evaluate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -22,26 +22,23 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rlhf_jax.checkpoint import Checkpointer, save_params
-from rlhf_jax.loop import NonFiniteError, key_data, truncate_metrics
-from rlhf_jax.configs import check, check_numbers, from_dict, positive, to_dict
+from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
-from rlhf_jax.data.facts_world import FactsWorld
-from rlhf_jax.evaluate import evaluate_policy, generate, judge_all
-from rlhf_jax.data.task import summarize
-from rlhf_jax.losses.ppo import kl_per_token
+from rlhf_jax.evaluate import (best_of_n, heldout_signals, judge_all, paired_outcomes,
+                               rm_gold_agreement, versus_reference, versus_summary)
+from rlhf_jax.loop import NonFiniteError, key_data, truncate_metrics
 from rlhf_jax.models import create_model
-from rlhf_jax.models.functional import Model, transplant
-from rlhf_jax.rl.kl_control import RunningMoments
-from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
+from rlhf_jax.models.functional import transplant
 from rlhf_jax.parallel import (AXIS, check_divisible, data_parallel, make_mesh, replicate,
                                shard_batch, to_host)
+from rlhf_jax.rl.kl_control import RunningMoments
+from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
 from rlhf_jax.runs import RunDir, read_metrics
-from rlhf_jax.sampling import SamplingConfig, response_logits
-from rlhf_jax.stages.common import (STREAM_EVAL, STREAM_INIT, STREAM_TRAIN, evaluate_heldout,
-                                    load_stage, stage_key, upstream_run)
+from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, eval_key, load_stage,
+                                    read_config, stage_key, upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import (RewardConfig, pairwise_gold_agreement, rm_heads,
-                                    rm_score_kwargs, run_reward, score_responses)
+from rlhf_jax.stages.reward import RewardConfig, load_reward_model, run_reward
+from rlhf_jax.tasks import build_task
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 STREAM_BEST_OF_N = 4
@@ -66,8 +63,9 @@ class PPOConfig:
       log_every: log metrics every this many iterations.
       checkpoint_every: resumable checkpoint interval in iterations (0 = only at the end).
       eval_every: every this many iterations evaluate the current policy on the held-out prompts
-        (pinned protocol) and its exact KL to SFT, logged as ``heldout/gold``,
-        ``heldout/fabrication_rate``, ``heldout/accuracy``, ``heldout/kl`` (0 = off).
+        (pinned protocol) and its exact KL to SFT, logged as ``heldout/<metric>`` for the task's
+        headline metrics (facts world: ``gold``, ``fabrication_rate``, ``accuracy``) and
+        ``heldout/kl`` (0 = off).
     """
 
     seed: int = 0
@@ -162,132 +160,6 @@ def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> PPOStat
         frozen=Frozen(ref=sft_params, rm=rm_params))
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "ref"))
-def _sequence_kl(policy: Model, policy_params, ref: Model, ref_params, prompts, prompt_mask,
-                 responses, mask):
-    """Per-sequence sum of the exact full-vocabulary KL(π ‖ π_SFT) over response tokens, ``[B]``."""
-    logits, _ = response_logits(policy, policy_params, prompts, prompt_mask, responses, mask)
-    ref_logits, _ = response_logits(ref, ref_params, prompts, prompt_mask, responses, mask)
-    kl = kl_per_token(None, None, estimator="exact", logits=logits, ref_logits=ref_logits)
-    return jnp.sum(kl * mask, -1)
-
-
-def sequence_kl(policy: Model, policy_params, ref: Model, ref_params, tok, prompts, texts, *,
-                prompt_len: int, response_len: int, batch: int = 256) -> np.ndarray:
-    """Exact KL(π ‖ π_SFT) of each (prompt, response text) pair, summed over the response."""
-    from rlhf_jax.data.batching import encode_responses, pad_rows
-
-    p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
-    r_ids, r_mask = encode_responses(tok, texts, response_len)
-    out = []
-    for s in range(0, len(texts), batch):
-        sl = slice(s, s + batch)
-        rows = len(p_ids[sl])
-        arrs = [jnp.asarray(pad_rows(a[sl], batch)) for a in (p_ids, p_mask, r_ids, r_mask)]
-        out.append(np.asarray(_sequence_kl(policy, policy_params, ref, ref_params, *arrs))[:rows])
-    return np.concatenate(out)
-
-
-def paired_outcomes(ours: list[dict], theirs: list[dict], top_score: float) -> dict[str, float]:
-    """Win/tie/loss of ``ours`` vs ``theirs`` paired by (prompt uid, sample index) under the gold
-    judge, and the win rate a perfect policy would get against ``theirs``."""
-    key = lambda r: (r["uid"], r["sample"])  # noqa: E731
-    by_key = {key(r): r["score"] for r in theirs}
-    diffs = np.asarray([r["score"] - by_key[key(r)] for r in ours])
-    wins, ties, losses = (int(np.sum(diffs > 0)), int(np.sum(diffs == 0)), int(np.sum(diffs < 0)))
-    n = max(len(diffs), 1)
-    theirs_scores = np.asarray([r["score"] for r in theirs])
-    return {"wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n,
-            "ceiling": float(np.mean(np.where(theirs_scores < top_score, 1.0, 0.5)))}
-
-
-def versus_sft(policy: Model, params, ref: Model, sft_params, world, task, seed: int,
-               run: RunDir, name: str):
-    """The final held-out evaluation under the pinned protocol: SFT and ``params`` (samples
-    written to ``samples_sft.jsonl`` / ``samples_<name>.jsonl``), paired by prompt and sample
-    index, and the exact per-sequence KL to SFT of the policy's samples. Returns ``(sft_metrics,
-    policy_metrics, sft_records, policy_records, paired, kl)``; metric keys end in ``/<name>``."""
-    sft_m = evaluate_heldout(ref, sft_params, world, task, seed, run, "sft")
-    pol_m = evaluate_heldout(policy, params, world, task, seed, run, name)
-    read = lambda f: [json.loads(r) for r in (run.path / f).read_text().splitlines()]  # noqa
-    sft_rec, pol_rec = read("samples_sft.jsonl"), read(f"samples_{name}.jsonl")
-    pair = paired_outcomes(pol_rec, sft_rec, world.top_score)
-    heldout = {p.uid: p for p in world.prompts("heldout")}
-    kl = sequence_kl(policy, params, ref, sft_params, world.tokenizer,
-                     [heldout[r["uid"]] for r in pol_rec], [r["response"] for r in pol_rec],
-                     prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
-    return sft_m, pol_m, sft_rec, pol_rec, pair, kl
-
-
-def heldout_signals(policy: Model, params, ref: Model, ref_params, world, task, seed: int
-                    ) -> dict[str, float]:
-    """The current policy on the held-out prompts under the pinned protocol (the final
-    evaluation's key, so intermediate and final numbers are comparable; nothing is written):
-    ``heldout/gold``, ``heldout/fabrication_rate``, ``heldout/accuracy`` and ``heldout/kl``, the
-    mean exact per-sequence KL(π ‖ π_SFT) of its responses."""
-    prompts = world.prompts("heldout")
-    metrics, records = evaluate_policy(policy, params, world, prompts,
-                                       stage_key(seed, STREAM_EVAL), n_samples=task.eval_samples,
-                                       max_new_tokens=task.max_new_tokens,
-                                       prompt_len=task.prompt_len)
-    by_uid = {p.uid: p for p in prompts}
-    kl = sequence_kl(policy, params, ref, ref_params, world.tokenizer,
-                     [by_uid[r["uid"]] for r in records], [r["response"] for r in records],
-                     prompt_len=task.prompt_len, response_len=task.max_new_tokens + 1)
-    return {"heldout/gold": metrics["gold"],
-            "heldout/fabrication_rate": metrics["fabrication_rate"],
-            "heldout/accuracy": metrics["accuracy"], "heldout/kl": float(kl.mean())}
-
-
-def best_of_n(policy: Model, params, rm: Model, rm_params, world, task, key, *, n: int,
-              score_kw: dict) -> tuple[dict[str, float], list[dict]]:
-    """Best-of-N from SFT under the pinned protocol: for each held-out prompt and sample index,
-    N fresh samples reranked by the RM; the top one is judged."""
-    from rlhf_jax.stages.reward import preference_arrays
-    from rlhf_jax.labeler import Preferences
-
-    prompts = world.prompts("heldout")
-    per = task.eval_samples * n
-    flat, texts = generate(policy, params, world, prompts, key, n_samples=per,
-                           sampling=SamplingConfig(max_new_tokens=task.max_new_tokens),
-                           prompt_len=task.prompt_len)
-    rows = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
-    dummy = np.zeros((len(prompts), per), np.float32)
-    arrays = preference_arrays(world.tokenizer, Preferences(prompts, rows, dummy, dummy, []), task)
-    scores = score_responses(rm, rm_params, arrays, **score_kw).reshape(
-        len(prompts), task.eval_samples, n)
-    best = scores.argmax(-1)
-    chosen_p, chosen_t, records = [], [], []
-    for i, p in enumerate(prompts):
-        for j in range(task.eval_samples):
-            t = rows[i][j * n + best[i, j]]
-            chosen_p.append(p)
-            chosen_t.append(t)
-    judgements = judge_all(world, chosen_p, chosen_t)
-    for k, (p, t, jd) in enumerate(zip(chosen_p, chosen_t, judgements)):
-        records.append({"uid": p.uid, "sample": k % task.eval_samples, "response": t,
-                        "label": jd.label, "score": jd.score})
-    return summarize(chosen_p, judgements), records
-
-
-def _rm_gold_agreement_on_samples(rm: Model, rm_params, world, task, records: list[dict],
-                                  score_kw: dict) -> float:
-    """RM vs gold ordering over pairs of one prompt's samples with different gold scores."""
-    from rlhf_jax.stages.reward import preference_arrays
-    from rlhf_jax.labeler import Preferences
-
-    by_uid: dict[str, list[dict]] = {}
-    for r in records:
-        by_uid.setdefault(r["uid"], []).append(r)
-    prompts_by_uid = {p.uid: p for p in world.prompts("heldout")}
-    uids = list(by_uid)
-    rows = [[r["response"] for r in by_uid[u]] for u in uids]
-    gold = np.asarray([[r["score"] for r in by_uid[u]] for u in uids], np.float32)
-    prompts = [prompts_by_uid[u] for u in uids]
-    arrays = preference_arrays(world.tokenizer, Preferences(prompts, rows, gold, gold, []), task)
-    return pairwise_gold_agreement(score_responses(rm, rm_params, arrays, **score_kw), gold)
-
-
 def _plot(run: RunDir, rows: list[dict]) -> None:
     import matplotlib
 
@@ -316,12 +188,12 @@ def _plot(run: RunDir, rows: list[dict]) -> None:
         plt.close(fig)
 
 
-def _host_signals(world, tok, prompts_flat, rollout) -> tuple[dict[str, float], np.ndarray]:
+def _host_signals(task, tok, prompts_flat, rollout) -> tuple[dict[str, float], np.ndarray]:
     """Gold-judge signals of an iteration's samples (evaluation only; never fed to training)."""
     resp = np.asarray(rollout["responses"])
     rm = np.asarray(rollout["rm_score"])
     texts = [tok.decode(r) for r in resp.tolist()]
-    gold = np.asarray([j.score for j in judge_all(world, prompts_flat, texts)], np.float32)
+    gold = np.asarray([j.score for j in judge_all(task, prompts_flat, texts)], np.float32)
     i, j = np.triu_indices(len(gold), 1)
     differ = gold[i] != gold[j]
     agree = np.sign(rm[i] - rm[j]) == np.sign(gold[i] - gold[j])
@@ -354,18 +226,17 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     out = Path(out)
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
                               "reward_dir")
-    reward_cfg = from_dict(RewardConfig, json.loads((Path(reward_dir) / "config.json").read_text()))
-    _, rm, rm_params = load_stage(reward_dir, RewardConfig, heads=rm_heads(reward_cfg),
-                                  config_of=lambda c: c.sft.pretrain)
-    score_kw = rm_score_kwargs(reward_cfg)
+    reward_cfg = read_config(reward_dir, RewardConfig)
     sft_cfg, ref, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
                                           config_of=lambda c: c.pretrain)
-    cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
     pre = sft_cfg.pretrain
-    task = pre.task
+    tcfg = pre.task
+    _, score, rm_params = load_reward_model(reward_dir, tcfg.prompt_len)
+    score_jit = jax.jit(score)
+    cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
     hp = cfg.ppo
-    world = FactsWorld(task.world)
-    tok = world.tokenizer
+    task = build_task(tcfg)
+    tok = task.tokenizer
     norm = json.loads((Path(reward_dir) / "reward_norm.json").read_text())
     gain, bias = (norm["gain"], norm["bias"]) if cfg.normalize_rm else (1.0, 0.0)
 
@@ -377,7 +248,7 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     policy = create_model(pre.model, jax.random.key(0), heads=heads)[0]
     value = create_model(pre.model, jax.random.key(0), heads=("value",))[0] \
         if hp.critic == "separate" else None
-    models = Models(policy=policy, ref=ref, rm=rm, value=value)
+    models = Models(policy=policy, ref=ref, rm=score, value=value)
     state = init_state(models, sft_params, rm_params, cfg)
 
     key = stage_key(cfg.seed, STREAM_TRAIN)
@@ -391,19 +262,19 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
         state = state.replace(**restored)
         truncate_metrics(run, start)
 
-    train_prompts = world.prompts("train")
-    p_ids, p_mask = encode_prompts(tok, train_prompts, task.prompt_len)
+    train_prompts = task.prompts("train")
+    p_ids, p_mask = encode_prompts(tok, train_prompts, tcfg.prompt_len)
     order = EpochOrder(len(train_prompts), hp.prompts_per_iter, cfg.seed)
     updates = hp.epochs * hp.minibatches
     ptx_data = ptx_order = None
     if hp.ptx_coef > 0:
-        ptx_data = pack_documents(tok, world.pretraining_corpus(), pre.seq_len)
+        ptx_data = pack_documents(tok, task.pretraining_corpus(), pre.seq_len)
         ptx_order = EpochOrder(len(ptx_data["tokens"]), updates * cfg.ptx_rows, cfg.seed + 1)
 
     state = replicate(state, mesh)
-    iteration = sharded_iteration(models, hp, mesh, max_new_tokens=task.max_new_tokens,
+    iteration = sharded_iteration(models, hp, mesh, max_new_tokens=tcfg.max_new_tokens,
                                   eos_id=tok.eos_id, pad_id=tok.pad_id, rm_gain=gain,
-                                  rm_bias=bias, rm_score_kw=score_kw)
+                                  rm_bias=bias)
     example_ids = np.arange(hp.rollout_size)
     bar = tqdm(range(start, cfg.iterations), desc="ppo", initial=start, total=cfg.iterations,
                disable=None if jax.process_index() == 0 else True, dynamic_ncols=True,
@@ -422,12 +293,12 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
         eval_now = cfg.eval_every > 0 and done % cfg.eval_every == 0
         if done % cfg.log_every == 0 or done == cfg.iterations or eval_now:
             flat_prompts = [train_prompts[i] for i in idx for _ in range(hp.group_size)]
-            host, _ = _host_signals(world, tok, flat_prompts, to_host(rollout))
+            host, _ = _host_signals(task, tok, flat_prompts, to_host(rollout))
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
             row.update(host)
             if eval_now:   # before the next iteration donates the parameters
                 row.update(heldout_signals(policy, state.policy.params, ref, state.frozen.ref,
-                                           world, task, pre.seed))
+                                           task, tcfg, eval_key(pre.seed)))
             run.log_metrics(done, row)
             bar.set_postfix(rm=f"{row['rollout/rm_score']:.2f}", gold=f"{row['rollout/gold']:.2f}",
                             kl=f"{row['kl/per_sequence']:.2f}")
@@ -444,15 +315,13 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
 
     # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
     t_eval = time.perf_counter()
-    eval_seed = pre.seed
-    sft_m, rl_m, sft_rec, rl_rec, pair, kl_rl = versus_sft(
-        policy, policy_params, ref, sft_params, world, task, eval_seed, run, "rlhf")
-    bon_m, bon_rec = best_of_n(ref, sft_params, rm, rm_params, world, task,
-                               stage_key(cfg.seed, STREAM_BEST_OF_N), n=cfg.best_of_n,
-                               score_kw=score_kw)
+    vs = versus_reference(policy, policy_params, ref, sft_params, task, tcfg, eval_key(pre.seed),
+                          run=run, name="rlhf")
+    bon_m, bon_rec = best_of_n(ref, sft_params, score_jit, rm_params, task, tcfg,
+                               stage_key(cfg.seed, STREAM_BEST_OF_N), n=cfg.best_of_n)
     run.write_jsonl("samples_best_of_n.jsonl", bon_rec)
-    bon_pair = paired_outcomes(bon_rec, sft_rec, world.top_score)
-    rm_on_policy = _rm_gold_agreement_on_samples(rm, rm_params, world, task, rl_rec, score_kw)
+    bon_pair = paired_outcomes(bon_rec, vs.ref_records, task.top_score)
+    rm_on_policy = rm_gold_agreement(score_jit, rm_params, task, tcfg, vs.records)
     eval_s = time.perf_counter() - t_eval
 
     upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}
@@ -462,18 +331,13 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     n = cfg.best_of_n
     summary = {
         "gold/base": upstream.get("gold/base"),
-        **sft_m, **rl_m,
-        "gold/best_of_n": bon_m["gold"],
-        "fabrication_rate/best_of_n": bon_m["fabrication_rate"],
-        "accuracy/best_of_n": bon_m["accuracy"],
+        **vs.ref_metrics, **vs.metrics,
+        **{f"{k}/best_of_n": bon_m[k] for k in task.headline},
         "win_rate/best_of_n_vs_sft": bon_pair["win_rate"],
         "kl/best_of_n": math.log(n) - (n - 1) / n,
-        "win_rate/rlhf_vs_sft": pair["win_rate"],
-        "wins/rlhf_vs_sft": pair["wins"], "ties/rlhf_vs_sft": pair["ties"],
-        "losses/rlhf_vs_sft": pair["losses"],
-        "wins_over_decisive/rlhf_vs_sft": pair["wins"] / max(pair["wins"] + pair["losses"], 1),
-        "win_rate/ceiling": pair["ceiling"],
-        "kl/rlhf_vs_sft": float(kl_rl.mean()),
+        **versus_summary(vs.pair, "rlhf_vs_sft"),
+        "win_rate/ceiling": vs.pair["ceiling"],
+        "kl/rlhf_vs_sft": float(vs.kl.mean()),
         "rm/gold_agreement": upstream.get("rm/gold_agreement"),
         "rm/gold_agreement_on_policy": rm_on_policy,
         **{f"final/{k}": final[k] for k in ("rollout/rm_score", "rollout/gold",

@@ -1,7 +1,8 @@
 """Stage 2: preference collection with the simulated labeller, and the K-wise reward model.
 
 The reward model is the policy's trunk with a scalar head read at the last response token,
-initialised from the SFT model (InstructGPT §3.5), trained with the K-wise Bradley–Terry loss.
+initialised from the SFT model (InstructGPT §3.5), trained with the K-wise Bradley–Terry loss; it
+scores responses through one function (:mod:`rlhf_jax.stages.reward_model`).
 Evaluation is on held-out prompts' SFT samples, against the noisy labels and against the gold
 judge's noise-free ordering.
 """
@@ -15,25 +16,25 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
-from rlhf_jax.data.batching import (EpochOrder, check_tokens, encode_responses, pad_left,
-                                    pad_rows)
-from rlhf_jax.data.facts_world import FactsWorld
-from rlhf_jax.data.preferences import (build_preference_dataset, decode_record,
-                                       load_preference_source)
-from rlhf_jax.labeler import (LabelerConfig, Preferences, collect_preferences, noise_ceiling,
-                              response_kind)
-from rlhf_jax.losses.reward import kwise_rm_loss_fn, sequence_rewards
+from rlhf_jax.data.batching import EpochOrder, check_tokens, encode_groups
+from rlhf_jax.data.preference_records import decode_record
+from rlhf_jax.data.preferences import build_preference_dataset, load_preference_source
+from rlhf_jax.data.task import Task
+from rlhf_jax.evaluate import pairwise_gold_agreement, score_groups
+from rlhf_jax.labeler import LabelerConfig, Preferences, collect_preferences, noise_ceiling
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, TaskConfig, load_stage, stage_key,
-                                    train_stage, upstream_run)
+from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, load_stage, read_config,
+                                    stage_key, train_stage, upstream_run)
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_sft
+from rlhf_jax.stages.reward_model import (LM_COEF, init_lm_coef, kwise_rm_loss_fn, make_score_fn,
+                                          rm_heads, with_frozen)
+from rlhf_jax.tasks import TaskConfig, build_task
 from rlhf_jax.train import OptimConfig
 
 
@@ -57,7 +58,7 @@ class RewardConfig:
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
       lm_readout: add the LM-likelihood readout: reward = head(h_last) + c · log p(response), with
         log p the trunk's own LM log-likelihood of the response and c a second head (``LM_COEF``)
-        read at the last token (see ``losses.reward.sequence_rewards``).
+        read at the last token (see ``stages.reward_model.make_score_fn``).
       lm_coef_init: the coefficient's initial value (its head starts with a zero kernel).
       lm_stop_grad: the likelihood term does not train the trunk, only the coefficient.
       lm_coef_gated: let the coefficient depend on the last hidden state (its head's kernel
@@ -95,72 +96,32 @@ class RewardConfig:
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
 
 
-DATASET = "facts_world_preferences"
-LM_COEF = "reward_lm_coef"
+def dataset_name(task: Task) -> str:
+    """The TFDS name of a task's stored preferences."""
+    return f"{task.name}_preferences"
 
 
-def rm_heads(cfg: RewardConfig) -> tuple[str, ...]:
-    return ("reward", LM_COEF) if cfg.lm_readout else ("reward",)
+def rm_score_fn(cfg: RewardConfig, model: Model, prompt_len: int):
+    """The score function of a reward run's RM (its readout options applied), unjitted."""
+    return make_score_fn(model, prompt_len=prompt_len,
+                         lm_coef_head=LM_COEF if cfg.lm_readout else None,
+                         lm_stop_grad=cfg.lm_stop_grad)
 
 
-def rm_score_kwargs(cfg: RewardConfig) -> dict:
-    """Keyword arguments of ``sequence_rewards`` (and the loss) for this RM's readout."""
-    return {"lm_coef_head": LM_COEF if cfg.lm_readout else None, "lm_stop_grad": cfg.lm_stop_grad}
+def load_reward_model(reward_dir: str | Path, prompt_len: int):
+    """``(reward config, score function, RM parameters)`` of a finished reward run."""
+    reward_cfg = read_config(reward_dir, RewardConfig)
+    _, rm, rm_params = load_stage(reward_dir, RewardConfig, heads=rm_heads(reward_cfg.lm_readout),
+                                  config_of=lambda c: c.sft.pretrain)
+    return reward_cfg, rm_score_fn(reward_cfg, rm, prompt_len), rm_params
 
 
-def with_frozen(loss_fn, *, trunk: bool, coef_kernel: bool):
-    """``loss_fn`` with no gradient into the trunk (everything but ``params["heads"]``) and/or the
-    LM coefficient head's kernel (so it stays at its zero initialisation)."""
-    def wrapped(params, batch, key=None, **kw):
-        sg = jax.lax.stop_gradient
-        new = jax.tree.map(sg, params) if trunk else jax.tree.map(lambda x: x, params)
-        new["heads"] = jax.tree.map(lambda x: x, params["heads"])
-        if coef_kernel:
-            new["heads"][LM_COEF]["kernel"] = jax.tree.map(sg, params["heads"][LM_COEF]["kernel"])
-        return loss_fn(new, batch, key, **kw)
-    return wrapped
-
-
-def init_lm_coef(params, value: float):
-    """The coefficient head with a zero kernel and bias ``value``: a constant c at the start."""
-    heads = params["heads"][LM_COEF]
-    heads["kernel"][...] = jnp.zeros_like(heads["kernel"][...])
-    heads["bias"][...] = jnp.full_like(heads["bias"][...], value)
-    return params
-
-
-def preference_arrays(tok, prefs: Preferences, task: TaskConfig) -> dict[str, np.ndarray]:
-    """Token arrays of K-wise preferences: prompts ``[N, Lp]``, responses ``[N, K, Lr]``."""
-    n, k = prefs.ranking.shape
-    p_ids, p_mask = pad_left([[tok.bos_id] + tok.encode(p.text) for p in prefs.prompts],
-                             task.prompt_len, tok.pad_id, what="prompt")
-    flat = [r for row in prefs.responses for r in row]
-    r_ids, r_mask = encode_responses(tok, flat, task.max_new_tokens + 1)
-    return {"prompts": p_ids, "prompt_mask": p_mask,
-            "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1),
+def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig) -> dict[str, np.ndarray]:
+    """Token arrays of K-wise preferences: prompts ``[N, Lp]``, responses ``[N, K, Lr]``, and
+    the ``ranking [N, K]``."""
+    return {**encode_groups(tok, prefs.prompts, prefs.responses, prompt_len=shapes.prompt_len,
+                            response_len=shapes.max_new_tokens + 1),
             "ranking": prefs.ranking.astype(np.float32)}
-
-
-_rewards_jit = jax.jit(sequence_rewards,
-                       static_argnames=("model", "head", "lm_coef_head", "lm_stop_grad"))
-
-
-def score_responses(model: Model, params, arrays: dict[str, np.ndarray], batch: int = 512,
-                    **score_kw) -> np.ndarray:
-    """Reward of every response, ``[N, K]``."""
-    n, k, lr = arrays["responses"].shape
-    prompts = np.repeat(arrays["prompts"], k, axis=0)
-    prompt_mask = np.repeat(arrays["prompt_mask"], k, axis=0)
-    responses = arrays["responses"].reshape(n * k, lr)
-    response_mask = arrays["response_mask"].reshape(n * k, lr)
-    out = []
-    for s in range(0, n * k, batch):
-        sl = slice(s, s + batch)
-        rows = len(prompts[sl])
-        arrays = (jnp.asarray(pad_rows(a[sl], batch))
-                  for a in (prompts, prompt_mask, responses, response_mask))
-        out.append(np.asarray(_rewards_jit(model, params, *arrays, **score_kw))[:rows])
-    return np.concatenate(out).reshape(n, k)
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -177,18 +138,10 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def pairwise_gold_agreement(rewards: np.ndarray, gold: np.ndarray) -> float:
-    """Share of within-prompt pairs with different gold scores that ``rewards [N, K]`` order as
-    ``gold [N, K]`` does (NaN if there are none)."""
-    i, j = np.triu_indices(rewards.shape[1], 1)
-    dg = gold[:, i] - gold[:, j]
-    agree = np.sign(rewards[:, i] - rewards[:, j]) == np.sign(dg)
-    return float(agree[dg != 0].mean()) if (dg != 0).any() else float("nan")
-
-
-def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *, min_pairs: int = 30
-               ) -> dict[str, float]:
-    """Held-out RM metrics (the ``rm/…`` keys of the reward summary)."""
+def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *,
+               kinds: tuple[str, ...] = (), min_pairs: int = 30) -> dict[str, float]:
+    """Held-out RM metrics (the ``rm/…`` keys of the reward summary); agreement with the judge
+    per pair of response ``kinds`` (the task's) with at least ``min_pairs`` pairs."""
     k = rewards.shape[1]
     i, j = np.triu_indices(k, 1)
     dr = rewards[:, i] - rewards[:, j]
@@ -207,11 +160,10 @@ def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *, min_pairs
         "rm/spearman": _spearman(rewards.ravel(), prefs.gold.ravel()),
         "rm/reward_mean": float(rewards.mean()), "rm/reward_std": float(rewards.std()),
     }
-    kinds = np.asarray(prefs.kinds)
-    ki, kj = kinds[:, i], kinds[:, j]
+    of = np.asarray(prefs.kinds)
+    ki, kj = of[:, i], of[:, j]
     agree = np.sign(dr) == np.sign(dg)
-    for a, b in itertools.combinations_with_replacement(
-            ["correct", "unknown", "fabricated", "malformed"], 2):
+    for a, b in itertools.combinations_with_replacement(kinds, 2):
         sel = differ & (((ki == a) & (kj == b)) | ((ki == b) & (kj == a)))
         if sel.sum() >= min_pairs:
             out[f"rm/gold_agreement/{a}_vs_{b}"] = float(agree[sel].mean())
@@ -219,26 +171,28 @@ def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *, min_pairs
     return out
 
 
-def store_and_reload(prefs: dict[str, Preferences], data_dir: Path, world: FactsWorld
+def store_and_reload(prefs: dict[str, Preferences], data_dir: Path, task: Task
                      ) -> dict[str, Preferences]:
     """Write the labelled splits as a versioned TFDS data set (``array_record``) and read them
     back through ``tfds.data_source``, so training sees exactly what is stored."""
-    build_preference_dataset({k: v.records() for k, v in prefs.items()}, data_dir, name=DATASET)
-    return {split: read_preferences(data_dir, split, world) for split in prefs}
+    build_preference_dataset({k: v.records() for k, v in prefs.items()}, data_dir,
+                             name=dataset_name(task))
+    return {split: read_preferences(data_dir, split, task) for split in prefs}
 
 
-def read_preferences(data_dir: Path, split: str, world: FactsWorld) -> Preferences:
+def read_preferences(data_dir: Path, split: str, task: Task) -> Preferences:
     """A stored split, re-joined with the task's prompts (for the judge's evaluation-only kinds)."""
-    by_uid = {p.uid: p for s in ("train", "heldout") for p in world.prompts(s)}
-    records = [decode_record(r) for r in load_preference_source(data_dir, DATASET, split)]
+    by_uid = {p.uid: p for s in ("train", "heldout") for p in task.prompts(s)}
+    records = [decode_record(r) for r in load_preference_source(data_dir, dataset_name(task),
+                                                                split)]
     prompts = []
     for r in records:
         if r["id"] not in by_uid:
             raise ValueError(f"{data_dir}: split {split!r}: record id {r['id']!r} is not a prompt "
-                             "of this task's world (different world config?)")
+                             f"of task {task.name!r} (a different task or task config?)")
         prompts.append(by_uid[r["id"]])
     responses = [list(r["responses"]) for r in records]
-    kinds = [[response_kind(world.judge(p, t)) for t in row] for p, row in zip(prompts, responses)]
+    kinds = [[task.kind(task.judge(p, t)) for t in row] for p, row in zip(prompts, responses)]
     return Preferences(prompts, responses, np.asarray([r["ranking"] for r in records], np.float32),
                        np.asarray([r["gold"] for r in records], np.float32), kinds)
 
@@ -251,9 +205,9 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     sft_cfg, policy, sft_params = load_stage(sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
     cfg = dataclasses.replace(cfg, sft_dir=str(sft_dir), sft=sft_cfg)
     pre: PretrainConfig = sft_cfg.pretrain
-    task = pre.task
-    world = FactsWorld(task.world)
-    tok = world.tokenizer
+    tcfg = pre.task
+    task = build_task(tcfg)
+    tok = task.tokenizer
 
     t0 = time.perf_counter()
     run = RunDir(out)
@@ -261,28 +215,30 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     run.write_meta(seed=cfg.seed)
     if cfg.preferences_dir:
         data_dir = Path(cfg.preferences_dir)
-        prefs = {s: read_preferences(data_dir, s, world) for s in ("train", "heldout")}
+        prefs = {s: read_preferences(data_dir, s, task) for s in ("train", "heldout")}
     else:
         label_key = stage_key(cfg.seed, STREAM_LABEL)
-        collect = functools.partial(collect_preferences, policy, sft_params, world,
-                                    cfg=cfg.labeler, max_new_tokens=task.max_new_tokens,
-                                    prompt_len=task.prompt_len)
-        prefs = {split: collect(world.prompts(split), jax.random.fold_in(label_key, i),
+        collect = functools.partial(collect_preferences, policy, sft_params, task,
+                                    cfg=cfg.labeler, max_new_tokens=tcfg.max_new_tokens,
+                                    prompt_len=tcfg.prompt_len)
+        prefs = {split: collect(task.prompts(split), jax.random.fold_in(label_key, i),
                                 seed=cfg.seed * 1000 + i)
                  for i, split in enumerate(("train", "heldout"))}
-        prefs = store_and_reload(prefs, out / "data", world)
+        prefs = store_and_reload(prefs, out / "data", task)
     train_prefs, test_prefs = prefs["train"], prefs["heldout"]
     collect_s = time.perf_counter() - t0
 
-    rm, rm_params = create_model(pre.model, stage_key(cfg.seed, STREAM_INIT), heads=rm_heads(cfg))
+    rm, rm_params = create_model(pre.model, stage_key(cfg.seed, STREAM_INIT),
+                                 heads=rm_heads(cfg.lm_readout))
     rm_params = transplant(sft_params, rm_params)
     if cfg.lm_readout:
         rm_params = init_lm_coef(rm_params, cfg.lm_coef_init)
-    score_kw = rm_score_kwargs(cfg)
-    data = preference_arrays(tok, train_prefs, task)
+    score = rm_score_fn(cfg, rm, tcfg.prompt_len)
+    score_jit = jax.jit(score)
+    data = preference_arrays(tok, train_prefs, tcfg)
     check_tokens(data, vocab_size=pre.model.vocab_size, source="reward: train preferences")
     order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
-    loss_fn = functools.partial(kwise_rm_loss_fn, model=rm, margin=cfg.margin, **score_kw)
+    loss_fn = functools.partial(kwise_rm_loss_fn, score=score, margin=cfg.margin)
     if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
         loss_fn = with_frozen(loss_fn, trunk=cfg.freeze_trunk,
                               coef_kernel=cfg.lm_readout and not cfg.lm_coef_gated)
@@ -291,9 +247,10 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                             fsdp=cfg.fsdp)
 
-    summary = rm_metrics(score_responses(rm, rm_params, preference_arrays(tok, test_prefs, task),
-                                         **score_kw), test_prefs, cfg.labeler.tau)
-    train_rewards = score_responses(rm, rm_params, data, **score_kw)
+    summary = rm_metrics(score_groups(score_jit, rm_params,
+                                      preference_arrays(tok, test_prefs, tcfg)),
+                         test_prefs, cfg.labeler.tau, kinds=task.kinds)
+    train_rewards = score_groups(score_jit, rm_params, data)
     gain, bias = 1.0, 0.0
     if cfg.normalize:
         gain = float(1.0 / max(train_rewards.std(), 1e-6))

@@ -1,0 +1,95 @@
+"""The reward model as one score function, built beside the model: ``score(params, tokens, mask)``.
+
+The reward model is the policy's trunk with a scalar head read at the last response token
+(InstructGPT §3.5), optionally plus the LM-likelihood readout. Everything that scores a response —
+the RM's own loss, the PPO rollout (``rlhf_jax.rl.rollout.collect``), best-of-N and the RM's
+evaluation (``rlhf_jax.evaluate``) — calls the function :func:`make_score_fn` returns, so the
+readout options live here only and ``rlhf_jax.losses`` keeps only the math.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.reward import kwise_bradley_terry_loss, last_token_index, last_token_rewards
+from rlhf_jax.models.functional import Model
+from rlhf_jax.ops import AxisName, sequence_logprob
+
+LM_COEF = "reward_lm_coef"
+
+
+def rm_heads(lm_readout: bool) -> tuple[str, ...]:
+    """The RM's scalar heads: ``reward`` (and the LM coefficient's with the LM readout)."""
+    return ("reward", LM_COEF) if lm_readout else ("reward",)
+
+
+def make_score_fn(model: Model, *, prompt_len: int, head: str = "reward",
+                  lm_coef_head: str | None = None, lm_stop_grad: bool = False):
+    """``score(params, tokens [B, T], mask [B, T]) -> [B]``: the scalar head ``head`` read at each
+    ``[prompt | response]`` row's last real token; prompts are left-padded to ``prompt_len``,
+    responses right-padded after them.
+
+    With ``lm_coef_head`` (the LM-likelihood readout), the score adds ``c · log p(response)``: the
+    trunk's own (tied-embedding) LM log-likelihood of the response tokens (``mask`` after
+    ``prompt_len``), weighted by the scalar ``c`` that head ``lm_coef_head`` reads at the last
+    token (learned; a constant when its kernel is zero). This lets a shallow trunk use knowledge it
+    can only express as a next-token prediction (e.g. a recalled fact at the position before the
+    stated value), which a readout at the last token alone cannot compare with the stated value.
+    ``lm_stop_grad`` keeps the likelihood term from training the trunk (only the coefficient
+    learns from it)."""
+    p = prompt_len
+
+    def score(params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        if lm_coef_head is None:
+            return last_token_rewards(model, params, tokens, mask, head=head)
+        # outputs from the last prompt token on (the model's last block runs only there): logits
+        # [:, :-1] predict the response tokens; the last real token sits at last_token_index-(p-1)
+        out = model.apply(params, tokens, attention_mask=mask, output_positions=slice(p - 1, None))
+        logp = sequence_logprob(out.logits[:, :-1], tokens[:, p:], mask[:, p:])
+        if lm_stop_grad:
+            logp = jax.lax.stop_gradient(logp)
+        last = (last_token_index(mask) - (p - 1))[:, None]
+        read = lambda h: jnp.take_along_axis(out.scalars[h], last, axis=-1)[:, 0]  # noqa: E731
+        return read(head) + read(lm_coef_head) * logp
+
+    return score
+
+
+def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,
+                     score, margin: float = 0.0, axis_name: AxisName = None):
+    """Score every response once, then ``losses.reward.kwise_bradley_terry_loss``.
+
+    ``batch``: ``prompts [P, Lp]``, ``prompt_mask``, ``responses [P, K, Lr]``, ``response_mask``,
+    ``ranking [P, K]``, optional ``mask [P, K]`` (1 = response present).
+    """
+    del key
+    p, k, lr = batch["responses"].shape
+    tokens = jnp.concatenate([jnp.repeat(batch["prompts"], k, axis=0),
+                              batch["responses"].reshape(p * k, lr)], axis=1)
+    mask = jnp.concatenate([jnp.repeat(batch["prompt_mask"], k, axis=0),
+                            batch["response_mask"].reshape(p * k, lr)], axis=1)
+    rewards = score(params, tokens, mask).reshape(p, k)
+    return kwise_bradley_terry_loss(rewards, batch["ranking"], mask=batch.get("mask"),
+                                    margin=margin, axis_name=axis_name)
+
+
+def with_frozen(loss_fn, *, trunk: bool, coef_kernel: bool):
+    """``loss_fn`` with no gradient into the trunk (everything but ``params["heads"]``) and/or the
+    LM coefficient head's kernel (so it stays at its zero initialisation)."""
+    def wrapped(params, batch, key=None, **kw):
+        sg = jax.lax.stop_gradient
+        new = jax.tree.map(sg, params) if trunk else jax.tree.map(lambda x: x, params)
+        new["heads"] = jax.tree.map(lambda x: x, params["heads"])
+        if coef_kernel:
+            new["heads"][LM_COEF]["kernel"] = jax.tree.map(sg, params["heads"][LM_COEF]["kernel"])
+        return loss_fn(new, batch, key, **kw)
+    return wrapped
+
+
+def init_lm_coef(params, value: float):
+    """The coefficient head with a zero kernel and bias ``value``: a constant c at the start."""
+    heads = params["heads"][LM_COEF]
+    heads["kernel"][...] = jnp.zeros_like(heads["kernel"][...])
+    heads["bias"][...] = jnp.full_like(heads["bias"][...], value)
+    return params
