@@ -32,6 +32,15 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     """``(out, config)`` from the command line (``argv`` defaults to ``sys.argv[1:]``); flags
     override ``default`` (``config_cls()`` if None)."""
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    init_from = _pop_option(argv, "--init-from")
+    if init_from:   # applied to the defaults, so the other flags validate against it
+        try:
+            default = with_init_from(config_cls() if default is None else default, init_from)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
+
     @dataclasses.dataclass(frozen=True)
     class Args:
         out: str
@@ -56,14 +65,20 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     from rlhf_jax.parallel import initialize_distributed
 
     initialize_distributed(args.coordinator_address or None, args.num_processes, args.process_id)
-    cfg = args.cfg
-    if args.init_from:
-        try:
-            cfg = with_init_from(cfg, args.init_from)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from e
-    return args.out, cfg
+    return args.out, args.cfg
+
+
+def _pop_option(argv: list[str], flag: str) -> str:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` from ``argv``; the value ('' when absent)."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if a.startswith(flag + "="):
+            del argv[i]
+            return a.split("=", 1)[1]
+    return ""
 
 
 def with_init_from(cfg: C, path: str) -> C:

@@ -120,6 +120,9 @@ class HFTokenizer:
     def hf_tokenizer(self):
         return self._tok
 
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
 
 class WordTokenizer:
     """Whitespace word-level tokenizer over a fixed vocabulary; ids 0-2 are ``<pad> <bos> <eos>``.

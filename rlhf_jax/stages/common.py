@@ -13,11 +13,14 @@ from jax.sharding import PartitionSpec as P
 from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
 from rlhf_jax.loop import fit, resume
-from rlhf_jax.models import GPTConfig, create_model
+from rlhf_jax.data.task import Task
+from rlhf_jax.data.tokenizers import HFTokenizer
+from rlhf_jax.models import ModelConfig, create_model
+from rlhf_jax.models.hf import load_config
 from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_step, make_mesh,
                                place, shard_batch, state_specs, unshard)
 from rlhf_jax.runs import RunDir
-from rlhf_jax.tasks import TaskConfig
+from rlhf_jax.tasks import TaskConfig, build_task
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
 # independent key streams derived from the seed (fold_in(key(seed), stream))
@@ -28,7 +31,7 @@ def stage_key(seed: int, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
 
 
-def check_context(model: GPTConfig, task: TaskConfig, field: str = "task.max_new_tokens") -> None:
+def check_context(model: ModelConfig, task: TaskConfig, field: str = "task.max_new_tokens") -> None:
     check(task.prompt_len + task.max_new_tokens <= model.max_len, field,
           f"prompt_len {task.prompt_len} + max_new_tokens {task.max_new_tokens} exceeds the "
           f"model context {model.max_len}")
@@ -51,6 +54,21 @@ def read_config(run_dir: str | Path, config_cls: type):
     return from_dict(config_cls, json.loads((Path(run_dir) / "config.json").read_text()))
 
 
+def model_config(pre_cfg) -> ModelConfig:
+    """The architecture of a pipeline whose pretraining config is ``pre_cfg``: the imported
+    checkpoint's (``init_from``) or ``pre_cfg.model``."""
+    return load_config(pre_cfg.init_from)[0] if pre_cfg.init_from else pre_cfg.model
+
+
+def pipeline_task(pre_cfg) -> Task:
+    """The task of a pipeline whose pretraining config is ``pre_cfg``, with the imported
+    checkpoint's tokenizer when it has a ``tokenizer.json``."""
+    tok = None
+    if pre_cfg.init_from and (Path(pre_cfg.init_from) / "tokenizer.json").exists():
+        tok = HFTokenizer.from_pretrained(pre_cfg.init_from)
+    return build_task(pre_cfg.task, tokenizer=tok)
+
+
 def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] = (),
                config_of=lambda cfg: cfg):
     """``(config, Model, params)`` of a finished stage run (its ``config.json`` and ``params/``);
@@ -59,7 +77,7 @@ def load_stage(run_dir: str | Path, config_cls: type, *, heads: tuple[str, ...] 
     if not (run_dir / "summary.json").exists():
         raise FileNotFoundError(f"{run_dir} holds no finished run (no summary.json)")
     cfg = read_config(run_dir, config_cls)
-    model, target = create_model(config_of(cfg).model, jax.random.key(0), heads=heads)
+    model, target = create_model(model_config(config_of(cfg)), jax.random.key(0), heads=heads)
     return cfg, model, load_params(run_dir / "params", target)
 
 

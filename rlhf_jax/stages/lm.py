@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_jax.checkpoint import save_params
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens, pack_documents, sft_examples
 from rlhf_jax.data.task import Task
@@ -20,11 +21,12 @@ from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout, probe_acc
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.functional import count_params
+from rlhf_jax.models.hf import file_digests, load_pretrained
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, check_context, eval_key, load_stage, stage_key,
-                                    train_stage, upstream_run)
-from rlhf_jax.tasks import TaskConfig, build_task
+from rlhf_jax.stages.common import (STREAM_INIT, check_context, eval_key, load_stage,
+                                    pipeline_task, stage_key, train_stage, upstream_run)
+from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
 
@@ -36,10 +38,16 @@ class PretrainConfig:
       seed: seeds initialisation, batch order and evaluation sampling.
       task: the task (``--task.name``, default the embedded facts world), its settings, and the
         shapes and evaluation samples it runs at.
-      model: architecture; ``vocab_size`` is replaced by the tokenizer's.
+      model: architecture; ``vocab_size`` is replaced by the tokenizer's. Unused with
+        ``init_from``.
+      init_from: a Hugging Face checkpoint directory (config.json + safetensors [+
+        tokenizer.json]) to start from instead of a random initialisation: its architecture
+        replaces ``model`` and its tokenizer (when it has one) the task's; ``steps`` then continue
+        pretraining on the task's corpus (0 = use the checkpoint as the base model as it is).
+        Every experiment script sets it with ``--init-from DIR``.
       seq_len: tokens per packed training row.
       batch_size: rows per step.
-      steps: optimizer steps.
+      steps: optimizer steps (may be 0 with ``init_from``).
       optim: AdamW / schedule / clipping.
       log_every: log metrics every this many steps.
       checkpoint_every: save a resumable checkpoint every this many steps (0 = only at the end).
@@ -49,6 +57,7 @@ class PretrainConfig:
     seed: int = 0
     task: TaskConfig = TaskConfig()
     model: GPTConfig = PRESETS["task"]
+    init_from: str = ""
     seq_len: int = 64
     batch_size: int = 32
     steps: int = 600
@@ -59,13 +68,22 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_numbers(self)
-        positive(self, "seq_len", "batch_size", "steps", "log_every")
+        positive(self, "seq_len", "batch_size", "log_every")
+        check(self.steps > 0 or (self.init_from and self.steps == 0), "steps",
+              f"must be > 0 (or 0 with init_from), got {self.steps}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        check(self.seq_len <= self.model.max_len, "seq_len",
-              f"{self.seq_len} exceeds the model context model.max_len={self.model.max_len}")
-        check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
+        check(self.steps == 0 or self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
-        check_context(self.model, self.task)
+        check(not self.init_from or Path(self.init_from).is_dir(), "init_from",
+              f"{self.init_from} is not a directory")
+        if not self.init_from:   # an imported architecture is checked when it is read
+            check_seq_len(self, self.model)
+            check_context(self.model, self.task)
+
+
+def check_seq_len(cfg: PretrainConfig, model) -> None:
+    check(cfg.seq_len <= model.max_len, "seq_len",
+          f"{cfg.seq_len} exceeds the model context model.max_len={model.max_len}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,21 +162,34 @@ def knowledge(model, params, task: Task, prompt_len: int, name: str) -> dict[str
 
 
 def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
-    """Pretrain into run directory ``out``; returns (and writes) its summary."""
+    """Pretrain (or import ``cfg.init_from`` and continue pretraining) into run directory ``out``;
+    returns (and writes) its summary."""
     check_divisible(cfg.batch_size, make_mesh(), "batch_size")
     t0 = time.perf_counter()
-    task = build_task(cfg.task)
-    cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=task.tokenizer.vocab_size))
+    task = pipeline_task(cfg)
+    if cfg.init_from:
+        model, params = import_base_model(cfg, task)
+        meta = {"init_from": {"path": str(Path(cfg.init_from).resolve()),
+                              "architecture": model.source.architecture,
+                              "dtype": model.source.dtype,
+                              "files": file_digests(cfg.init_from)}}
+    else:
+        cfg = dataclasses.replace(cfg, model=cfg.model.replace(
+            vocab_size=task.tokenizer.vocab_size))
+        model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
+        meta = None
     run = RunDir(out)
     run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed)
+    run.write_meta(seed=cfg.seed, extra=meta)
     run.write_json("tokenizer.json", task.tokenizer.to_json())
     data = pack_documents(task.tokenizer, task.pretraining_corpus(), cfg.seq_len)
-    model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
-    params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
-                       steps=cfg.steps, optim=cfg.optim, run=run, prefix="pretrain",
-                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                       fsdp=cfg.fsdp)
+    if cfg.steps:
+        params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                           steps=cfg.steps, optim=cfg.optim, run=run, prefix="pretrain",
+                           log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                           fsdp=cfg.fsdp)
+    else:
+        save_params(run.path / "params", params)
     train_s = time.perf_counter() - t0
     summary = {"params": count_params(params), "corpus_tokens": int(data["attention_mask"].sum()),
                **knowledge(model, params, task, cfg.task.prompt_len, "base"),
@@ -167,6 +198,19 @@ def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
                "time_s/pretrain": train_s}
     run.write_summary(summary)
     return summary
+
+
+def import_base_model(cfg: PretrainConfig, task):
+    """``(Model, params)`` of the causal LM in ``cfg.init_from``, checked against the task."""
+    model, params = load_pretrained(cfg.init_from)
+    check(not model.heads, "init_from", f"{cfg.init_from} holds a {model.source.architecture}; "
+          "the base model must be a causal language model")
+    check(task.tokenizer.vocab_size <= model.cfg.vocab_size, "init_from",
+          f"the task's tokenizer has {task.tokenizer.vocab_size} ids but {cfg.init_from} embeds "
+          f"{model.cfg.vocab_size} (give the checkpoint a tokenizer.json)")
+    check_seq_len(cfg, model.cfg)
+    check_context(model.cfg, cfg.task, "init_from")
+    return model, params
 
 
 def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
@@ -184,7 +228,7 @@ def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
     tcfg = pre_cfg.task
 
     t0 = time.perf_counter()
-    task = build_task(tcfg)
+    task = pipeline_task(pre_cfg)
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)

@@ -32,10 +32,10 @@ from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import response_logits
-from rlhf_jax.stages.common import eval_key, load_stage, read_config, train_stage, upstream_run
+from rlhf_jax.stages.common import (eval_key, load_stage, model_config, pipeline_task,
+                                    read_config, train_stage, upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences, run_reward
-from rlhf_jax.tasks import build_task
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
@@ -179,7 +179,7 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
     pre = sft_cfg.pretrain
     tcfg = pre.task
-    task = build_task(tcfg)
+    task = pipeline_task(pre)
     tok = task.tokenizer
     name = cfg.loss
 
@@ -190,7 +190,7 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     data_dir = Path(reward_cfg.preferences_dir or Path(reward_dir) / "data")
     prefs = read_preferences(data_dir, "train", task)
     data = preference_arrays(tok, prefs, tcfg)
-    check_tokens(data, vocab_size=pre.model.vocab_size, source="offline: train preferences")
+    check_tokens(data, vocab_size=model_config(pre).vocab_size, source="offline: train preferences")
     data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
     ref_params = None
     if name not in REFERENCE_FREE:

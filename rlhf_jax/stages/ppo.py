@@ -35,10 +35,10 @@ from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, eval_key, load_stage,
-                                    read_config, stage_key, upstream_run)
+                                    model_config, pipeline_task, read_config, stage_key,
+                                    upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward import RewardConfig, load_reward_model, run_reward
-from rlhf_jax.tasks import build_task
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 STREAM_BEST_OF_N = 4
@@ -235,7 +235,7 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     score_jit = jax.jit(score)
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
     hp = cfg.ppo
-    task = build_task(tcfg)
+    task = pipeline_task(pre)
     tok = task.tokenizer
     norm = json.loads((Path(reward_dir) / "reward_norm.json").read_text())
     gain, bias = (norm["gain"], norm["bias"]) if cfg.normalize_rm else (1.0, 0.0)
@@ -245,8 +245,8 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
     heads = ("value",) if hp.critic == "shared" else ()
-    policy = create_model(pre.model, jax.random.key(0), heads=heads)[0]
-    value = create_model(pre.model, jax.random.key(0), heads=("value",))[0] \
+    policy = create_model(model_config(pre), jax.random.key(0), heads=heads)[0]
+    value = create_model(model_config(pre), jax.random.key(0), heads=("value",))[0] \
         if hp.critic == "separate" else None
     models = Models(policy=policy, ref=ref, rm=score, value=value)
     state = init_state(models, sft_params, rm_params, cfg)

@@ -29,12 +29,13 @@ from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, load_stage, read_config,
-                                    stage_key, train_stage, upstream_run)
+from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, load_stage, model_config,
+                                    pipeline_task, read_config, stage_key, train_stage,
+                                    upstream_run)
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_sft
 from rlhf_jax.stages.reward_model import (LM_COEF, init_lm_coef, kwise_rm_loss_fn, make_score_fn,
                                           rm_heads, with_frozen)
-from rlhf_jax.tasks import TaskConfig, build_task
+from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
 
@@ -206,7 +207,7 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     cfg = dataclasses.replace(cfg, sft_dir=str(sft_dir), sft=sft_cfg)
     pre: PretrainConfig = sft_cfg.pretrain
     tcfg = pre.task
-    task = build_task(tcfg)
+    task = pipeline_task(pre)
     tok = task.tokenizer
 
     t0 = time.perf_counter()
@@ -228,7 +229,7 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     train_prefs, test_prefs = prefs["train"], prefs["heldout"]
     collect_s = time.perf_counter() - t0
 
-    rm, rm_params = create_model(pre.model, stage_key(cfg.seed, STREAM_INIT),
+    rm, rm_params = create_model(model_config(pre), stage_key(cfg.seed, STREAM_INIT),
                                  heads=rm_heads(cfg.lm_readout))
     rm_params = transplant(sft_params, rm_params)
     if cfg.lm_readout:
@@ -236,7 +237,7 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     score = rm_score_fn(cfg, rm, tcfg.prompt_len)
     score_jit = jax.jit(score)
     data = preference_arrays(tok, train_prefs, tcfg)
-    check_tokens(data, vocab_size=pre.model.vocab_size, source="reward: train preferences")
+    check_tokens(data, vocab_size=model_config(pre).vocab_size, source="reward: train preferences")
     order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
     loss_fn = functools.partial(kwise_rm_loss_fn, score=score, margin=cfg.margin)
     if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
