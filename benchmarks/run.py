@@ -101,6 +101,10 @@ class Shapes:
 
 
 REFERENCE = Shapes()
+# a real-size model (``--model smollm2-135m``, ``qwen2.5-0.5b``): one step of each, small batches
+SCALE = Shapes(sft_batch=4, sft_len=256, rm_pairs=4, rm_len=256, dpo_pairs=4, dpo_prompt=64,
+               dpo_completion=192, gen_prompts=8, gen_prompt_len=64, gen_new=64, ppo_prompts=8,
+               ppo_prompt_len=64, ppo_new=64, ppo_epochs=1, ppo_minibatches=1)
 TINY = Shapes(model="test", sft_batch=4, sft_len=16, rm_pairs=4, rm_len=16, dpo_pairs=4,
               dpo_prompt=8, dpo_completion=8, gen_prompts=4, gen_prompt_len=8, gen_new=8,
               ppo_prompts=8, ppo_prompt_len=8, ppo_new=8, ppo_epochs=2, ppo_minibatches=2)
@@ -108,6 +112,7 @@ TINY = Shapes(model="test", sft_batch=4, sft_len=16, rm_pairs=4, rm_len=16, dpo_
 # (warm-up steps, timed steps), as trl_baseline.py
 ITERS_FULL = {"sft": (3, 30), "rm": (3, 30), "dpo": (3, 30), "gen": (2, 20), "ppo": (1, 8)}
 ITERS_QUICK = {"sft": (1, 3), "rm": (1, 3), "dpo": (1, 3), "gen": (1, 3), "ppo": (1, 2)}
+ITERS_SCALE = {"sft": (1, 1), "rm": (1, 1), "dpo": (1, 1), "gen": (1, 1), "ppo": (1, 1)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -588,7 +593,8 @@ def _have_dpo() -> bool:
 def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
     from rlhf_jax.parallel import make_mesh
 
-    iters = ITERS_QUICK if quick else ITERS_FULL
+    iters = ITERS_SCALE if sh.model != REFERENCE.model and sh.model != TINY.model else (
+        ITERS_QUICK if quick else ITERS_FULL)
     mesh = make_mesh(jax.devices()[:1])
     t0 = time.perf_counter()
     n_mm, reps = (256 if sh is TINY else 1024), (5 if quick else 20)
@@ -657,6 +663,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true",
                     help="tiny shapes and the 'test' model preset (for the smoke test)")
     ap.add_argument("--only", default="", help=f"comma list of {','.join(WORKLOADS)}")
+    ap.add_argument("--model", default="",
+                    help="a real-size model preset (smollm2-135m, qwen2.5-0.5b, gpt2, ...) with "
+                         "random weights, run at the small SCALE shapes with one timed step each; "
+                         "run one workload per process (--only) for its own peak RSS")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
     bad = [s for s in only if s not in WORKLOADS]
@@ -666,7 +676,7 @@ def main(argv=None) -> dict:
     from rlhf_jax import launch
 
     cache = launch.enable_compilation_cache()
-    sh = TINY if a.tiny else REFERENCE
+    sh = TINY if a.tiny else dataclasses.replace(SCALE, model=a.model) if a.model else REFERENCE
     head = {
         "bench": "rlhf_jax", "workload": a.workload, "quick": a.quick, "tiny": a.tiny,
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
