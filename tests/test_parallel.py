@@ -47,6 +47,13 @@ def test_sft_rm_ppo_steps_on_4_devices_equal_one_device():
                                   "check_group", "ok"]
 
 
+def test_llama_steps_on_4_devices_equal_one_device():
+    """The same for a Llama-family model (grouped-query attention, q/k norms, biases): SFT
+    replicated and FSDP, the RM step and a PPO iteration."""
+    out = _run(["multidevice_checks.py", "llama"], devices=4)
+    assert out.stdout.split() == ["check_sft", "ok", "check_rm", "ok", "check_ppo", "ok"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
