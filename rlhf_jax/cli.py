@@ -25,6 +25,12 @@ import tyro
 from rlhf_jax.configs import ConfigError
 
 C = TypeVar("C")
+INIT_FROM_HELP = """
+--init-from DIR: start the policy from a local Hugging Face checkpoint (config.json + safetensors
+[+ tokenizer.json]) instead of a random initialisation; it sets the pretraining stage's
+init_from; pretraining then continues on the task for its steps (--pretrain.steps, or
+--steps in pretrain.py; 0 uses the checkpoint as it is).
+"""
 
 
 def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: str | None = None,
@@ -53,10 +59,8 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
         """multi-host: number of processes (default: $JAX_NUM_PROCESSES)"""
         process_id: int | None = None
         """multi-host: this process's index (default: $JAX_PROCESS_ID)"""
-        init_from: str = ""
-        """a Hugging Face checkpoint directory (config.json + safetensors [+ tokenizer.json]) to
-        start the policy from, instead of pretraining on the task"""
 
+    description = (description or "") + INIT_FROM_HELP
     try:
         args = tyro.cli(Args, args=argv, description=description)
     except ConfigError as e:  # raised by a config's __post_init__ while parsing
