@@ -145,8 +145,8 @@ def test_llama_configs_in_the_older_form_load_the_same(tmp_path):
     (lambda c: {**c, "use_sliding_window": True}, r"sliding-window"),
     (lambda c: {**c, "layer_types": ["full_attention", "sliding_attention"]}, r"sliding-window"),
     (lambda c: {**c, "hidden_act": "gelu"}, r"field 'hidden_act' = 'gelu'"),
-    (lambda c: {**c, "num_key_value_heads": 4}, r"field 'num_key_value_heads': n_heads=6 is not a "
-                                                r"multiple of n_kv_heads=4"),
+    (lambda c: {**c, "num_key_value_heads": 4}, r"field 'num_key_value_heads': num_attention_heads=6 "
+                                                r"is not a multiple of num_key_value_heads=4"),
     (lambda c: {**c, "architectures": ["Qwen2ForCausalLM"]}, r"field 'architectures'"),
 ])
 def test_llama_family_refuses_what_it_would_compute_differently(tmp_path, edit, pattern):
@@ -363,7 +363,7 @@ def test_bad_tensors_are_named(tmp_path, edit, pattern):
 
 
 @pytest.mark.parametrize("field, value, pattern", [
-    ("n_head", 5, r"field 'n_head': d_model=36 is not divisible by n_heads=5"),
+    ("n_head", 5, r"field 'n_head': n_embd=36 is not divisible by n_head=5"),
     ("n_embd", "36", r"field 'n_embd' must be int, got '36'"),
     ("n_layer", 0, r"field 'n_layer': must be > 0"),
     ("model_type", "bert", r"field 'model_type' = 'bert'"),

@@ -49,6 +49,13 @@ def get_field(raw: Mapping, field: str, kind: type, default: Any, source: Path):
     return value
 
 
+def hf_names(message: str, fields: Mapping[str, str]) -> str:
+    """``message`` with our config field names replaced by the checkpoint's (``fields``)."""
+    for ours, hf in fields.items():
+        message = re.sub(rf"\b{ours}\b", hf, message)
+    return message
+
+
 def architectures(model_type: str) -> tuple[str, str, str]:
     """``(causal LM, backbone, sequence classification)`` architecture names."""
     return LM, BACKBONE, REWARD
@@ -101,7 +108,8 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[GPTConfig, str, tuple[st
                         tie_embeddings=get_field(raw, "tie_word_embeddings", bool, True, source))
     except ConfigError as e:
         field, _, message = str(e).removeprefix("config field `").partition("`: ")
-        raise CheckpointError(f"{source}: field {FIELDS.get(field, field)!r}: {message}") from None
+        raise CheckpointError(f"{source}: field {FIELDS.get(field, field)!r}: "
+                              f"{hf_names(message, FIELDS)}") from None
     return cfg, arch, ARCHITECTURES[arch]
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.models.config import LlamaConfig
-from rlhf_jax.models.hf_gpt2 import TensorSpec, get_field
+from rlhf_jax.models.hf_gpt2 import TensorSpec, get_field, hf_names
 from rlhf_jax.models.hf_io import CheckpointError
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -105,9 +105,10 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
         cfg = LlamaConfig(**kw)
     except ConfigError as e:
         field, _, message = str(e).removeprefix("config field `").partition("`: ")
-        hf = FIELDS.get(field, (
-            {"n_kv_heads": "num_key_value_heads", "rope_theta": "rope_theta"}.get(field, field),))[0]
-        raise CheckpointError(f"{source}: field {hf!r}: {message}") from None
+        names = {**{ours: hf for ours, (hf, _) in FIELDS.items()},
+                 "n_kv_heads": "num_key_value_heads"}
+        raise CheckpointError(f"{source}: field {names.get(field, field)!r}: "
+                              f"{hf_names(message, names)}") from None
     return cfg, arch, ("reward",) if is_reward(arch) else ()
 
 
