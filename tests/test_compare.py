@@ -31,6 +31,9 @@ def _run(gold, kl, curve):
             "budget": "64 RM-scored samples", "curve": curve}
 
 
+FACTS = ("gold", "fabrication_rate", "accuracy", "unknown_rate")   # the facts world's metrics
+
+
 def test_matched_kl_aggregate_and_table(tmp_path):
     results = {
         "ppo": [_run(0.7, 0.8, [(0, 0.0, 0.4), (0.8, 0.7, 0.1)]),
@@ -40,14 +43,14 @@ def test_matched_kl_aggregate_and_table(tmp_path):
     }
     target = report.matched_kl(results)
     assert target == 0.6
-    agg = report.aggregate(results, target)
+    agg = report.aggregate(results, target, metrics=FACTS, curve=FACTS[:2])
     # ppo at KL 0.6: seed 0 interpolates 0.7·0.6/0.8 = 0.525, seed 1 is its final point 0.5
     assert agg["ppo"]["gold_at_kl"][0] == pytest.approx((0.525 + 0.5) / 2)
     assert agg["ppo"]["gold_at_kl"][1] == pytest.approx(np.std([0.525, 0.5], ddof=1))
     assert agg["dpo"]["gold_at_kl"][0] == pytest.approx((0.3 + 0.24) / 2)
     assert agg["dpo"]["gold"] == pytest.approx((0.5, np.std([0.6, 0.4], ddof=1)))
     sft = [{"gold": -0.1, "fabrication_rate": 0.4, "accuracy": 0.6, "unknown_rate": 0.2}]
-    table = report.markdown(results, sft, target)
+    table = report.markdown(results, sft, target, headline=FACTS[:3])
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| SFT | -0.100 | 0.400 | 0.600 |")
     assert "| ppo | 0.600 ± 0.141 |" in table
@@ -55,6 +58,29 @@ def test_matched_kl_aggregate_and_table(tmp_path):
     report.plot(results, target, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert math.isclose(report.mean_std([1.0])[1], 0.0)
+
+
+def test_report_uses_the_tasks_own_metrics():
+    """Another task's headline (here README's echo task: gold, wrong_rate) sets the columns, the
+    curve's second value and the ``<name>_at_kl`` keys."""
+    run = {"gold": 0.5, "wrong_rate": 0.2, "win_rate": 0.6, "wins": 3, "ties": 1, "losses": 1,
+           "kl": 1.0, "time_s": 2.0, "budget": "b", "curve": [(0, 0.0, 0.4), (1.0, 0.5, 0.2)]}
+    results = {"ppo": [run]}
+    agg = report.aggregate(results, 0.5, metrics=("gold", "wrong_rate"),
+                           curve=("gold", "wrong_rate"))
+    assert agg["ppo"]["wrong_at_kl"] == pytest.approx((0.3, 0.0))
+    assert agg["ppo"]["gold_at_kl"] == pytest.approx((0.25, 0.0))
+    assert "fabrication_at_kl" not in agg["ppo"] and "accuracy" not in agg["ppo"]
+    table = report.markdown(results, [{"gold": -0.1, "wrong_rate": 0.4}], 0.5,
+                            headline=("gold", "wrong_rate"))
+    assert "| method | gold | wrong | win rate vs SFT |" in table
+    assert "| SFT | -0.100 | 0.400 | — | 0 |" in table
+    assert "| method | gold at matched KL | wrong at matched KL |" in table
+    assert "| ppo | 0.250 | 0.300 |" in table
+    # a task with gold alone: a one-metric curve
+    gold_only = {"ppo": [{**run, "curve": [(0, 0.0), (1.0, 0.5)]}]}
+    assert set(report.aggregate(gold_only, 0.5, metrics=("gold",), curve=("gold",))["ppo"]) >= {
+        "gold", "gold_at_kl"}
 
 
 from test_experiments import _load            # noqa: E402

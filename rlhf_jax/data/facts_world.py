@@ -152,6 +152,7 @@ class FactsWorld(Task):
     name = "facts_world"
     top_score = SCORES["correct"]
     headline = ("gold", "fabrication_rate", "accuracy")
+    reported = ("unknown_rate",)
     kinds = ("correct", "unknown", "fabricated", "malformed")
 
     def __init__(self, cfg: FactsWorldConfig = FactsWorldConfig(), *,

@@ -19,7 +19,8 @@ raises instead of silently reusing the old files: bump the version, or use anoth
 
 Reading: :func:`load_preference_source` returns ``tfds.data_source(...)``, a random-access
 sequence of dicts with ``bytes`` texts and ``float32`` arrays
-(:func:`rlhf_jax.data.preference_records.decode_record` turns one into ``str``/``None``-for-absent-gold form).
+(:func:`rlhf_jax.data.preference_records.decode_record` turns one into ``str``/``None``-for-
+absent-gold form).
 
 Batching them for training: :mod:`rlhf_jax.data.preference_batches`.
 """

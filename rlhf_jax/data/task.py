@@ -42,6 +42,8 @@ class Task:
       top_score: the judge's best score (a response at it ties with any other there).
       headline: the :meth:`summarize` keys logged along training (``heldout/<key>``) and reported
         for best-of-N (``<key>/best_of_n``); ``gold`` first.
+      reported: further :meth:`summarize` keys a comparison of methods records beside the
+        headline ones (``stages.compare``).
       kinds: response kinds (values of :meth:`kind`) whose pairs the reward model's agreement with
         the judge is broken down by (``rm/gold_agreement/<a>_vs_<b>``); empty = no breakdown.
     """
@@ -50,6 +52,7 @@ class Task:
     tokenizer: Tokenizer
     top_score: float
     headline: tuple[str, ...] = ("gold",)
+    reported: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
 
     def pretraining_corpus(self) -> list[str]:

@@ -61,7 +61,8 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
              ref_rejected: jax.Array, *, beta: float, label_smoothing: float = 0.0,
              mask: jax.Array | None = None, axis_name: AxisName = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(Conservative) DPO: mean over pairs (weighted by ``mask``) of ``(1 − ε)(−log σ(βh)) + ε(−log σ(−βh))``.
+    """(Conservative) DPO: mean over pairs (weighted by ``mask``) of
+    ``(1 − ε)(−log σ(βh)) + ε(−log σ(−βh))``.
 
     Args are ``[B]`` summed response log-probs of the policy and the reference. Metrics:
     ``loss``, ``accuracy`` (share with h > 0), ``margin`` (mean β·h: the implicit reward margin),
@@ -83,8 +84,9 @@ def ipo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
              rejected_len: jax.Array | None = None, average_length: bool = False,
              mask: jax.Array | None = None, axis_name: AxisName = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """IPO: mean over pairs (weighted by ``mask``) of ``(h − 1/(2τ))²``; with ``average_length`` the chosen and rejected
-    log-ratios are divided by ``chosen_len`` / ``rejected_len`` (response tokens) first.
+    """IPO: mean over pairs (weighted by ``mask``) of ``(h − 1/(2τ))²``; with ``average_length``
+    the chosen and rejected log-ratios are divided by ``chosen_len`` / ``rejected_len`` (response
+    tokens) first.
 
     Metrics: ``loss``, ``accuracy`` (h > 0), ``margin`` (mean h), ``chosen_reward`` /
     ``rejected_reward`` (mean log-ratios, length-averaged if so configured).
@@ -107,7 +109,8 @@ def simpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, chosen_len:
                rejected_len: jax.Array, *, beta: float, simpo_margin: float,
                mask: jax.Array | None = None, axis_name: AxisName = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """SimPO: mean over pairs (weighted by ``mask``) of ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)``.
+    """SimPO: mean over pairs (weighted by ``mask``) of
+    ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)``.
 
     Reference-free. Metrics: ``loss``, ``accuracy`` (length-normalised reward of the chosen
     response higher), ``margin`` (mean reward difference, before subtracting γ),

@@ -8,6 +8,9 @@ reused, an interrupted one resumes) and is evaluated under the pinned protocol (
 T = 1, ``eval_samples`` per prompt, paired with SFT by prompt and sample index), plus
 ``eval_points − 1`` intermediate held-out evaluations that trace its gold-vs-KL trajectory.
 
+The metrics compared are the task's own (``Task.headline`` as table columns and curve, plus
+``Task.reported``; the facts world: gold, fabrication rate, accuracy, unknown rate).
+
 Writes ``results.md`` (mean ± std over seeds, at the defaults and at matched KL),
 ``results.json`` (every run's numbers and curve), ``gold_vs_kl.png`` and ``summary.json``.
 """
@@ -20,13 +23,15 @@ import time
 from pathlib import Path
 
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages import compare_report as report
-from rlhf_jax.stages.common import upstream_run
+from rlhf_jax.stages.common import read_config, upstream_run
 from rlhf_jax.stages.offline import OfflineConfig, run_offline
 from rlhf_jax.stages.online import METHODS as ONLINE, online_config
 from rlhf_jax.stages.ppo import PPOConfig, run_ppo
 from rlhf_jax.stages.reward import RewardConfig, run_reward
+from rlhf_jax.tasks import build_task
 
 OFFLINE = ("dpo", "ipo", "simpo")
 
@@ -85,8 +90,9 @@ def _every(total: int, points: int) -> int:
     return 0 if points <= 1 else max(total // points, 1)
 
 
-def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: Path) -> dict:
-    """One method × seed: run (or reuse) it and read its result."""
+def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: Path,
+             task: Task) -> dict:
+    """One method × seed: run (or reuse) it and read its result (the task's metrics)."""
     if method in OFFLINE:
         c = dataclasses.replace(cfg.offline, loss=method, seed=seed, reward_dir=reward_dir,
                                 eval_every=_every(cfg.offline.steps, cfg.eval_points))
@@ -110,25 +116,24 @@ def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: P
     if not (out / "summary.json").exists():
         runner(c, out)
     s = RunDir(out).read_summary()
-    curve = [(0.0, s["gold/sft"], s["fabrication_rate/sft"])]
+    along, metrics = task.headline[:2], task.headline + task.reported
+    curve = [(0.0, *[s[f"{m}/sft"] for m in along])]
     for row in read_metrics(out):
         if "heldout/gold" in row and row["step"] < total:
-            curve.append((row["heldout/kl"], row["heldout/gold"], row["heldout/fabrication_rate"]))
+            curve.append((row["heldout/kl"], *[row[f"heldout/{m}"] for m in along]))
     kl = s[f"kl/{name}_vs_sft"]
-    curve.append((kl, s[f"gold/{name}"], s[f"fabrication_rate/{name}"]))
+    curve.append((kl, *[s[f"{m}/{name}"] for m in along]))
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()
                if line.strip()] if (out / "timings.jsonl").exists() else []
     train_s = s.get("time_s/offline") if method in OFFLINE else s.get("time_s/ppo")
     return {
         "method": method, "seed": seed, "dir": str(out), "budget": budget,
-        "gold": s[f"gold/{name}"], "fabrication_rate": s[f"fabrication_rate/{name}"],
-        "accuracy": s[f"accuracy/{name}"], "unknown_rate": s[f"unknown_rate/{name}"],
+        **{m: s[f"{m}/{name}"] for m in metrics},
         "win_rate": s[f"win_rate/{name}_vs_sft"], "wins": s[f"wins/{name}_vs_sft"],
         "ties": s[f"ties/{name}_vs_sft"], "losses": s[f"losses/{name}_vs_sft"],
         "win_rate_ceiling": s["win_rate/ceiling"], "kl": kl, "curve": curve,
         "time_s": train_s, "timings": timings,
-        "sft": {k: s[f"{k}/sft"] for k in ("gold", "fabrication_rate", "accuracy",
-                                           "unknown_rate")},
+        "sft": {m: s[f"{m}/sft"] for m in metrics},
     }
 
 
@@ -142,22 +147,24 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", run_reward, default_reward,
                                   "reward_dir"))
     t_up = time.perf_counter() - t0
+    task = build_task(read_config(reward_dir, RewardConfig).sft.pretrain.task)
     results: dict[str, list[dict]] = {}
     for method in cfg.methods:
         for seed in cfg.seeds:
-            r = _run_one(cfg, method, seed, reward_dir, out / method / f"seed{seed}")
+            r = _run_one(cfg, method, seed, reward_dir, out / method / f"seed{seed}", task)
             results.setdefault(method, []).append(r)
             run.log_metrics(len(sum(results.values(), [])),
                             {f"{method}/seed{seed}/{k}": r[k] for k in
-                             ("gold", "fabrication_rate", "accuracy", "win_rate", "kl")})
+                             (*task.headline, "win_rate", "kl")})
     sft = [next(iter(results.values()))[0]["sft"]]   # one SFT model, one evaluation seed
     target = report.matched_kl(results)
-    table = report.markdown(results, sft, target)
+    table = report.markdown(results, sft, target, headline=task.headline)
     (out / "results.md").write_text(table)
     run.write_json("results.json", {"methods": list(cfg.methods), "matched_kl": target,
                                     "runs": results})
     report.plot(results, target, out / "gold_vs_kl.png")
-    agg = report.aggregate(results, target)
+    agg = report.aggregate(results, target, metrics=task.headline + task.reported,
+                           curve=task.headline[:2])
     summary = {"matched_kl": target, "reward_dir": reward_dir,
                **{f"{k}/sft": v for k, v in sft[0].items()}}
     for method, row in agg.items():

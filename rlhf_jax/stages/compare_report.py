@@ -1,10 +1,11 @@
 """The comparison's read-out, as pure functions over run results: gold-vs-KL curves, values at a
 matched KL, mean ± std over seeds, the markdown table and the plot.
 
-A *run result* is a dict with the method's final held-out metrics (``gold``, ``fabrication_rate``,
-``accuracy``, ``unknown_rate``, ``win_rate``, ``wins``, ``ties``, ``losses``, ``kl``, ``time_s``,
-``budget``) and ``curve``: the trajectory ``[(kl, gold, fabrication_rate), …]`` in training order,
-starting at the SFT model (KL 0) and ending at the final policy.
+A *run result* is a dict with the method's final held-out metrics (the task's: ``headline`` and
+``reported`` keys of ``Task``, e.g. ``gold``, ``fabrication_rate``, ``accuracy``, ``unknown_rate``
+for the facts world; and ``win_rate``, ``wins``, ``ties``, ``losses``, ``kl``, ``time_s``,
+``budget``) and ``curve``: the trajectory ``[(kl, gold, second headline metric), …]`` in training
+order, starting at the SFT model (KL 0) and ending at the final policy.
 """
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-COLUMNS = (("gold", "gold"), ("fabrication_rate", "fabrication"), ("accuracy", "accuracy"),
-           ("win_rate", "win rate vs SFT"), ("kl", "KL to SFT (nats/seq)"))
+PAIRED = (("win_rate", "win rate vs SFT"), ("kl", "KL to SFT (nats/seq)"))
+
+
+def short(metric: str) -> str:
+    """A metric's name in table headers and ``<name>_at_kl`` keys: a trailing ``_rate`` dropped."""
+    return metric[:-len("_rate")] if metric.endswith("_rate") else metric
+
+
+def columns(headline: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``(key, header)`` of the results table: the task's headline metrics, then the paired ones."""
+    return tuple((m, short(m)) for m in headline) + PAIRED
 
 
 def at_kl(curve: Sequence[Sequence[float]], target: float) -> tuple[float, ...] | None:
@@ -55,46 +65,51 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def aggregate(results: dict[str, list[dict]], target_kl: float) -> dict[str, dict]:
-    """Per method: ``mean`` and ``std`` of every final metric over seeds, and ``gold_at_kl`` /
-    ``fabrication_at_kl`` (mean, std) at ``target_kl``."""
+def aggregate(results: dict[str, list[dict]], target_kl: float, *, metrics: Sequence[str],
+              curve: Sequence[str]) -> dict[str, dict]:
+    """Per method: (mean, std) over seeds of every final metric (the task's ``metrics``, then
+    ``win_rate``, ``kl``, ``time_s``), and ``<short(m)>_at_kl`` at ``target_kl`` for the metrics
+    ``curve`` names (the curve's values after its KL, e.g. ``gold``, ``fabrication_rate``)."""
     out = {}
     for method, runs in results.items():
         row = {}
-        for key in ("gold", "fabrication_rate", "accuracy", "unknown_rate", "win_rate", "kl",
-                    "time_s"):
+        for key in (*metrics, "win_rate", "kl", "time_s"):
             row[key] = mean_std(r[key] for r in runs)
         matched = [at_kl(r["curve"], target_kl) for r in runs]
         if all(m is not None for m in matched):
-            row["gold_at_kl"] = mean_std(m[0] for m in matched)
-            row["fabrication_at_kl"] = mean_std(m[1] for m in matched)
+            for i, m in enumerate(curve):
+                row[f"{short(m)}_at_kl"] = mean_std(v[i] for v in matched)
         row["seeds"] = len(runs)
         row["budget"] = runs[0].get("budget", "")
         out[method] = row
     return out
 
 
-def markdown(results: dict[str, list[dict]], sft: list[dict], target_kl: float) -> str:
-    """The results table (defaults) and the matched-KL table, mean ± std over seeds."""
-    lines = ["| method | " + " | ".join(h for _, h in COLUMNS) + " | W / T / L vs SFT | budget "
-             "| train s |", "|---" * (len(COLUMNS) + 4) + "|"]
+def markdown(results: dict[str, list[dict]], sft: list[dict], target_kl: float, *,
+             headline: Sequence[str]) -> str:
+    """The results table (defaults; the task's ``headline`` metrics as columns) and the
+    matched-KL table (the curve's metrics, ``headline[:2]``), mean ± std over seeds."""
+    cols, curve = columns(headline), tuple(headline[:2])
+    lines = ["| method | " + " | ".join(h for _, h in cols) + " | W / T / L vs SFT | budget "
+             "| train s |", "|---" * (len(cols) + 4) + "|"]
     lines.append("| SFT | " + " | ".join(_fmt([s[k] for s in sft]) if k != "win_rate" else "—"
-                                       for k, _ in COLUMNS[:-1]) + " | 0 | — | — | — |")
+                                       for k, _ in cols[:-1]) + " | 0 | — | — | — |")
     for method, runs in results.items():
-        cells = [_fmt([r[k] for r in runs]) for k, _ in COLUMNS]
+        cells = [_fmt([r[k] for r in runs]) for k, _ in cols]
         wtl = " / ".join(f"{np.mean([r[k] for r in runs]):.0f}" for k in ("wins", "ties", "losses"))
         t = f"{np.mean([r['time_s'] for r in runs]):.0f}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {wtl} | {runs[0]['budget']} "
                      f"| {t} |")
     lines += ["", f"At matched KL = {target_kl:.3f} nats/seq (the smallest final KL of any run; "
               "values interpolated along each run's held-out gold-vs-KL trajectory):", "",
-              "| method | gold at matched KL | fabrication at matched KL |", "|---|---|---|"]
+              "| method | " + " | ".join(f"{short(m)} at matched KL" for m in curve) + " |",
+              "|---" * (len(curve) + 1) + "|"]
     for method, runs in results.items():
         matched = [at_kl(r["curve"], target_kl) for r in runs]
         ok = all(m is not None for m in matched)
-        g = _fmt([m[0] for m in matched]) if ok else "not reached"
-        f = _fmt([m[1] for m in matched]) if ok else "not reached"
-        lines.append(f"| {method} | {g} | {f} |")
+        cells = [_fmt([m[i] for m in matched]) if ok else "not reached"
+                 for i in range(len(curve))]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
