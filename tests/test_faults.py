@@ -198,3 +198,17 @@ def test_async_save_then_donating_step_writes_the_state_as_it_was(tmp_path):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
     assert not np.array_equal(np.asarray(state.params["w"]), expected.params["w"])
     ckpt.close()
+
+
+def test_warmup_that_fills_the_stage_is_a_valid_schedule():
+    """warmup_steps == total steps (e.g. a short RLOO run) trains, with the learning rate rising
+    linearly to its peak, instead of failing inside optax (decay_steps=0)."""
+    cfg = OptimConfig(learning_rate=1e-2, warmup_steps=4, clip_norm=0.0, weight_decay=0.0)
+    tx = make_optimizer(cfg, 4)
+    params = {"w": jnp.zeros((1,))}
+    state = tx.init(params)
+    steps = []
+    for _ in range(4):   # Adam's first updates on a constant gradient are -lr exactly
+        updates, state = tx.update({"w": jnp.ones((1,))}, state, params)
+        steps.append(-float(updates["w"][0]))
+    np.testing.assert_allclose(steps, [0.0, 2.5e-3, 5e-3, 7.5e-3], rtol=1e-4, atol=1e-9)
