@@ -270,7 +270,8 @@ def bench_sft(sh: Shapes, iters, peak, mesh):
 def bt_loss_fn(params, batch, key=None, *, model, axis_name=None):
     """Bradley–Terry on independent chosen/rejected rows (TRL's RewardTrainer): one forward of
     the ``[2N, T]`` rows, the reward head read at each row's last real token."""
-    from rlhf_jax.losses.reward import bradley_terry_loss, last_token_rewards
+    from rlhf_jax.losses.reward import bradley_terry_loss
+    from rlhf_jax.models.readout import last_token_rewards
 
     del key
     n = batch["chosen"].shape[0]

@@ -79,3 +79,10 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """Position ids for a left- or right-padded ``[B, T]`` mask: 0 at each row's first real token."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """Index of the last position where ``mask [B, T]`` is 1 (``T - 1`` for an empty row), ``[B]``."""
+    t = mask.shape[-1]
+    return (t - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), axis=-1), axis=-1)
+            ).astype(jnp.int32)

@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from rlhf_jax.losses.reward import last_token_rewards
+from rlhf_jax.models.readout import last_token_rewards
 from rlhf_jax.models import create_model, preset
 from rlhf_jax.models.hf import CheckpointError, file_digests, load_pretrained, save_pretrained
 from rlhf_jax.sampling import SamplingConfig, sample

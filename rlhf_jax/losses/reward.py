@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import AxisName, masked_mean, masked_sum_and_count
+from rlhf_jax.ops import AxisName, last_token_index, masked_mean, masked_sum_and_count
 
 
 def bradley_terry_loss(
@@ -90,24 +90,3 @@ def reward_at_last_token(values: jax.Array, mask: jax.Array) -> jax.Array:
     """``values[b, t_last(b)]`` with ``t_last`` the last position where ``mask`` is 1 (the EOS,
     or the last token of a truncated response): ``[B, T], [B, T] -> [B]``."""
     return jnp.take_along_axis(values, last_token_index(mask)[:, None], axis=-1)[:, 0]
-
-
-def last_token_index(mask: jax.Array) -> jax.Array:
-    """Index of the last position where ``mask [B, T]`` is 1 (``T - 1`` for an empty row), ``[B]``."""
-    t = mask.shape[-1]
-    return (t - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), axis=-1), axis=-1)
-            ).astype(jnp.int32)
-
-
-def last_token_rewards(model, params, tokens: jax.Array, mask: jax.Array, *,
-                       head: str = "reward") -> jax.Array:
-    """Scalar head ``head`` of each row ``tokens [N, T]`` read at its last real token, ``[N]``.
-
-    (The one model-running helper left here: ``benchmarks/run.py`` imports it. The reward model's
-    score function, ``rlhf_jax.stages.reward_model.make_score_fn``, builds on it.)
-
-    The model's last block runs at that one position only (``output_positions``), which is all a
-    last-token readout needs: the same reward as reading the full output, for less work."""
-    out = model.apply(params, tokens, attention_mask=mask, compute_logits=False,
-                      output_positions=last_token_index(mask)[:, None])
-    return out.scalars[head][:, 0]

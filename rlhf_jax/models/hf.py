@@ -15,7 +15,7 @@ log-probs agree); the checkpoint's own rates are kept in ``model.source.config``
 Reward models (``GPT2ForSequenceClassification``: ``score.weight [1, D]``, no bias) import as a
 ``"reward"`` scalar head with a zero bias. **Where the reward is read.** transformers reads the
 score at the rightmost token whose *id* differs from ``pad_token_id``; rlhf_jax reads it at the
-last position whose *attention mask* is 1 (``losses.reward.last_token_index``: the EOS when the
+last position whose *attention mask* is 1 (``ops.last_token_index``: the EOS when the
 response has one). The two agree when ``pad_token_id`` is distinct from every real token; with
 GPT-2's convention pad == eos, transformers skips a trailing EOS and reads one token earlier, so
 give an exported reward model a pad id of its own to get the same scores. A head bias and a reward

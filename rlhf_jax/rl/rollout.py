@@ -23,7 +23,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.reward import last_token_rewards, reward_at_last_token
+from rlhf_jax.losses.reward import reward_at_last_token
+from rlhf_jax.models.readout import last_token_rewards
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import entropy_from_logits, token_logprobs
 from rlhf_jax.sampling import SamplingConfig, response_logits, sample

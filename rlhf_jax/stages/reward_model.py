@@ -12,7 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.losses.reward import kwise_bradley_terry_loss, last_token_index, last_token_rewards
+from rlhf_jax.losses.reward import kwise_bradley_terry_loss
+from rlhf_jax.models.readout import last_token_rewards
+from rlhf_jax.ops import last_token_index
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import AxisName, sequence_logprob
 
