@@ -344,6 +344,23 @@ def build_preference_dataset(records_by_split: Mapping[str, RecordSource], data_
     return builder
 
 
+def split_files(data_dir: PathLike, splits: Sequence[str] = ("train", "test")
+                ) -> dict[str, str]:
+    """``{split: path}`` of a directory of upstream files named ``{split}.jsonl`` or
+    ``{split}.jsonl.gz`` (exactly one per split; ``FileNotFoundError`` naming what is missing)."""
+    out = {}
+    for split in splits:
+        found = [os.path.join(os.fspath(data_dir), f"{split}{ext}")
+                 for ext in (".jsonl", ".jsonl.gz")]
+        found = [f for f in found if os.path.isfile(f)]
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"{data_dir}: expected one of {split}.jsonl, {split}.jsonl.gz, found "
+                f"{[os.path.basename(f) for f in found] or 'neither'}")
+        out[split] = found[0]
+    return out
+
+
 def load_preference_source(data_dir: PathLike, name: str, split: str, *,
                            version: str | None = None) -> Sequence[dict[str, Any]]:
     """``tfds.data_source`` over a prepared preference data set (latest version by default).

@@ -35,7 +35,8 @@ from rlhf_jax.sampling import response_logits
 from rlhf_jax.stages.common import (eval_key, load_stage, model_config, pipeline_task,
                                     read_config, train_stage, upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences, run_reward
+from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, preference_arrays,
+                                    read_preferences, run_reward)
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
@@ -96,6 +97,7 @@ class OfflineConfig:
 
     def __post_init__(self):
         check_numbers(self)
+        check_task_reward(self.reward, "reward.data")
         check(self.loss in PREFERENCE_LOSSES, "loss",
               f"must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
         for k, v in self.loss_args.items():
@@ -174,6 +176,7 @@ def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
                               "reward_dir")
     reward_cfg = read_config(reward_dir, RewardConfig)
+    check_task_reward(reward_cfg, "reward_dir")
     sft_cfg, policy, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
                                              config_of=lambda c: c.pretrain)
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)

@@ -38,7 +38,8 @@ from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, eval_key, load_st
                                     model_config, pipeline_task, read_config, stage_key,
                                     upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import RewardConfig, load_reward_model, run_reward
+from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, load_reward_model,
+                                    run_reward)
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 STREAM_BEST_OF_N = 4
@@ -86,6 +87,7 @@ class PPOConfig:
 
     def __post_init__(self):
         check_numbers(self)
+        check_task_reward(self.reward, "reward.data")
         positive(self, "iterations", "ptx_rows", "best_of_n", "log_every")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
@@ -227,6 +229,7 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
                               "reward_dir")
     reward_cfg = read_config(reward_dir, RewardConfig)
+    check_task_reward(reward_cfg, "reward_dir")
     sft_cfg, ref, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
                                           config_of=lambda c: c.pretrain)
     pre = sft_cfg.pretrain

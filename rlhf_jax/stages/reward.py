@@ -1,5 +1,8 @@
 """Stage 2: preference collection with the simulated labeller, and the K-wise reward model.
 
+With ``data`` other than ``"simulated"`` the stage trains on human preference files instead, from
+an imported checkpoint (:mod:`rlhf_jax.stages.reward_files`).
+
 The reward model is the policy's trunk with a scalar head read at the last response token,
 initialised from the SFT model (InstructGPT §3.5), trained with the K-wise Bradley–Terry loss; it
 scores responses through one function (:mod:`rlhf_jax.stages.reward_model`).
@@ -18,33 +21,53 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from typing import Literal
+
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens, encode_groups
 from rlhf_jax.data.preference_records import decode_record
-from rlhf_jax.data.preferences import build_preference_dataset, load_preference_source
+from rlhf_jax.data.preferences import (build_preference_dataset, load_preference_source,
+                                       split_files)
 from rlhf_jax.data.task import Task
 from rlhf_jax.evaluate import pairwise_gold_agreement, score_groups
 from rlhf_jax.labeler import LabelerConfig, Preferences, collect_preferences, noise_ceiling
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import Model, transplant
+from rlhf_jax.models.hf import load_config
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, load_stage, model_config,
                                     pipeline_task, read_config, stage_key, train_stage,
                                     upstream_run)
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_sft
-from rlhf_jax.stages.reward_model import (LM_COEF, init_lm_coef, kwise_rm_loss_fn, make_score_fn,
-                                          rm_heads, with_frozen)
+from rlhf_jax.stages.reward_model import (init_lm_coef, kwise_rm_loss_fn, rm_heads, rm_score_fn,
+                                          with_frozen)
 from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
 
+DataSource = Literal["simulated", "hh-rlhf", "summarize"]
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Reward modelling on simulated preferences.
+    """Reward modelling on simulated preferences, or on human preference files.
 
     Attributes:
       seed: seeds labelling noise, head initialisation and batch order.
+      data: ``simulated`` (the task's SFT samples ranked by the simulated labeller), or human
+        pairwise preferences from files: ``hh-rlhf`` (Anthropic HH-RLHF) or ``summarize`` (OpenAI
+        summarize-from-feedback comparisons). File data needs ``--init-from CKPT``
+        (``sft.pretrain.init_from``, a checkpoint with a ``tokenizer.json``): the RM starts from
+        that checkpoint directly, with no task pretraining or SFT.
+      data_dir: with file data, the directory holding ``train.jsonl`` (or ``train.jsonl.gz``)
+        and ``test.jsonl`` (or ``test.jsonl.gz``) in the upstream format.
+      max_prompt_tokens: with file data, the prompt budget in tokens (BOS included); longer
+        prompts keep their last tokens (counted in the summary).
+      max_response_tokens: with file data, the response budget in tokens (EOS included); longer
+        responses keep their first tokens, then EOS (counted in the summary).
+      export_hf: with file data, also write the trained RM to this directory as a Hugging Face
+        sequence classifier, its normalisation folded in (needs ``--no-lm-readout``).
       sft_dir: a finished SFT run to start from; empty = run ``sft`` first into ``<out>/sft``.
       sft: the SFT config used when ``sft_dir`` is empty.
       preferences_dir: a TFDS preference data set built by an earlier reward run (its
@@ -70,6 +93,11 @@ class RewardConfig:
     """
 
     seed: int = 0
+    data: DataSource = "simulated"
+    data_dir: str = ""
+    max_prompt_tokens: int = 256
+    max_response_tokens: int = 128
+    export_hf: str = ""
     sft_dir: str = ""
     sft: SFTConfig = SFTConfig()
     preferences_dir: str = ""
@@ -91,22 +119,52 @@ class RewardConfig:
     def __post_init__(self):
         check_numbers(self)
         positive(self, "batch_prompts", "steps", "log_every")
+        for name in ("max_prompt_tokens", "max_response_tokens"):   # room for BOS / EOS + a token
+            check(getattr(self, name) >= 2, name, f"must be >= 2, got {getattr(self, name)}")
         check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        if self.data == "simulated":
+            check(not self.data_dir and not self.export_hf, "data_dir" if self.data_dir else
+                  "export_hf", "only used with file data (--data hh-rlhf or summarize)")
+        else:
+            self._check_file_data()
+
+    def _check_file_data(self):
+        """File data: a checkpoint with a tokenizer, both split files, budgets within its context."""
+        use = f"--data {self.data} trains the RM from an imported checkpoint"
+        init_from = self.sft.pretrain.init_from
+        check(bool(init_from), "sft.pretrain.init_from", f"{use}: give --init-from CKPT")
+        check((Path(init_from) / "tokenizer.json").is_file(), "sft.pretrain.init_from",
+              f"{use}, tokenized with its tokenizer: {init_from} has no tokenizer.json")
+        for name in ("sft_dir", "preferences_dir"):
+            check(not getattr(self, name), name, f"unused with --data {self.data}")
+        check(bool(self.data_dir), "data_dir", f"--data {self.data} reads DIR/train.jsonl(.gz) "
+              "and DIR/test.jsonl(.gz): give --data-dir DIR")
+        try:
+            split_files(self.data_dir)
+        except FileNotFoundError as e:
+            check(False, "data_dir", str(e))
+        max_len = load_config(init_from)[0].max_len
+        check(self.max_prompt_tokens + self.max_response_tokens <= max_len, "max_response_tokens",
+              f"max_prompt_tokens {self.max_prompt_tokens} + max_response_tokens "
+              f"{self.max_response_tokens} exceeds the checkpoint's context {max_len}")
+        check(not (self.export_hf and self.lm_readout), "export_hf",
+              "no Hugging Face head holds the LM-likelihood readout: add --no-lm-readout")
+
+
+def check_task_reward(reward_cfg: RewardConfig, field: str) -> None:
+    """A stage that goes on from a reward run on the task (PPO, DPO) needs simulated preferences:
+    an RM trained on preference files has no task policy (SFT) to start from."""
+    check(reward_cfg.data == "simulated", field,
+          f"the reward model was trained on --data {reward_cfg.data}, with no task policy (SFT) "
+          "to start from; this stage needs a reward run on simulated preferences")
 
 
 def dataset_name(task: Task) -> str:
     """The TFDS name of a task's stored preferences."""
     return f"{task.name}_preferences"
-
-
-def rm_score_fn(cfg: RewardConfig, model: Model, prompt_len: int):
-    """The score function of a reward run's RM (its readout options applied), unjitted."""
-    return make_score_fn(model, prompt_len=prompt_len,
-                         lm_coef_head=LM_COEF if cfg.lm_readout else None,
-                         lm_stop_grad=cfg.lm_stop_grad)
 
 
 def load_reward_model(reward_dir: str | Path, prompt_len: int):
@@ -198,8 +256,44 @@ def read_preferences(data_dir: Path, split: str, task: Task) -> Preferences:
                        np.asarray([r["gold"] for r in records], np.float32), kinds)
 
 
+def fit_reward_model(cfg: RewardConfig, model_cfg, trunk_params, data: dict[str, np.ndarray], *,
+                     prompt_len: int, run: RunDir):
+    """The RM of architecture ``model_cfg`` started from ``trunk_params`` (an LM's), trained on
+    K-wise arrays ``data`` (``preference_arrays`` layout) with ``train_stage``, and its
+    normalisation (written to ``reward_norm.json``): ``(Model, params, jitted score,
+    (gain, bias))``."""
+    rm, rm_params = create_model(model_cfg, stage_key(cfg.seed, STREAM_INIT),
+                                 heads=rm_heads(cfg.lm_readout))
+    rm_params = transplant(trunk_params, rm_params)
+    if cfg.lm_readout:
+        rm_params = init_lm_coef(rm_params, cfg.lm_coef_init)
+    score = rm_score_fn(cfg, rm, prompt_len)
+    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
+    loss_fn = functools.partial(kwise_rm_loss_fn, score=score, margin=cfg.margin)
+    if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
+        loss_fn = with_frozen(loss_fn, trunk=cfg.freeze_trunk,
+                              coef_kernel=cfg.lm_readout and not cfg.lm_coef_gated)
+    rm_params = train_stage(rm_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
+                            steps=cfg.steps, optim=cfg.optim, run=run, prefix="rm",
+                            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                            fsdp=cfg.fsdp)
+    score_jit = jax.jit(score)
+    gain, bias = 1.0, 0.0
+    if cfg.normalize:
+        train_rewards = score_groups(score_jit, rm_params, data)
+        gain = float(1.0 / max(train_rewards.std(), 1e-6))
+        bias = float(-train_rewards.mean() * gain)
+    run.write_json("reward_norm.json", {"gain": gain, "bias": bias})
+    return rm, rm_params, score_jit, (gain, bias)
+
+
 def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
-    """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``."""
+    """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``; with file
+    data, :func:`rlhf_jax.stages.reward_files.run_reward_files` instead."""
+    if cfg.data != "simulated":
+        from rlhf_jax.stages.reward_files import run_reward_files   # it builds on this module
+
+        return run_reward_files(cfg, out)
     check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
     out = Path(out)
     sft_dir = upstream_run(cfg.sft_dir, out / "sft", run_sft, cfg.sft, "sft_dir")
@@ -229,34 +323,13 @@ def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
     train_prefs, test_prefs = prefs["train"], prefs["heldout"]
     collect_s = time.perf_counter() - t0
 
-    rm, rm_params = create_model(model_config(pre), stage_key(cfg.seed, STREAM_INIT),
-                                 heads=rm_heads(cfg.lm_readout))
-    rm_params = transplant(sft_params, rm_params)
-    if cfg.lm_readout:
-        rm_params = init_lm_coef(rm_params, cfg.lm_coef_init)
-    score = rm_score_fn(cfg, rm, tcfg.prompt_len)
-    score_jit = jax.jit(score)
     data = preference_arrays(tok, train_prefs, tcfg)
     check_tokens(data, vocab_size=model_config(pre).vocab_size, source="reward: train preferences")
-    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
-    loss_fn = functools.partial(kwise_rm_loss_fn, score=score, margin=cfg.margin)
-    if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
-        loss_fn = with_frozen(loss_fn, trunk=cfg.freeze_trunk,
-                              coef_kernel=cfg.lm_readout and not cfg.lm_coef_gated)
-    rm_params = train_stage(rm_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
-                            steps=cfg.steps, optim=cfg.optim, run=run, prefix="rm",
-                            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                            fsdp=cfg.fsdp)
-
+    _, rm_params, score_jit, (gain, bias) = fit_reward_model(
+        cfg, model_config(pre), sft_params, data, prompt_len=tcfg.prompt_len, run=run)
     summary = rm_metrics(score_groups(score_jit, rm_params,
                                       preference_arrays(tok, test_prefs, tcfg)),
                          test_prefs, cfg.labeler.tau, kinds=task.kinds)
-    train_rewards = score_groups(score_jit, rm_params, data)
-    gain, bias = 1.0, 0.0
-    if cfg.normalize:
-        gain = float(1.0 / max(train_rewards.std(), 1e-6))
-        bias = float(-train_rewards.mean() * gain)
-    run.write_json("reward_norm.json", {"gain": gain, "bias": bias})
     summary.update({
         "rm/noise_ceiling_train": noise_ceiling(train_prefs.gold, cfg.labeler.tau),
         "rm/norm_gain": gain, "rm/norm_bias": bias,

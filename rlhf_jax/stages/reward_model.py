@@ -95,3 +95,11 @@ def init_lm_coef(params, value: float):
     heads["kernel"][...] = jnp.zeros_like(heads["kernel"][...])
     heads["bias"][...] = jnp.full_like(heads["bias"][...], value)
     return params
+
+
+def rm_score_fn(cfg, model: Model, prompt_len: int):
+    """The score function of a reward run's RM (``cfg``: a ``RewardConfig``, its readout options
+    applied), unjitted."""
+    return make_score_fn(model, prompt_len=prompt_len,
+                         lm_coef_head=LM_COEF if cfg.lm_readout else None,
+                         lm_stop_grad=cfg.lm_stop_grad)

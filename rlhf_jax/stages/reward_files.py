@@ -1,0 +1,130 @@
+"""The reward model on human preference files: Anthropic HH-RLHF or OpenAI summarize-from-feedback
+pairs, from an imported Hugging Face checkpoint (as TRL's ``RewardTrainer`` on HH).
+
+``DATA_DIR/train.jsonl(.gz)`` and ``DATA_DIR/test.jsonl(.gz)`` are parsed by
+:mod:`rlhf_jax.data.preference_formats` into a versioned TFDS data set in ``<out>/data`` (builders
+``HhRlhf`` / ``SummarizeFromFeedback``; a malformed row stops the run with an error naming file,
+line and field), read back, and tokenized with the checkpoint's ``tokenizer.json``: the prompt is
+``[BOS] + prompt`` keeping its last ``max_prompt_tokens`` tokens, each response its first
+``max_response_tokens - 1`` tokens and then EOS (the reward is read there). The RM is the
+checkpoint's trunk with a scalar head, trained with the K = 2 Bradley–Terry loss (the stage's
+``kwise_rm_loss_fn``) through ``train_stage``; the summary holds the test split's pairwise accuracy
+and mean margin, and the truncation counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rlhf_jax.configs import to_dict
+from rlhf_jax.data.batching import check_tokens, pad_left, pad_right
+from rlhf_jax.data.preference_records import decode_record
+from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_preference_source,
+                                       split_files)
+from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer
+from rlhf_jax.evaluate import score_groups
+from rlhf_jax.models.hf import file_digests, load_pretrained, save_pretrained
+from rlhf_jax.parallel import check_divisible, make_mesh
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.reward import RewardConfig, fit_reward_model
+
+BUILDERS = {"hh-rlhf": HhRlhf, "summarize": SummarizeFromFeedback}
+SPLITS = ("train", "test")
+
+
+def build_file_dataset(data: str, data_dir: str | Path, out_dir: Path) -> dict[str, dict]:
+    """Parse the split files into the versioned TFDS data set under ``out_dir`` (reused when built
+    from the same files); ``{split: the builder's metadata}`` (counts, HH turn truncations)."""
+    builder = BUILDERS[data](split_paths=split_files(data_dir, SPLITS), data_dir=out_dir)
+    builder.download_and_prepare()
+    return {"name": builder.name, **builder.info.metadata["splits"]}
+
+
+def read_records(out_dir: Path, name: str, split: str) -> list[dict]:
+    """The stored records of one split, decoded (``str`` texts)."""
+    return [decode_record(r) for r in load_preference_source(out_dir, name, split)]
+
+
+def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
+                 response_tokens: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Token arrays of K-wise records (``preference_arrays`` layout): ``prompts [N, Lp]`` left-
+    padded, ``responses [N, K, Lr]`` right-padded, ``ranking [N, K]``; and the truncation counts.
+
+    A prompt is ``[bos] + encode(prompt)``, cut to its last ``prompt_tokens`` tokens (the BOS is
+    dropped with the oldest text); a response is ``encode(response)`` cut to its first
+    ``response_tokens - 1`` tokens, then ``[eos]``, so the RM always reads its score at an EOS.
+    """
+    prompts, responses = [], []
+    counts = {"prompts_truncated": 0, "responses_truncated": 0}
+    for r in records:
+        ids = [tok.bos_id] + tok.encode(r["prompt"])
+        counts["prompts_truncated"] += len(ids) > prompt_tokens
+        prompts.append(ids[-prompt_tokens:])
+        for text in r["responses"]:
+            ids = tok.encode(text)
+            counts["responses_truncated"] += len(ids) > response_tokens - 1
+            responses.append(ids[:response_tokens - 1] + [tok.eos_id])
+    n, k = len(records), len(records[0]["responses"]) if records else 0
+    p_ids, p_mask = pad_left(prompts, prompt_tokens, tok.pad_id, what="prompt")
+    r_ids, r_mask = pad_right(responses, response_tokens, tok.pad_id, what="response")
+    arrays = {"prompts": p_ids, "prompt_mask": p_mask,
+              "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1),
+              "ranking": np.asarray([r["ranking"] for r in records], np.float32).reshape(n, k)}
+    return arrays, counts
+
+
+def pairwise_metrics(rewards: np.ndarray, ranking: np.ndarray) -> dict[str, float]:
+    """Pairwise accuracy and mean margin of K = 2 rewards ``[N, 2]`` against ``ranking [N, 2]``:
+    ``d = sign(rank_0 − rank_1) · (r_0 − r_1)`` (the preferred minus the other, over untied
+    pairs); accuracy = share of d > 0 (d = 0 counts as half), margin = mean d."""
+    sign = np.sign(ranking[:, 0] - ranking[:, 1])
+    d = (sign * (rewards[:, 0] - rewards[:, 1]))[sign != 0]
+    return {"accuracy": float(np.mean((d > 0) + 0.5 * (d == 0))), "margin": float(np.mean(d)),
+            "pairs": int(d.size)}
+
+
+def run_reward_files(cfg: RewardConfig, out: str | Path) -> dict:
+    """Train the RM of ``cfg`` (``data`` = ``hh-rlhf`` or ``summarize``) into ``out`` from the
+    checkpoint ``cfg.sft.pretrain.init_from``; optionally export it to ``cfg.export_hf``."""
+    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
+    out, ckpt = Path(out), cfg.sft.pretrain.init_from
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed, extra={"init_from": {
+        "path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)}})
+    built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
+    tok = HFTokenizer.from_pretrained(ckpt)
+    model, params = load_pretrained(ckpt)
+    arrays, summary = {}, {}
+    for split in SPLITS:
+        arrays[split], counts = encode_pairs(
+            tok, read_records(out / "data", built["name"], split),
+            prompt_tokens=cfg.max_prompt_tokens, response_tokens=cfg.max_response_tokens)
+        check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
+                     source=f"reward: {split} pairs")
+        summary.update({f"data/{split}_pairs": len(arrays[split]["prompts"]),
+                        f"data/{split}_prompt_turns_truncated":
+                            built[split].get("prompts_truncated", 0),
+                        **{f"data/{split}_{k}": v for k, v in counts.items()}})
+    prepare_s = time.perf_counter() - t0
+
+    rm, rm_params, score_jit, norm = fit_reward_model(
+        cfg, model.cfg, params, arrays["train"], prompt_len=cfg.max_prompt_tokens, run=run)
+    for split, prefix in (("test", "rm/"), ("train", "rm/train_")):
+        rewards = score_groups(score_jit, rm_params, arrays[split])
+        summary.update({f"{prefix}{k}": v
+                        for k, v in pairwise_metrics(rewards, arrays[split]["ranking"]).items()})
+    if cfg.export_hf:
+        # the checkpoint's own config fields (model type, ids) go into the export
+        save_pretrained(cfg.export_hf, dataclasses.replace(rm, source=model.source), rm_params,
+                        reward_norm=norm, tokenizer=tok)
+    summary.update({"rm/norm_gain": norm[0], "rm/norm_bias": norm[1],
+                    "time_s/prepare": prepare_s, "time_s/reward": time.perf_counter() - t0})
+    run.write_summary(summary)
+    return summary

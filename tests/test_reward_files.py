@@ -1,0 +1,205 @@
+"""``experiments/reward.py --data hh-rlhf|summarize``: a reward model trained on human preference
+files from an imported checkpoint, end to end on tiny fixtures (``tests/fixtures/hh_rlhf_split``,
+``summarize_split``: pairs derived from the parser fixtures, where the chosen response always
+answers and the rejected one refuses or says nothing — a signal a tiny model learns in a few
+steps), with GPT-2's byte-level BPE as the checkpoint's ``tokenizer.json``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax.data.preference_rows import PreferenceDataError
+from rlhf_jax.data.tokenizers import GPT2Tokenizer, WordTokenizer
+from rlhf_jax.models import create_model, preset
+from rlhf_jax.models.hf import load_pretrained, save_pretrained
+from rlhf_jax.stages.reward_files import encode_pairs, pairwise_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+TRAIN = ["--steps", "40", "--batch-prompts", "8", "--optim.warmup-steps", "2",
+         "--optim.learning-rate", "1e-2", "--log-every", "10", "--no-lm-readout",
+         "--no-freeze-trunk", "--max-prompt-tokens", "24", "--max-response-tokens", "16"]
+
+
+def _load(script: str):
+    spec = importlib.util.spec_from_file_location(script, ROOT / "experiments" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _reward_main(argv):
+    return _load("reward").main(argv)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random 1-layer GPT-2 (d_model 32, GPT-2's 50,257-token vocabulary) with GPT-2's
+    ``tokenizer.json``."""
+    path = tmp_path_factory.mktemp("ckpt") / "gpt2-tiny"
+    tok = GPT2Tokenizer()
+    cfg = preset("test", max_len=48, n_layers=1, vocab_size=tok.vocab_size)
+    model, params = create_model(cfg, jax.random.key(3))
+    save_pretrained(path, model, params, tokenizer=tok)
+    tok._tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hh_run(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hh") / "rm"
+    export = out.parent / "export"
+    summary = _reward_main(["--out", str(out), "--init-from", str(checkpoint), "--data",
+                            "hh-rlhf", "--data-dir", str(FIXTURES / "hh_rlhf_split"),
+                            "--export-hf", str(export), *TRAIN])
+    return out, export, summary
+
+
+def test_hh_reward_model_learns_the_fixture_signal(hh_run):
+    """Trains from the checkpoint (no pretraining / SFT runs), beats chance on the test split,
+    counts truncations, writes metrics.jsonl and the stored TFDS data set."""
+    out, _, s = hh_run
+    assert s["data/train_pairs"] == 24 and s["data/test_pairs"] == 8 and s["rm/pairs"] == 8
+    assert s["rm/accuracy"] >= 0.75, s
+    assert s["rm/train_accuracy"] >= 0.9, s
+    assert s["rm/margin"] > 0 and np.isfinite(s["rm/norm_gain"])
+    assert s["data/train_prompts_truncated"] > 0          # the multi-turn prompts exceed 24 tokens
+    assert s["data/train_responses_truncated"] > 0        # the haiku exceeds 15 tokens + EOS
+    assert s["data/train_prompt_turns_truncated"] == 0    # at most 3 turns < the builder's 8
+    assert not (out / "sft").exists() and not (out / "pretrain").exists()
+    assert json.loads((out / "summary.json").read_text())["rm/accuracy"] == s["rm/accuracy"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 40
+    assert (out / "data" / "hh_rlhf" / "1.0.0" / "dataset_info.json").exists()
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["init_from"]["files"]) == {"config.json", "model.safetensors",
+                                                "tokenizer.json"}
+
+
+def test_hh_run_resumes_and_exports_a_sequence_classifier(hh_run, checkpoint):
+    """A rerun on the finished directory gives the same summary; the exported classifier, read
+    back, scores like the trained RM (its normalisation folded in: train rewards mean 0)."""
+    out, export, s = hh_run
+    again = _reward_main(["--out", str(out), "--init-from", str(checkpoint), "--data", "hh-rlhf",
+                          "--data-dir", str(FIXTURES / "hh_rlhf_split"), "--export-hf",
+                          str(export), *TRAIN])
+    assert again["rm/accuracy"] == s["rm/accuracy"] and again["rm/margin"] == s["rm/margin"]
+    assert json.loads((export / "config.json").read_text())["architectures"] == [
+        "GPT2ForSequenceClassification"]
+    assert (export / "tokenizer.json").exists()
+    rm, params = load_pretrained(export)
+    from rlhf_jax.data.tokenizers import HFTokenizer
+    from rlhf_jax.evaluate import score_groups
+    from rlhf_jax.stages.reward_files import read_records
+    from rlhf_jax.stages.reward_model import make_score_fn
+
+    arrays, _ = encode_pairs(HFTokenizer.from_pretrained(export),
+                             read_records(out / "data", "hh_rlhf", "train"),
+                             prompt_tokens=24, response_tokens=16)
+    rewards = score_groups(jax.jit(make_score_fn(rm, prompt_len=24)), params, arrays)
+    assert abs(rewards.mean()) < 1e-3 and abs(rewards.std() - 1.0) < 1e-3
+    assert pairwise_metrics(rewards, arrays["ranking"])["accuracy"] == s["rm/train_accuracy"]
+
+
+def test_summarize_reward_model_runs(checkpoint, tmp_path):
+    s = _reward_main(["--out", str(tmp_path / "rm"), "--init-from", str(checkpoint), "--data",
+                      "summarize", "--data-dir", str(FIXTURES / "summarize_split"), *TRAIN,
+                      "--steps", "20", "--batch-prompts", "4"])
+    assert s["data/train_pairs"] == 12 and s["data/test_pairs"] == 4
+    assert np.isfinite(s["rm/accuracy"]) and np.isfinite(s["rm/margin"])
+    assert s["data/train_prompts_truncated"] > 0
+
+
+def test_a_bad_row_names_file_line_and_field(checkpoint, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(FIXTURES / "hh_rlhf_prompt_mismatch.jsonl", data / "train.jsonl")
+    shutil.copy(FIXTURES / "hh_rlhf_split" / "test.jsonl.gz", data / "test.jsonl.gz")
+    with pytest.raises(PreferenceDataError,
+                       match=r"train\.jsonl: line 2: field 'rejected': does not share the prompt"):
+        _reward_main(["--out", str(tmp_path / "rm"), "--init-from", str(checkpoint), "--data",
+                      "hh-rlhf", "--data-dir", str(data), *TRAIN])
+
+
+@pytest.mark.parametrize("case, field, message", [
+    ("no_init_from", "sft.pretrain.init_from", "give --init-from CKPT"),
+    ("no_tokenizer", "sft.pretrain.init_from", "has no tokenizer.json"),
+    ("no_data_dir", "data_dir", "give --data-dir DIR"),
+    ("missing_split", "data_dir", "expected one of test.jsonl, test.jsonl.gz"),
+    ("too_long", "max_response_tokens", "exceeds the checkpoint's context 48"),
+    ("export_readout", "export_hf", "add --no-lm-readout"),
+    ("simulated_data_dir", "data_dir", "only used with file data"),
+])
+def test_config_errors_name_the_field(case, field, message, checkpoint, tmp_path, capsys):
+    """Refused before any work (exit status 2), the message naming the field."""
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoint, bare)
+    (bare / "tokenizer.json").unlink()
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(FIXTURES / "hh_rlhf_split" / "train.jsonl", half)
+    hh = ["--data", "hh-rlhf", "--data-dir", str(FIXTURES / "hh_rlhf_split")]
+    ckpt = ["--init-from", str(checkpoint)]
+    argv = {"no_init_from": hh,
+            "no_tokenizer": ["--init-from", str(bare), *hh],
+            "no_data_dir": [*ckpt, "--data", "hh-rlhf"],
+            "missing_split": [*ckpt, "--data", "hh-rlhf", "--data-dir", str(half)],
+            "too_long": [*ckpt, *hh, "--max-prompt-tokens", "40"],
+            "export_readout": [*ckpt, *hh, *TRAIN[-4:], "--export-hf", str(tmp_path / "x")],
+            "simulated_data_dir": ["--data-dir", str(half)]}[case]
+    with pytest.raises(SystemExit) as e:
+        _reward_main(["--out", str(tmp_path / "rm"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"`{field}`" in err and message in err, err
+    assert not (tmp_path / "rm").exists()
+
+
+def test_encode_pairs_truncates_prompts_left_and_responses_right():
+    """Hand-worked: BOS = 1, EOS = 2, pad = 0; budgets 4 (prompt) and 3 (response)."""
+    tok = WordTokenizer("a b c d e f".split())          # ids: a=3 b=4 c=5 d=6 e=7 f=8
+    records = [{"prompt": "a b c d", "responses": ["e", "f e d"], "ranking": [1.0, 0.0]},
+               {"prompt": "a", "responses": ["e f", "f"], "ranking": [0.0, 1.0]}]
+    arrays, counts = encode_pairs(tok, records, prompt_tokens=4, response_tokens=3)
+    # [bos a b c d] keeps its last 4 tokens; [bos a] is left-padded
+    np.testing.assert_array_equal(arrays["prompts"], [[3, 4, 5, 6], [0, 0, 1, 3]])
+    np.testing.assert_array_equal(arrays["prompt_mask"], [[1, 1, 1, 1], [0, 0, 1, 1]])
+    # "f e d" keeps "f e", then EOS; the rest right-padded
+    np.testing.assert_array_equal(arrays["responses"], [[[7, 2, 0], [8, 7, 2]],
+                                                        [[7, 8, 2], [8, 2, 0]]])
+    np.testing.assert_array_equal(arrays["response_mask"][0], [[1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(arrays["ranking"], [[1, 0], [0, 1]])
+    assert counts == {"prompts_truncated": 1, "responses_truncated": 1}
+
+
+def test_pairwise_metrics_hand_worked():
+    rewards = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0], [5.0, 0.0]])
+    ranking = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # last pair tied: out
+    m = pairwise_metrics(rewards, ranking)
+    assert m == {"accuracy": (1 + 0 + 0.5) / 3, "margin": (1.0 - 3.0 + 0.0) / 3, "pairs": 3}
+
+
+def test_ppo_and_dpo_refuse_a_reward_model_without_a_task_policy(hh_run, checkpoint, tmp_path,
+                                                                   capsys):
+    """PPO / DPO go on from the task's SFT policy, which a file-data RM does not have: refused
+    with the field named, for a finished run (``reward_dir``) or a config (``reward.data``)."""
+    out, _, _ = hh_run
+    for script, argv, field in (
+            ("ppo", ["--reward-dir", str(out)], "reward_dir"),
+            ("dpo", ["--reward-dir", str(out)], "reward_dir"),
+            ("ppo", ["--init-from", str(checkpoint), "--reward.data", "hh-rlhf",
+                     "--reward.data-dir", str(FIXTURES / "hh_rlhf_split"),
+                     "--reward.max-prompt-tokens", "24", "--reward.max-response-tokens", "16"],
+             "reward.data")):
+        with pytest.raises(SystemExit) as e:
+            _load(script).main(["--out", str(tmp_path / script), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"`{field}`: the reward model was trained on --data hh-rlhf" in err, err
