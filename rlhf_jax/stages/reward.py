@@ -17,11 +17,10 @@ import functools
 import itertools
 import time
 from pathlib import Path
+from typing import Literal
 
 import jax
 import numpy as np
-
-from typing import Literal
 
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens, encode_groups
@@ -32,7 +31,7 @@ from rlhf_jax.data.task import Task
 from rlhf_jax.evaluate import pairwise_gold_agreement, score_groups
 from rlhf_jax.labeler import LabelerConfig, Preferences, collect_preferences, noise_ceiling
 from rlhf_jax.models import create_model
-from rlhf_jax.models.functional import Model, transplant
+from rlhf_jax.models.functional import transplant
 from rlhf_jax.models.hf import load_config
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
@@ -132,7 +131,7 @@ class RewardConfig:
             self._check_file_data()
 
     def _check_file_data(self):
-        """File data: a checkpoint with a tokenizer, both split files, budgets within its context."""
+        """File data: a checkpoint with a tokenizer, both split files, budgets in its context."""
         use = f"--data {self.data} trains the RM from an imported checkpoint"
         init_from = self.sft.pretrain.init_from
         check(bool(init_from), "sft.pretrain.init_from", f"{use}: give --init-from CKPT")
