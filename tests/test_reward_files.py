@@ -39,17 +39,35 @@ def _reward_main(argv):
     return _load("reward").main(argv)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A random 1-layer GPT-2 (d_model 32, GPT-2's 50,257-token vocabulary) with GPT-2's
+def _checkpoint(path: Path, family: str) -> Path:
+    """A random 1-layer model (d_model 32, GPT-2's 50,257-token vocabulary) with GPT-2's
     ``tokenizer.json``."""
-    path = tmp_path_factory.mktemp("ckpt") / "gpt2-tiny"
     tok = GPT2Tokenizer()
-    cfg = preset("test", max_len=48, n_layers=1, vocab_size=tok.vocab_size)
+    cfg = preset("test" if family == "gpt2" else "llama-test", max_len=48, n_layers=1,
+                 vocab_size=tok.vocab_size)
     model, params = create_model(cfg, jax.random.key(3))
     save_pretrained(path, model, params, tokenizer=tok)
     tok._tok.save(str(path / "tokenizer.json"))
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "gpt2-tiny", "gpt2")
+
+
+def _exported_train_rewards(export: Path, run: Path, name: str) -> tuple[np.ndarray, dict]:
+    """The exported classifier's scores of the run's stored train pairs, and their arrays."""
+    from rlhf_jax.data.tokenizers import HFTokenizer
+    from rlhf_jax.evaluate import score_groups
+    from rlhf_jax.stages.reward_files import read_records
+    from rlhf_jax.stages.reward_model import make_score_fn
+
+    rm, params = load_pretrained(export)
+    arrays, _ = encode_pairs(HFTokenizer.from_pretrained(export),
+                             read_records(run / "data", name, "train"),
+                             prompt_tokens=24, response_tokens=16)
+    return score_groups(jax.jit(make_score_fn(rm, prompt_len=24)), params, arrays), arrays
 
 
 @pytest.fixture(scope="module")
@@ -93,28 +111,27 @@ def test_hh_run_resumes_and_exports_a_sequence_classifier(hh_run, checkpoint):
     assert again["rm/accuracy"] == s["rm/accuracy"] and again["rm/margin"] == s["rm/margin"]
     assert json.loads((export / "config.json").read_text())["architectures"] == [
         "GPT2ForSequenceClassification"]
-    assert (export / "tokenizer.json").exists()
-    rm, params = load_pretrained(export)
-    from rlhf_jax.data.tokenizers import HFTokenizer
-    from rlhf_jax.evaluate import score_groups
-    from rlhf_jax.stages.reward_files import read_records
-    from rlhf_jax.stages.reward_model import make_score_fn
-
-    arrays, _ = encode_pairs(HFTokenizer.from_pretrained(export),
-                             read_records(out / "data", "hh_rlhf", "train"),
-                             prompt_tokens=24, response_tokens=16)
-    rewards = score_groups(jax.jit(make_score_fn(rm, prompt_len=24)), params, arrays)
+    assert (export / "tokenizer.json").exists() and s["export/score_shift"] == 0.0
+    rewards, arrays = _exported_train_rewards(export, out, "hh_rlhf")
     assert abs(rewards.mean()) < 1e-3 and abs(rewards.std() - 1.0) < 1e-3
     assert pairwise_metrics(rewards, arrays["ranking"])["accuracy"] == s["rm/train_accuracy"]
 
 
-def test_summarize_reward_model_runs(checkpoint, tmp_path):
-    s = _reward_main(["--out", str(tmp_path / "rm"), "--init-from", str(checkpoint), "--data",
-                      "summarize", "--data-dir", str(FIXTURES / "summarize_split"), *TRAIN,
-                      "--steps", "20", "--batch-prompts", "4"])
+def test_summarize_reward_model_from_a_llama_family_checkpoint(tmp_path):
+    """Summarize-from-feedback pairs, a Qwen2-style checkpoint; its export (RMSNorm: no bias to
+    hold a constant) scores the normalised rewards shifted by the reported constant."""
+    ckpt = _checkpoint(tmp_path / "ckpt", "llama")
+    out, export = tmp_path / "rm", tmp_path / "export"
+    s = _reward_main(["--out", str(out), "--init-from", str(ckpt), "--data", "summarize",
+                      "--data-dir", str(FIXTURES / "summarize_split"), "--export-hf",
+                      str(export), *TRAIN, "--steps", "20", "--batch-prompts", "4"])
     assert s["data/train_pairs"] == 12 and s["data/test_pairs"] == 4
     assert np.isfinite(s["rm/accuracy"]) and np.isfinite(s["rm/margin"])
     assert s["data/train_prompts_truncated"] > 0
+    rewards, arrays = _exported_train_rewards(export, out, "summarize_from_feedback")
+    assert abs(rewards.mean() + s["export/score_shift"]) < 1e-3
+    assert abs(rewards.std() - 1.0) < 1e-3
+    assert pairwise_metrics(rewards, arrays["ranking"])["accuracy"] == s["rm/train_accuracy"]
 
 
 def test_a_bad_row_names_file_line_and_field(checkpoint, tmp_path):

@@ -28,6 +28,7 @@ from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_prefe
                                        split_files)
 from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer
 from rlhf_jax.evaluate import score_groups
+from rlhf_jax.models import GPTConfig
 from rlhf_jax.models.hf import file_digests, load_pretrained, save_pretrained
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
@@ -88,6 +89,21 @@ def pairwise_metrics(rewards: np.ndarray, ranking: np.ndarray) -> dict[str, floa
             "pairs": int(d.size)}
 
 
+def export_reward_model(path: str | Path, rm, params, norm: tuple[float, float], tok) -> float:
+    """Write the RM as an HF sequence classifier scoring ``gain · r + bias`` (``norm``), with
+    ``rm.source``'s config fields and ``tok``'s ``tokenizer.json``; returns the constant left out.
+
+    GPT-2 holds the constant (folded into ``ln_f.bias``; 0 is returned). The Llama family cannot
+    (RMSNorm has no bias): it exports ``gain · (r − head bias)``, preferences unchanged, and the
+    returned constant ``gain · head bias + bias`` is what its scores lack."""
+    gain, bias = norm
+    shift = bias
+    if not isinstance(rm.cfg, GPTConfig):
+        shift = -gain * float(np.asarray(params["heads"]["reward"]["bias"][...])[0])
+    save_pretrained(path, rm, params, reward_norm=(gain, shift), tokenizer=tok)
+    return bias - shift
+
+
 def run_reward_files(cfg: RewardConfig, out: str | Path) -> dict:
     """Train the RM of ``cfg`` (``data`` = ``hh-rlhf`` or ``summarize``) into ``out`` from the
     checkpoint ``cfg.sft.pretrain.init_from``; optionally export it to ``cfg.export_hf``."""
@@ -121,9 +137,8 @@ def run_reward_files(cfg: RewardConfig, out: str | Path) -> dict:
         summary.update({f"{prefix}{k}": v
                         for k, v in pairwise_metrics(rewards, arrays[split]["ranking"]).items()})
     if cfg.export_hf:
-        # the checkpoint's own config fields (model type, ids) go into the export
-        save_pretrained(cfg.export_hf, dataclasses.replace(rm, source=model.source), rm_params,
-                        reward_norm=norm, tokenizer=tok)
+        summary["export/score_shift"] = export_reward_model(
+            cfg.export_hf, dataclasses.replace(rm, source=model.source), rm_params, norm, tok)
     summary.update({"rm/norm_gain": norm[0], "rm/norm_bias": norm[1],
                     "time_s/prepare": prepare_s, "time_s/reward": time.perf_counter() - t0})
     run.write_summary(summary)
