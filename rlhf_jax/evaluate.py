@@ -25,6 +25,7 @@ import numpy as np
 from rlhf_jax.data.batching import (encode_groups, encode_prompts, encode_responses, pad_left,
                                     pad_rows)
 from rlhf_jax.data.task import Judgement, Prompt, Task
+from rlhf_jax.data.tokenizers import stop_ids
 from rlhf_jax.losses.ppo import kl_per_token
 from rlhf_jax.models.functional import Model
 from rlhf_jax.runs import RunDir
@@ -56,7 +57,7 @@ def generate(model: Model, params, task: Task, prompts: Sequence[Prompt], key: j
         b_ids, b_mask = pad_rows(ids[sl], batch_size), pad_rows(mask[sl], batch_size)
         ex = jnp.arange(start, start + batch_size)
         out = _sample_jit(model, params, jnp.asarray(b_ids), jnp.asarray(b_mask), key, ex,
-                          cfg=sampling, eos_id=tok.eos_id, pad_id=tok.pad_id)
+                          cfg=sampling, eos_id=stop_ids(tok), pad_id=tok.pad_id)
         toks = np.asarray(out.tokens)[:real]
         texts.extend(tok.decode(row) for row in toks.tolist())
     return flat, texts

@@ -99,6 +99,13 @@ def choose_tokens(logits, u, cfg: SamplingConfig):
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
+def is_eos(tokens: jax.Array, eos_id: int | tuple[int, ...]) -> jax.Array:
+    """``tokens == eos_id``, or membership in a tuple of EOS ids."""
+    if isinstance(eos_id, int):
+        return tokens == eos_id
+    return jnp.isin(tokens, jnp.asarray(eos_id, tokens.dtype))
+
+
 def sample(
     model: Model,
     params,
@@ -107,12 +114,15 @@ def sample(
     key: jax.Array,
     *,
     cfg: SamplingConfig,
-    eos_id: int,
+    eos_id: int | tuple[int, ...],
     pad_id: int,
     example_ids: jax.Array | None = None,   # [B] global example indices (default arange(B))
     keep_outputs: bool = False,
 ) -> SampleOutput:
     """Sample up to ``cfg.max_new_tokens`` tokens after each prompt (jit this, cfg static).
+
+    ``eos_id`` is one id or a tuple of ids (Llama 3 ends a turn with any of several); a response
+    ends at the first of them.
 
     ``keep_outputs`` also returns every step's logits and scalar heads (``SampleOutput``), so a
     caller can score the samples without a second forward pass (TRL's PPO does this)."""
@@ -134,7 +144,7 @@ def sample(
                       cache=cache, cache_index=0, kv_mask=kv_mask,
                       output_positions=slice(p - 1, None))   # left-padded: the last prompt token
     tok, logp = choose_tokens(out.logits[:, -1], uniforms[:, 0], cfg)
-    done = tok == eos_id
+    done = is_eos(tok, eos_id)
 
     def step(carry, xs):
         i, u = xs
@@ -145,7 +155,7 @@ def sample(
         tok, logp = choose_tokens(o.logits[:, 0], u, cfg)
         live = ~done
         tok = jnp.where(live, tok, pad_id)
-        new_done = done | (tok == eos_id)
+        new_done = done | is_eos(tok, eos_id)
         return (o.cache, kv_mask, tok, new_done), (tok, jnp.where(live, logp, 0.0), live,
                                                    *_kept(o, 0))
 

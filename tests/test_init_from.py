@@ -41,11 +41,16 @@ def _load(script: str):
     return mod
 
 
-def _checkpoint(path: Path, cfg) -> Path:
-    """A random model of ``cfg`` saved as an HF checkpoint with the tiny world's vocabulary."""
+def _checkpoint(path: Path, cfg, *, eos_list: bool = False) -> Path:
+    """A random model of ``cfg`` saved as an HF checkpoint with the tiny world's vocabulary;
+    ``eos_list``: two EOS ids in its config, as Llama 3 lists end-of-text and end-of-turn."""
     tok = build_task(TaskConfig(world=FactsWorldConfig(**WORLD))).tokenizer
     model, params = create_model(cfg.replace(vocab_size=tok.vocab_size), jax.random.key(7))
     save_pretrained(path, model, params, tokenizer=tok)
+    if eos_list:
+        config = json.loads((path / "config.json").read_text())
+        config["eos_token_id"] = [tok.eos_id, tok.vocab_size - 1]
+        (path / "config.json").write_text(json.dumps(config))
     return path
 
 
@@ -54,7 +59,7 @@ def imported_pipeline(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     cfg = (preset("test", max_len=32) if request.param == "gpt2" else
            preset("llama-test", max_len=32, qkv_bias=True, tie_embeddings=True))
-    ckpt = _checkpoint(root / "ckpt", cfg)
+    ckpt = _checkpoint(root / "ckpt", cfg, eos_list=request.param == "llama")
     out = root / "pipe"
     summary = _load("pipeline").main(["--out", str(out), "--init-from", str(ckpt), *TASK_FLAGS,
                                       *STAGES])
@@ -86,6 +91,8 @@ def test_pipeline_starts_from_the_checkpoint(imported_pipeline):
     tok = HFTokenizer.from_pretrained(ckpt)
     row = json.loads((out / "sft" / "samples_sft.jsonl").read_text().splitlines()[0])
     assert set(row["response"].split()) <= set(tok.hf_tokenizer().get_vocab())
+    if family == "llama":   # the whole pipeline ran with two EOS ids (sampler semantics: test_sampling)
+        assert len(tok.eos_ids) == 2
 
 
 def test_later_stages_on_the_imported_pipeline(imported_pipeline, tmp_path):

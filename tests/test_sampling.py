@@ -291,10 +291,35 @@ def test_sampled_eos_truncates_the_free_sample(setup):
     assert out.mask.sum() < free.mask.sum()
 
 
+def test_several_eos_ids_end_a_response_at_the_first_of_any(setup):
+    """A tuple of EOS ids (Llama 3's end-of-text and end-of-turn) cuts each row after the first
+    of any of them: the same as cutting at each id alone and keeping the earlier cut."""
+    free = _run(setup, SAMPLED, 4)
+    a, b = int(free.tokens[0, 2]), int(free.tokens[1, 1])
+    out = _run(setup, SAMPLED, 4, eos=(a, b))
+    _check_eos_truncation(free, out, (a, b))
+    assert out.mask.sum() < free.mask.sum()
+    with_a, with_b = _run(setup, SAMPLED, 4, eos=a), _run(setup, SAMPLED, 4, eos=b)
+    np.testing.assert_array_equal(out.mask, with_a.mask & with_b.mask)
+
+
+def test_stop_ids_are_every_eos_of_a_checkpoint(tmp_path):
+    from rlhf_jax.data.tokenizers import HFTokenizer, WordTokenizer, stop_ids
+
+    word = WordTokenizer("a b c".split())
+    word.hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text('{"eos_token_id": [2, 4], "bos_token_id": 1}')
+    tok = HFTokenizer.from_pretrained(tmp_path)
+    assert (tok.eos_id, tok.eos_ids, tok.pad_id, stop_ids(tok)) == (2, (2, 4), 2, (2, 4))
+    assert tok.decode([3, 5, 4, 3]) == "a c"        # decoding stops at any of them too
+    assert stop_ids(word) == 2
+
+
 def _check_eos_truncation(free, out, eos):
-    """``out`` = ``free`` cut after the first ``eos`` of each row, then pad with mask 0."""
+    """``out`` = ``free`` cut after the first ``eos`` (an id or a tuple of ids) of each row, then
+    pad with mask 0."""
     for b in range(free.tokens.shape[0]):
-        hits = np.nonzero(free.tokens[b] == eos)[0]
+        hits = np.nonzero(np.isin(free.tokens[b], eos))[0]
         stop = hits[0] + 1 if len(hits) else N
         np.testing.assert_array_equal(out.tokens[b, :stop], free.tokens[b, :stop])
         np.testing.assert_array_equal(out.tokens[b, stop:], PAD)

@@ -28,6 +28,13 @@ def _gpt2_files() -> tuple[str, str]:
     return str(data / "encoder.json"), str(data / "vocab.bpe")
 
 
+def stop_ids(tok: Tokenizer) -> int | tuple[int, ...]:
+    """The ids that end a sampled response: ``tok.eos_ids`` when the tokenizer has several (an
+    imported checkpoint's list), else ``tok.eos_id``."""
+    ids = tuple(getattr(tok, "eos_ids", ()))
+    return ids if len(ids) > 1 else tok.eos_id
+
+
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE (50,257 ids) through HF ``tokenizers``, from files on disk.
 

@@ -204,8 +204,8 @@ def minibatch_indices(key: jax.Array, example_ids: jax.Array, minibatches: int) 
     return jnp.argsort(assign, stable=True).reshape(minibatches, -1)
 
 
-def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int, eos_id: int,
-                   pad_id: int, rm_gain: float = 1.0, rm_bias: float = 0.0,
+def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
+                   eos_id: int | tuple[int, ...], pad_id: int, rm_gain: float = 1.0, rm_bias: float = 0.0,
                    axis_name: AxisName = None):
     """The compiled PPO iteration ``(state, batch, key) -> (state, metrics)``.
 

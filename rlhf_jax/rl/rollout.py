@@ -27,7 +27,7 @@ from rlhf_jax.losses.reward import reward_at_last_token
 from rlhf_jax.models.readout import last_token_rewards
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import entropy_from_logits, token_logprobs
-from rlhf_jax.sampling import SamplingConfig, response_logits, sample
+from rlhf_jax.sampling import SamplingConfig, is_eos, response_logits, sample
 
 
 class Rollout(NamedTuple):
@@ -56,7 +56,7 @@ def as_score_fn(rm: ScoreFn | Model) -> ScoreFn:
 def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn | Model,
             score_params, value: Model | None, value_params, prompts: jax.Array,
             prompt_mask: jax.Array, key: jax.Array, example_ids: jax.Array, *,
-            sampling: SamplingConfig, eos_id: int, pad_id: int, shared_critic: bool = False,
+            sampling: SamplingConfig, eos_id: int | tuple[int, ...], pad_id: int, shared_critic: bool = False,
             value_head: str = "value", rescore_policy: bool = True) -> Rollout:
     """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores
     (``score(score_params, [prompts | responses], mask)``, see the module docstring).
@@ -95,7 +95,7 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn
     scores = as_score_fn(score)(score_params, jnp.concatenate([prompts, responses], axis=1),
                                 jnp.concatenate([prompt_mask, mask], axis=1))
     last = reward_at_last_token(responses, mask)
-    truncated = (last != eos_id) | (jnp.sum(mask, -1) == 0)
+    truncated = ~is_eos(last, eos_id) | (jnp.sum(mask, -1) == 0)
     m = mask.astype(jnp.float32)
     return Rollout(prompts, prompt_mask, responses, mask, out.logprobs * m, logp * m,
                    ref_logp * m, exact_kl * m, entropy_from_logits(logits) * m, values * m,

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from rlhf_jax.checkpoint import Checkpointer, save_params
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
+from rlhf_jax.data.tokenizers import stop_ids
 from rlhf_jax.evaluate import (best_of_n, heldout_signals, judge_all, paired_outcomes,
                                rm_gold_agreement, versus_reference, versus_summary)
 from rlhf_jax.loop import NonFiniteError, key_data, truncate_metrics
@@ -276,7 +277,7 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
 
     state = replicate(state, mesh)
     iteration = sharded_iteration(models, hp, mesh, max_new_tokens=tcfg.max_new_tokens,
-                                  eos_id=tok.eos_id, pad_id=tok.pad_id, rm_gain=gain,
+                                  eos_id=stop_ids(tok), pad_id=tok.pad_id, rm_gain=gain,
                                   rm_bias=bias)
     example_ids = np.arange(hp.rollout_size)
     bar = tqdm(range(start, cfg.iterations), desc="ppo", initial=start, total=cfg.iterations,
