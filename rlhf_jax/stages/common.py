@@ -12,9 +12,9 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
-from rlhf_jax.loop import fit, resume
 from rlhf_jax.data.task import Task
 from rlhf_jax.data.tokenizers import HFTokenizer
+from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import ModelConfig, create_model
 from rlhf_jax.models.hf import load_config
 from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_step, make_mesh,
