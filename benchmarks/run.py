@@ -28,7 +28,7 @@ forward-only work (reference/RM passes, sampling) is not counted. ``peak_rss_mb`
 maximum resident set (``resource.getrusage``).
 
 ``--workload default`` times each stage of the embedded-task pipeline (pretrain, SFT, RM, PPO):
-it runs the main job's code (``stages.pipeline.run_pipeline``, default configs) with a few steps
+it runs the main job's code (``experiments/pipeline.py``, default configs) with a few steps
 per stage into a temporary directory, timing every call of the step functions the stages build;
 per stage the median step time after the first (compiling) steps.
 
@@ -518,14 +518,15 @@ def _model_cfg(sh: Shapes):
 def bench_default(quick: bool) -> dict:
     """Steps/s of each stage of the embedded-task pipeline, measured inside the stage code.
 
-    Runs ``stages.pipeline.run_pipeline`` (the main job's code) with a few steps per stage into a
+    Runs ``experiments/pipeline.py`` (the main job's code) with a few steps per stage into a
     temporary directory. The step functions the stages build (``loop.fit``'s ``step_fn`` for
     pretrain / SFT / RM, ``stages.ppo.sharded_iteration`` for PPO) are wrapped to block and time
     every call, so each stage reports the median step time after its first (compiling) steps.
     """
     import rlhf_jax.stages.common as common
     import rlhf_jax.stages.ppo as ppo_stage
-    from rlhf_jax.stages.pipeline import PipelineConfig, run_pipeline
+    from rlhf_jax import scripts
+    from rlhf_jax.stages.pipeline import PipelineConfig
 
     n, n_ppo, warm = (8, 3, 1) if quick else (30, 8, 2)
     times: dict[str, list[float]] = {}
@@ -563,7 +564,7 @@ def bench_default(quick: bool) -> dict:
     try:
         with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(sys.stderr):
             t0 = time.perf_counter()
-            summary = run_pipeline(cfg, Path(d) / "pipeline")
+            summary = scripts.load("pipeline").run(cfg, Path(d) / "pipeline")
             wall = time.perf_counter() - t0
     finally:
         common.fit, ppo_stage.sharded_iteration = orig_fit, orig_iter

@@ -1,6 +1,12 @@
 """The main job: the full InstructGPT pipeline on the embedded task — pretrain, SFT, simulated
 preferences and reward model, PPO — and the held-out evaluation of base, SFT, best-of-N and RLHF.
 
+Each stage is its own script (``pretrain.py``, ``sft.py``, ``reward.py``, ``ppo.py``) writing its
+own run directory under ``<out>/`` and starting from the previous one's; a stage that already
+finished there is reused, so a killed pipeline continues where it stopped. ``<out>/summary.json``
+is the PPO stage's summary (which holds the base, SFT, RLHF and best-of-N evaluations) plus the
+total wall time.
+
     python experiments/pipeline.py --out runs/pipeline            # default config
     python experiments/pipeline.py --out runs/seed1 --seed 1      # another seed
     python experiments/pipeline.py --help                         # every option
@@ -8,14 +14,44 @@ preferences and reward model, PPO — and the held-out evaluation of base, SFT, 
 
 from rlhf_jax import launch
 
+if __name__ == "__main__":
+    launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
+
+import dataclasses
+import time
+from pathlib import Path
+
+from rlhf_jax import cli, scripts
+from rlhf_jax.configs import to_dict
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.pipeline import PipelineConfig
+
+
+def run(cfg: PipelineConfig, out: str | Path) -> dict:
+    """Every stage into ``out/<stage>`` (finished ones reused), each seeded ``cfg.seed`` and
+    started from the previous stage's directory; returns the PPO summary + the wall time."""
+    out, t0 = Path(out), time.perf_counter()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+    stages = (  # (script, its config with the seed and the previous stage's directory set)
+        ("pretrain", cfg.pretrain),
+        ("sft", dataclasses.replace(cfg.sft, pretrain_dir=str(out / "pretrain"))),
+        ("reward", dataclasses.replace(cfg.reward, sft_dir=str(out / "sft"))),
+        ("ppo", dataclasses.replace(cfg.ppo, reward_dir=str(out / "reward"))),
+    )
+    for name, stage_cfg in stages:
+        if not (out / name / "summary.json").exists():
+            scripts.load(name).run(dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
+    summary = dict(RunDir(out / "ppo").read_summary())
+    summary["time_s/pipeline"] = time.perf_counter() - t0
+    run.write_summary(summary)
+    return summary
+
 
 def main(argv=None) -> dict:
-    from rlhf_jax import cli
-    from rlhf_jax.stages.pipeline import PipelineConfig, run_pipeline
-
-    return cli.main(PipelineConfig, run_pipeline, argv, description=__doc__)
+    return cli.main(PipelineConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    launch.setup()
     main()

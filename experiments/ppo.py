@@ -21,3 +21,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     launch.setup()
     main()
+
+
+from rlhf_jax.stages.ppo import run_ppo as run  # noqa: E402  (until ppo.py holds its composition)

@@ -1,8 +1,9 @@
-"""Reward modelling, on simulated or on human preferences.
+"""Reward modelling (stage 2), on simulated or on human preferences.
 
-Default (``--data simulated``): collect K-wise preferences with the simulated labeller from the
-SFT policy and train a Bradley–Terry reward model initialised from it (runs the default pretrain +
-SFT first unless ``--sft-dir`` names a finished SFT run).
+Default (``--data simulated``): sample K responses per prompt from the SFT policy, let the
+simulated labeller rank them, store the comparisons as a TFDS data set, and train a Bradley–Terry
+reward model (all C(K,2) pairs of a prompt in one batch) initialised from the SFT model; runs the
+default pretrain + SFT first unless ``--sft-dir`` names a finished SFT run.
 
 Human preference files (``--data hh-rlhf``: Anthropic HH-RLHF; ``--data summarize``: OpenAI
 summarize-from-feedback comparisons): ``--data-dir DIR`` holds ``train.jsonl`` and ``test.jsonl``
@@ -20,14 +21,136 @@ Hugging Face checkpoint ``--init-from CKPT`` (no task pretraining or SFT), token
 
 from rlhf_jax import launch
 
+if __name__ == "__main__":
+    launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+
+from rlhf_jax import cli, scripts
+from rlhf_jax.configs import to_dict
+from rlhf_jax.data.batching import check_tokens
+from rlhf_jax.data.tokenizers import HFTokenizer
+from rlhf_jax.evaluate import score_groups
+from rlhf_jax.labeler import collect_preferences, noise_ceiling
+from rlhf_jax.models.hf import file_digests, load_pretrained
+from rlhf_jax.parallel import check_divisible, make_mesh
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.common import (STREAM_LABEL, load_stage, model_config, pipeline_task,
+                                    stage_key, upstream_run)
+from rlhf_jax.stages.lm import SFTConfig
+from rlhf_jax.stages.reward import (RewardConfig, fit_reward_model, preference_arrays,
+                                    read_preferences, rm_metrics, store_and_reload)
+from rlhf_jax.stages.reward_files import (SPLITS, build_file_dataset, encode_pairs,
+                                          export_reward_model, pairwise_metrics, read_records)
+
+
+def run(cfg: RewardConfig, out: str | Path) -> dict:
+    """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``; with file
+    data, :func:`run_files` instead. Returns the summary."""
+    if cfg.data != "simulated":
+        return run_files(cfg, out)
+    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
+    out = Path(out)
+    sft_dir = upstream_run(cfg.sft_dir, out / "sft", scripts.load("sft").run, cfg.sft, "sft_dir")
+    sft_cfg, policy, sft_params = load_stage(sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
+    cfg = dataclasses.replace(cfg, sft_dir=str(sft_dir), sft=sft_cfg)
+    pre = sft_cfg.pretrain
+    tcfg = pre.task
+    task = pipeline_task(pre)
+
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+    # comparisons: K SFT samples per prompt ranked by the simulated labeller, stored as TFDS
+    if cfg.preferences_dir:
+        prefs = {s: read_preferences(Path(cfg.preferences_dir), s, task)
+                 for s in ("train", "heldout")}
+    else:
+        label_key = stage_key(cfg.seed, STREAM_LABEL)
+        collect = functools.partial(collect_preferences, policy, sft_params, task,
+                                    cfg=cfg.labeler, max_new_tokens=tcfg.max_new_tokens,
+                                    prompt_len=tcfg.prompt_len)
+        prefs = {split: collect(task.prompts(split), jax.random.fold_in(label_key, i),
+                                seed=cfg.seed * 1000 + i)
+                 for i, split in enumerate(("train", "heldout"))}
+        prefs = store_and_reload(prefs, out / "data", task)
+    train_prefs, test_prefs = prefs["train"], prefs["heldout"]
+    collect_s = time.perf_counter() - t0
+
+    # the RM: the SFT trunk + a scalar head, K-wise Bradley–Terry loss, then normalised
+    data = preference_arrays(task.tokenizer, train_prefs, tcfg)
+    check_tokens(data, vocab_size=model_config(pre).vocab_size, source="reward: train preferences")
+    _, rm_params, score_jit, (gain, bias) = fit_reward_model(
+        cfg, model_config(pre), sft_params, data, prompt_len=tcfg.prompt_len, run=run)
+
+    # held-out: accuracy against the noisy labels and agreement with the gold judge
+    test_rewards = score_groups(score_jit, rm_params,
+                                preference_arrays(task.tokenizer, test_prefs, tcfg))
+    summary = rm_metrics(test_rewards, test_prefs, cfg.labeler.tau, kinds=task.kinds)
+    summary.update({
+        "rm/noise_ceiling_train": noise_ceiling(train_prefs.gold, cfg.labeler.tau),
+        "rm/norm_gain": gain, "rm/norm_bias": bias,
+        "preferences/train_prompts": len(train_prefs.prompts),
+        "preferences/heldout_prompts": len(test_prefs.prompts),
+        "time_s/collect": collect_s,
+        "time_s/reward": time.perf_counter() - t0,
+    })
+    run.write_summary(summary)
+    return summary
+
+
+def run_files(cfg: RewardConfig, out: str | Path) -> dict:
+    """The RM on preference files (``cfg.data`` = ``hh-rlhf`` or ``summarize``) from the
+    checkpoint ``cfg.sft.pretrain.init_from`` into ``out``; optionally exported to
+    ``cfg.export_hf``."""
+    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
+    out, ckpt = Path(out), cfg.sft.pretrain.init_from
+    t0 = time.perf_counter()
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed, extra={"init_from": {
+        "path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)}})
+    # the files → a versioned TFDS data set → token pairs in the checkpoint's tokenizer
+    built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
+    tok = HFTokenizer.from_pretrained(ckpt)
+    model, params = load_pretrained(ckpt)
+    arrays, summary = {}, {}
+    for split in SPLITS:
+        arrays[split], counts = encode_pairs(
+            tok, read_records(out / "data", built["name"], split),
+            prompt_tokens=cfg.max_prompt_tokens, response_tokens=cfg.max_response_tokens)
+        check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
+                     source=f"reward: {split} pairs")
+        summary.update({f"data/{split}_pairs": len(arrays[split]["prompts"]),
+                        f"data/{split}_prompt_turns_truncated":
+                            built[split].get("prompts_truncated", 0),
+                        **{f"data/{split}_{k}": v for k, v in counts.items()}})
+    prepare_s = time.perf_counter() - t0
+
+    rm, rm_params, score_jit, norm = fit_reward_model(
+        cfg, model.cfg, params, arrays["train"], prompt_len=cfg.max_prompt_tokens, run=run)
+    for split, prefix in (("test", "rm/"), ("train", "rm/train_")):
+        rewards = score_groups(score_jit, rm_params, arrays[split])
+        summary.update({f"{prefix}{k}": v
+                        for k, v in pairwise_metrics(rewards, arrays[split]["ranking"]).items()})
+    if cfg.export_hf:
+        summary["export/score_shift"] = export_reward_model(
+            cfg.export_hf, dataclasses.replace(rm, source=model.source), rm_params, norm, tok)
+    summary.update({"rm/norm_gain": norm[0], "rm/norm_bias": norm[1],
+                    "time_s/prepare": prepare_s, "time_s/reward": time.perf_counter() - t0})
+    run.write_summary(summary)
+    return summary
+
 
 def main(argv=None) -> dict:
-    from rlhf_jax import cli
-    from rlhf_jax.stages.reward import RewardConfig, run_reward
-
-    return cli.main(RewardConfig, run_reward, argv, description=__doc__)
+    return cli.main(RewardConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    launch.setup()
     main()

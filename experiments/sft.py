@@ -1,5 +1,6 @@
-"""Supervised fine-tuning on the demonstrator's answers (runs the default pretraining first unless
-``--pretrain-dir`` names a finished pretraining run).
+"""Supervised fine-tuning (stage 1): next-token loss on the demonstrator's answers, response tokens
+only, plus a pretraining-replay term; runs the default pretraining first unless ``--pretrain-dir``
+names a finished pretraining run.
 
     python experiments/sft.py --out runs/sft                # default config (pretrain + SFT)
     python experiments/sft.py --help                        # every option
@@ -7,14 +8,79 @@
 
 from rlhf_jax import launch
 
+if __name__ == "__main__":
+    launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rlhf_jax import cli, scripts
+from rlhf_jax.configs import to_dict
+from rlhf_jax.data.batching import pack_documents, sft_examples
+from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout
+from rlhf_jax.parallel import check_divisible, make_mesh
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.common import eval_key, load_stage, pipeline_task, upstream_run
+from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, knowledge, train_lm
+
+
+def run(cfg: SFTConfig, out: str | Path) -> dict:
+    """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary."""
+    mesh = make_mesh()
+    check_divisible(cfg.batch_size, mesh, "batch_size")
+    if cfg.ptx_coef > 0:
+        check_divisible(cfg.ptx_batch_size, mesh, "ptx_batch_size")
+    out = Path(out)
+    pre_dir = upstream_run(cfg.pretrain_dir, out / "pretrain", scripts.load("pretrain").run,
+                           cfg.pretrain, "pretrain_dir")
+    pre_cfg, model, params = load_stage(pre_dir, PretrainConfig)
+    cfg = dataclasses.replace(cfg, pretrain_dir=str(pre_dir), pretrain=pre_cfg)
+    tcfg = pre_cfg.task
+
+    t0 = time.perf_counter()
+    task = pipeline_task(pre_cfg)
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+    # demonstrations: the task's demonstrator answers each training prompt demos_per_prompt times
+    rng = np.random.default_rng([cfg.seed, 2])
+    prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
+    demos = [task.demonstration(p, rng) for p in prompts]
+    run.write_jsonl("demonstrations.jsonl", ({"uid": p.uid, "prompt": p.text, "response": d}
+                                             for p, d in zip(prompts, demos)))
+    data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
+                        response_len=tcfg.max_new_tokens)
+    replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
+    params = train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                      steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
+                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                      replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size,
+                      fsdp=cfg.fsdp)
+    train_s = time.perf_counter() - t0
+
+    # held-out evaluation: the SFT policy under the pinned protocol, and the demonstrator itself
+    held_out, _ = evaluate_heldout(model, params, task, tcfg, eval_key(pre_cfg.seed), run=run,
+                                   name="sft")
+    demo = evaluate_demonstrator(task, task.prompts("heldout"), n_samples=tcfg.eval_samples,
+                                 seed=cfg.seed)
+    pre_summary = RunDir(pre_dir).read_summary()
+    summary = {
+        **{k: v for k, v in pre_summary.items() if k.endswith("/base") or k == "time_s/pretrain"},
+        **held_out, **knowledge(model, params, task, tcfg.prompt_len, "sft"),
+        **{f"demonstrator/{k}": v for k, v in demo.items()},
+        "sft_examples": len(prompts),
+        "time_s/sft": train_s,
+    }
+    run.write_summary(summary)
+    return summary
+
 
 def main(argv=None) -> dict:
-    from rlhf_jax import cli
-    from rlhf_jax.stages.lm import SFTConfig, run_sft
-
-    return cli.main(SFTConfig, run_sft, argv, description=__doc__)
+    return cli.main(SFTConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    launch.setup()
     main()

@@ -22,15 +22,16 @@ import json
 import time
 from pathlib import Path
 
+from rlhf_jax import scripts
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages import compare_report as report
 from rlhf_jax.stages.common import read_config, upstream_run
-from rlhf_jax.stages.offline import OfflineConfig, run_offline
+from rlhf_jax.stages.offline import OfflineConfig
 from rlhf_jax.stages.online import METHODS as ONLINE, online_config
-from rlhf_jax.stages.ppo import PPOConfig, run_ppo
-from rlhf_jax.stages.reward import RewardConfig, run_reward
+from rlhf_jax.stages.ppo import PPOConfig
+from rlhf_jax.stages.reward import RewardConfig
 from rlhf_jax.tasks import build_task
 
 OFFLINE = ("dpo", "ipo", "simpo")
@@ -100,7 +101,7 @@ def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: P
         n = RunDir(reward_dir).read_summary().get("preferences/train_prompts", "?")
         budget = (f"the RM's {n} labelled prompts (K-wise), {c.steps} steps × "
                   f"{c.batch_prompts} prompts")
-        runner = run_offline
+        script = "dpo"
     else:
         template = dataclasses.replace(cfg.ppo, seed=seed, reward_dir=reward_dir,
                                        eval_every=_every(cfg.ppo.iterations, cfg.eval_points))
@@ -112,9 +113,9 @@ def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: P
         c = online_config(method, ppo=template, **overrides)
         name, total = "rlhf", c.iterations
         budget = f"{c.iterations * c.ppo.rollout_size} RM-scored samples"
-        runner = run_ppo
+        script = "ppo"
     if not (out / "summary.json").exists():
-        runner(c, out)
+        scripts.load(script).run(c, out)
     s = RunDir(out).read_summary()
     along, metrics = task.headline[:2], task.headline + task.reported
     curve = [(0.0, *[s[f"{m}/sft"] for m in along])]
@@ -144,8 +145,8 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.upstream_seed)
     default_reward = dataclasses.replace(cfg.reward, seed=cfg.upstream_seed)
-    reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", run_reward, default_reward,
-                                  "reward_dir"))
+    reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", scripts.load("reward").run,
+                                  default_reward, "reward_dir"))
     t_up = time.perf_counter() - t0
     task = build_task(read_config(reward_dir, RewardConfig).sft.pretrain.task)
     results: dict[str, list[dict]] = {}

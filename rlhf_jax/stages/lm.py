@@ -1,31 +1,28 @@
-"""Stage 0 and 1: pretraining on the task's corpus, then supervised fine-tuning (SFT).
+"""Stage 0 and 1 pieces: pretraining on the task's corpus, then supervised fine-tuning (SFT).
 
-Pretraining gives the base model its knowledge (the corpus of facts); SFT teaches the question/answer
-format from the demonstrator — fabrications included, at the demonstrator's rate.
+Pretraining gives the base model its knowledge (the corpus of facts); SFT teaches the
+question/answer format from the demonstrator — fabrications included, at the demonstrator's rate.
+This module holds the two configs, the base model (random or imported), the resumable LM training
+and the knowledge probes; ``experiments/pretrain.py`` and ``experiments/sft.py`` compose them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax.checkpoint import save_params
-from rlhf_jax.configs import check, check_numbers, positive, to_dict
-from rlhf_jax.data.batching import EpochOrder, check_tokens, pack_documents, sft_examples
+from rlhf_jax.configs import check, check_numbers, positive
+from rlhf_jax.data.batching import EpochOrder, check_tokens
 from rlhf_jax.data.task import Task
-from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout, probe_accuracy
+from rlhf_jax.evaluate import probe_accuracy
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
-from rlhf_jax.models.functional import count_params
 from rlhf_jax.models.hf import file_digests, load_pretrained
-from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, check_context, eval_key, load_stage,
-                                    pipeline_task, stage_key, train_stage, upstream_run)
+from rlhf_jax.stages.common import STREAM_INIT, check_context, stage_key, train_stage
 from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
@@ -128,7 +125,7 @@ class SFTConfig:
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
 
 
-def _train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_size: int,
+def train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_size: int,
               steps: int, optim: OptimConfig, run: RunDir, prefix: str, log_every: int,
               checkpoint_every: int, replay: dict[str, np.ndarray] | None = None,
               ptx_coef: float = 0.0, ptx_batch_size: int = 0, fsdp: bool = False):
@@ -161,43 +158,20 @@ def knowledge(model, params, task: Task, prompt_len: int, name: str) -> dict[str
                                                 length=prompt_len)}
 
 
-def run_pretrain(cfg: PretrainConfig, out: str | Path) -> dict:
-    """Pretrain (or import ``cfg.init_from`` and continue pretraining) into run directory ``out``;
-    returns (and writes) its summary."""
-    check_divisible(cfg.batch_size, make_mesh(), "batch_size")
-    t0 = time.perf_counter()
-    task = pipeline_task(cfg)
+def base_model(cfg: PretrainConfig, task: Task):
+    """``(cfg, Model, params, meta)`` of the model pretraining starts from: ``cfg.init_from``'s
+    checkpoint (``meta`` records its path, architecture, dtype and file digests), or a random
+    initialisation of ``cfg.model`` at the task tokenizer's vocabulary (``cfg`` records it)."""
     if cfg.init_from:
         model, params = import_base_model(cfg, task)
         meta = {"init_from": {"path": str(Path(cfg.init_from).resolve()),
                               "architecture": model.source.architecture,
                               "dtype": model.source.dtype,
                               "files": file_digests(cfg.init_from)}}
-    else:
-        cfg = dataclasses.replace(cfg, model=cfg.model.replace(
-            vocab_size=task.tokenizer.vocab_size))
-        model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
-        meta = None
-    run = RunDir(out)
-    run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed, extra=meta)
-    run.write_json("tokenizer.json", task.tokenizer.to_json())
-    data = pack_documents(task.tokenizer, task.pretraining_corpus(), cfg.seq_len)
-    if cfg.steps:
-        params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
-                           steps=cfg.steps, optim=cfg.optim, run=run, prefix="pretrain",
-                           log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                           fsdp=cfg.fsdp)
-    else:
-        save_params(run.path / "params", params)
-    train_s = time.perf_counter() - t0
-    summary = {"params": count_params(params), "corpus_tokens": int(data["attention_mask"].sum()),
-               **knowledge(model, params, task, cfg.task.prompt_len, "base"),
-               **evaluate_heldout(model, params, task, cfg.task, eval_key(cfg.seed), run=run,
-                                  name="base")[0],
-               "time_s/pretrain": train_s}
-    run.write_summary(summary)
-    return summary
+        return cfg, model, params, meta
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=task.tokenizer.vocab_size))
+    model, params = create_model(cfg.model, stage_key(cfg.seed, STREAM_INIT))
+    return cfg, model, params, None
 
 
 def import_base_model(cfg: PretrainConfig, task):
@@ -211,51 +185,3 @@ def import_base_model(cfg: PretrainConfig, task):
     check_seq_len(cfg, model.cfg)
     check_context(model.cfg, cfg.task, "init_from")
     return model, params
-
-
-def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
-    """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary."""
-    mesh = make_mesh()
-    check_divisible(cfg.batch_size, mesh, "batch_size")
-    if cfg.ptx_coef > 0:
-        check_divisible(cfg.ptx_batch_size, mesh, "ptx_batch_size")
-    out = Path(out)
-    pre_dir = upstream_run(cfg.pretrain_dir, out / "pretrain", run_pretrain, cfg.pretrain,
-                           "pretrain_dir")
-    pre_cfg, model, params = load_stage(pre_dir, PretrainConfig)
-    pre_summary = RunDir(pre_dir).read_summary()
-    cfg = dataclasses.replace(cfg, pretrain_dir=str(pre_dir), pretrain=pre_cfg)
-    tcfg = pre_cfg.task
-
-    t0 = time.perf_counter()
-    task = pipeline_task(pre_cfg)
-    run = RunDir(out)
-    run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 2])
-    prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
-    demos = [task.demonstration(p, rng) for p in prompts]
-    run.write_jsonl("demonstrations.jsonl",
-                    ({"uid": p.uid, "prompt": p.text, "response": d} for p, d in zip(prompts, demos)))
-    data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
-                        response_len=tcfg.max_new_tokens)
-    replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
-    params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
-                       steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
-                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                       replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size,
-                       fsdp=cfg.fsdp)
-    train_s = time.perf_counter() - t0
-    heldout = task.prompts("heldout")
-    demo = evaluate_demonstrator(task, heldout, n_samples=tcfg.eval_samples, seed=cfg.seed)
-    summary = {
-        **{k: v for k, v in pre_summary.items() if k.endswith("/base") or k == "time_s/pretrain"},
-        **evaluate_heldout(model, params, task, tcfg, eval_key(pre_cfg.seed), run=run,
-                           name="sft")[0],
-        **knowledge(model, params, task, tcfg.prompt_len, "sft"),
-        **{f"demonstrator/{k}": v for k, v in demo.items()},
-        "sft_examples": len(prompts),
-        "time_s/sft": train_s,
-    }
-    run.write_summary(summary)
-    return summary

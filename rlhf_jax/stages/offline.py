@@ -3,40 +3,31 @@
 The policy and the reference both start from the SFT model the reward run started from, and
 train on exactly the K-wise comparisons that reward model was trained on (the reward run's stored
 TFDS ``train`` split): every prompt's K responses are forwarded once, and all C(K, 2) untied pairs
-enter the loss (``rlhf_jax.losses.preference``). Training goes through
-``stages.common.train_stage`` (data parallel, checkpoints, resume, non-finite handling). The final
-held-out evaluation is the pinned protocol of :mod:`rlhf_jax.evaluate`, as in ``run_ppo``: SFT and
-the policy on the held-out prompts, paired by prompt and sample index under the gold judge, and the
-exact per-sequence KL(π ‖ π_SFT) on the policy's samples.
+enter the loss (``rlhf_jax.losses.preference``). This module holds the config, the forward pass
+(``response_logps``), the precomputed reference and the ``loss_fn``; ``experiments/dpo.py``
+composes them with ``stages.common.train_stage`` (data parallel, checkpoints, resume, non-finite
+handling) and the pinned held-out evaluation of :mod:`rlhf_jax.evaluate`: SFT and the policy on
+the held-out prompts, paired by prompt and sample index under the gold judge, and the exact
+per-sequence KL(π ‖ π_SFT) on the policy's samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.configs import check, check_numbers, non_negative, positive, to_dict
-from rlhf_jax.data.batching import EpochOrder, check_tokens, pad_rows
-from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
+from rlhf_jax.configs import check, check_numbers, non_negative, positive
+from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
                                         kwise_preference_loss)
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import sequence_logprob
-from rlhf_jax.parallel import check_divisible, make_mesh
-from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.sampling import response_logits
-from rlhf_jax.stages.common import (eval_key, load_stage, model_config, pipeline_task,
-                                    read_config, train_stage, upstream_run)
-from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, preference_arrays,
-                                    read_preferences, run_reward)
+from rlhf_jax.stages.reward import (RewardConfig, check_task_reward)
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
@@ -166,76 +157,3 @@ def offline_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None =
     value, metrics = kwise_preference_loss(loss, logps, ref, batch["lengths"], batch["ranking"],
                                            axis_name=axis_name, **hparams)
     return value, {"loss": value, **metrics}
-
-
-def run_offline(cfg: OfflineConfig, out: str | Path) -> dict:
-    """Reward stage (unless ``cfg.reward_dir``), then offline preference training from SFT on its
-    train comparisons, then the held-out evaluation, into ``out``."""
-    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
-    out = Path(out)
-    reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
-                              "reward_dir")
-    reward_cfg = read_config(reward_dir, RewardConfig)
-    check_task_reward(reward_cfg, "reward_dir")
-    sft_cfg, policy, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
-                                             config_of=lambda c: c.pretrain)
-    cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
-    pre = sft_cfg.pretrain
-    tcfg = pre.task
-    task = pipeline_task(pre)
-    tok = task.tokenizer
-    name = cfg.loss
-
-    t0 = time.perf_counter()
-    run = RunDir(out)
-    run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed)
-    data_dir = Path(reward_cfg.preferences_dir or Path(reward_dir) / "data")
-    prefs = read_preferences(data_dir, "train", task)
-    data = preference_arrays(tok, prefs, tcfg)
-    check_tokens(data, vocab_size=model_config(pre).vocab_size, source="offline: train preferences")
-    data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
-    ref_params = None
-    if name not in REFERENCE_FREE:
-        if cfg.reference == "precomputed":
-            data["ref_logps"] = precompute_logps(policy, sft_params, data)
-        else:
-            ref_params = sft_params
-    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
-    loss_fn = functools.partial(offline_loss_fn, model=policy, loss=name,
-                                hparams=cfg.loss_hparams(), ref_params=ref_params)
-    key = eval_key(pre.seed)   # the evaluation key run_ppo uses: same held-out samples of SFT
-
-    def on_step(done, params):
-        if not (cfg.eval_every and done % cfg.eval_every == 0):
-            return None
-        return heldout_signals(policy, params, policy, sft_params, task, tcfg, key)
-
-    params = train_stage(sft_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
-                         steps=cfg.steps, optim=cfg.optim, run=run, prefix=name,
-                         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                         fsdp=cfg.fsdp, on_step=on_step if cfg.eval_every else None)
-    train_s = time.perf_counter() - t0
-
-    # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
-    t_eval = time.perf_counter()
-    vs = versus_reference(policy, params, policy, sft_params, task, tcfg, key, run=run, name=name)
-    eval_s = time.perf_counter() - t_eval
-
-    upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}
-    rows = [r for r in read_metrics(run.path) if f"{name}/loss" in r]
-    final = rows[-1] if rows else {}
-    summary = {
-        "gold/base": upstream.get("gold/base"),
-        **vs.ref_metrics, **vs.metrics,
-        **versus_summary(vs.pair, f"{name}_vs_sft"),
-        "win_rate/ceiling": vs.pair["ceiling"],
-        f"kl/{name}_vs_sft": float(vs.kl.mean()),
-        "preferences/train_prompts": len(prefs.prompts),
-        **{f"final/{k}": v for k, v in final.items() if k.startswith(f"{name}/")},
-        **{k: v for k, v in upstream.items() if k.startswith("time_s/")},
-        "time_s/offline": train_s,
-        "time_s/offline_eval": eval_s,
-    }
-    run.write_summary(summary)
-    return summary

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from rlhf_jax import scripts
 from rlhf_jax.checkpoint import Checkpointer, save_params
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
@@ -39,8 +40,7 @@ from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, eval_key, load_st
                                     model_config, pipeline_task, read_config, stage_key,
                                     upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, load_reward_model,
-                                    run_reward)
+from rlhf_jax.stages.reward import RewardConfig, check_task_reward, load_reward_model
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 STREAM_BEST_OF_N = 4
@@ -227,7 +227,8 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
     mesh = make_mesh()
     check_ppo_sharding(cfg, mesh)
     out = Path(out)
-    reward_dir = upstream_run(cfg.reward_dir, out / "reward", run_reward, cfg.reward,
+    reward_dir = upstream_run(cfg.reward_dir, out / "reward", scripts.load("reward").run,
+                              cfg.reward,
                               "reward_dir")
     reward_cfg = read_config(reward_dir, RewardConfig)
     check_task_reward(reward_cfg, "reward_dir")

@@ -15,30 +15,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import time
 from pathlib import Path
 from typing import Literal
 
 import jax
 import numpy as np
 
-from rlhf_jax.configs import check, check_numbers, positive, to_dict
-from rlhf_jax.data.batching import EpochOrder, check_tokens, encode_groups
+from rlhf_jax.configs import check, check_numbers, positive
+from rlhf_jax.data.batching import EpochOrder, encode_groups
 from rlhf_jax.data.preference_records import decode_record
 from rlhf_jax.data.preferences import (build_preference_dataset, load_preference_source,
                                        split_files)
 from rlhf_jax.data.task import Task
 from rlhf_jax.evaluate import pairwise_gold_agreement, score_groups
-from rlhf_jax.labeler import LabelerConfig, Preferences, collect_preferences, noise_ceiling
+from rlhf_jax.labeler import LabelerConfig, Preferences, noise_ceiling
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import transplant
 from rlhf_jax.models.hf import load_config
-from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import (STREAM_INIT, STREAM_LABEL, load_stage, model_config,
-                                    pipeline_task, read_config, stage_key, train_stage,
-                                    upstream_run)
-from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_sft
+from rlhf_jax.stages.common import STREAM_INIT, load_stage, read_config, stage_key, train_stage
+from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward_model import (init_lm_coef, kwise_rm_loss_fn, rm_heads, rm_score_fn,
                                           with_frozen)
 from rlhf_jax.tasks import TaskConfig
@@ -284,58 +280,3 @@ def fit_reward_model(cfg: RewardConfig, model_cfg, trunk_params, data: dict[str,
         bias = float(-train_rewards.mean() * gain)
     run.write_json("reward_norm.json", {"gain": gain, "bias": bias})
     return rm, rm_params, score_jit, (gain, bias)
-
-
-def run_reward(cfg: RewardConfig, out: str | Path) -> dict:
-    """SFT (unless ``cfg.sft_dir``), collect preferences, train the RM into ``out``; with file
-    data, :func:`rlhf_jax.stages.reward_files.run_reward_files` instead."""
-    if cfg.data != "simulated":
-        from rlhf_jax.stages.reward_files import run_reward_files   # it builds on this module
-
-        return run_reward_files(cfg, out)
-    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
-    out = Path(out)
-    sft_dir = upstream_run(cfg.sft_dir, out / "sft", run_sft, cfg.sft, "sft_dir")
-    sft_cfg, policy, sft_params = load_stage(sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
-    cfg = dataclasses.replace(cfg, sft_dir=str(sft_dir), sft=sft_cfg)
-    pre: PretrainConfig = sft_cfg.pretrain
-    tcfg = pre.task
-    task = pipeline_task(pre)
-    tok = task.tokenizer
-
-    t0 = time.perf_counter()
-    run = RunDir(out)
-    run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed)
-    if cfg.preferences_dir:
-        data_dir = Path(cfg.preferences_dir)
-        prefs = {s: read_preferences(data_dir, s, task) for s in ("train", "heldout")}
-    else:
-        label_key = stage_key(cfg.seed, STREAM_LABEL)
-        collect = functools.partial(collect_preferences, policy, sft_params, task,
-                                    cfg=cfg.labeler, max_new_tokens=tcfg.max_new_tokens,
-                                    prompt_len=tcfg.prompt_len)
-        prefs = {split: collect(task.prompts(split), jax.random.fold_in(label_key, i),
-                                seed=cfg.seed * 1000 + i)
-                 for i, split in enumerate(("train", "heldout"))}
-        prefs = store_and_reload(prefs, out / "data", task)
-    train_prefs, test_prefs = prefs["train"], prefs["heldout"]
-    collect_s = time.perf_counter() - t0
-
-    data = preference_arrays(tok, train_prefs, tcfg)
-    check_tokens(data, vocab_size=model_config(pre).vocab_size, source="reward: train preferences")
-    _, rm_params, score_jit, (gain, bias) = fit_reward_model(
-        cfg, model_config(pre), sft_params, data, prompt_len=tcfg.prompt_len, run=run)
-    summary = rm_metrics(score_groups(score_jit, rm_params,
-                                      preference_arrays(tok, test_prefs, tcfg)),
-                         test_prefs, cfg.labeler.tau, kinds=task.kinds)
-    summary.update({
-        "rm/noise_ceiling_train": noise_ceiling(train_prefs.gold, cfg.labeler.tau),
-        "rm/norm_gain": gain, "rm/norm_bias": bias,
-        "preferences/train_prompts": len(train_prefs.prompts),
-        "preferences/heldout_prompts": len(test_prefs.prompts),
-        "time_s/collect": collect_s,
-        "time_s/reward": time.perf_counter() - t0,
-    })
-    run.write_summary(summary)
-    return summary

@@ -14,25 +14,18 @@ and mean margin, and the truncation counts.
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.configs import to_dict
-from rlhf_jax.data.batching import check_tokens, pad_left, pad_right
+from rlhf_jax.data.batching import pad_left, pad_right
 from rlhf_jax.data.preference_records import decode_record
 from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_preference_source,
                                        split_files)
-from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer
-from rlhf_jax.evaluate import score_groups
+from rlhf_jax.data.tokenizers import Tokenizer
 from rlhf_jax.models import GPTConfig
-from rlhf_jax.models.hf import file_digests, load_pretrained, save_pretrained
-from rlhf_jax.parallel import check_divisible, make_mesh
-from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.reward import RewardConfig, fit_reward_model
+from rlhf_jax.models.hf import save_pretrained
 
 BUILDERS = {"hh-rlhf": HhRlhf, "summarize": SummarizeFromFeedback}
 SPLITS = ("train", "test")
@@ -102,44 +95,3 @@ def export_reward_model(path: str | Path, rm, params, norm: tuple[float, float],
         shift = -gain * float(np.asarray(params["heads"]["reward"]["bias"][...])[0])
     save_pretrained(path, rm, params, reward_norm=(gain, shift), tokenizer=tok)
     return bias - shift
-
-
-def run_reward_files(cfg: RewardConfig, out: str | Path) -> dict:
-    """Train the RM of ``cfg`` (``data`` = ``hh-rlhf`` or ``summarize``) into ``out`` from the
-    checkpoint ``cfg.sft.pretrain.init_from``; optionally export it to ``cfg.export_hf``."""
-    check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
-    out, ckpt = Path(out), cfg.sft.pretrain.init_from
-    t0 = time.perf_counter()
-    run = RunDir(out)
-    run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed, extra={"init_from": {
-        "path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)}})
-    built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
-    tok = HFTokenizer.from_pretrained(ckpt)
-    model, params = load_pretrained(ckpt)
-    arrays, summary = {}, {}
-    for split in SPLITS:
-        arrays[split], counts = encode_pairs(
-            tok, read_records(out / "data", built["name"], split),
-            prompt_tokens=cfg.max_prompt_tokens, response_tokens=cfg.max_response_tokens)
-        check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
-                     source=f"reward: {split} pairs")
-        summary.update({f"data/{split}_pairs": len(arrays[split]["prompts"]),
-                        f"data/{split}_prompt_turns_truncated":
-                            built[split].get("prompts_truncated", 0),
-                        **{f"data/{split}_{k}": v for k, v in counts.items()}})
-    prepare_s = time.perf_counter() - t0
-
-    rm, rm_params, score_jit, norm = fit_reward_model(
-        cfg, model.cfg, params, arrays["train"], prompt_len=cfg.max_prompt_tokens, run=run)
-    for split, prefix in (("test", "rm/"), ("train", "rm/train_")):
-        rewards = score_groups(score_jit, rm_params, arrays[split])
-        summary.update({f"{prefix}{k}": v
-                        for k, v in pairwise_metrics(rewards, arrays[split]["ranking"]).items()})
-    if cfg.export_hf:
-        summary["export/score_shift"] = export_reward_model(
-            cfg.export_hf, dataclasses.replace(rm, source=model.source), rm_params, norm, tok)
-    summary.update({"rm/norm_gain": norm[0], "rm/norm_bias": norm[1],
-                    "time_s/prepare": prepare_s, "time_s/reward": time.perf_counter() - t0})
-    run.write_summary(summary)
-    return summary
