@@ -26,6 +26,8 @@ from rlhf_jax.configs import ConfigError
 
 C = TypeVar("C")
 INIT_FROM_HELP = """
+--log-to tensorboard,wandb: also write metrics to TensorBoard (<out>/tensorboard) and/or Weights &
+Biases (<out>/wandb); metrics.jsonl is written either way (same as $RLHF_JAX_LOG_TO).
 --init-from DIR: start the policy from a local Hugging Face checkpoint (config.json + safetensors
 [+ tokenizer.json]) instead of a random initialisation; it sets the pretraining stage's
 init_from; pretraining then continues on the task for its steps (--pretrain.steps, or
@@ -39,6 +41,7 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     override ``default`` (``config_cls()`` if None)."""
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _log_to(_pop_option(argv, "--log-to"))
     init_from = _pop_option(argv, "--init-from")
     if init_from:   # applied to the defaults, so the other flags validate against it
         try:
@@ -70,6 +73,21 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
 
     initialize_distributed(args.coordinator_address or None, args.num_processes, args.process_id)
     return args.out, args.cfg
+
+
+def _log_to(value: str) -> None:
+    """``--log-to tensorboard,wandb``: mirror metrics (``rlhf_jax.log_writers``; via the env)."""
+    if value:
+        import os
+
+        from rlhf_jax import log_writers
+
+        os.environ[log_writers.ENV] = value
+        try:
+            log_writers.enabled()
+        except ValueError as e:
+            print(f"error: --log-to: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
 
 
 def _pop_option(argv: list[str], flag: str) -> str:

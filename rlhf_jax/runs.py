@@ -1,4 +1,5 @@
-"""Run directories: config, metadata, metrics (JSONL), timings, summary — what notebooks read.
+"""Run directories: config, metadata, metrics (JSONL), timings, summary — what notebooks read
+(``load_run`` / ``load_sweep`` / ``load``: plain dicts and NumPy arrays, optional ``to_pandas()``).
 
 Layout of a run directory::
 
@@ -13,6 +14,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +29,7 @@ import jax
 import numpy as np
 
 import rlhf_jax
+from rlhf_jax import log_writers
 from rlhf_jax.configs import ConfigError
 
 
@@ -107,7 +110,11 @@ class RunDir:
             "argv": sys.argv, **(extra or {})})
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append a row to ``metrics.jsonl`` (and mirror it to TensorBoard / W&B when
+        ``$RLHF_JAX_LOG_TO`` names them: :mod:`rlhf_jax.log_writers`)."""
         self._append("metrics.jsonl", {"step": int(step), **metrics})
+        if self.writer:
+            log_writers.write(self.path, step, _jsonable(metrics))
 
     def log_timing(self, **fields: Any) -> None:
         self._append("timings.jsonl", {"time": time.time(), **fields})
@@ -133,3 +140,144 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """All rows of a run's ``metrics.jsonl``."""
     with open(Path(path) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _revive(v: Any) -> Any:
+    """Undo ``_jsonable``'s spelling of non-finite floats ('nan', 'inf', '-inf')."""
+    if isinstance(v, str) and v in NONFINITE:
+        return NONFINITE[v]
+    if isinstance(v, dict):
+        return {k: _revive(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_revive(x) for x in v]
+    return v
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every row of a JSON-lines file, non-finite floats restored ([] when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [_revive(json.loads(line)) for line in f if line.strip()]
+
+
+def _read_json(path: Path) -> dict:
+    return _revive(json.loads(path.read_text())) if path.exists() else {}
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows → one array per key (float64 with NaN where a row lacks a number; else object)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out = {}
+    for k in keys:
+        vals = [r.get(k) for r in rows]
+        if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+               for v in vals):
+            out[k] = np.array([math.nan if v is None else v for v in vals], np.float64)
+        else:
+            out[k] = np.array(vals, dtype=object)
+    return out
+
+
+def _pandas(columns: dict[str, np.ndarray]):
+    import pandas as pd
+
+    return pd.DataFrame(columns)
+
+
+@dataclasses.dataclass
+class Run:
+    """One run directory read into plain structures (``summary`` is ``{}`` while unfinished)."""
+
+    path: Path
+    config: dict
+    meta: dict
+    summary: dict
+    metrics: list[dict]
+    timings: list[dict]
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "summary.json").exists()
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the metrics rows that hold ``key``."""
+        rows = [r for r in self.metrics if key in r]
+        return (np.array([r["step"] for r in rows], np.int64),
+                np.array([r[key] for r in rows], np.float64))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every metric as a column over all metrics rows (``step`` first; NaN where absent)."""
+        return _columns(self.metrics)
+
+    def sample_names(self) -> list[str]:
+        """The policies with a ``samples_<name>.jsonl`` (e.g. ``sft``, ``rlhf``, ``best_of_n``)."""
+        return sorted(p.name[len("samples_"):-len(".jsonl")]
+                      for p in self.path.glob("samples_*.jsonl"))
+
+    def samples(self, name: str) -> list[dict]:
+        """Rows of ``samples_<name>.jsonl`` (held-out responses with their gold labels)."""
+        path = self.path / f"samples_{name}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such samples file; have {self.sample_names()}")
+        return read_jsonl(path)
+
+    def to_pandas(self):
+        """The metrics as a ``pandas.DataFrame`` (one row per logged step; needs pandas)."""
+        return _pandas(self.arrays())
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """A run directory's config, meta, summary, metrics and timings."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a run directory (no config.json)")
+    return Run(path, _read_json(path / "config.json"), _read_json(path / "meta.json"),
+               _read_json(path / "summary.json"), read_jsonl(path / "metrics.jsonl"),
+               read_jsonl(path / "timings.jsonl"))
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A sweep directory (``rlhf_jax.sweep``): its ``index.jsonl`` rows, one per finished run."""
+
+    path: Path
+    config: dict
+    index: list[dict]
+
+    def runs(self) -> list[Run]:
+        """Every finished run of the index, in sweep order."""
+        return [load_run(r["dir"]) for r in self.index]
+
+    def run(self, cell: str, seed: int) -> Run:
+        for r in self.index:
+            if r["cell"] == cell and r["seed"] == seed:
+                return load_run(r["dir"])
+        raise KeyError(f"{self.path}: no finished run of cell {cell!r}, seed {seed}")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The index as columns; each override as a column ``override/<name>``."""
+        flat = [{**{k: v for k, v in r.items() if k != "overrides"},
+                 **{f"override/{k}": v for k, v in r.get("overrides", {}).items()}}
+                for r in self.index]
+        return _columns(flat)
+
+    def to_pandas(self):
+        """The index as a ``pandas.DataFrame`` (one row per cell × seed; needs pandas)."""
+        return _pandas(self.arrays())
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+    path = Path(path)
+    if not (path / "index.jsonl").exists():
+        raise FileNotFoundError(f"{path}: not a sweep directory (no index.jsonl)")
+    return Sweep(path, _read_json(path / "config.json"), read_jsonl(path / "index.jsonl"))
+
+
+def load(path: str | os.PathLike) -> Run | Sweep:
+    """A sweep (a directory with ``index.jsonl``) or a single run."""
+    return load_sweep(path) if (Path(path) / "index.jsonl").exists() else load_run(path)

@@ -3,8 +3,9 @@
 One upstream (pretrain → SFT → simulated preferences → RM) is shared by every method and seed:
 the offline methods train on exactly the labelled comparisons the RM was trained on, the online
 methods optimise that RM with the same number of RM-scored samples (iterations × prompts × group).
-Each method × seed writes its own run directory ``<out>/<method>/seed<S>`` (a finished one is
-reused, an interrupted one resumes) and is evaluated under the pinned protocol (held-out prompts,
+It is a preset of the sweep engine (:mod:`rlhf_jax.sweep`): each method is a cell, and each
+method × seed writes its own run directory ``<out>/<method>/seed<S>`` (a finished one is reused,
+an interrupted one resumes; ``index.jsonl`` lists the finished ones) and is evaluated under the pinned protocol (held-out prompts,
 T = 1, ``eval_samples`` per prompt, paired with SFT by prompt and sample index), plus
 ``eval_points − 1`` intermediate held-out evaluations that trace its gold-vs-KL trajectory.
 
@@ -22,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from rlhf_jax import scripts
+from rlhf_jax import scripts, sweep
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
@@ -32,6 +33,7 @@ from rlhf_jax.stages.offline import OfflineConfig
 from rlhf_jax.stages.online import METHODS as ONLINE, online_config
 from rlhf_jax.stages.ppo import PPOConfig
 from rlhf_jax.stages.reward import RewardConfig
+from rlhf_jax.sweep import Cell
 from rlhf_jax.tasks import build_task
 
 OFFLINE = ("dpo", "ipo", "simpo")
@@ -91,31 +93,35 @@ def _every(total: int, points: int) -> int:
     return 0 if points <= 1 else max(total // points, 1)
 
 
-def _run_one(cfg: CompareConfig, method: str, seed: int, reward_dir: str, out: Path,
-             task: Task) -> dict:
-    """One method × seed: run (or reuse) it and read its result (the task's metrics)."""
+def method_cell(cfg: CompareConfig, method: str, reward_dir: str) -> Cell:
+    """The sweep cell of one method: its script (``dpo`` or ``ppo``) and its config (the template,
+    the method's preset or loss, the shared budget and evaluation points; seed set per run)."""
+    seed = cfg.seeds[0]
     if method in OFFLINE:
         c = dataclasses.replace(cfg.offline, loss=method, seed=seed, reward_dir=reward_dir,
                                 eval_every=_every(cfg.offline.steps, cfg.eval_points))
+        return Cell(method, "dpo", c, {"method": method})
+    template = dataclasses.replace(cfg.ppo, seed=seed, reward_dir=reward_dir,
+                                   eval_every=_every(cfg.ppo.iterations, cfg.eval_points))
+    # PPO keeps the template's algorithm settings; the others take their presets
+    overrides = dataclasses.asdict(cfg.ppo.ppo) if method == "ppo" else {}
+    if cfg.samples_per_iter:
+        overrides["prompts_per_iter"] = cfg.samples_per_iter // online_config(method).ppo.group_size
+    return Cell(method, "ppo", online_config(method, ppo=template, **overrides),
+                {"method": method})
+
+
+def _read_one(cell: Cell, seed: int, out: Path, task: Task) -> dict:
+    """One finished method × seed run's result (the task's metrics, curve, paired outcomes)."""
+    method, c = cell.name, cell.config
+    if method in OFFLINE:
         name, total = method, c.steps
-        n = RunDir(reward_dir).read_summary().get("preferences/train_prompts", "?")
+        n = RunDir(c.reward_dir).read_summary().get("preferences/train_prompts", "?")
         budget = (f"the RM's {n} labelled prompts (K-wise), {c.steps} steps × "
                   f"{c.batch_prompts} prompts")
-        script = "dpo"
     else:
-        template = dataclasses.replace(cfg.ppo, seed=seed, reward_dir=reward_dir,
-                                       eval_every=_every(cfg.ppo.iterations, cfg.eval_points))
-        # PPO keeps the template's algorithm settings; the others take their presets
-        overrides = dataclasses.asdict(cfg.ppo.ppo) if method == "ppo" else {}
-        if cfg.samples_per_iter:
-            overrides["prompts_per_iter"] = (cfg.samples_per_iter
-                                             // online_config(method).ppo.group_size)
-        c = online_config(method, ppo=template, **overrides)
         name, total = "rlhf", c.iterations
         budget = f"{c.iterations * c.ppo.rollout_size} RM-scored samples"
-        script = "ppo"
-    if not (out / "summary.json").exists():
-        scripts.load(script).run(c, out)
     s = RunDir(out).read_summary()
     along, metrics = task.headline[:2], task.headline + task.reported
     curve = [(0.0, *[s[f"{m}/sft"] for m in along])]
@@ -150,13 +156,16 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     t_up = time.perf_counter() - t0
     task = build_task(read_config(reward_dir, RewardConfig).sft.pretrain.task)
     results: dict[str, list[dict]] = {}
-    for method in cfg.methods:
-        for seed in cfg.seeds:
-            r = _run_one(cfg, method, seed, reward_dir, out / method / f"seed{seed}", task)
-            results.setdefault(method, []).append(r)
-            run.log_metrics(len(sum(results.values(), [])),
-                            {f"{method}/seed{seed}/{k}": r[k] for k in
-                             (*task.headline, "win_rate", "kl")})
+
+    def collect(cell: Cell, seed: int, run_dir: Path) -> None:
+        r = _read_one(cell, seed, run_dir, task)
+        results.setdefault(cell.name, []).append(r)
+        run.log_metrics(len(sum(results.values(), [])),
+                        {f"{cell.name}/seed{seed}/{k}": r[k] for k in
+                         (*task.headline, "win_rate", "kl")})
+
+    cells = [method_cell(cfg, m, reward_dir) for m in cfg.methods]
+    sweep.run_cells(cells, cfg.seeds, out, table=None, on_run=collect)
     sft = [next(iter(results.values()))[0]["sft"]]   # one SFT model, one evaluation seed
     target = report.matched_kl(results)
     table = report.markdown(results, sft, target, headline=task.headline)
