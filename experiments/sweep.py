@@ -1,5 +1,5 @@
-"""A sweep: one experiment script over a grid (or list) of config overrides × seeds; each cell × seed
-a resumable run directory ``<out>/<cell>/seed<S>``, one ``index.jsonl`` and ``results.md``.
+"""A sweep: one experiment script over a grid (or list) of config overrides × seeds; each cell ×
+seed a resumable run directory ``<out>/<cell>/seed<S>``, one ``index.jsonl`` and ``results.md``.
 Every override is checked against the script's config before any run starts; a killed sweep
 resumes where it stopped (finished runs reused, an interrupted run resumed from its checkpoint).
 

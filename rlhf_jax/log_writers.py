@@ -1,5 +1,5 @@
-"""Optional mirrors of ``metrics.jsonl``: TensorBoard (``tensorboardX``, no TensorFlow) and Weights &
-Biases. Off by default; ``RLHF_JAX_LOG_TO=tensorboard,wandb`` (or a script's ``--log-to
+"""Optional mirrors of ``metrics.jsonl``: TensorBoard (``tensorboardX``, no TensorFlow) and
+Weights & Biases. Off by default; ``RLHF_JAX_LOG_TO=tensorboard,wandb`` (or a script's ``--log-to
 tensorboard,wandb``) turns them on. ``metrics.jsonl`` stays the canonical record: a mirror gets the
 same numeric scalars at the same steps, and a failing mirror never stops a run.
 

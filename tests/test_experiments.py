@@ -138,21 +138,6 @@ def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
     assert not (tmp_path / "x").exists(), "a bad config must fail before writing anything"
 
 
-def test_notebook_runs_on_a_run_directory(two_sft_runs, monkeypatch):
-    """Execute the notebook's code cells in order against a real (tiny) run directory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    nb = json.loads((ROOT / "notebooks" / "explore_runs.ipynb").read_text())
-    monkeypatch.setenv("RUN_DIR", str(two_sft_runs[0]))
-    scope: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "explore_runs.ipynb", "exec"), scope)
-    assert "gold/sft" in scope["summary"]
-    assert set(scope["labels"]) == {"base", "sft"}
-
-
 SMALL_REWARD = [  # small, but SFT learns enough of the format to give pairs of different gold
     "--sft.pretrain.steps", "150", "--sft.pretrain.batch-size", "16", "--sft.pretrain.seq-len",
     "32", "--sft.pretrain.model.d-model", "64", "--sft.pretrain.model.n-layers", "1",

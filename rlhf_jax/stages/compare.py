@@ -3,11 +3,12 @@
 One upstream (pretrain → SFT → simulated preferences → RM) is shared by every method and seed:
 the offline methods train on exactly the labelled comparisons the RM was trained on, the online
 methods optimise that RM with the same number of RM-scored samples (iterations × prompts × group).
-It is a preset of the sweep engine (:mod:`rlhf_jax.sweep`): each method is a cell, and each
-method × seed writes its own run directory ``<out>/<method>/seed<S>`` (a finished one is reused,
-an interrupted one resumes; ``index.jsonl`` lists the finished ones) and is evaluated under the pinned protocol (held-out prompts,
-T = 1, ``eval_samples`` per prompt, paired with SFT by prompt and sample index), plus
-``eval_points − 1`` intermediate held-out evaluations that trace its gold-vs-KL trajectory.
+It is a preset of the sweep engine (:mod:`rlhf_jax.sweep`): each method is a cell, and each method
+× seed writes its own run directory ``<out>/<method>/seed<S>`` (a finished one is reused, an
+interrupted one resumes; ``index.jsonl`` lists the finished ones) and is evaluated under the pinned
+protocol (held-out prompts, T = 1, ``eval_samples`` per prompt, paired with SFT by prompt and
+sample index), plus ``eval_points − 1`` intermediate held-out evaluations that trace its gold-vs-KL
+trajectory.
 
 The metrics compared are the task's own (``Task.headline`` as table columns and curve, plus
 ``Task.reported``; the facts world: gold, fabrication rate, accuracy, unknown rate).

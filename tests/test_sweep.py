@@ -1,0 +1,88 @@
+"""The sweep engine: overrides checked before any work, a 2 × 2 sweep killed and resumed to the
+same index, the reader over the sweep."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+
+from rlhf_jax import scripts, sweep, tiny
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.runs import load_sweep
+
+
+def test_bad_override_fails_before_any_work_naming_the_field(tmp_path, monkeypatch, capsys):
+    calls, real = [], scripts.load("ppo").run
+    fake = functools.wraps(real)(lambda *a: calls.append(a))   # keeps run's config annotation
+    monkeypatch.setattr(scripts.load("ppo"), "run", fake)
+    for grid, field in ((("ppo.kl-cof=0.1",), "ppo.kl-cof"), (("ppo.kl-coef=abc",), "ppo.kl-coef"),
+                        (("iterations=0",), "iterations")):
+        with pytest.raises(ConfigError, match=field):
+            sweep.sweep_cells(sweep.SweepConfig(script="ppo", grid=grid))
+    with pytest.raises(SystemExit):
+        scripts.load("sweep").main(["--out", str(tmp_path / "s"), "--script", "ppo",
+                                    "--grid", "ppo.kl-coef=0.1,0.2", "ppo.clip=0.1"])
+    err = capsys.readouterr().err
+    assert "ppo.clip" in err and "has no such field" in err
+    assert calls == [] and not (tmp_path / "s" / "index.jsonl").exists()
+    cells = sweep.sweep_cells(sweep.SweepConfig(script="ppo", grid=("ppo.kl-coef=0.1,0.2",
+                                                                    "normalize-rm=false")))
+    assert [c.name for c in cells] == ["ppo.kl-coef=0.1,normalize-rm=false",
+                                       "ppo.kl-coef=0.2,normalize-rm=false"]
+    assert [c.config.ppo.kl_coef for c in cells] == [0.1, 0.2]
+    assert not any(c.config.normalize_rm for c in cells)
+
+
+def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeypatch):
+    out = tmp_path / "sw"
+    argv = ["--out", str(out), "--script", "dpo", "--grid", "beta=0.1,0.5", "--seeds", "0", "1",
+            "--", "--reward-dir", str(tiny.tiny_upstream()), "--steps", "2",
+            "--batch-prompts", "4", "--optim.warmup-steps", "1", "--log-every", "1",
+            "--checkpoint-every", "1"]
+    dpo = scripts.load("dpo")
+    real, started = dpo.run, []
+
+    @functools.wraps(real)
+    def killed_at_third(cfg, run_dir):
+        started.append(run_dir)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, run_dir)
+
+    monkeypatch.setattr(dpo, "run", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        scripts.load("sweep").main(argv)
+    first = (out / "index.jsonl").read_text().splitlines()
+    assert [json.loads(r)["dir"] for r in first] == [str(p) for p in started[:2]]
+    done = {p: (p / "summary.json").stat().st_mtime_ns for p in started[:2]}
+
+    started.clear()
+    summary = scripts.load("sweep").main(argv)   # resumed: only the two missing runs run
+    assert summary["runs"] == 4 and len(started) == 2
+    assert {p: (p / "summary.json").stat().st_mtime_ns for p in done} == done
+    index = [json.loads(r) for r in (out / "index.jsonl").read_text().splitlines()]
+    assert [(r["cell"], r["seed"]) for r in index] == [
+        ("beta=0.1", 0), ("beta=0.1", 1), ("beta=0.5", 0), ("beta=0.5", 1)]
+    for r in index:
+        s = json.loads((out / r["cell"] / f"seed{r['seed']}" / "summary.json").read_text())
+        assert r["gold/dpo"] == s["gold/dpo"] and r["kl/dpo_vs_sft"] == s["kl/dpo_vs_sft"]
+        cfg = json.loads((out / r["cell"] / f"seed{r['seed']}" / "config.json").read_text())
+        assert cfg["beta"] == float(r["overrides"]["beta"]) and cfg["seed"] == r["seed"]
+    assert index[0]["gold/dpo"] != index[1]["gold/dpo"] or \
+        index[0]["kl/dpo_vs_sft"] != index[1]["kl/dpo_vs_sft"]
+    # a run interrupted after its last checkpoint resumes there: the index comes out the same
+    before = (out / "index.jsonl").read_text()
+    (out / "beta=0.5" / "seed1" / "summary.json").unlink()
+    scripts.load("sweep").main(argv)
+    assert (out / "index.jsonl").read_text() == before
+    table = (out / "results.md").read_text()
+    assert "| beta=0.1 | 2 |" in table and "| beta=0.5 | 2 |" in table
+    # the reader: the index as arrays / a DataFrame, and each run
+    sw = load_sweep(out)
+    cols = sw.arrays()
+    assert list(cols["override/beta"]) == ["0.1", "0.1", "0.5", "0.5"]
+    assert list(cols["seed"]) == [0, 1, 0, 1]
+    assert sw.run("beta=0.5", 1).summary["gold/dpo"] == index[3]["gold/dpo"]
+    assert len(sw.to_pandas()) == 4
