@@ -42,12 +42,13 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
             "--batch-prompts", "4", "--optim.warmup-steps", "1", "--log-every", "1",
             "--checkpoint-every", "1"]
     dpo = scripts.load("dpo")
-    real, started = dpo.run, []
+    real, started, killed = dpo.run, [], []
 
     @functools.wraps(real)
     def killed_at_third(cfg, run_dir):
         started.append(run_dir)
-        if len(started) == 3:
+        if len(started) == 3 and not killed:
+            killed.append(run_dir)
             raise KeyboardInterrupt
         return real(cfg, run_dir)
 
