@@ -3,12 +3,15 @@ announced as such), pair two policies' held-out answers, train a registered loss
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
-from rlhf_jax import scripts, tiny
+from rlhf_jax import launch, scripts, tiny
 from rlhf_jax.results import RESULTS
 from rlhf_jax.runs import Run, load_run
+
+launch.enable_compilation_cache()   # as the scripts do: a notebook rerun compiles almost nothing
 
 
 def run_or_tiny(path: str | Path | None = None, script: str = "ppo") -> Run:
@@ -40,9 +43,7 @@ def paired_answers(run: Run, a: str = "sft", b: str = "rlhf") -> list[dict]:
 def train_offline(loss: str, **loss_args: float) -> Run:
     """A tiny offline run of the registered preference loss ``loss`` (``loss_args`` its
     hyperparameters) from the shared tiny SFT model, on DPO's tiny budget, in a fresh directory."""
-    cfg = tiny.tiny_config("dpo", "--loss", loss)
-    import dataclasses
-
+    cfg = tiny.tiny_config("dpo", "--loss", loss, "--eval-every", "0")   # the final evaluation only
     cfg = dataclasses.replace(cfg, loss_args=dict(loss_args))
     out = Path(tempfile.mkdtemp(prefix=f"rlhf_jax_{loss}_")) / "run"
     scripts.load("dpo").run(cfg, out)
