@@ -21,6 +21,11 @@ Hugging Face checkpoint ``--init-from CKPT`` (no task pretraining or SFT), token
 from rlhf_jax import launch
 
 
+def run(cfg, out) -> dict:   # until this script holds the composition, the stage's runner
+    from rlhf_jax.stages.reward import run_reward
+    return run_reward(cfg, out)
+
+
 def main(argv=None) -> dict:
     from rlhf_jax import cli
     from rlhf_jax.stages.reward import RewardConfig, run_reward

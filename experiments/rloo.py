@@ -10,15 +10,25 @@ Every ``--ppo.*`` flag overrides the RLOO preset (``rlhf_jax.rl.presets.rloo_hpa
     python experiments/rloo.py --help                   # every option
 """
 
+from __future__ import annotations
+
 from rlhf_jax import launch
+
+
+def run(cfg, out) -> dict:
+    """RLOO is PPO's composition (``experiments/ppo.py``) with the RLOO preset in
+    ``cfg.ppo``: same upstream runs, compiled iteration, loop and held-out evaluation."""
+    from rlhf_jax import scripts
+
+    return scripts.load("ppo").run(cfg, out)
 
 
 def main(argv=None) -> dict:
     from rlhf_jax import cli
     from rlhf_jax.stages.online import online_config
-    from rlhf_jax.stages.ppo import PPOConfig, run_ppo
+    from rlhf_jax.stages.ppo import PPOConfig
 
-    return cli.main(PPOConfig, run_ppo, argv, description=__doc__, default=online_config("rloo"))
+    return cli.main(PPOConfig, run, argv, description=__doc__, default=online_config("rloo"))
 
 
 if __name__ == "__main__":

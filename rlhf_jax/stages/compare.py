@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from rlhf_jax import scripts
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
@@ -29,9 +30,11 @@ from rlhf_jax.stages import compare_report as report
 from rlhf_jax.stages.common import read_config, upstream_run
 from rlhf_jax.stages.offline import OfflineConfig, run_offline
 from rlhf_jax.stages.online import METHODS as ONLINE, online_config
-from rlhf_jax.stages.ppo import PPOConfig, run_ppo
+from rlhf_jax.stages.ppo import PPOConfig
 from rlhf_jax.stages.reward import RewardConfig, run_reward
 from rlhf_jax.tasks import build_task
+
+run_ppo = scripts.load("ppo").run   # the PPO script's composition
 
 OFFLINE = ("dpo", "ipo", "simpo")
 

@@ -12,11 +12,14 @@ import dataclasses
 import time
 from pathlib import Path
 
+from rlhf_jax import scripts
 from rlhf_jax.configs import check_numbers, to_dict
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_pretrain, run_sft
-from rlhf_jax.stages.ppo import PPOConfig, run_ppo
+from rlhf_jax.stages.ppo import PPOConfig
 from rlhf_jax.stages.reward import RewardConfig, run_reward
+
+run_ppo = scripts.load("ppo").run   # the PPO script's composition
 
 
 @dataclasses.dataclass(frozen=True)
