@@ -186,27 +186,27 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(jax.devices()[:1])
-    models, hp, state = bench._ppo_setup(sh, a.critic, mesh)
+    models, hp, state, frozen = bench._ppo_setup(sh, a.critic, mesh)
     batches = bench._ppo_batches(sh, models.policy.cfg.vocab_size, mesh)
     keys = [jax.random.key(100 + i) for i in range(len(batches))]
-    it = bench.ppo_iteration_fn(models, hp, sh, mesh, (state, batches[0], keys[0]))
-    compiled, compile_s = bench.aot(it, state, batches[0], keys[0])
+    it = bench.ppo_iteration_fn(models, hp, sh, mesh)
+    compiled, compile_s = bench.aot(it, state, frozen, batches[0], keys[0])
     hlo_text = compiled.as_text()
     (out / "ppo_iteration.hlo.txt").write_text(hlo_text)
     hlo = parse_hlo(hlo_text)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     for i in range(2):                                     # warm-up
-        state, _ = jax.block_until_ready(compiled(state, batches[i], keys[i]))
+        state, _, _ = jax.block_until_ready(compiled(state, frozen, batches[i], keys[i]))
     trace_dir = out / "trace"
     t0 = time.perf_counter()
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-        state, _ = jax.block_until_ready(compiled(state, batches[2], keys[2]))
+        state, _, _ = jax.block_until_ready(compiled(state, frozen, batches[2], keys[2]))
     traced_wall = time.perf_counter() - t0
     untraced = []
     for i in range(3):
         t1 = time.perf_counter()
-        state, _ = jax.block_until_ready(compiled(state, batches[i % 4], keys[i % 4]))
+        state, _, _ = jax.block_until_ready(compiled(state, frozen, batches[i % 4], keys[i % 4]))
         untraced.append(time.perf_counter() - t1)
     module = "jit_" if not hlo["entry"] else ""
     res = {"workload": "ppo", "critic": a.critic, "tiny": a.tiny, "compile_s": compile_s,

@@ -408,10 +408,9 @@ def _ppo_setup(sh: Shapes, critic: str, mesh):
     state = PPOState(policy=new_train_state(pparams, steps),
                      value=None if vparams is None else new_train_state(vparams, steps),
                      kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
-                     reward_moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32),
-                     frozen=Frozen(ref=ref_params, rm=rm_params))
+                     reward_moments=RunningMoments.create(), step=jnp.zeros((), jnp.int32))
     models = Models(policy=policy, ref=ref, rm=rm, value=value)
-    return models, hp, replicate(state, mesh)
+    return models, hp, replicate(state, mesh), replicate(Frozen(ref=ref_params, rm=rm_params), mesh)
 
 
 def _ppo_batches(sh: Shapes, vocab: int, mesh, n: int = 4):
@@ -428,21 +427,18 @@ def _ppo_batches(sh: Shapes, vocab: int, mesh, n: int = 4):
     return out
 
 
-def ppo_iteration_fn(models, hp, sh: Shapes, mesh, probe_args):
-    """``stages.ppo.sharded_iteration`` without its lazy wrapper (so it can be compiled ahead of
-    time): ``data_parallel(make_iteration(..., axis_name="data"))``."""
+def ppo_iteration_fn(models, hp, sh: Shapes, mesh):
+    """``stages.ppo.sharded_iteration`` without its host-batch placement (so it can be compiled
+    ahead of time): ``data_parallel(make_iteration(..., axis_name="data"))``."""
     from jax.sharding import PartitionSpec as P
 
     from rlhf_jax.parallel import AXIS, data_parallel
     from rlhf_jax.rl.ppo import make_iteration
 
     kw = dict(max_new_tokens=sh.ppo_new, eos_id=-1, pad_id=0)
-    names = jax.eval_shape(make_iteration(models, hp, **kw), *probe_args)[1]
-    specs = {k: P() for k in names if k != "rollout"}
-    specs["rollout"] = P(AXIS)
     batch_spec = {"prompts": P(AXIS), "prompt_mask": P(AXIS), "example_ids": P(AXIS)}
     return data_parallel(make_iteration(models, hp, axis_name=AXIS, **kw), mesh,
-                         batch_spec=batch_spec, out_specs=(P(), specs))
+                         batch_spec=batch_spec, frozen_spec=P(), out_specs=(P(), P(), P(AXIS)))
 
 
 def bench_ppo(sh: Shapes, iters, peak, mesh, critic: str = "separate", phases: bool = True):
@@ -450,13 +446,14 @@ def bench_ppo(sh: Shapes, iters, peak, mesh, critic: str = "separate", phases: b
     from rlhf_jax.rl.rollout import collect
     from rlhf_jax.sampling import SamplingConfig, sample
 
-    models, hp, state = _ppo_setup(sh, critic, mesh)
+    models, hp, state, frozen = _ppo_setup(sh, critic, mesh)
     batches = _ppo_batches(sh, models.policy.cfg.vocab_size, mesh)
     keys = [jax.random.key(100 + i) for i in range(len(batches))]
-    it = ppo_iteration_fn(models, hp, sh, mesh, (state, batches[0], keys[0]))
-    compiled, compile_s = aot(it, state, batches[0], keys[0])
-    (state, metrics), times, load = time_steps(lambda c, bk: compiled(c[0], *bk), (state, None),
-                                               list(zip(batches, keys)), *iters)
+    it = ppo_iteration_fn(models, hp, sh, mesh)
+    compiled, compile_s = aot(it, state, frozen, batches[0], keys[0])
+    (state, metrics, _), times, load = time_steps(lambda c, bk: compiled(c[0], frozen, *bk),
+                                                  (state, None, None), list(zip(batches, keys)),
+                                                  *iters)
     assert float(metrics["rollout/length"]) == sh.ppo_new, "PPO must generate every token"
     med = statistics.median(times)
     r = {"iter_s": round(med, 4), "min_iter_s": round(min(times), 4),
@@ -485,8 +482,8 @@ def bench_ppo(sh: Shapes, iters, peak, mesh, critic: str = "separate", phases: b
         def rollout(st, batch, key):
             k_sample, _ = jax.random.split(key)
             vparams = st.value.params if critic == "separate" else st.policy.params
-            return collect(models.policy, st.policy.params, models.ref, st.frozen.ref, models.rm,
-                           st.frozen.rm, value_model, vparams, batch["prompts"],
+            return collect(models.policy, st.policy.params, models.ref, frozen.ref, models.rm,
+                           frozen.rm, value_model, vparams, batch["prompts"],
                            batch["prompt_mask"], k_sample, batch["example_ids"],
                            sampling=sampling, eos_id=-1, pad_id=0,
                            rescore_policy=hp.rescore_policy)

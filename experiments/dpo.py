@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax import cli, scripts
+from rlhf_jax import cli
 from rlhf_jax.configs import to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens
 from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
@@ -42,7 +42,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
     train comparisons, then the held-out evaluation, into ``out``; returns the summary."""
     check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
     out = Path(out)
-    reward_dir = upstream_run(cfg.reward_dir, out / "reward", scripts.load("reward").run,
+    reward_dir = upstream_run(cfg.reward_dir, out / "reward", "reward",
                               cfg.reward, "reward_dir")
     reward_cfg = read_config(reward_dir, RewardConfig)
     check_task_reward(reward_cfg, "reward_dir")

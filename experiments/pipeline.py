@@ -21,7 +21,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from rlhf_jax import cli, scripts
+from rlhf_jax import cli, progress, scripts
 from rlhf_jax.configs import to_dict
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.pipeline import PipelineConfig
@@ -41,8 +41,10 @@ def run(cfg: PipelineConfig, out: str | Path) -> dict:
         ("ppo", dataclasses.replace(cfg.ppo, reward_dir=str(out / "reward"))),
     )
     for name, stage_cfg in stages:
-        if not (out / name / "summary.json").exists():
-            scripts.load(name).run(dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
+        if (out / name / "summary.json").exists():
+            progress.reused(name, out / name)
+        else:
+            scripts.run(name, dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
     summary = dict(RunDir(out / "ppo").read_summary())
     summary["time_s/pipeline"] = time.perf_counter() - t0
     run.write_summary(summary)

@@ -2,7 +2,8 @@
 (InstructGPT's stage 3), then evaluate SFT, RLHF and best-of-N on held-out prompts.
 
 Starts from a finished reward run (``--reward-dir``); with only ``--out`` it runs the default
-pretrain + SFT + reward stages first.
+pretrain + SFT + reward stages first. GRPO and RLOO (``grpo.py``, ``rloo.py``) are presets of the
+same iteration, run by this script's ``run``.
 
     python experiments/ppo.py --out runs/ppo --reward-dir runs/reward
     python experiments/ppo.py --help                    # every option
@@ -10,17 +11,74 @@ pretrain + SFT + reward stages first.
 
 from rlhf_jax import launch
 
+if __name__ == "__main__":
+    launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
+
+import dataclasses
+import time
+from pathlib import Path
+
+from rlhf_jax import cli
+from rlhf_jax.checkpoint import Checkpointer, save_params
+from rlhf_jax.configs import to_dict
+from rlhf_jax.loop import fit, resume
+from rlhf_jax.parallel import make_mesh, replicate
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages import ppo
+from rlhf_jax.stages.common import STREAM_TRAIN, stage_key, upstream_run
+from rlhf_jax.stages.ppo import PPOConfig
+
+
+def run(cfg: PPOConfig, out: str | Path) -> dict:
+    """Reward stage (unless ``cfg.reward_dir``), then PPO and the final evaluation into ``out``;
+    returns the summary."""
+    mesh = make_mesh()
+    ppo.check_ppo_sharding(cfg, mesh)
+    out = Path(out)
+    reward_dir = upstream_run(cfg.reward_dir, out / "reward", "reward", cfg.reward, "reward_dir")
+    t0 = time.perf_counter()
+    up = ppo.load_upstream(reward_dir, cfg.normalize_rm)   # SFT policy = reference, RM, task
+    cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=up.reward_cfg)
+    run = RunDir(out)
+    run.write_config(to_dict(cfg))
+    run.write_meta(seed=cfg.seed)
+
+    # models: policy (and value) from SFT and the RM; reference and RM frozen, never donated
+    models = ppo.build_models(up, cfg.ppo)
+    state, frozen = ppo.init_state(models, up.sft_params, up.rm_params, cfg)
+    key = stage_key(cfg.seed, STREAM_TRAIN)
+    ckpt = Checkpointer(run.path / "checkpoints")
+    state = replicate(resume(state, ckpt, run, key, stage="ppo"), mesh)
+    frozen = replicate(frozen, mesh)
+
+    # the compiled iteration (rollout, rewards, advantages, epochs × minibatches, KL control)
+    # through the common loop; the gold judge and held-out evaluation are its host-side hooks
+    iteration = ppo.sharded_iteration(models, cfg.ppo, mesh, **ppo.iteration_kwargs(up))
+    batches = ppo.PromptBatches(cfg, up)
+    state = fit(state, lambda st, batch, k: iteration(st, frozen, batch, k), batches,
+                steps=cfg.iterations, key=key, run=run, prefix="ppo", log_every=cfg.log_every,
+                checkpoint_every=cfg.checkpoint_every, ckpt=ckpt,
+                on_nonfinite=cfg.policy_optim.on_nonfinite, key_prefix="",
+                finite_key="train/finite", all_finite=True,
+                on_log=ppo.judge_rollout(up.task, batches),
+                on_step=ppo.heldout_every(cfg, models, frozen, up),
+                show={"rm": "rollout/rm_score", "gold": "rollout/gold", "kl": "kl/per_sequence"})
+    ckpt.close()
+    save_params(run.path / "params", state.policy.params)
+    train_s = time.perf_counter() - t0
+
+    # held-out evaluation: SFT, RLHF and best-of-N under the pinned protocol; the summary
+    t_eval = time.perf_counter()
+    summary = ppo.final_evaluation(cfg, run, models, state.policy.params, up,
+                                   times={"time_s/ppo": train_s})
+    summary["time_s/ppo_eval"] = time.perf_counter() - t_eval
+    run.write_summary(summary)
+    return summary
+
 
 def main(argv=None) -> dict:
-    from rlhf_jax import cli
-    from rlhf_jax.stages.ppo import PPOConfig, run_ppo
-
-    return cli.main(PPOConfig, run_ppo, argv, description=__doc__)
+    return cli.main(PPOConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    launch.setup()
     main()
-
-
-from rlhf_jax.stages.ppo import run_ppo as run  # noqa: E402  (until ppo.py holds its composition)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax import cli, scripts
+from rlhf_jax import cli
 from rlhf_jax.configs import to_dict
 from rlhf_jax.data.batching import check_tokens
 from rlhf_jax.data.tokenizers import HFTokenizer
@@ -56,7 +56,7 @@ def run(cfg: RewardConfig, out: str | Path) -> dict:
         return run_files(cfg, out)
     check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
     out = Path(out)
-    sft_dir = upstream_run(cfg.sft_dir, out / "sft", scripts.load("sft").run, cfg.sft, "sft_dir")
+    sft_dir = upstream_run(cfg.sft_dir, out / "sft", "sft", cfg.sft, "sft_dir")
     sft_cfg, policy, sft_params = load_stage(sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
     cfg = dataclasses.replace(cfg, sft_dir=str(sft_dir), sft=sft_cfg)
     pre = sft_cfg.pretrain

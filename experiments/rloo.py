@@ -12,15 +12,25 @@ Every ``--ppo.*`` flag overrides the RLOO preset (``rlhf_jax.rl.presets.rloo_hpa
 
 from rlhf_jax import launch
 
+if __name__ == "__main__":
+    launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
+
+from pathlib import Path
+
+from rlhf_jax import cli, scripts
+from rlhf_jax.stages.online import online_config
+from rlhf_jax.stages.ppo import PPOConfig
+
+
+def run(cfg: PPOConfig, out: str | Path) -> dict:
+    """RLOO is PPO's composition (``experiments/ppo.py``) with the RLOO preset in
+    ``cfg.ppo``: same upstream runs, compiled iteration, loop and held-out evaluation."""
+    return scripts.load("ppo").run(cfg, out)
+
 
 def main(argv=None) -> dict:
-    from rlhf_jax import cli
-    from rlhf_jax.stages.online import online_config
-    from rlhf_jax.stages.ppo import PPOConfig, run_ppo
-
-    return cli.main(PPOConfig, run_ppo, argv, description=__doc__, default=online_config("rloo"))
+    return cli.main(PPOConfig, run, argv, description=__doc__, default=online_config("rloo"))
 
 
 if __name__ == "__main__":
-    launch.setup()
     main()

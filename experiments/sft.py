@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax import cli, scripts
+from rlhf_jax import cli
 from rlhf_jax.configs import to_dict
 from rlhf_jax.data.batching import pack_documents, sft_examples
 from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout
@@ -34,7 +34,7 @@ def run(cfg: SFTConfig, out: str | Path) -> dict:
     if cfg.ptx_coef > 0:
         check_divisible(cfg.ptx_batch_size, mesh, "ptx_batch_size")
     out = Path(out)
-    pre_dir = upstream_run(cfg.pretrain_dir, out / "pretrain", scripts.load("pretrain").run,
+    pre_dir = upstream_run(cfg.pretrain_dir, out / "pretrain", "pretrain",
                            cfg.pretrain, "pretrain_dir")
     pre_cfg, model, params = load_stage(pre_dir, PretrainConfig)
     cfg = dataclasses.replace(cfg, pretrain_dir=str(pre_dir), pretrain=pre_cfg)

@@ -8,6 +8,9 @@ outermost stage config that has one, so every script starts its policy from the 
 same flag (``sft.py``: the SFT stage; ``ppo.py``: the SFT stage it runs first; ``pretrain.py``:
 continued pretraining).
 
+``--quiet`` turns off the progress bars (terminal) or progress lines (log file), the stage
+start/end lines and the resume line (:mod:`rlhf_jax.progress`).
+
 Multi-host runs: ``--coordinator-address HOST:PORT --num-processes N --process-id I`` (or the
 environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; or
 ``RLHF_JAX_DISTRIBUTED=auto`` on SLURM / Open MPI / Cloud TPU) connect the processes before any work.
@@ -62,6 +65,8 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
         """multi-host: number of processes (default: $JAX_NUM_PROCESSES)"""
         process_id: int | None = None
         """multi-host: this process's index (default: $JAX_PROCESS_ID)"""
+        quiet: bool = False
+        """no progress bars or progress/stage/resume lines on stderr"""
 
     description = (description or "") + INIT_FROM_HELP
     try:
@@ -69,7 +74,10 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     except ConfigError as e:  # raised by a config's __post_init__ while parsing
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    from rlhf_jax import progress
     from rlhf_jax.parallel import initialize_distributed
+
+    progress.set_quiet(args.quiet)
 
     initialize_distributed(args.coordinator_address or None, args.num_processes, args.process_id)
     return args.out, args.cfg
@@ -129,8 +137,11 @@ def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[s
     """Parse (flags override ``default``), run the stage, print its summary as JSON; returns the
     summary."""
     out, cfg = parse(config_cls, argv, description, default)
+    from rlhf_jax import progress, scripts
+
     try:
-        summary = runner(cfg, out)
+        with progress.stage(scripts.name_of(runner), out):
+            summary = runner(cfg, out)
     except ConfigError as e:     # e.g. a run directory that holds another config
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

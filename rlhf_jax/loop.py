@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
+from rlhf_jax import progress
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.runs import RunDir
 
@@ -39,10 +39,13 @@ def key_data(key: jax.Array) -> list[int]:
 
 
 class _FiniteWatch:
-    """Checks each step's ``finite`` flag, one step late (or at once on ``flush``)."""
+    """Checks each step's ``finite`` flag (``< 1``: an update was skipped; with ``all_finite``
+    also any non-finite metric), one step late (or at once on ``flush``)."""
 
-    def __init__(self, prefix: str, on_nonfinite: str, run: RunDir):
+    def __init__(self, prefix: str, on_nonfinite: str, run: RunDir, finite_key: str,
+                 all_finite: bool):
         self.prefix, self.mode, self.run = prefix, on_nonfinite, run
+        self.finite_key, self.all_finite = finite_key, all_finite
         self.pending: tuple[int, dict] | None = None
         self.skipped = 0
 
@@ -55,59 +58,86 @@ class _FiniteWatch:
             return
         step, metrics = self.pending
         self.pending = None
-        if "finite" not in metrics or bool(jax.device_get(metrics["finite"])):
+        if self.all_finite:
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            bad = sorted(k for k, v in host.items() if not np.isfinite(v))
+        else:
+            host, bad = None, []
+        if self.finite_key in metrics and float(jax.device_get(metrics[self.finite_key])) < 1.0:
+            bad.append(self.finite_key)
+        if not bad:
             return
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if self.mode == "skip":
             self.skipped += 1
             return
+        host = host or {k: float(v) for k, v in jax.device_get(metrics).items()}
         self.run.write_json("nonfinite.json", {"stage": self.prefix, "step": step, **host})
         raise NonFiniteError(
-            f"{self.prefix}: step {step} produced a non-finite loss or gradient; its update was "
-            f"not applied and no checkpoint after step {step - 1} was written. Metrics: "
+            f"{self.prefix}: step {step} produced a non-finite loss or gradient "
+            f"({', '.join(bad)}); its update was not applied and no checkpoint after step "
+            f"{step - 1} was written. Metrics: "
             + ", ".join(f"{k}={v:.6g}" for k, v in sorted(host.items()))
-            + " (set optim.on_nonfinite='skip' to skip such steps)")
+            + " (set on_nonfinite='skip' in the stage's optimizer config to skip such steps)")
 
 
 def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps: int,
         key: jax.Array, run: RunDir, prefix: str, log_every: int = 50,
         checkpoint_every: int = 0, ckpt: Checkpointer | None = None, desc: str | None = None,
         on_nonfinite: str = "stop",
-        on_step: Callable[[int, Any], dict[str, float] | None] | None = None) -> Any:
+        on_step: Callable[[int, Any], dict[str, float] | None] | None = None,
+        on_log: Callable[[int, dict[str, float], Any], dict[str, float] | None] | None = None,
+        key_prefix: str | None = None, finite_key: str = "finite", all_finite: bool = False,
+        show: dict[str, str] | None = None) -> Any:
     """Run ``step_fn(state, batch_at(s), fold_in(key, s))`` for ``s`` from ``state.step`` to
     ``steps``; log metrics under ``prefix/`` every ``log_every`` steps and at the end; save a
     checkpoint (state + ``{"next_step", "key"}``) every ``checkpoint_every`` steps and at the end.
 
-    ``on_step(done, state)``, if given, runs after every step (``done`` = steps completed, before
-    that step's checkpoint); a dict it returns (e.g. a periodic evaluation) is logged with the
-    step's metrics at step ``done``. It must not keep ``state``: the next step donates it."""
+    ``step_fn`` returns ``(state, metrics)`` (a flat dict of scalars) or ``(state, metrics,
+    aux)`` (e.g. PPO's rollout, read only by ``on_log``). Hooks:
+
+    * ``on_step(done, state)`` runs after every step (``done`` = steps completed, before that
+      step's checkpoint); a dict it returns (e.g. a periodic evaluation) is logged with the step's
+      metrics at step ``done``. It must not keep ``state``: the next step donates it.
+    * ``on_log(done, row, aux)`` runs on the host when a row is logged (``row``: the step's
+      metrics as floats, keys as logged); a dict it returns joins the row (e.g. judging the
+      samples in ``aux``).
+
+    ``key_prefix``: prefix of the logged metric keys (default ``prefix/``; ``""`` for metrics that
+    carry their own namespaces). The step counts as non-finite when ``metrics[finite_key] < 1``
+    or, with ``all_finite``, any metric is not finite (see the module docstring). ``show``:
+    progress label → logged key of the metrics shown beside the bar or line (default: the
+    loss)."""
     if on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     start = int(jax.device_get(state.step))
-    watch = _FiniteWatch(prefix, on_nonfinite, run)
+    kp = f"{prefix}/" if key_prefix is None else key_prefix
+    show = {"loss": f"{kp}loss"} if show is None else show
+    watch = _FiniteWatch(prefix, on_nonfinite, run, finite_key, all_finite)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), desc=desc or prefix, initial=start, total=steps,
-               disable=None if jax.process_index() == 0 else True, dynamic_ncols=True,
-               leave=False)
-    for s in bar:
-        state, metrics = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
+    bar = progress.Progress(desc or prefix, steps, start)
+    for s in range(start, steps):
+        state, metrics, *aux = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
         watch.push(s, metrics)
         done = s + 1
         extra = on_step(done, state) if on_step is not None else None
+        shown = {}
         if extra or done % log_every == 0 or done == steps:
             watch.flush()
-            host = jax.device_get(metrics)
-            row = {f"{prefix}/{k}": float(v) for k, v in host.items()}
+            row = {f"{kp}{k}": float(v) for k, v in jax.device_get(metrics).items()}
             if on_nonfinite == "skip":
                 row[f"{prefix}/nonfinite_steps"] = float(watch.skipped)
+            if on_log is not None:
+                row.update(on_log(done, row, aux[0] if aux else None) or {})
             row.update(extra or {})
             run.log_metrics(done, row)
-            bar.set_postfix(loss=f"{float(host.get('loss', float('nan'))):.4f}")
+            shown = {k: row[v] for k, v in show.items() if v in row}
         if ckpt is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
             watch.flush()
             ckpt.save(done, state, extra={"next_step": done, "key": key_data(key)})
+        bar.update(done, **shown)
     watch.flush()
     jax.block_until_ready(state)
+    bar.close()
     run.log_timing(stage=prefix, steps=steps - start, seconds=time.perf_counter() - t0)
     if ckpt is not None:
         ckpt.wait()
@@ -131,9 +161,12 @@ def truncate_metrics(run: RunDir, step: int) -> None:
     path.write_text("".join(r + "\n" for r in keep))
 
 
-def resume(state: Any, ckpt: Checkpointer, run: RunDir, key: jax.Array | None = None) -> Any:
+def resume(state: Any, ckpt: Checkpointer, run: RunDir, key: jax.Array | None = None, *,
+           stage: str | None = None) -> Any:
     """The latest checkpoint's state (or ``state`` if none); metrics logged after it are dropped.
-    With ``key``, a checkpoint written under another stage key (another seed) is refused."""
+    With ``key``, a checkpoint written under another stage key (another seed) is refused. Every
+    stage resumes here, and says so in one line (``stage`` names it; default: the run
+    directory's name)."""
     step = ckpt.latest_step()
     if step is None:
         return state
@@ -145,4 +178,7 @@ def resume(state: Any, ckpt: Checkpointer, run: RunDir, key: jax.Array | None = 
         raise ValueError(f"{ckpt.directory}/{step}: data position {extra['next_step']} does not "
                          f"match the state's step {int(jax.device_get(restored.step))}")
     truncate_metrics(run, step)
+    progress.message(f"{stage or run.path.name}: resuming {run.path} from the checkpoint at step "
+                     f"{step}; data position (next step {extra.get('next_step', step)}) and PRNG "
+                     "key restored")
     return restored

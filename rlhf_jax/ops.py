@@ -1,4 +1,4 @@
-"""Array math shared by every loss: masked reductions and token log-probabilities.
+"""Array math shared by every loss: masked reductions, token log-probabilities, KL estimators.
 
 Every token-level mean in the library goes through :func:`masked_mean`, which reduces a *sum* and
 a *count* and divides once at the end. Under data parallelism the sums and counts are reduced over
@@ -56,6 +56,37 @@ def masked_var(
     return sq / denom
 
 
+AGGREGATIONS = ("token", "sequence", "budget")
+
+
+def aggregate(x: jax.Array, mask: jax.Array, *, aggregation: str = "token",
+              axis_name: AxisName = None) -> jax.Array:
+    """Reduce a per-token ``[B, N]`` term ``ℓ`` to a scalar (N = the response budget):
+
+    * ``"token"``    — ``Σ_{i,t} m·ℓ / Σ_{i,t} m``: the mean over every counted token of the batch
+      (PPO as in InstructGPT / TRL; long responses weigh more). This is :func:`masked_mean`.
+    * ``"sequence"`` — ``1/B' Σ_i (1/|o_i|) Σ_t m·ℓ``: the mean over (non-empty) sequences of each
+      sequence's token mean; GRPO's ``1/|o_i|`` (Shao et al. 2024, eq. 3). Liu et al. (2025,
+      "Dr. GRPO") show it biases towards long wrong answers and short right ones.
+    * ``"budget"``   — ``Σ_{i,t} m·ℓ / (B·N)``: the token sum over a constant, the number of
+      sequences times the response budget; Dr. GRPO's length-independent normaliser.
+
+    Global under ``shard_map`` (sums and counts psum-ed over ``axis_name``)."""
+    if aggregation == "token":
+        return masked_mean(x, mask, axis_name=axis_name)
+    mask = mask.astype(x.dtype)
+    if aggregation == "sequence":
+        tok_sum, tok_count = jnp.sum(x * mask, -1), jnp.sum(mask, -1)
+        per_seq = tok_sum / jnp.maximum(tok_count, 1.0)
+        return masked_mean(per_seq, tok_count > 0, axis_name=axis_name)
+    if aggregation == "budget":
+        total, _ = masked_sum_and_count(x, mask, axis_name=axis_name)
+        _, n_seq = masked_sum_and_count(mask[:, 0], jnp.ones_like(mask[:, 0]),
+                                        axis_name=axis_name)
+        return total / (jnp.maximum(n_seq, 1.0) * mask.shape[-1])
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+
+
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """``log softmax(logits)[targets]``: ``[..., V]`` logits, ``[...]`` int targets -> ``[...]``."""
     logits = logits.astype(jnp.float32)
@@ -68,6 +99,42 @@ def sequence_logprob(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> 
     """Summed :func:`token_logprobs` over the positions where ``mask`` is set: ``[B, N, V]``
     logits, ``[B, N]`` targets and mask -> ``[B]``."""
     return jnp.sum(jnp.where(mask > 0, token_logprobs(logits, targets), 0.0), axis=-1)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+
+
+def kl_per_token(logp: jax.Array | None, ref_logp: jax.Array | None, *, estimator: str,
+                 logits: jax.Array | None = None, ref_logits: jax.Array | None = None
+                 ) -> jax.Array:
+    """Per-token estimate ``[B, N]`` of KL(π ‖ π_SFT) from samples of π (Schulman's estimators,
+    ``log r = ref_logp − logp``); the one KL function of the library, on the reward side and in
+    the loss (:func:`rlhf_jax.losses.ppo.kl_loss`). No default: every caller names its estimator
+    (PPO's defaults are documented once, in ``rlhf_jax.rl.ppo.PPOHParams``).
+
+    * ``k1 = −log r = logp − ref_logp`` — unbiased; can be negative per sample. It splits into the
+      entropy part ``−log π`` (negated: ``logp``) and the cross-entropy-to-SFT part ``−log π_SFT``.
+      InstructGPT's reward-side penalty.
+    * ``k2 = ½ (log r)²`` — biased as a value, but as a *loss* its gradient on on-policy samples is
+      the exact ∇KL(π ‖ π_SFT).
+    * ``k3 = r − 1 − log r`` — unbiased and ≥ 0 per sample (GRPO's).
+    * ``exact`` — ``Σ_v π(v)(log π(v) − log π_SFT(v))`` at each position from the tempered
+      ``logits`` and ``ref_logits`` ``[B, N, V]`` (``logp``/``ref_logp`` are not read).
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "exact":
+        if logits is None or ref_logits is None:
+            raise ValueError("the exact KL needs logits and ref_logits")
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        lq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+        return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    log_r = ref_logp - logp
+    if estimator == "k2":
+        return 0.5 * jnp.square(log_r)
+    return jnp.expm1(log_r) - log_r     # k3
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:

@@ -68,13 +68,18 @@ def check_divisible(n: int, mesh: Mesh, field: str, what: str = "global batch") 
 
 
 def data_parallel(step: Callable, mesh: Mesh, *, batch_spec: Any = P(AXIS), state_spec: Any = P(),
-                  out_specs: Any = None, donate: bool = True) -> Callable:
+                  out_specs: Any = None, donate: bool = True, frozen_spec: Any = None) -> Callable:
     """``jit(shard_map(step))``: state split by ``state_spec`` (default replicated), key
     replicated, batch leaves split by ``batch_spec`` (a PartitionSpec or a pytree prefix of them),
-    outputs by ``out_specs`` (default: state as it came in, metrics replicated)."""
+    outputs by ``out_specs`` (a pytree prefix; default: state as it came in, metrics replicated).
+
+    With ``frozen_spec`` the step is ``(state, frozen, batch, key)``: ``frozen`` (parameters it
+    reads but never trains, e.g. PPO's reference and reward models) split by ``frozen_spec`` and
+    never donated."""
     out_specs = (state_spec, P()) if out_specs is None else out_specs
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(state_spec, batch_spec, P()),
-                            out_specs=out_specs)
+    in_specs = (state_spec, batch_spec, P()) if frozen_spec is None else (
+        state_spec, frozen_spec, batch_spec, P())
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     return jax.jit(sharded, donate_argnums=(0,) if donate else ())
 
 

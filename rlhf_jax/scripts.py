@@ -3,7 +3,8 @@
 Each script is the composition of one experiment: it builds the models, the loss or compiled
 iteration, the loop and the evaluation from library pieces, in its ``run(cfg, out)``. A script that
 needs another stage first (PPO needs a reward model, which needs SFT) and the pipeline, compare and
-sweep drivers call the other scripts' ``run`` through :func:`load`, so no stage is written twice.
+sweep drivers call the other scripts' ``run`` through :func:`load` (or :func:`run`, which adds the
+stage's start/end lines), so no stage is written twice.
 """
 
 from __future__ import annotations
@@ -34,3 +35,21 @@ def load(name: str) -> ModuleType:
         del sys.modules[mod_name]
         raise
     return mod
+
+
+def name_of(run_fn) -> str:
+    """The script name of a script's ``run`` function (its module's last name, or the file's
+    stem when the script runs as ``__main__``)."""
+    module = getattr(run_fn, "__module__", "") or ""
+    if module == "__main__":
+        return Path(getattr(sys.modules["__main__"], "__file__", "run")).stem
+    return module.rsplit(".", 1)[-1] or "run"
+
+
+def run(name: str, cfg, out: str | Path) -> dict:
+    """``experiments/<name>.py``'s ``run(cfg, out)`` between the stage's start and end lines
+    (:func:`rlhf_jax.progress.stage`); returns its summary."""
+    from rlhf_jax import progress
+
+    with progress.stage(name, out):
+        return load(name).run(cfg, out)

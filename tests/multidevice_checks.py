@@ -128,31 +128,30 @@ def ppo_setup():
     state = PPOState(policy=TrainState.create(copy(p_params), opt),
                      value=TrainState.create(copy(v_params), opt),
                      kl_coef=jnp.asarray(0.1), reward_moments=RunningMoments.create(),
-                     iteration=jnp.zeros((), jnp.int32),
-                     frozen=Frozen(ref=copy(ref_params), rm=copy(rm_params)))
-    return models, hp, state, batch
+                     step=jnp.zeros((), jnp.int32))
+    return models, hp, (state, Frozen(ref=copy(ref_params), rm=copy(rm_params))), batch
 
 
 def group_setup(hp):
     """``ppo_setup`` with a critic-free group preset ``hp`` (G samples of each of the 8 prompts;
     each of 4 devices holds the samples of 2 whole prompts)."""
-    models, _, state, batch = ppo_setup()
+    models, _, (state, frozen), batch = ppo_setup()
     batch = {k: v for k, v in batch.items() if k != "ptx"}
     batch["example_ids"] = np.arange(hp.rollout_size)
-    return dataclasses.replace(models, value=None), hp, state.replace(value=None), batch
+    return dataclasses.replace(models, value=None), hp, (state.replace(value=None), frozen), batch
 
 
 def ppo_run(mesh, iterations=2, setup=ppo_setup):
     """Two sharded PPO iterations over ``mesh``: (trainable state, per-iteration metrics), on
     the host of every process."""
-    models, hp, state, batch = setup()
+    models, hp, (state, frozen), batch = setup()
     it = sharded_iteration(models, hp, mesh, max_new_tokens=8, eos_id=2, pad_id=0)
-    state = replicate(state, mesh)
+    state, frozen = replicate(state, mesh), replicate(frozen, mesh)
     out = []
     for i in range(iterations):
-        state, metrics = it(state, batch, jax.random.fold_in(jax.random.key(9), i))
-        out.append(to_host(metrics))
-    return jax.device_get(jax.tree.leaves(state.trainable())), out
+        state, metrics, rollout = it(state, frozen, batch, jax.random.fold_in(jax.random.key(9), i))
+        out.append(to_host(dict(metrics, rollout=rollout)))
+    return jax.device_get(jax.tree.leaves(state)), out
 
 
 def compare_ppo(a, b):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,8 +85,14 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(reference_run, t
     ckpt.close()
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 15        # metrics of steps after the checkpoint were logged ...
-    subprocess.run(_cmd(out), env=_env(), check=True, capture_output=True, timeout=600)
+    again = subprocess.run(_cmd(out), env=_env(), check=True, capture_output=True, text=True,
+                           timeout=600)
     _assert_same_run(out, reference_run)  # ... and are replaced, not duplicated
+    # stderr is a pipe, not a terminal: plain resume and progress lines (rlhf_jax.progress)
+    assert (f"resuming {out} from the checkpoint at step 10; data position (next step 10) and "
+            "PRNG key restored") in again.stderr, again.stderr
+    assert re.search(r"^pretrain: step 30/30 \(100%\), [\d.e+-]+ steps/s, ETA .*, loss=",
+                     again.stderr, re.M), again.stderr
 
 
 def test_rerun_with_another_config_is_refused_naming_the_field(reference_run, tmp_path):

@@ -12,9 +12,9 @@ import pytest
 from test_ppo import kl_regularised_optimum, run_bandit, tv
 
 from rlhf_jax.configs import ConfigError
-from rlhf_jax.losses.policy_gradient import (AGGREGATIONS, aggregate, clipped_loss, kl_penalty,
-                                             reinforce_loss)
-from rlhf_jax.losses.ppo import clipped_policy_loss
+from rlhf_jax.losses.policy_gradient import reinforce_loss
+from rlhf_jax.losses.ppo import clipped_policy_loss, kl_loss
+from rlhf_jax.ops import AGGREGATIONS, aggregate
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards
 from rlhf_jax.rl.group import GRPO_EPS
 from rlhf_jax.rl.ppo import POLICY_LOSSES, PPOHParams
@@ -163,19 +163,21 @@ def _ppo_inputs(seed):
 @pytest.mark.parametrize("how", AGGREGATIONS)
 def test_clipped_loss_aggregations(how):
     """The clipped surrogate reduced per aggregation equals the loop reference on the per-token
-    max(−Aρ, −A·clip ρ); ``token`` is exactly ``clipped_policy_loss``; metrics are token means."""
+    max(−Aρ, −A·clip ρ); ``token`` is the default; metrics are token means whatever the
+    aggregation."""
     logp, old, adv, mask = _ppo_inputs(0)
     r = np.exp(logp.astype(np.float64) - old)
     per_tok = np.maximum(-adv * r, -adv * np.clip(r, 0.8, 1.2))
-    loss, m = clipped_loss(*map(jnp.asarray, (logp, old, adv, mask)), clip_eps=0.2,
-                           aggregation=how)
+    loss, m = clipped_policy_loss(*map(jnp.asarray, (logp, old, adv, mask)), clip_eps=0.2,
+                                  aggregation=how)
     np.testing.assert_allclose(float(loss), _aggregate_loops(per_tok, mask, how), rtol=1e-5)
     base, bm = clipped_policy_loss(*map(jnp.asarray, (logp, old, adv, mask)), clip_eps=0.2)
     for k in ("clip_frac", "approx_kl", "ratio"):
         assert float(m[k]) == float(bm[k])
     if how == "token":
         assert float(loss) == float(base)
-    assert POLICY_LOSSES["clipped"] is clipped_loss and POLICY_LOSSES["reinforce"] is reinforce_loss
+    assert POLICY_LOSSES["clipped"] is clipped_policy_loss
+    assert POLICY_LOSSES["reinforce"] is reinforce_loss
 
 
 @pytest.mark.parametrize("how", AGGREGATIONS)
@@ -201,14 +203,14 @@ def test_reinforce_loss_and_gradient(how):
 
 
 @pytest.mark.parametrize("how", AGGREGATIONS)
-def test_kl_penalty_aggregation(how):
+def test_kl_loss_aggregation(how):
     """The loss-side KL (k3 here, GRPO's) per aggregation equals the loop reference on the
     per-token k3, with no gradient into the reference log-probs."""
     logp, old, _, mask = _ppo_inputs(2)
     log_r = old.astype(np.float64) - logp
     k3 = np.exp(log_r) - 1 - log_r
-    f = lambda lp, ref: kl_penalty(lp, ref, jnp.asarray(mask), estimator="k3",  # noqa: E731
-                                   aggregation=how)
+    f = lambda lp, ref: kl_loss(lp, ref, jnp.asarray(mask), estimator="k3",  # noqa: E731
+                                aggregation=how)
     np.testing.assert_allclose(float(f(jnp.asarray(logp), jnp.asarray(old))),
                                _aggregate_loops(k3, mask, how), rtol=1e-5)
     assert np.all(np.asarray(jax.grad(f, argnums=1)(jnp.asarray(logp), jnp.asarray(old))) == 0)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 
 from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss
 from rlhf_jax.models import create_model, preset
@@ -27,13 +28,14 @@ def table_reward(params, tokens, mask):
 
 
 def _state(models, policy_params, value_params, ref_params, rm_params, hp, optim, updates):
+    """``(state, frozen)`` with copies of the parameters (the iteration donates its state)."""
     copy = lambda t: jax.tree.map(lambda x: x.copy(), t)  # noqa: E731
     value = None if value_params is None else TrainState.create(
         copy(value_params), make_optimizer(optim, updates))
-    return PPOState(policy=TrainState.create(copy(policy_params), make_optimizer(optim, updates)),
-                    value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
-                    reward_moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32),
-                    frozen=Frozen(ref=copy(ref_params), rm=copy(rm_params)))
+    return (PPOState(policy=TrainState.create(copy(policy_params), make_optimizer(optim, updates)),
+                     value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
+                     reward_moments=RunningMoments.create(), step=jnp.zeros((), jnp.int32)),
+            Frozen(ref=copy(ref_params), rm=copy(rm_params)))
 
 
 def _setup(vocab=16, prompt_len=5, b=8):
@@ -52,24 +54,38 @@ def _setup(vocab=16, prompt_len=5, b=8):
             rm_params, v_params, jnp.asarray(prompts), jnp.asarray(mask))
 
 
-def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
-    """The same iteration written out step by step in Python (independent of ``make_iteration``)."""
+def _masked_mean(x, m):
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bias):
+    """The same iteration written out step by step in Python (independent of ``make_iteration``):
+    the rollout, GAE and the clipped losses from the library; the entropy bonus, the loss-side KL
+    (k2 or exact), the shared critic's value term and the ptx term written out here."""
     k_sample, k_perm = jax.random.split(key)
     pol, val = state.policy, state.value
-    ro = collect(models.policy, pol.params, models.ref, state.frozen.ref, models.rm,
-                 state.frozen.rm, models.value, val.params, batch["prompts"],
-                 batch["prompt_mask"], k_sample, batch["example_ids"],
-                 sampling=SamplingConfig(max_new_tokens=n_new, temperature=hp.temperature),
-                 eos_id=eos, pad_id=pad, rescore_policy=hp.rescore_policy)
+    shared = hp.critic == "shared"
+    t = hp.temperature
+    ro = collect(models.policy, pol.params, models.ref, frozen.ref, models.rm, frozen.rm,
+                 None if shared else models.value, None if shared else val.params,
+                 batch["prompts"], batch["prompt_mask"], k_sample, batch["example_ids"],
+                 sampling=SamplingConfig(max_new_tokens=n_new, temperature=t),
+                 eos_id=eos, pad_id=pad, rescore_policy=hp.rescore_policy, shared_critic=shared)
     mask = ro.mask.astype(jnp.float32)
     score = ro.scores * gain + bias - hp.no_eos_penalty * ro.truncated
-    rewards = token_rewards(score, ro.logp - ro.ref_logp, mask, kl_coef=hp.kl_coef)
+    beta = 0.0 if hp.kl_in_loss else hp.kl_coef
+    rewards = token_rewards(score, ro.logp - ro.ref_logp, mask, kl_coef=beta)
     adv, ret = gae(rewards, ro.values, mask, discount=hp.discount, gae_lambda=hp.gae_lambda)
+    raw = np.asarray(adv)[np.asarray(mask) > 0]
+    adv_scale = float(np.sqrt(raw.var() + 1e-8))
     adv = whiten(adv, mask)
+    ref_logits = response_logits(models.ref, frozen.ref, batch["prompts"], batch["prompt_mask"],
+                                 ro.responses, ro.mask)[0] / t
     n = mask.shape[0]
     mb = n // hp.minibatches
     big = hp.minibatches   # rows go to minibatches in blocks of consecutive example ids
     ids = np.asarray(batch["example_ids"])
+    u = 0
     for ek in jax.random.split(k_perm, hp.epochs):
         assign = np.array([int(jax.random.permutation(jax.random.fold_in(ek, int(r) // big),
                                                       big)[int(r) % big]) for r in ids])
@@ -77,14 +93,36 @@ def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
             i = np.flatnonzero(assign == m)
             assert len(i) == mb
 
-            def pl(params):
-                logits, _ = response_logits(models.policy, params, batch["prompts"][i],
-                                            batch["prompt_mask"][i], ro.responses[i], ro.mask[i])
-                logp = token_logprobs(logits / hp.temperature, ro.responses[i])
-                return clipped_policy_loss(logp, ro.logp[i], adv[i], mask[i],
+            def pl(params, i=i, u=u):
+                logits, out = response_logits(models.policy, params, batch["prompts"][i],
+                                              batch["prompt_mask"][i], ro.responses[i],
+                                              ro.mask[i])
+                logits = logits / t
+                logp = token_logprobs(logits, ro.responses[i])
+                loss = clipped_policy_loss(logp, ro.logp[i], adv[i], mask[i],
                                            clip_eps=hp.clip_eps)[0]
+                lp = jax.nn.log_softmax(logits)
+                loss -= hp.entropy_coef * _masked_mean(-jnp.sum(jnp.exp(lp) * lp, -1), mask[i])
+                if hp.kl_in_loss == "k2":
+                    kl = 0.5 * jnp.square(ro.ref_logp[i] - logp)
+                elif hp.kl_in_loss == "exact":
+                    lq = jax.nn.log_softmax(ref_logits[i])
+                    kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+                if hp.kl_in_loss:
+                    loss += hp.kl_coef * _masked_mean(kl, mask[i]) / adv_scale
+                if shared:
+                    loss += hp.vf_coef * clipped_value_loss(
+                        out.scalars["value"], ro.values[i], ret[i], mask[i],
+                        clip_eps=hp.value_clip_eps)[0]
+                if hp.ptx_coef:
+                    rows = {k: v[u] for k, v in batch["ptx"].items()}
+                    o = models.policy.apply(params, rows["tokens"],
+                                            attention_mask=rows["attention_mask"])
+                    nll = -token_logprobs(o.logits[:, :-1], rows["tokens"][:, 1:])
+                    loss += hp.ptx_coef * _masked_mean(nll, rows["loss_mask"][:, 1:])
+                return loss
 
-            def vl(params):
+            def vl(params, i=i):
                 _, out = response_logits(models.value, params, batch["prompts"][i],
                                          batch["prompt_mask"][i], ro.responses[i], ro.mask[i],
                                          compute_logits=False)
@@ -92,7 +130,9 @@ def _pieces(models, hp, state, batch, key, *, n_new, eos, pad, gain, bias):
                                           mask[i], clip_eps=hp.value_clip_eps)[0]
 
             pol = pol.apply_gradients(jax.grad(pl)(pol.params))
-            val = val.apply_gradients(jax.grad(vl)(val.params))
+            if not shared:
+                val = val.apply_gradients(jax.grad(vl)(val.params))
+            u += 1
     return pol, val, ro
 
 
@@ -119,37 +159,81 @@ def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
         np.testing.assert_allclose(getattr(b, f), getattr(a, f), atol=1e-5, err_msg=f)
 
 
-@pytest.mark.parametrize("rescore_policy", [True, False])
-def test_compiled_iteration_equals_its_pieces(rescore_policy):
+BRANCHES = {   # name: PPOHParams overrides
+    "default": dict(),
+    "sampler_logits": dict(rescore_policy=False),
+    "shared_critic+entropy+k2_in_loss": dict(critic="shared", entropy_coef=0.05, kl_in_loss="k2",
+                                             kl_coef=0.3),
+    "ptx+exact_in_loss": dict(ptx_coef=0.3, kl_in_loss="exact", kl_coef=0.3),
+}
+
+
+@pytest.mark.parametrize("branch", sorted(BRANCHES))
+def test_compiled_iteration_equals_its_pieces(branch):
+    """Parameters after one iteration (2 epochs × 2 minibatches) equal the written-out pieces, for
+    the default iteration, the sampler's logits, the shared critic with an entropy bonus and k2 in
+    the loss, and PPO-ptx with the exact KL in the loss; the rollout's diagnostics equal NumPy
+    references from the logits."""
     models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
-    hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, no_eos_penalty=0.5,
-                    rescore_policy=rescore_policy)
+    hp = PPOHParams(**{**dict(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1,
+                              no_eos_penalty=0.5), **BRANCHES[branch]})
+    if hp.critic == "shared":
+        policy, p_params = create_model(models.policy.cfg, jax.random.key(1), heads=("value",))
+        models = Models(policy=policy, ref=models.ref, rm=models.rm, value=None)
+        v_params = None
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
     kw = dict(n_new=6, eos=2, pad=0, gain=1.5, bias=-0.2)
     batch = {"prompts": prompts, "prompt_mask": pmask, "example_ids": jnp.arange(8)}
+    if hp.ptx_coef:
+        rng = np.random.default_rng(5)
+        tok = rng.integers(3, 16, (4, 3, 9)).astype(np.int32)
+        am = (np.arange(9)[None, None] < rng.integers(3, 10, (4, 3))[..., None]).astype(np.int32)
+        batch["ptx"] = {"tokens": jnp.asarray(tok * am), "attention_mask": jnp.asarray(am),
+                        "loss_mask": jnp.asarray(am)}
     key = jax.random.key(7)
 
-    state = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 4)
-    pol, val, ro = _pieces(models, hp, state, batch, key, **kw)
+    state, frozen = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 4)
+    pol, val, ro = _pieces(models, hp, state, frozen, batch, key, **kw)
 
     it = jax.jit(make_iteration(models, hp, max_new_tokens=6, eos_id=2, pad_id=0, rm_gain=1.5,
                                 rm_bias=-0.2), donate_argnums=0)
-    state = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 4)
-    new, metrics = it(state, batch, key)
+    state, frozen = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 4)
+    new, metrics, rollout = it(state, frozen, batch, key)
 
-    np.testing.assert_array_equal(np.asarray(metrics["rollout"]["responses"]),
-                                  np.asarray(ro.responses))
-    for a, b in ((new.policy.params, pol.params), (new.value.params, val.params)):
+    np.testing.assert_array_equal(np.asarray(rollout["responses"]), np.asarray(ro.responses))
+    pairs = [(new.policy.params, pol.params)]
+    if hp.critic == "separate":
+        pairs.append((new.value.params, val.params))
+    for a, b in pairs:
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), a, b)
-    assert int(new.policy.step) == 4 and int(new.iteration) == 1
+    assert int(new.policy.step) == 4 and int(new.step) == 1
+    assert set(metrics) >= {"train/loss", "kl/per_sequence", "rollout/rm_score"}
+    assert all(np.shape(v) == () for v in metrics.values()), "metrics are a flat dict of scalars"
+    assert ("train/entropy" in metrics and ("train/kl_loss" in metrics) == bool(hp.kl_in_loss)
+            and ("train/ptx_loss" in metrics) == bool(hp.ptx_coef))
     assert float(metrics["rollout/logprob_max_diff"]) <= 1e-5
-    k1 = np.asarray((ro.logp - ro.ref_logp) * ro.mask).sum(-1).mean()
-    np.testing.assert_allclose(float(metrics["kl/per_sequence"]), k1, rtol=1e-5, atol=1e-6)
+    # diagnostics against NumPy references from the rollout's own logits
+    m = np.asarray(ro.mask, bool)
+    logits = np.asarray(response_logits(models.policy, p_params, prompts, pmask, ro.responses,
+                                        ro.mask)[0], np.float64) / hp.temperature
+    ref_logits = np.asarray(response_logits(models.ref, ref_params, prompts, pmask, ro.responses,
+                                            ro.mask)[0], np.float64) / hp.temperature
+    lp, lq = references.log_softmax(logits), references.log_softmax(ref_logits)
+    k1 = references.token_logprobs(logits, ro.responses) - references.token_logprobs(
+        ref_logits, ro.responses)
+    exact = np.sum(np.exp(lp) * (lp - lq), -1)
+    np.testing.assert_allclose(float(metrics["kl/per_sequence"]), (k1 * m).sum(-1).mean(),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["kl/exact_per_sequence"]),
+                               (exact * m).sum(-1).mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["rollout/entropy"]),
+                               references.masked_mean(references.entropy(logits), m),
+                               rtol=1e-4, atol=1e-6)
     # the KL's two parts: k1 = (−log π_SFT) − (−log π)
     np.testing.assert_allclose(
         float(metrics["kl/cross_entropy_term"]) - float(metrics["kl/entropy_term"]),
         float(metrics["kl/per_token"]), rtol=1e-4, atol=1e-6)
-    assert np.isfinite([float(v) for k, v in metrics.items() if k != "rollout"]).all()
+    assert np.isfinite([float(v) for v in metrics.values()]).all()
 
 
 BANDIT_VOCAB, BANDIT_TABLE = 6, (0.0, 0.2, -0.5, 0.3, 1.0, -1.0)
@@ -173,13 +257,13 @@ def run_bandit(hp: PPOHParams, *, iters: int = 150, learning_rate: float = 2e-2)
     optim = OptimConfig(learning_rate=learning_rate, warmup_steps=5, final_lr_frac=0.05,
                         weight_decay=0.0)
     models = Models(policy=policy, ref=policy, rm=table_reward, value=None)
-    state = _state(models, params, None, params, {"table": table}, hp, optim,
-                   iters * hp.epochs * hp.minibatches)
+    state, frozen = _state(models, params, None, params, {"table": table}, hp, optim,
+                           iters * hp.epochs * hp.minibatches)
     it = jax.jit(make_iteration(models, hp, max_new_tokens=1, eos_id=vocab - 1, pad_id=0),
                  donate_argnums=0)
     batch = {"prompts": prompt, "prompt_mask": pmask, "example_ids": jnp.arange(hp.rollout_size)}
     for i in range(iters):
-        state, _ = it(state, batch, jax.random.fold_in(jax.random.key(1), i))
+        state, _, _ = it(state, frozen, batch, jax.random.fold_in(jax.random.key(1), i))
     pi = np.asarray(jax.nn.softmax(policy.apply(state.policy.params, prompt[:1]).logits[0, -1]),
                     np.float64)
     return pi, pi_ref, np.asarray(BANDIT_TABLE, np.float64)

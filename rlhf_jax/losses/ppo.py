@@ -1,19 +1,13 @@
-"""PPO's losses and the KL to the reference policy, as pure functions over arrays.
+"""PPO's loss terms as pure functions over arrays: the clipped surrogate, the clipped value loss,
+the KL to the reference policy as a loss, and the entropy bonus.
 
 Notation: ``logp`` = log π(y_t | x, y_<t) under the policy being trained, ``old_logp`` under the
 policy that sampled the rollout, ``ref_logp`` under the frozen SFT model π_SFT; all ``[B, N]`` over
-response tokens with a ``[B, N]`` mask.
-
-KL to the reference, per token (Schulman's estimators, with ``log r = ref_logp − logp`` and samples
-from π):
-
-* ``k1 = −log r = logp − ref_logp`` — unbiased for KL(π ‖ π_SFT); can be negative per sample. It
-  splits into the entropy part ``−log π`` (negated: ``logp``) and the cross-entropy-to-SFT part
-  ``−log π_SFT``: ``k1 = logp − ref_logp``. This is InstructGPT's reward-side penalty.
-* ``k2 = ½ (log r)²`` — biased as a value, but as a *loss* its gradient on on-policy samples is the
-  exact ∇KL(π ‖ π_SFT).
-* ``k3 = r − 1 − log r`` — unbiased and ≥ 0 per sample (used by GRPO).
-* ``exact`` — Σ_v π(v)(log π(v) − log π_SFT(v)) at each position, from the full logits.
+response tokens with a ``[B, N]`` mask. Token terms become scalars with
+:func:`rlhf_jax.ops.aggregate` (``token`` mean by default; ``sequence`` for GRPO, ``budget`` for
+Dr. GRPO / RLOO). The per-token KL estimators (k1, k2, k3, exact) are
+:func:`rlhf_jax.ops.kl_per_token`, used both on the reward side and, through :func:`kl_loss`, in the
+loss.
 
 As a loss (``kl_in_loss``): k1 has zero expected gradient (E_π[∇ log π] = 0), so it does not
 regularise at all; k3's gradient is that of the *forward* KL(π_SFT ‖ π). Use k2 or ``exact``.
@@ -24,32 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops import AxisName, masked_mean
+from rlhf_jax.ops import KL_ESTIMATORS, AxisName, aggregate, kl_per_token, masked_mean
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
-
-
-def kl_per_token(logp: jax.Array, ref_logp: jax.Array, *, estimator: str = "k1",
-                 logits: jax.Array | None = None, ref_logits: jax.Array | None = None
-                 ) -> jax.Array:
-    """Per-token KL(π ‖ π_SFT) estimate ``[B, N]`` (see the module docstring).
-
-    ``exact`` needs the tempered ``logits`` and ``ref_logits`` ``[B, N, V]`` of the same positions.
-    """
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "exact":
-        if logits is None or ref_logits is None:
-            raise ValueError("the exact KL needs logits and ref_logits")
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        lq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
-        return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-    log_r = ref_logp - logp
-    if estimator == "k2":
-        return 0.5 * jnp.square(log_r)
-    if estimator == "k3":
-        return jnp.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+__all__ = ["KL_ESTIMATORS", "clipped_policy_loss", "clipped_value_loss", "entropy_bonus",
+           "kl_loss", "kl_per_token"]
 
 
 def clipped_policy_loss(
@@ -59,20 +31,23 @@ def clipped_policy_loss(
     mask: jax.Array,        # [B, N]
     *,
     clip_eps: float = 0.2,
+    aggregation: str = "token",
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PPO's clipped surrogate (Schulman et al. 2017), a token mean:
+    """PPO's clipped surrogate (Schulman et al. 2017), reduced with ``aggregation``:
 
-        L = mean_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε)),   ρ_t = π_θ / π_old.
+        L = agg_{i,t} max(−A_{i,t}·ρ_{i,t}, −A_{i,t}·clip(ρ_{i,t}, 1 − ε, 1 + ε)),  ρ = π_θ / π_old.
 
-    Metrics: ``policy_loss``, ``clip_frac`` (tokens where the clipped term is the active one),
+    ``aggregation="token"`` is the token mean (PPO); GRPO uses ``"sequence"`` and Dr. GRPO
+    ``"budget"`` (:func:`rlhf_jax.ops.aggregate`). Metrics, token means whatever the aggregation:
+    ``policy_loss``, ``clip_frac`` (tokens where the clipped term is the active one),
     ``approx_kl`` (k3 estimate of KL(π_old ‖ π_θ)), ``ratio`` mean.
     """
     log_ratio = logp - old_logp
     ratio = jnp.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(pg1, pg2), mask, axis_name=axis_name)
+    loss = aggregate(jnp.maximum(pg1, pg2), mask, aggregation=aggregation, axis_name=axis_name)
     sg_ratio = jax.lax.stop_gradient(ratio)
     sg_log_ratio = jax.lax.stop_gradient(log_ratio)
     return loss, {
@@ -113,18 +88,23 @@ def clipped_value_loss(
     return loss, {"value_loss": loss, "value_clip_frac": frac}
 
 
-def kl_loss(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, estimator: str = "k2",
-            logits: jax.Array | None = None, ref_logits: jax.Array | None = None,
-            axis_name: AxisName = None) -> jax.Array:
-    """Token mean of the KL penalty used *as a loss* (gradient through ``logp``/``logits`` only).
+def kl_loss(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, estimator: str,
+            aggregation: str = "token", logits: jax.Array | None = None,
+            ref_logits: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
+    """The KL penalty used *as a loss*: :func:`rlhf_jax.ops.kl_per_token` reduced with
+    ``aggregation`` (GRPO puts ``β·k3`` inside the same ``1/|o_i|`` average as its surrogate);
+    gradient through ``logp``/``logits`` only.
 
-    Only ``k2`` and ``exact`` have the gradient of KL(π ‖ π_SFT); ``k1`` (zero expected gradient)
-    and ``k3`` (forward-KL gradient) are accepted for experiments but documented as wrong.
+    Only ``k2`` and ``exact`` have the gradient of KL(π ‖ π_SFT). ``k1`` (zero expected gradient)
+    is accepted for experiments. GRPO's ``k3 = π_SFT/π − 1 − log(π_SFT/π)`` as a loss has the
+    expected gradient ``∇KL(π_SFT ‖ π)`` on on-policy samples, the *forward* KL, not the reverse
+    KL(π ‖ π_SFT) its value estimates: a mass-covering penalty, weaker against moving probability
+    onto tokens π_SFT finds unlikely.
     """
     ref_logp = jax.lax.stop_gradient(ref_logp)
     ref_logits = None if ref_logits is None else jax.lax.stop_gradient(ref_logits)
     kl = kl_per_token(logp, ref_logp, estimator=estimator, logits=logits, ref_logits=ref_logits)
-    return masked_mean(kl, mask, axis_name=axis_name)
+    return aggregate(kl, mask, aggregation=aggregation, axis_name=axis_name)
 
 
 def entropy_bonus(entropy: jax.Array, mask: jax.Array, *, axis_name: AxisName = None

@@ -1,10 +1,13 @@
 """One PPO iteration as one jitted function (InstructGPT's RL stage, Ouyang et al. 2022, eq. 2).
 
-``make_iteration(...)`` returns a pure ``(state, batch, key) -> (state, metrics)``: sample the
-batch's prompts with the KV cache, score (policy, reference, value, RM), build per-token rewards
-(−β·KL each token, RM score at the last), GAE, then ``epochs × minibatches`` clipped updates in a
-nested ``lax.scan``, then the KL-controller update. No host round-trip inside; the caller's loop
-only logs, evaluates and checkpoints.
+``make_iteration(...)`` returns a pure ``(state, frozen, batch, key) -> (state, metrics,
+rollout)``: sample the batch's prompts with the KV cache, score (policy, reference, value, RM; each
+model runs once), build per-token rewards (−β·KL each token, RM score at the last), GAE, then
+``epochs × minibatches`` clipped updates in a nested ``lax.scan``, then the KL-controller update.
+``frozen`` (reference and RM parameters) is read, never trained or donated; ``metrics`` is a flat
+dict of scalars; ``rollout`` holds the sampled tokens and scores for host-side judging. No host
+round-trip inside; the caller's loop (``rlhf_jax.loop.fit``) only logs, evaluates and
+checkpoints.
 
 The critic is ``"separate"`` (its own model, initialised from the RM as in InstructGPT),
 ``"shared"`` (a value head on the policy trunk, one loss ``policy + vf_coef·value``) or ``"none"``
@@ -24,10 +27,11 @@ from jax import lax
 
 from rlhf_jax.configs import check, non_negative, positive
 from rlhf_jax.losses.lm import next_token_loss
-from rlhf_jax.losses.policy_gradient import AGGREGATIONS, clipped_loss, kl_penalty, reinforce_loss
-from rlhf_jax.losses.ppo import KL_ESTIMATORS, clipped_value_loss
+from rlhf_jax.losses.policy_gradient import reinforce_loss
+from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss, kl_loss
 from rlhf_jax.models.functional import Model
-from rlhf_jax.ops import AxisName, entropy_from_logits, masked_mean, masked_var, token_logprobs
+from rlhf_jax.ops import (AGGREGATIONS, KL_ESTIMATORS, AxisName, entropy_from_logits,
+                          kl_per_token, masked_mean, masked_var, token_logprobs)
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
 from rlhf_jax.rl.group import GROUP_ADVANTAGES  # also registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
@@ -35,7 +39,7 @@ from rlhf_jax.rl.rollout import Rollout, collect
 from rlhf_jax.sampling import SamplingConfig, response_logits
 from rlhf_jax.train import TrainState, apply_if_finite
 
-POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_loss, "reinforce": reinforce_loss}
+POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss, "reinforce": reinforce_loss}
 CRITICS = ("separate", "shared", "none")
 
 
@@ -56,12 +60,15 @@ class PPOHParams:
       gae_lambda: GAE λ.
       whiten_advantages: normalise advantages to mean 0, std 1 over the batch.
       kl_coef: β, the initial value when adaptive.
-      kl_estimator: reward-side per-token KL: ``k1`` (log π − log π_SFT at the sampled token)
-        or ``exact`` (full-vocabulary KL at each position). A position's exact KL does not depend
+      kl_estimator: reward-side per-token KL (``rlhf_jax.ops.kl_per_token``): ``k1`` (default;
+        log π − log π_SFT at the sampled token, InstructGPT's) or ``exact`` (full-vocabulary KL
+        at each position). A position's exact KL does not depend
         on the token sampled there, so in the reward it only credits earlier tokens; its direct
         gradient at its own position is added to the loss (the decomposition is exact).
-      kl_in_loss: put β·KL in the loss instead of the reward: ``""`` (off), ``k2`` or ``exact``
-        (``k1``/``k3`` allowed for experiments; see ``rlhf_jax.losses.ppo``).
+      kl_in_loss: put β·KL in the loss instead of the reward (``rlhf_jax.losses.ppo.kl_loss``):
+        ``""`` (default: off), ``k2`` or ``exact`` (``k1``/``k3`` allowed for experiments; GRPO's
+        preset uses ``k3``). These two fields are the library's KL defaults; the KL functions
+        themselves have none.
       adaptive_kl: Ziegler et al.'s controller on β.
       kl_target: target per-sequence KL (nats) of the controller.
       kl_horizon: controller horizon (in sequences).
@@ -75,7 +82,7 @@ class PPOHParams:
       loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
         ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see
-        ``rlhf_jax.losses.policy_gradient``.
+        ``rlhf_jax.ops.aggregate``.
       critic: ``separate``, ``shared`` or ``none``.
       rescore_policy: π_old's log-probs (and a shared value head) from a full forward pass of the
         policy over each rollout (default), or — ``False`` — from the logits the sampler computed
@@ -151,17 +158,15 @@ class Frozen:
 
 @flax.struct.dataclass
 class PPOState:
+    """Everything an iteration trains or updates (and a checkpoint holds); ``step`` counts
+    iterations (``rlhf_jax.loop.fit`` resumes from it). The frozen models are a separate
+    argument: they come from their own runs."""
+
     policy: TrainState
     value: TrainState | None      # None with a shared or no critic
     kl_coef: jax.Array
     reward_moments: RunningMoments
-    iteration: jax.Array
-    frozen: Frozen
-
-    def trainable(self) -> dict:
-        """What a checkpoint must hold (the frozen models come from their own runs)."""
-        return {"policy": self.policy, "value": self.value, "kl_coef": self.kl_coef,
-                "reward_moments": self.reward_moments, "iteration": self.iteration}
+    step: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,12 +212,13 @@ def minibatch_indices(key: jax.Array, example_ids: jax.Array, minibatches: int) 
 def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                    eos_id: int | tuple[int, ...], pad_id: int, rm_gain: float = 1.0, rm_bias: float = 0.0,
                    axis_name: AxisName = None):
-    """The compiled PPO iteration ``(state, batch, key) -> (state, metrics)``.
+    """The compiled PPO iteration ``(state, frozen, batch, key) -> (state, metrics, rollout)``.
 
-    ``batch``: ``prompts [B, P]``, ``prompt_mask``, ``example_ids [B·G]`` (per-sample key ids),
-    and with ``ptx_coef > 0`` ``ptx`` rows ``{"tokens", "attention_mask", "loss_mask"}`` of shape
-    ``[epochs·minibatches, R, T]`` (one slice of pretraining corpus per update). ``metrics`` holds
-    scalars plus ``"rollout"``: the sampled tokens, mask and scores for host-side evaluation."""
+    ``frozen``: :class:`Frozen` reference and RM parameters. ``batch``: ``prompts [B, P]``,
+    ``prompt_mask``, ``example_ids [B·G]`` (per-sample key ids), and with ``ptx_coef > 0`` ``ptx``
+    rows ``{"tokens", "attention_mask", "loss_mask"}`` of shape ``[epochs·minibatches, R, T]`` (one
+    slice of pretraining corpus per update). ``metrics``: a flat dict of scalars. ``rollout``:
+    ``{"responses", "mask" [B·G, N], "rm_score" [B·G]}`` for host-side evaluation."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=hp.temperature)
     policy_model = models.policy
     value_model = models.value if hp.critic == "separate" else None
@@ -220,6 +226,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
     policy_loss_fn = POLICY_LOSSES[hp.policy_loss]
     t = hp.temperature
     n_mb = hp.minibatches
+    loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
+    keep_logits = "exact" in (hp.kl_in_loss, hp.kl_estimator)   # an exact KL reads the logits
 
     def policy_terms(params, mb, ptx, kl_coef, adv_scale):
         logits, out = response_logits(policy_model, params, mb["prompts"], mb["prompt_mask"],
@@ -237,12 +245,11 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         # KL terms in the loss are divided by the advantage-whitening scale, so β weighs the KL
         # against the (unwhitened) reward exactly as in the reward-side penalty. (Without
         # whitening the scale is 1: GRPO's β then weighs its std-normalised advantages, as in GRPO.)
-        loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
         if loss_kl:
             ref_logits = mb["ref_logits"] if loss_kl == "exact" else None
-            kl = kl_penalty(logp, mb["ref_logp"], mask, estimator=loss_kl,
-                            aggregation=hp.loss_aggregation, logits=logits,
-                            ref_logits=ref_logits, axis_name=axis_name)
+            kl = kl_loss(logp, mb["ref_logp"], mask, estimator=loss_kl,
+                         aggregation=hp.loss_aggregation, logits=logits, ref_logits=ref_logits,
+                         axis_name=axis_name)
             loss = loss + kl_coef * kl / adv_scale
             m["kl_loss"] = kl
         if hp.critic == "shared":
@@ -272,17 +279,17 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         (_, m), g = jax.value_and_grad(fn, has_aux=True)(params, *args)
         return g, m
 
-    def iteration(state: PPOState, batch: dict, key: jax.Array):
+    def iteration(state: PPOState, frozen: Frozen, batch: dict, key: jax.Array):
         k_sample, k_perm = jax.random.split(key)
         g = hp.group_size
         prompts = jnp.repeat(batch["prompts"], g, axis=0)
         prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
         value_params = None if state.value is None else state.value.params
-        ro: Rollout = collect(policy_model, state.policy.params, models.ref, state.frozen.ref,
-                              models.rm, state.frozen.rm, value_model, value_params, prompts,
+        ro: Rollout = collect(policy_model, state.policy.params, models.ref, frozen.ref,
+                              models.rm, frozen.rm, value_model, value_params, prompts,
                               prompt_mask, k_sample, batch["example_ids"], sampling=sampling,
                               eos_id=eos_id, pad_id=pad_id, shared_critic=hp.critic == "shared",
-                              rescore_policy=hp.rescore_policy)
+                              rescore_policy=hp.rescore_policy, keep_logits=keep_logits)
         mask = ro.mask.astype(jnp.float32)
         n_seq = mask.shape[0]
 
@@ -293,8 +300,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         if hp.scale_rewards:
             moments = moments.update(score, axis_name=axis_name)
             score = score / jnp.maximum(moments.std, 1e-8)
-        k1 = ro.logp - ro.ref_logp
-        kl_tok = ro.exact_kl if hp.kl_estimator == "exact" else k1
+        k1 = kl_per_token(ro.logp, ro.ref_logp, estimator="k1")   # the diagnostics' KL
+        kl_tok = kl_per_token(ro.logp, ro.ref_logp, estimator=hp.kl_estimator, logits=ro.logits,
+                              ref_logits=ro.ref_logits) * mask
         reward_kl_coef = 0.0 if hp.kl_in_loss else state.kl_coef
         rewards = token_rewards(score, kl_tok, mask, kl_coef=reward_kl_coef)
         adv, returns = advantage_fn(rewards, ro.values, mask, discount=hp.discount,
@@ -307,9 +315,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         data = {"prompts": prompts, "prompt_mask": prompt_mask, "responses": ro.responses,
                 "mask": mask, "logp": ro.logp, "ref_logp": ro.ref_logp, "values": ro.values,
                 "advantages": adv, "returns": returns}
-        if "exact" in (hp.kl_in_loss, hp.kl_estimator):   # needs every position's ref logits
-            data["ref_logits"] = response_logits(models.ref, state.frozen.ref, prompts,
-                                                 prompt_mask, ro.responses, ro.mask)[0] / t
+        if loss_kl == "exact":   # every position's reference logits, from the rollout's pass
+            data["ref_logits"] = ro.ref_logits
 
         # --- E epochs × M minibatches ---------------------------------------------------
         mb_size = n_seq // n_mb
@@ -372,9 +379,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                                                           axis_name=axis_name)),
         }
         state = state.replace(policy=pstate, value=vstate, kl_coef=kl_coef,
-                              reward_moments=moments, iteration=state.iteration + 1)
-        metrics["rollout"] = {"responses": ro.responses, "mask": ro.mask, "rm_score": rm_score}
-        return state, metrics
+                              reward_moments=moments, step=state.step + 1)
+        rollout = {"responses": ro.responses, "mask": ro.mask, "rm_score": rm_score}
+        return state, metrics, rollout
 
     return iteration
 

@@ -6,7 +6,7 @@ advantages (the group baseline replaces both).
 
 * GRPO (Shao et al. 2024): group-normalised advantages, PPO's clipped ratio, per-sequence token
   means (``1/|o_i|``), β = 0.04 times k3 in the loss (k3 as a loss optimises the *forward* KL; see
-  ``rlhf_jax.losses.policy_gradient.kl_penalty``), 2 epochs × 4 minibatches.
+  ``rlhf_jax.losses.ppo.kl_loss``), 2 epochs × 4 minibatches.
 * Dr. GRPO (Liu et al. 2025): GRPO without the std normalisation and with the constant
   ``1/(B·max_new_tokens)`` normaliser instead of ``1/|o_i|``.
 * RLOO (Ahmadian et al. 2024): leave-one-out baseline on the sequence reward score − β·Σ_t k1

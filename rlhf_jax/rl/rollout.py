@@ -13,12 +13,15 @@ The reward model enters as a *score function* ``score(params, tokens, mask) -> [
 ``[prompt | response]`` rows, built by the caller beside the model
 (``rlhf_jax.stages.reward_model.make_score_fn``); a bare ``Model`` stands for its ``reward`` head
 read at the last token.
+
+The reference model runs once per rollout: the iteration reads its log-probs (and, with
+``keep_logits``, the tempered policy and reference logits an exact KL needs) from here.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 from rlhf_jax.losses.reward import reward_at_last_token
 from rlhf_jax.models.readout import last_token_rewards
 from rlhf_jax.models.functional import Model
-from rlhf_jax.ops import entropy_from_logits, token_logprobs
+from rlhf_jax.ops import entropy_from_logits, kl_per_token, token_logprobs
 from rlhf_jax.sampling import SamplingConfig, is_eos, response_logits, sample
 
 
@@ -43,6 +46,8 @@ class Rollout(NamedTuple):
     values: jax.Array          # [B, N] V(state before token t) (zeros without a critic)
     scores: jax.Array          # [B] raw RM score at the last response token
     truncated: jax.Array       # [B] hit the budget without EOS
+    logits: Optional[jax.Array] = None      # [B, N, V] tempered policy logits (keep_logits)
+    ref_logits: Optional[jax.Array] = None  # [B, N, V] tempered reference logits (keep_logits)
 
 
 ScoreFn = Callable[..., jax.Array]   # (params, tokens [B, T], mask [B, T]) -> [B]
@@ -57,14 +62,16 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn
             score_params, value: Model | None, value_params, prompts: jax.Array,
             prompt_mask: jax.Array, key: jax.Array, example_ids: jax.Array, *,
             sampling: SamplingConfig, eos_id: int | tuple[int, ...], pad_id: int, shared_critic: bool = False,
-            value_head: str = "value", rescore_policy: bool = True) -> Rollout:
+            value_head: str = "value", rescore_policy: bool = True,
+            keep_logits: bool = False) -> Rollout:
     """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores
     (``score(score_params, [prompts | responses], mask)``, see the module docstring).
 
     The critic: ``value`` (a separate model, ``value_params`` its parameters); with
     ``shared_critic`` the value head of the policy's own pass (the rescoring forward pass, or the
     sampler's decoding with ``rescore_policy=False``; ``value`` must then be None); neither: no
-    critic, values 0."""
+    critic, values 0. ``keep_logits``: also return the tempered logits of both models (for an
+    exact KL in the reward or the loss)."""
     if shared_critic and value is not None:
         raise ValueError("shared_critic reads the policy's value head; pass value=None")
     out = sample(policy, policy_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
@@ -82,8 +89,8 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn
     ref_logits = ref_logits / t
     logp = token_logprobs(logits, responses)
     ref_logp = token_logprobs(ref_logits, responses)
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    exact_kl = jnp.sum(jnp.exp(lp) * (lp - jax.nn.log_softmax(ref_logits, axis=-1)), axis=-1)
+    exact_kl = kl_per_token(logp, ref_logp, estimator="exact", logits=logits,
+                            ref_logits=ref_logits)
     if shared_critic:
         values = pol_scalars[value_head]
     elif value is None:
@@ -99,4 +106,4 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn
     m = mask.astype(jnp.float32)
     return Rollout(prompts, prompt_mask, responses, mask, out.logprobs * m, logp * m,
                    ref_logp * m, exact_kl * m, entropy_from_logits(logits) * m, values * m,
-                   scores, truncated)
+                   scores, truncated, *((logits, ref_logits) if keep_logits else ()))

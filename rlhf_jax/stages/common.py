@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 from jax.sharding import PartitionSpec as P
 
+from rlhf_jax import progress, scripts
 from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
 from rlhf_jax.data.task import Task
@@ -37,15 +38,17 @@ def check_context(model: ModelConfig, task: TaskConfig, field: str = "task.max_n
           f"model context {model.max_len}")
 
 
-def upstream_run(given: str, default: Path, run_default, default_cfg, field: str) -> Path:
+def upstream_run(given: str, default: Path, script: str, default_cfg, field: str) -> Path:
     """The finished run a stage starts from: ``given`` (must hold a finished run, else an error
-    naming ``field``), or a default run written by ``run_default(default_cfg, default)`` unless
-    one already finished there."""
+    naming ``field``), or a default run of ``experiments/<script>.py`` with ``default_cfg`` into
+    ``default`` unless one already finished there (then reused, and said so)."""
     path = Path(given) if given else default
-    if not (path / "summary.json").exists():
-        if given:
-            raise FileNotFoundError(f"{field} {path} holds no finished run (no summary.json)")
-        run_default(default_cfg, path)
+    if (path / "summary.json").exists():
+        progress.reused(script, path)
+    elif given:
+        raise FileNotFoundError(f"{field} {path} holds no finished run (no summary.json)")
+    else:
+        scripts.run(script, default_cfg, path)
     return path
 
 

@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from rlhf_jax import scripts, sweep
+from rlhf_jax import sweep
 from rlhf_jax.configs import check, check_numbers, positive, to_dict
 from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
@@ -152,7 +152,7 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.upstream_seed)
     default_reward = dataclasses.replace(cfg.reward, seed=cfg.upstream_seed)
-    reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", scripts.load("reward").run,
+    reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", "reward",
                                   default_reward, "reward_dir"))
     t_up = time.perf_counter() - t0
     task = build_task(read_config(reward_dir, RewardConfig).sft.pretrain.task)

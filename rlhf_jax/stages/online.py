@@ -1,4 +1,5 @@
-"""Online RL stage configs: PPO, GRPO, Dr. GRPO and RLOO, all run by :func:`rlhf_jax.stages.ppo.run_ppo`.
+"""Online RL stage configs: PPO, GRPO, Dr. GRPO and RLOO, all run by ``experiments/ppo.py``'s ``run``
+(``rlhf_jax.scripts.load("ppo").run``).
 
 ``online_config(method)`` is a :class:`PPOConfig` whose ``ppo`` field is the method's preset
 (:mod:`rlhf_jax.rl.presets`) and whose policy learning rate suits the method's number of updates
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from rlhf_jax.rl.presets import PRESETS
-from rlhf_jax.stages.ppo import PPOConfig, run_ppo
+from rlhf_jax.stages.ppo import PPOConfig
 
 METHODS = ("ppo", "grpo", "dr_grpo", "rloo")
 
@@ -38,4 +39,4 @@ def online_config(method: str, ppo: PPOConfig = PPOConfig(), **overrides) -> PPO
                                    warmup_steps=min(ppo.value_optim.warmup_steps, updates)))
 
 
-__all__ = ["METHODS", "online_config", "run_ppo"]
+__all__ = ["METHODS", "online_config"]

@@ -1,10 +1,12 @@
-"""Stage 3: PPO against the reward model with a per-token KL to the SFT policy, then evaluation.
+"""PPO's library pieces (InstructGPT's stage 3): config, upstream runs, state, batches, host-side
+judging and the final evaluation. ``experiments/ppo.py`` composes them (GRPO and RLOO are presets
+of the same iteration, :mod:`rlhf_jax.stages.online`).
 
-The RL loop calls the compiled iteration (:mod:`rlhf_jax.rl.ppo`) once per iteration; on the host
-it only judges the iteration's samples with the gold judge (evaluation-only over-optimisation
-signals: RM–gold gap, RM agreement with gold on the policy's own samples), logs, and checkpoints.
-At the end it evaluates SFT, RLHF and best-of-N on the held-out prompts under the pinned protocol
-(:mod:`rlhf_jax.evaluate`).
+The loop (``rlhf_jax.loop.fit``) calls the compiled iteration (:mod:`rlhf_jax.rl.ppo`) once per
+iteration; on the host it only judges logged iterations' samples with the gold judge
+(evaluation-only over-optimisation signals: RM–gold gap, RM agreement with gold on the policy's
+own samples), logs, and checkpoints. At the end :func:`final_evaluation` evaluates SFT, RLHF and
+best-of-N on the held-out prompts under the pinned protocol (:mod:`rlhf_jax.evaluate`).
 """
 
 from __future__ import annotations
@@ -12,33 +14,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
-from rlhf_jax import scripts
-from rlhf_jax.checkpoint import Checkpointer, save_params
-from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.configs import check, check_numbers, positive
 from rlhf_jax.data.batching import EpochOrder, encode_prompts, pack_documents
+from rlhf_jax.data.task import Task
 from rlhf_jax.data.tokenizers import stop_ids
 from rlhf_jax.evaluate import (best_of_n, heldout_signals, judge_all, paired_outcomes,
                                rm_gold_agreement, versus_reference, versus_summary)
-from rlhf_jax.loop import NonFiniteError, key_data, truncate_metrics
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import transplant
-from rlhf_jax.parallel import (AXIS, check_divisible, data_parallel, make_mesh, replicate,
-                               shard_batch, to_host)
+from rlhf_jax.parallel import AXIS, check_divisible, data_parallel, shard_batch, to_host
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
 from rlhf_jax.runs import RunDir, read_metrics
-from rlhf_jax.stages.common import (STREAM_INIT, STREAM_TRAIN, eval_key, load_stage,
-                                    model_config, pipeline_task, read_config, stage_key,
-                                    upstream_run)
+from rlhf_jax.stages.common import (STREAM_INIT, eval_key, load_stage, model_config,
+                                    pipeline_task, read_config, stage_key)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward import RewardConfig, check_task_reward, load_reward_model
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
@@ -112,36 +109,73 @@ def check_ppo_sharding(cfg: PPOConfig, mesh) -> None:
 
 
 def sharded_iteration(models: Models, hp: PPOHParams, mesh, **kw):
-    """The compiled PPO iteration, data-parallel over ``mesh``: prompts, example ids and
-    pretraining rows split over devices; the rollout comes back split the same way."""
-
-    probe = make_iteration(models, hp, **kw)   # only to learn the metric names
+    """The compiled PPO iteration ``(state, frozen, batch, key) -> (state, metrics, rollout)``,
+    data-parallel over ``mesh``: prompts, example ids and pretraining rows split over devices (the
+    host batch is placed here); state, frozen parameters and metrics replicated; the rollout comes
+    back split like the prompts. The state is donated, ``frozen`` is not."""
     batch_spec = {"prompts": P(AXIS), "prompt_mask": P(AXIS), "example_ids": P(AXIS)}
     if hp.ptx_coef > 0:
         batch_spec["ptx"] = P(None, AXIS)
+    fn = data_parallel(make_iteration(models, hp, axis_name=AXIS, **kw), mesh,
+                       batch_spec=batch_spec, frozen_spec=P(), out_specs=(P(), P(), P(AXIS)))
 
-    def shapes(state, batch, key):
-        return jax.eval_shape(probe, state, batch, key)[1]
-
-    def wrapped(state, batch, key):
-        return make_iteration(models, hp, axis_name=AXIS, **kw)(state, batch, key)
-
-    cache: dict = {}
-
-    def run(state, batch, key):
-        if "fn" not in cache:
-            names = shapes(state, batch, key)
-            specs = {k: P() for k in names if k != "rollout"}
-            specs["rollout"] = P(AXIS)
-            cache["fn"] = data_parallel(wrapped, mesh, batch_spec=batch_spec,
-                                        out_specs=(P(), specs))
-        return cache["fn"](state, shard_batch(batch, mesh, batch_spec), key)
+    def run(state, frozen, batch, key):
+        return fn(state, frozen, shard_batch(batch, mesh, batch_spec), key)
 
     return run
 
 
-def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> PPOState:
-    """Policy from SFT (plus a fresh value head if shared), value model from the RM."""
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """What PPO starts from: the reward run (RM, its normalisation) and the SFT run it was trained
+    on (reference policy = PPO's initial policy), with their task."""
+
+    reward_dir: Path
+    reward_cfg: RewardConfig
+    pretrain: Any           # the pipeline's PretrainConfig (architecture, task)
+    task: Task
+    ref: Any                # the SFT model (static half)
+    sft_params: Any
+    score: Any              # the RM's score function (rlhf_jax.rl.rollout)
+    rm_params: Any
+    gain: float             # RM normalisation (1, 0 without normalize_rm)
+    bias: float
+
+
+def load_upstream(reward_dir: str | Path, normalize_rm: bool) -> Upstream:
+    """The finished reward run in ``reward_dir`` and the SFT run it names."""
+    reward_cfg = read_config(reward_dir, RewardConfig)
+    check_task_reward(reward_cfg, "reward_dir")
+    sft_cfg, ref, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
+                                          config_of=lambda c: c.pretrain)
+    pre = sft_cfg.pretrain
+    _, score, rm_params = load_reward_model(reward_dir, pre.task.prompt_len)
+    norm = json.loads((Path(reward_dir) / "reward_norm.json").read_text())
+    gain, bias = (norm["gain"], norm["bias"]) if normalize_rm else (1.0, 0.0)
+    return Upstream(Path(reward_dir), reward_cfg, pre, pipeline_task(pre), ref, sft_params, score,
+                    rm_params, gain, bias)
+
+
+def build_models(up: Upstream, hp: PPOHParams) -> Models:
+    """The policy (with a value head if the critic is shared), the reference, the RM and a
+    separate value model if the critic is separate; all of the SFT architecture."""
+    heads = ("value",) if hp.critic == "shared" else ()
+    policy = create_model(model_config(up.pretrain), jax.random.key(0), heads=heads)[0]
+    value = create_model(model_config(up.pretrain), jax.random.key(0), heads=("value",))[0] \
+        if hp.critic == "separate" else None
+    return Models(policy=policy, ref=up.ref, rm=up.score, value=value)
+
+
+def iteration_kwargs(up: Upstream) -> dict:
+    """The task's sampling and reward settings of ``make_iteration`` / :func:`sharded_iteration`."""
+    tok = up.task.tokenizer
+    return dict(max_new_tokens=up.pretrain.task.max_new_tokens, eos_id=stop_ids(tok),
+                pad_id=tok.pad_id, rm_gain=up.gain, rm_bias=up.bias)
+
+
+def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> tuple[PPOState, Frozen]:
+    """``(state, frozen)``: the policy from SFT (plus the RM's head as a fresh value head if
+    shared), the value model from the RM; the frozen reference (SFT) and RM parameters."""
     hp = cfg.ppo
     updates = cfg.iterations * hp.epochs * hp.minibatches
     policy_params = sft_params
@@ -156,11 +190,44 @@ def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> PPOStat
                                   rename={"reward": "value"})
         value = TrainState.create(jax.tree.map(lambda x: x.copy(), value_params),
                                   make_optimizer(cfg.value_optim, updates))
-    return PPOState(
+    state = PPOState(
         policy=TrainState.create(policy_params, make_optimizer(cfg.policy_optim, updates)),
         value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
-        reward_moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32),
-        frozen=Frozen(ref=sft_params, rm=rm_params))
+        reward_moments=RunningMoments.create(), step=jnp.zeros((), jnp.int32))
+    return state, Frozen(ref=sft_params, rm=rm_params)
+
+
+class PromptBatches:
+    """Host batches of the iterations: ``batch_at(it)`` holds iteration ``it``'s training prompts
+    (a pure function of ``it`` and the seed: resumes replay them) and, with ``ptx_coef > 0``, one
+    slice of the pretraining corpus per update."""
+
+    def __init__(self, cfg: PPOConfig, up: Upstream):
+        hp, tok = cfg.ppo, up.task.tokenizer
+        self.prompts = up.task.prompts("train")
+        self.ids, self.mask = encode_prompts(tok, self.prompts, up.pretrain.task.prompt_len)
+        self.order = EpochOrder(len(self.prompts), hp.prompts_per_iter, cfg.seed)
+        self.example_ids = np.arange(hp.rollout_size)
+        self.group_size, self.updates, self.ptx_rows = hp.group_size, hp.epochs * hp.minibatches, \
+            cfg.ptx_rows
+        self.ptx = self.ptx_order = None
+        if hp.ptx_coef > 0:
+            self.ptx = pack_documents(tok, up.task.pretraining_corpus(), up.pretrain.seq_len)
+            self.ptx_order = EpochOrder(len(self.ptx["tokens"]), self.updates * cfg.ptx_rows,
+                                        cfg.seed + 1)
+
+    def __call__(self, it: int) -> dict:
+        idx = self.order.indices(it)
+        batch = {"prompts": self.ids[idx], "prompt_mask": self.mask[idx],
+                 "example_ids": self.example_ids}
+        if self.ptx_order is not None:
+            rows = self.ptx_order.batch(self.ptx, it)
+            batch["ptx"] = {k: v.reshape(self.updates, self.ptx_rows, -1) for k, v in rows.items()}
+        return batch
+
+    def sample_prompts(self, it: int) -> list:
+        """The prompt of each of iteration ``it``'s samples (G per prompt)."""
+        return [self.prompts[i] for i in self.order.indices(it) for _ in range(self.group_size)]
 
 
 def _plot(run: RunDir, rows: list[dict]) -> None:
@@ -206,135 +273,50 @@ def _host_signals(task, tok, prompts_flat, rollout) -> tuple[dict[str, float], n
             float("nan")}, gold
 
 
-def _check_finite(metrics: dict, iteration: int, mode: str, run: RunDir) -> None:
-    """Stop (``mode="stop"``) before any checkpoint when an iteration's metrics are not finite
-    or one of its updates was skipped for a non-finite gradient."""
-    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-    if metrics.get("train/finite", 1.0) < 1.0:
-        bad.append("train/finite")
-    if bad and mode == "stop":
-        host = {k: float(v) for k, v in metrics.items()}
-        run.write_json("nonfinite.json", {"stage": "ppo", "iteration": iteration, **host})
-        raise NonFiniteError(
-            f"ppo: iteration {iteration} produced non-finite values in {', '.join(bad)}; no "
-            f"checkpoint after it was written. Metrics: "
-            + ", ".join(f"{k}={v:.6g}" for k, v in sorted(host.items()))
-            + " (set policy_optim.on_nonfinite='skip' to skip such updates)")
+def judge_rollout(task: Task, batches: PromptBatches):
+    """``loop.fit``'s ``on_log`` hook: the gold judge's signals of a logged iteration's samples."""
+    def on_log(done: int, row: dict, rollout) -> dict[str, float]:
+        return _host_signals(task, task.tokenizer, batches.sample_prompts(done - 1),
+                             to_host(rollout))[0]
+    return on_log
 
 
-def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
-    """Reward stage (unless ``cfg.reward_dir``), then PPO and the final evaluation into ``out``."""
-    mesh = make_mesh()
-    check_ppo_sharding(cfg, mesh)
-    out = Path(out)
-    reward_dir = upstream_run(cfg.reward_dir, out / "reward", scripts.load("reward").run,
-                              cfg.reward,
-                              "reward_dir")
-    reward_cfg = read_config(reward_dir, RewardConfig)
-    check_task_reward(reward_cfg, "reward_dir")
-    sft_cfg, ref, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
-                                          config_of=lambda c: c.pretrain)
-    pre = sft_cfg.pretrain
-    tcfg = pre.task
-    _, score, rm_params = load_reward_model(reward_dir, tcfg.prompt_len)
-    score_jit = jax.jit(score)
-    cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=reward_cfg)
-    hp = cfg.ppo
-    task = pipeline_task(pre)
-    tok = task.tokenizer
-    norm = json.loads((Path(reward_dir) / "reward_norm.json").read_text())
-    gain, bias = (norm["gain"], norm["bias"]) if cfg.normalize_rm else (1.0, 0.0)
+def heldout_every(cfg: PPOConfig, models: Models, frozen: Frozen, up: Upstream):
+    """``loop.fit``'s ``on_step`` hook: every ``eval_every`` iterations the held-out evaluation
+    (pinned protocol) and exact KL to SFT of the current policy (None when off)."""
+    if not cfg.eval_every:
+        return None
 
-    t0 = time.perf_counter()
-    run = RunDir(out)
-    run.write_config(to_dict(cfg))
-    run.write_meta(seed=cfg.seed)
-    heads = ("value",) if hp.critic == "shared" else ()
-    policy = create_model(model_config(pre), jax.random.key(0), heads=heads)[0]
-    value = create_model(model_config(pre), jax.random.key(0), heads=("value",))[0] \
-        if hp.critic == "separate" else None
-    models = Models(policy=policy, ref=ref, rm=score, value=value)
-    state = init_state(models, sft_params, rm_params, cfg)
+    def on_step(done: int, state: PPOState):
+        if done % cfg.eval_every == 0:   # before the next iteration donates the parameters
+            return heldout_signals(models.policy, state.policy.params, up.ref, frozen.ref,
+                                   up.task, up.pretrain.task, eval_key(up.pretrain.seed))
+        return None
+    return on_step
 
-    key = stage_key(cfg.seed, STREAM_TRAIN)
-    ckpt = Checkpointer(run.path / "checkpoints")
-    start = ckpt.latest_step() or 0
-    if start:
-        restored, extra = ckpt.restore(state.trainable(), start)
-        if extra.get("key", key_data(key)) != key_data(key):
-            raise ValueError(f"{ckpt.directory}/{start}: checkpoint was written with another "
-                             "PRNG key (another seed?); use a new run directory")
-        state = state.replace(**restored)
-        truncate_metrics(run, start)
 
-    train_prompts = task.prompts("train")
-    p_ids, p_mask = encode_prompts(tok, train_prompts, tcfg.prompt_len)
-    order = EpochOrder(len(train_prompts), hp.prompts_per_iter, cfg.seed)
-    updates = hp.epochs * hp.minibatches
-    ptx_data = ptx_order = None
-    if hp.ptx_coef > 0:
-        ptx_data = pack_documents(tok, task.pretraining_corpus(), pre.seq_len)
-        ptx_order = EpochOrder(len(ptx_data["tokens"]), updates * cfg.ptx_rows, cfg.seed + 1)
-
-    state = replicate(state, mesh)
-    iteration = sharded_iteration(models, hp, mesh, max_new_tokens=tcfg.max_new_tokens,
-                                  eos_id=stop_ids(tok), pad_id=tok.pad_id, rm_gain=gain,
-                                  rm_bias=bias)
-    example_ids = np.arange(hp.rollout_size)
-    bar = tqdm(range(start, cfg.iterations), desc="ppo", initial=start, total=cfg.iterations,
-               disable=None if jax.process_index() == 0 else True, dynamic_ncols=True,
-               leave=False)
-    t_loop = time.perf_counter()
-    for it in bar:
-        idx = order.indices(it)
-        batch = {"prompts": p_ids[idx], "prompt_mask": p_mask[idx], "example_ids": example_ids}
-        if ptx_order is not None:
-            rows = ptx_order.batch(ptx_data, it)
-            batch["ptx"] = {k: v.reshape(updates, cfg.ptx_rows, -1) for k, v in rows.items()}
-        state, metrics = iteration(state, batch, jax.random.fold_in(key, it))
-        rollout = metrics.pop("rollout")
-        done = it + 1
-        _check_finite(jax.device_get(metrics), it, cfg.policy_optim.on_nonfinite, run)
-        eval_now = cfg.eval_every > 0 and done % cfg.eval_every == 0
-        if done % cfg.log_every == 0 or done == cfg.iterations or eval_now:
-            flat_prompts = [train_prompts[i] for i in idx for _ in range(hp.group_size)]
-            host, _ = _host_signals(task, tok, flat_prompts, to_host(rollout))
-            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            row.update(host)
-            if eval_now:   # before the next iteration donates the parameters
-                row.update(heldout_signals(policy, state.policy.params, ref, state.frozen.ref,
-                                           task, tcfg, eval_key(pre.seed)))
-            run.log_metrics(done, row)
-            bar.set_postfix(rm=f"{row['rollout/rm_score']:.2f}", gold=f"{row['rollout/gold']:.2f}",
-                            kl=f"{row['kl/per_sequence']:.2f}")
-        if done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            ckpt.save(done, state.trainable(),
-                      extra={"next_step": done, "key": key_data(key)})
-    jax.block_until_ready(state.policy.params)
-    run.log_timing(stage="ppo", steps=cfg.iterations - start, seconds=time.perf_counter() - t_loop)
-    ckpt.close()
-    policy_params = state.policy.params
-    sft_params, rm_params = state.frozen.ref, state.frozen.rm   # the loop donated the originals
-    save_params(run.path / "params", policy_params)
-    train_s = time.perf_counter() - t0
-
-    # --- held-out evaluation (pinned protocol, paired with SFT by prompt and sample index) ---
-    t_eval = time.perf_counter()
-    vs = versus_reference(policy, policy_params, ref, sft_params, task, tcfg, eval_key(pre.seed),
-                          run=run, name="rlhf")
-    bon_m, bon_rec = best_of_n(ref, sft_params, score_jit, rm_params, task, tcfg,
+def final_evaluation(cfg: PPOConfig, run: RunDir, models: Models, policy_params, up: Upstream,
+                     times: dict[str, float]) -> dict:
+    """Held-out evaluation of SFT, RLHF and best-of-N (pinned protocol, RLHF paired with SFT by
+    prompt and sample index), the iterations' plots, and the summary (upstream summaries'
+    ``gold/base`` and ``time_s/*`` included)."""
+    task, tcfg, sft_params = up.task, up.pretrain.task, up.sft_params
+    score_jit = jax.jit(up.score)
+    vs = versus_reference(models.policy, policy_params, up.ref, sft_params, task, tcfg,
+                          eval_key(up.pretrain.seed), run=run, name="rlhf")
+    bon_m, bon_rec = best_of_n(up.ref, sft_params, score_jit, up.rm_params, task, tcfg,
                                stage_key(cfg.seed, STREAM_BEST_OF_N), n=cfg.best_of_n)
     run.write_jsonl("samples_best_of_n.jsonl", bon_rec)
     bon_pair = paired_outcomes(bon_rec, vs.ref_records, task.top_score)
-    rm_on_policy = rm_gold_agreement(score_jit, rm_params, task, tcfg, vs.records)
-    eval_s = time.perf_counter() - t_eval
+    rm_on_policy = rm_gold_agreement(score_jit, up.rm_params, task, tcfg, vs.records)
 
-    upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}
+    upstream = {**RunDir(up.reward_cfg.sft_dir).read_summary(),
+                **RunDir(up.reward_dir).read_summary()}
     last = read_metrics(run.path)
     _plot(run, last)
     final = last[-1] if last else {}
     n = cfg.best_of_n
-    summary = {
+    return {
         "gold/base": upstream.get("gold/base"),
         **vs.ref_metrics, **vs.metrics,
         **{f"{k}/best_of_n": bon_m[k] for k in task.headline},
@@ -353,8 +335,5 @@ def run_ppo(cfg: PPOConfig, out: str | Path) -> dict:
         "max/rollout/logprob_max_diff": max((r.get("rollout/logprob_max_diff", 0.0)
                                              for r in last), default=0.0),
         **{k: v for k, v in upstream.items() if k.startswith("time_s/")},
-        "time_s/ppo": train_s,
-        "time_s/ppo_eval": eval_s,
+        **times,
     }
-    run.write_summary(summary)
-    return summary
