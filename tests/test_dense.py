@@ -53,10 +53,13 @@ loss = lambda x, k, b, f: jnp.sum(jnp.sin(f(x, k, b)))
 grad = lambda x, k, b, f: jax.grad(loss, argnums=(1, 2))(x, k, b, f)
 full = grad(x, k, b, lambda x, k, b: x @ k + b)          # whole batch, one device
 xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-for f in (dense, lambda x, k, b: x @ k + b):
+bf16 = lambda x, k, b: dense(x, k, b, jnp.bfloat16)
+full16 = grad(x, k, b, bf16)                              # bf16 products, whole batch
+for f, ref in ((dense, full), (lambda x, k, b: x @ k + b, full), (bf16, full16)):
     got = jax.jit(jax.shard_map(lambda x, k, b: grad(x, k, b, f), mesh=mesh,
                                 in_specs=(P("data"), P(), P()), out_specs=P()))(xs, k, b)
-    for g, r in zip(got, full):
+    for g, r in zip(got, ref):
+        assert g.dtype == jnp.float32
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 print("ok")
 """
@@ -64,7 +67,8 @@ print("ok")
 
 def test_per_shard_gradients_of_replicated_parameters_are_summed_over_shards():
     """On 2 simulated devices a replicated kernel meets a sharded x inside shard_map: the parameter
-    gradients must equal the whole-batch gradient (summed over shards), as plain autodiff gives."""
+    gradients must equal the whole-batch gradient (summed over shards), as plain autodiff gives;
+    under bf16 too (float32 gradients, summed in float32)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True,
