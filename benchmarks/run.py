@@ -98,6 +98,7 @@ class Shapes:
     n_special: int = 4            # token ids below this are special (pad/eos/bos/unk), as TRL's
     learning_rate: float = 1e-5   # the TRL benches' learning rate
     dpo_beta: float = 0.1
+    precision: str = "float32"    # the model config's precision (--precision)
 
 
 REFERENCE = Shapes()
@@ -508,7 +509,7 @@ def bench_ppo(sh: Shapes, iters, peak, mesh, critic: str = "separate", phases: b
 def _model_cfg(sh: Shapes):
     from rlhf_jax.models.config import preset
 
-    return preset(sh.model)
+    return preset(sh.model, precision=sh.precision)
 
 
 # ----------------------------------------------------------------------------- default workload
@@ -596,7 +597,7 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
         ITERS_QUICK if quick else ITERS_FULL)
     mesh = make_mesh(jax.devices()[:1])
     t0 = time.perf_counter()
-    n_mm, reps = (256 if sh is TINY else 1024), (5 if quick else 20)
+    n_mm, reps = (256 if sh.model == TINY.model else 1024), (5 if quick else 20)
     peak = matmul_peak_flops(n_mm, reps=reps)
     res: dict = {"matmul_peak_gflops": round(peak / 1e9, 1), "compile_s": {}, "mfu": {}}
     log(f"[run] f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -666,6 +667,9 @@ def main(argv=None) -> dict:
                     help="a real-size model preset (smollm2-135m, qwen2.5-0.5b, gpt2, ...) with "
                          "random weights, run at the small SCALE shapes with one timed step each; "
                          "run one workload per process (--only) for its own peak RSS")
+    ap.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                    help="the models' precision (bf16: bf16 matmul inputs, float32 accumulation; "
+                         "mfu stays relative to the float32 matmul peak)")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
     bad = [s for s in only if s not in WORKLOADS]
@@ -676,6 +680,7 @@ def main(argv=None) -> dict:
 
     cache = launch.enable_compilation_cache()
     sh = TINY if a.tiny else dataclasses.replace(SCALE, model=a.model) if a.model else REFERENCE
+    sh = dataclasses.replace(sh, precision=a.precision)
     head = {
         "bench": "rlhf_jax", "workload": a.workload, "quick": a.quick, "tiny": a.tiny,
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
@@ -684,7 +689,7 @@ def main(argv=None) -> dict:
         "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
         "allocator_env": {k: os.environ.get(k) for k in launch.ALLOCATOR_ENV},
         "compilation_cache": cache,
-        "model": dataclasses.asdict(_model_cfg(sh)), "dtype": "float32",
+        "model": dataclasses.asdict(_model_cfg(sh)), "dtype": a.precision,
     }
     with contextlib.redirect_stdout(sys.stderr):   # stdout holds only the result line
         if a.workload == "reference":

@@ -69,3 +69,55 @@ def test_gradients_match_numpy_derivation():
     for g, r in zip(got, (dq, dk, dv)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
     assert np.all(np.asarray(got[0])[2, :, 0] == 0.0)           # the fully masked query row
+
+
+def _bf16(a):
+    """``a`` rounded to bfloat16, as float64."""
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+
+
+def test_bf16_casts_q_k_v_and_the_probabilities_for_p_v():
+    """Under bf16, q, k, v are rounded to bf16, the scores and softmax are float32, and the
+    probabilities p are rounded to bf16 for the p·V product, which accumulates in float32: the
+    output matches a float64 reference doing exactly that, and not the one keeping p unrounded."""
+    q, k, v, mask, _, w = _inputs(seed=2)
+    qn, kn, vn = _bf16(q), _bf16(k), _bf16(v)
+    s = np.where(np.asarray(mask)[:, None], np.einsum("bhtk,bhsk->bhts", qn, kn) * SCALE, NEG_INF)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    got = attention(q, k, v, mask, scale=SCALE, dtype=jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, _bf16(p) @ vn, rtol=1e-5, atol=2e-6)
+    assert np.max(np.abs(np.asarray(got) - p @ vn)) > 1e-3                # p is not kept f32
+    grad = jax.grad(lambda *a: jnp.sum(jnp.tanh(attention(*a, mask, scale=SCALE,
+                                                          dtype=jnp.bfloat16)) * w),
+                    argnums=(0, 1, 2))
+    g16 = jax.jit(grad)(q, k, v)
+    g32 = jax.grad(lambda *a: jnp.sum(jnp.tanh(attention(*a, mask, scale=SCALE)) * w),
+                   argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(g16, g32):
+        assert a.dtype == jnp.float32 and np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, r, atol=0.03 * np.max(np.abs(r)))
+    assert np.all(np.asarray(g16[0])[2, :, 0] == 0.0)           # the fully masked query row
+
+
+def test_transposed_copies_only_on_the_cpu_backend(monkeypatch):
+    """The materialised transposes are a CPU workaround: traced for another backend the backward
+    pass has none and the gradients of the plain expression (each backend traced at a batch size
+    of its own: JAX caches a custom VJP's trace per shape)."""
+    q, k, v, mask, _, w = _inputs(seed=3)
+
+    def grad(f, n):
+        return jax.grad(lambda *a: jnp.sum(f(*a) * w[:n]), argnums=(0, 1, 2))
+
+    def barrier(n):
+        g = grad(lambda *a: attention(*a, mask[:n], scale=SCALE), n)
+        return "optimization_barrier" in str(jax.make_jaxpr(g)(q[:n], k[:n], v[:n]))
+
+    assert barrier(1) == (jax.default_backend() == "cpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not barrier(2)
+    got = grad(lambda *a: attention(*a, mask[:2], scale=SCALE), 2)(q[:2], k[:2], v[:2])
+    ref = grad(lambda *a: _plain(*a, mask[:2]), 2)(q[:2], k[:2], v[:2])
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

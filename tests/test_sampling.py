@@ -180,6 +180,28 @@ def test_kept_outputs_equal_the_full_forward_and_leave_the_sample_unchanged():
                                np.asarray(out.scalars["value"])[m], atol=1e-4)
 
 
+
+def test_bf16_sampler_logprobs_match_the_bf16_trainer_and_are_close_to_float32(setup,
+                                                                              monkeypatch):
+    """Under ``precision="bf16"`` the sampler decodes through a bf16 KV cache: its log-probs equal
+    the bf16 full forward's (the trainer's recompute) to float32 accuracy, and differ from the
+    float32 model's by bf16 rounding only (the sampler/trainer mismatch of a bf16 sampler against
+    a float32 trainer)."""
+    model, params, prompts, pmask, recompute = setup
+    monkeypatch.setenv("RLHF_JAX_FORCE_BF16", "1")      # also on a CPU without bf16 (tiny model)
+    m16 = create_model(model.cfg.replace(precision="bf16"), jax.random.key(0))[0]
+    out = _sample(m16, params, prompts, pmask, jax.random.key(0), cfg=SAMPLED, eos_id=NEVER,
+                  pad_id=PAD)
+    m = np.asarray(out.mask, bool)
+    logits16 = response_logits(m16, params, prompts, pmask, out.tokens, out.mask)[0]
+    want16 = ref.token_logprobs(np.asarray(logits16, np.float64) / SAMPLED.temperature, out.tokens)
+    np.testing.assert_allclose(np.asarray(out.logprobs)[m], want16[m], atol=1e-5)
+    want32 = ref.token_logprobs(_recompute_logits(setup, out.tokens, out.mask)
+                                / SAMPLED.temperature, out.tokens)
+    diff = np.abs(np.asarray(out.logprobs)[m] - want32[m])
+    assert 1e-5 < diff.max() < 0.05
+
+
 def test_top_k_tokens_are_among_k_largest_and_logprobs_renormalised(setup):
     k = TOPK.top_k
     not_argmax = 0

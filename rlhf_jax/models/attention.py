@@ -7,14 +7,21 @@ same shapes in the plain layout on this 2-core machine (profile of the SFT step,
 128 × 128 × 64). The custom VJP below copies ``pᵀ`` and ``dsᵀ`` into their own buffers behind
 ``lax.optimization_barrier`` (so XLA cannot fold the transpose back into the dot) and multiplies in
 the plain layout. Values and gradients are the same math; ``tests/test_attention.py`` checks them
-against ``jax.grad`` of the plain expression and a NumPy derivation.
+against ``jax.grad`` of the plain expression and a NumPy derivation. The copies are a CPU workaround
+(:func:`rlhf_jax.models.dense.transposed`); on other backends XLA folds the transposes into the dots.
+
+Mixed precision (``dtype=bfloat16``): q, k and v enter as bf16 and every product accumulates in
+float32. The scores, the mask, the softmax and its backward stay float32; the probabilities p are
+cast to bf16 for the p·V product (as FlashAttention does; p is in [0, 1], where bf16 keeps 8
+significant bits) and for ``dv = pᵀ·dO``, while the float32 p is kept for the softmax backward.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from rlhf_jax.models.dense import matmul, transposed
 
 NEG_INF = -1e30  # finite, so a fully masked row (left padding) gives a uniform softmax, not NaN
 
@@ -27,49 +34,57 @@ def attention(
     keep: jax.Array | None = None,   # [B, H, T, S] dropout multiplier (0 or 1/(1-rate)), or None
     *,
     scale: float,
-) -> jax.Array:             # [B, H, T, K]
+    dtype=None,            # matmul input dtype (bf16); None = q's dtype
+) -> jax.Array:             # [B, H, T, K] float32
     """``softmax(where(mask, scale·q kᵀ, −1e30)) · v`` per batch row and head (Vaswani et al. 2017).
 
     ``keep`` multiplies the attention probabilities (dropout) before they weight ``v``. A fully
     masked row attends uniformly (its gradient with respect to ``q`` and ``k`` is zero, as for the
     plain expression, whose ``where`` passes no gradient to masked scores).
     """
+    dtype = q.dtype if dtype is None else dtype
+    q, k, v = (a.astype(dtype) for a in (q, k, v))    # a no-op in float32
     if keep is None:
         return _attention(q, k, v, mask, scale)
     return _attention_dropout(q, k, v, mask, keep, scale)
 
 
 def _probs(q, k, mask, scale):
-    scores = jnp.einsum("BHTK,BHSK->BHTS", q, k) * scale                   # [B, H, T, S]
+    """Float32 softmax probabilities ``[B, H, T, S]`` of the masked, scaled scores."""
+    scores = jnp.einsum("BHTK,BHSK->BHTS", q, k,
+                        preferred_element_type=jnp.float32) * scale        # [B, H, T, S]
     scores = jnp.where(mask[:, None], scores, NEG_INF)
-    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jax.nn.softmax(scores, axis=-1)
 
 
-def _t(x):
-    """``x`` with its last two axes swapped, materialised (not foldable into the next dot)."""
-    return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+def _pv(p, v):
+    """``p·v`` with p cast to v's (compute) dtype, accumulated in float32."""
+    return matmul(p.astype(v.dtype), v)                                     # [B, H, T, K]
 
 
 def _grads(q, k, v, mask, p, pk, keep, do, scale):
-    """``(dq, dk, dv)`` of ``out = pk·v`` with ``pk = p·keep`` and ``p`` the masked softmax."""
-    dp = jnp.einsum("BHTK,BHSK->BHTS", do, v)                                # [B, H, T, S]
-    dv = jnp.matmul(_t(pk), do)                                             # [B, H, S, K]
+    """``(dq, dk, dv)`` of ``out = pk·v`` with ``pk = p·keep`` and ``p`` the masked softmax;
+    matmul inputs in the compute dtype (q's), softmax backward in float32."""
+    c = q.dtype
+    doc = do.astype(c)
+    dp = jnp.einsum("BHTK,BHSK->BHTS", doc, v, preferred_element_type=jnp.float32)
+    dv = matmul(transposed(pk.astype(c)), doc)                              # [B, H, S, K]
     if keep is not None:
         dp = dp * keep
     ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))                 # softmax backward
-    ds = jnp.where(mask[:, None], ds, 0.0) * scale                          # [B, H, T, S]
-    dq = jnp.matmul(ds, k)                                                  # [B, H, T, K]
-    dk = jnp.matmul(_t(ds), q)                                              # [B, H, S, K]
-    return dq, dk, dv
+    ds = (jnp.where(mask[:, None], ds, 0.0) * scale).astype(c)              # [B, H, T, S]
+    dq = matmul(ds, k)                                                      # [B, H, T, K]
+    dk = matmul(transposed(ds), q)                                          # [B, H, S, K]
+    return dq.astype(c), dk.astype(c), dv.astype(c)
 
 
 def _plain(q, k, v, mask, scale):
-    return jnp.matmul(_probs(q, k, mask, scale), v)
+    return _pv(_probs(q, k, mask, scale), v)
 
 
 def _plain_fwd(q, k, v, mask, scale):
     p = _probs(q, k, mask, scale)
-    return jnp.matmul(p, v), (q, k, v, mask, p)
+    return _pv(p, v), (q, k, v, mask, p)
 
 
 def _plain_bwd(scale, res, do):
@@ -78,13 +93,13 @@ def _plain_bwd(scale, res, do):
 
 
 def _dropout(q, k, v, mask, keep, scale):
-    return jnp.matmul(_probs(q, k, mask, scale) * keep, v)
+    return _pv(_probs(q, k, mask, scale) * keep, v)
 
 
 def _dropout_fwd(q, k, v, mask, keep, scale):
     p = _probs(q, k, mask, scale)
     pk = p * keep
-    return jnp.matmul(pk, v), (q, k, v, mask, keep, p, pk)
+    return _pv(pk, v), (q, k, v, mask, keep, p, pk)
 
 
 def _dropout_bwd(scale, res, do):

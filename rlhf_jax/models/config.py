@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from rlhf_jax.configs import check, in_unit_interval, positive
+from rlhf_jax.precision import compute_dtype
+
+Precision = Literal["float32", "bf16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +26,9 @@ class GPTConfig:
       ln_eps: LayerNorm epsilon (GPT-2: 1e-5).
       tie_embeddings: the output layer is the token embedding (GPT-2); False adds a separate
         output matrix ``lm_head [V, D]`` (HF ``tie_word_embeddings: false``).
+      precision: ``"float32"`` (default) or ``"bf16"``: matmul inputs in bfloat16 with float32
+        accumulation; parameters, norms, softmax, logits and heads stay float32
+        (:mod:`rlhf_jax.precision`).
     """
 
     vocab_size: int = 50257
@@ -33,6 +40,7 @@ class GPTConfig:
     dropout: float = 0.0
     ln_eps: float = 1e-5
     tie_embeddings: bool = True
+    precision: Precision = "float32"
 
     def __post_init__(self):
         positive(self, "vocab_size", "max_len", "d_model", "n_layers", "n_heads")
@@ -41,10 +49,16 @@ class GPTConfig:
               f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         in_unit_interval(self, "dropout", closed=False)
         check(self.ln_eps > 0, "ln_eps", f"must be > 0, got {self.ln_eps}")
+        compute_dtype(self.precision)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def matmul_dtype(self):
+        """Matmul input dtype: None (float32 throughout) or bfloat16."""
+        return compute_dtype(self.precision)
 
     @property
     def kv_heads(self) -> int:   # every head has its own keys and values
@@ -96,6 +110,9 @@ class LlamaConfig:
       qk_norm: per-head RMSNorm on queries and keys before the rotation (Qwen3).
       dropout: attention-probability dropout (``attention_dropout``); 0 so sampler and trainer
         log-probs agree.
+      precision: ``"float32"`` (default) or ``"bf16"``: matmul inputs in bfloat16 with float32
+        accumulation; parameters, norms, softmax, logits and heads stay float32
+        (:mod:`rlhf_jax.precision`).
     """
 
     vocab_size: int = 49152
@@ -115,6 +132,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     dropout: float = 0.0
+    precision: Precision = "float32"
 
     def __post_init__(self):
         positive(self, "vocab_size", "max_len", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -139,6 +157,7 @@ class LlamaConfig:
                   f"needs factor > 0, high_freq_factor > low_freq_factor > 0 and original "
                   f"positions > 0, got {self.rope_llama3!r}")
         in_unit_interval(self, "dropout", closed=False)
+        compute_dtype(self.precision)
 
     @property
     def kv_heads(self) -> int:
@@ -147,6 +166,11 @@ class LlamaConfig:
     @property
     def ff_dim(self) -> int:
         return self.d_ff
+
+    @property
+    def matmul_dtype(self):
+        """Matmul input dtype: None (float32 throughout) or bfloat16."""
+        return compute_dtype(self.precision)
 
     def replace(self, **kw) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)

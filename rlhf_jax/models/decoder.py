@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rlhf_jax.models.dense import dense
 from rlhf_jax.ops import positions_from_mask
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -42,9 +43,13 @@ def take_positions(x: jax.Array, positions: Positions) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
-def init_cache(cfg, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+def init_cache(cfg, batch: int, length: int, dtype=None) -> KVCache:
     """An empty KV cache for a model config: per layer a ``(k, v)`` pair of zeros
-    ``[B, H_kv, S, K]`` (``cfg.kv_heads`` key/value heads of ``cfg.head_dim``)."""
+    ``[B, H_kv, S, K]`` (``cfg.kv_heads`` key/value heads of ``cfg.head_dim``), by default in the
+    model's matmul dtype (bfloat16 under ``precision="bf16"``, else float32). Attention casts keys
+    and values to that dtype anyway, so a bf16 cache gives the same numbers as a float32 one (and
+    as the uncached forward) in half the memory."""
+    dtype = dtype or getattr(cfg, "matmul_dtype", None) or jnp.float32
     shape = (batch, cfg.kv_heads, length, cfg.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
 
@@ -82,6 +87,11 @@ def write_cache(kv, k, v, cache_index):
     k_cache, v_cache = kv                                                    # [B, H_kv, S, K]
     k = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, cache_index, 0))
     v = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, cache_index, 0))
+    if k.dtype != jnp.float32 and jax.default_backend() == "cpu":
+        # XLA:CPU runs the batched attention dots in float32: without the barrier it fuses the
+        # cache update into that upcast and into the bf16 cache output separately, copying the
+        # whole cache first (a decode step took 25% more CPU time than with a float32 cache)
+        k, v = lax.optimization_barrier((k, v))
     return k, v, (k, v)
 
 
@@ -118,10 +128,15 @@ def layer_keys(dropout_key: jax.Array | None, rate: float, n: int) -> list:
     return list(jax.random.split(dropout_key, n))
 
 
-def output(hidden, out_w, heads, cache, compute_logits: bool) -> ModelOutput:
-    """Logits against the output matrix ``out_w [V, D]`` and every scalar head, in float32."""
+def output(hidden, out_w, heads, cache, compute_logits: bool, dtype=None) -> ModelOutput:
+    """Logits against the output matrix ``out_w [V, D]`` and every scalar head, in float32.
+
+    With ``dtype`` (bf16) the logit matmul takes bf16 inputs and accumulates in float32
+    (:func:`~rlhf_jax.models.dense.dense`, so its backward does too); the heads stay float32."""
     logits = None
-    if compute_logits:
+    if compute_logits and dtype is not None:
+        logits = dense(hidden, out_w.T, jnp.zeros(out_w.shape[:1], out_w.dtype), dtype)
+    elif compute_logits:
         logits = jnp.einsum("BTD,VD->BTV", hidden, out_w).astype(jnp.float32)
     scalars = {name: head(hidden)[..., 0].astype(jnp.float32) for name, head in heads.items()}
     return ModelOutput(logits, hidden, scalars, cache)

@@ -1,11 +1,18 @@
-"""A dense layer whose backward pass multiplies by an explicit copy of the transposed kernel.
+"""A dense layer whose backward pass multiplies by an explicit copy of the transposed kernel, in
+float32 or in bf16 mixed precision.
 
 On this CPU backend, XLA lowers ``dy @ kernelᵀ`` (the input gradient of ``x @ kernel``) to a
 library matmul that reads the kernel transposed, and it ran 2-2.5x slower than the forward matmul of
 the same size in a profile of the SFT step. The custom VJP transposes the (small) kernel into a new
 buffer behind ``lax.optimization_barrier`` (so XLA cannot fold the transpose back into the dot) and
 then multiplies in the forward layout. Gradients are the same math; ``tests/test_dense.py`` checks
-them against ``jax.grad`` of the plain expression.
+them against ``jax.grad`` of the plain expression. The copy is a CPU workaround: on other backends
+(:func:`transposed`) the transpose is left to XLA, which folds it into the dot.
+
+Mixed precision (``dtype=bfloat16``): ``x`` and the kernel enter the matmuls as bf16 and every
+product accumulates in float32 (``preferred_element_type``), so the output is float32. The kernel is
+cast inside the custom VJP, so its gradient comes straight from the float32 accumulator (never
+rounded to bf16); ``x``'s gradient is bf16 (the cast's cotangent), as in PyTorch autocast.
 """
 
 from __future__ import annotations
@@ -16,15 +23,30 @@ from flax import nnx
 from jax import lax
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x @ kernel + bias`` over the last axis of ``x`` (``kernel [in, out]``, ``bias [out]``).
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype=None) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis of ``x`` (``kernel [in, out]``, ``bias [out]``);
+    with ``dtype`` (bf16) the matmul inputs are cast to it and it accumulates in float32.
 
     Inside ``shard_map`` a replicated kernel meets a per-shard ``x``: the kernel and bias are cast
     to varying over ``x``'s mesh axes first (as JAX's own autodiff does implicitly), so the cast's
     transpose sums their gradients over shards exactly as for the plain expression.
     """
     kernel, bias = (_vary_like(x, p) for p in (kernel, bias))
+    if dtype is not None:
+        x = x.astype(dtype)
     return _dense(x, kernel, bias)
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` accumulated in float32 (inputs of one dtype; a no-op option for float32)."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def transposed(x: jax.Array) -> jax.Array:
+    """``x`` with its last two axes swapped; on the CPU backend materialised behind
+    ``lax.optimization_barrier`` (not foldable into the next dot), elsewhere left to XLA."""
+    x_t = jnp.swapaxes(x, -1, -2)
+    return lax.optimization_barrier(x_t) if jax.default_backend() == "cpu" else x_t
 
 
 def _varying(a) -> frozenset:
@@ -37,8 +59,8 @@ def _vary_like(x, p):
 
 
 @jax.custom_vjp
-def _dense(x, kernel, bias):
-    return jnp.matmul(x, kernel) + bias
+def _dense(x, kernel, bias):                     # the matmul runs in x's dtype
+    return matmul(x, kernel.astype(x.dtype)) + bias
 
 
 def _fwd(x, kernel, bias):
@@ -46,24 +68,26 @@ def _fwd(x, kernel, bias):
 
 
 def _bwd(res, dy):
-    x, kernel = res
-    kernel_t = lax.optimization_barrier(jnp.transpose(kernel))          # [out, in], materialised
-    dx = jnp.matmul(dy, kernel_t)
-    x2 = x.reshape(-1, x.shape[-1])
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    dk = jnp.matmul(x2.T, dy2)
-    return dx, dk.astype(kernel.dtype), jnp.sum(dy2, axis=0).astype(kernel.dtype)
+    x, kernel = res                              # x in the compute dtype, kernel the parameter
+    kernel_t = transposed(kernel.astype(x.dtype))                        # [out, in]
+    dy2 = dy.reshape(-1, dy.shape[-1])                                   # float32
+    dyc = dy.astype(x.dtype)
+    dx = matmul(dyc, kernel_t).astype(x.dtype)
+    dk = matmul(x.reshape(-1, x.shape[-1]).T, dyc.reshape(dy2.shape))
+    db = jnp.sum(dy2, axis=0)
+    return dx, dk.astype(kernel.dtype), db.astype(kernel.dtype)
 
 
 _dense.defvjp(_fwd, _bwd)
 
 
 class Linear(nnx.Linear):
-    """``nnx.Linear`` (same parameters and names) computed with :func:`dense`; without a bias
-    (``use_bias=False``) it adds zeros."""
+    """``nnx.Linear`` (same parameters and names) computed with :func:`dense` in its ``dtype``
+    (None = float32; bf16 = mixed precision, float32 output); without a bias (``use_bias=False``)
+    it adds zeros."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         bias = (jnp.zeros(kernel.shape[-1:], kernel.dtype) if self.bias is None
                 else self.bias[...])
-        return dense(x, kernel, bias)
+        return dense(x, kernel, bias, self.dtype)

@@ -17,6 +17,7 @@ from flax import nnx
 from rlhf_jax.models.config import GPTConfig, LlamaConfig
 from rlhf_jax.models.gpt2 import GPT, ModelOutput
 from rlhf_jax.models.llama import Llama
+from rlhf_jax.precision import check_precision
 
 ModelConfig = GPTConfig | LlamaConfig
 ARCHITECTURES: dict[type, type[nnx.Module]] = {GPTConfig: GPT, LlamaConfig: Llama}
@@ -51,7 +52,9 @@ class Model:
 
 
 def build_module(cfg: ModelConfig, rngs: nnx.Rngs, heads: tuple[str, ...] = ()) -> nnx.Module:
-    """The decoder a config describes (``GPT`` or ``Llama``)."""
+    """The decoder a config describes (``GPT`` or ``Llama``); a bf16 config on a CPU without
+    native bf16 matmuls is refused (:func:`rlhf_jax.precision.check_precision`)."""
+    check_precision(cfg.precision)
     return ARCHITECTURES[type(cfg)](cfg, rngs=rngs, heads=tuple(heads))
 
 

@@ -36,9 +36,10 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.d_model
-        self.c_attn = Linear(d, 3 * d, kernel_init=_normal(0.02), rngs=rngs)
-        self.c_proj = Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
+        self.c_attn = Linear(d, 3 * d, kernel_init=_normal(0.02), dtype=cfg.matmul_dtype,
                              rngs=rngs)
+        self.c_proj = Linear(d, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
+                             dtype=cfg.matmul_dtype, rngs=rngs)
 
     def __call__(self, x, mask, kv=None, cache_index=None, dropout_key=None, positions=None):
         """Keys and values at every position; attention (and so outputs) only at ``positions``
@@ -51,16 +52,19 @@ class Attention(nnx.Module):
         mask = take_positions(mask, positions)                              # [B, T', S]
         k, v, kv = write_cache(kv, k, v, cache_index)                      # [B, H, S, K]
         keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
-        out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim))  # [B,H,T',K]
+        out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim),
+                        dtype=cfg.matmul_dtype)                             # [B, H, T', K]
         out = jnp.swapaxes(out, 1, 2).reshape(b, q.shape[2], cfg.d_model)
         return self.c_proj(out), kv
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.c_fc = Linear(cfg.d_model, cfg.ff_dim, kernel_init=_normal(0.02), rngs=rngs)
+        self.c_fc = Linear(cfg.d_model, cfg.ff_dim, kernel_init=_normal(0.02),
+                           dtype=cfg.matmul_dtype, rngs=rngs)
         self.c_proj = Linear(cfg.ff_dim, cfg.d_model,
-                             kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)), rngs=rngs)
+                             kernel_init=_normal(0.02 / math.sqrt(2 * cfg.n_layers)),
+                             dtype=cfg.matmul_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # GPT-2's "gelu_new"
@@ -138,4 +142,5 @@ class GPT(nnx.Module):
                                   output_positions)
         hidden = self.ln_f(x)                                               # [B, T', D]
         out_w = self.wte.embedding if self.cfg.tie_embeddings else self.lm_head
-        return output(hidden, out_w[...], self.heads, new_cache, compute_logits)
+        return output(hidden, out_w[...], self.heads, new_cache, compute_logits,
+                      self.cfg.matmul_dtype)

@@ -72,18 +72,19 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
-def _linear(n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> Linear:
-    return Linear(n_in, n_out, use_bias=bias, kernel_init=_normal(0.02), rngs=rngs)
+def _linear(n_in: int, n_out: int, bias: bool, cfg: LlamaConfig, rngs: nnx.Rngs) -> Linear:
+    return Linear(n_in, n_out, use_bias=bias, kernel_init=_normal(0.02), dtype=cfg.matmul_dtype,
+                  rngs=rngs)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, hkv, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = _linear(d, h * k, cfg.qkv_bias, rngs)
-        self.k_proj = _linear(d, hkv * k, cfg.qkv_bias, rngs)
-        self.v_proj = _linear(d, hkv * k, cfg.qkv_bias, rngs)
-        self.o_proj = _linear(h * k, d, cfg.o_bias, rngs)
+        self.q_proj = _linear(d, h * k, cfg.qkv_bias, cfg, rngs)
+        self.k_proj = _linear(d, hkv * k, cfg.qkv_bias, cfg, rngs)
+        self.v_proj = _linear(d, hkv * k, cfg.qkv_bias, cfg, rngs)
+        self.o_proj = _linear(h * k, d, cfg.o_bias, cfg, rngs)
         if cfg.qk_norm:
             self.q_norm = nnx.RMSNorm(k, epsilon=cfg.norm_eps, rngs=rngs)
             self.k_norm = nnx.RMSNorm(k, epsilon=cfg.norm_eps, rngs=rngs)
@@ -107,16 +108,17 @@ class Attention(nnx.Module):
         k, v = (jnp.repeat(a, groups, axis=1) for a in (k, v))              # [B, H, S, K]
         mask = take_positions(mask, positions)                              # [B, T', S]
         keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
-        out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim))  # [B,H,T',K]
+        out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim),
+                        dtype=cfg.matmul_dtype)                             # [B, H, T', K]
         out = jnp.swapaxes(out, 1, 2).reshape(b, q.shape[2], cfg.n_heads * cfg.head_dim)
         return self.o_proj(out), kv
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, rngs)
-        self.up_proj = _linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, rngs)
-        self.down_proj = _linear(cfg.d_ff, cfg.d_model, cfg.mlp_bias, rngs)
+        self.gate_proj = _linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg, rngs)
+        self.up_proj = _linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, cfg, rngs)
+        self.down_proj = _linear(cfg.d_ff, cfg.d_model, cfg.mlp_bias, cfg, rngs)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
@@ -167,4 +169,5 @@ class Llama(nnx.Module):
                                   output_positions)
         hidden = self.norm(x)                                               # [B, T', D]
         out_w = self.embed_tokens.embedding if self.cfg.tie_embeddings else self.lm_head
-        return output(hidden, out_w[...], self.heads, new_cache, compute_logits)
+        return output(hidden, out_w[...], self.heads, new_cache, compute_logits,
+                      self.cfg.matmul_dtype)
