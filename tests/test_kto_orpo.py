@@ -145,3 +145,65 @@ def test_log1mexp_is_accurate_at_both_ends():
     want = np.log(-np.expm1(x.astype(np.float64)))
     got = np.asarray(log1mexp(jnp.asarray(x, jnp.float32)))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# --- end to end through experiments/dpo.py on a tiny reward upstream ---------------------------
+
+TINY_OFFLINE = ["--steps", "6", "--batch-prompts", "4", "--optim.warmup-steps", "1",
+                "--log-every", "3", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_run(tmp_path_factory):
+    from test_offline import TINY_REWARD
+
+    from rlhf_jax import scripts
+
+    out = tmp_path_factory.mktemp("kto_rm") / "rm"
+    scripts.load("reward").main(["--out", str(out), *TINY_REWARD])
+    return out
+
+
+def test_kto_end_to_end_stores_its_labels_and_resumes_bit_exactly(tiny_reward_run, tmp_path):
+    import json
+    import shutil
+
+    from rlhf_jax import scripts
+    from rlhf_jax.data.preference_records import decode_record
+    from rlhf_jax.data.preferences import load_preference_source
+
+    argv = ["--reward-dir", str(tiny_reward_run), "--loss", "kto", *TINY_OFFLINE,
+            "--optim.learning-rate", "1e-3"]
+    full = tmp_path / "full"
+    s = scripts.load("dpo").main(["--out", str(full), *argv])
+    assert s["start"] == "sft" and np.isfinite(s["gold/kto"])
+    stats = {k.split("/", 1)[1]: v for k, v in s.items() if k.startswith("binary_feedback/")}
+    assert stats["desirable"] + stats["undesirable"] == stats["responses"] > 0
+    # the stored data set holds exactly the labels trained on: 0/1, as many as responses
+    src = load_preference_source(full / "data", "facts_world_binary_feedback", "train")
+    labels = np.concatenate([decode_record(r)["ranking"] for r in src])
+    assert set(np.unique(labels)) <= {0.0, 1.0} and labels.size == stats["responses"]
+    assert labels.mean() == pytest.approx(stats["desirable_share"])
+    rows = [json.loads(r) for r in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["kto/loss"]) and r["kto/kl_ref_point"] >= 0 for r in rows
+               if "kto/loss" in r)
+    # kill after the first checkpoint: the rerun resumes and ends bit-identical
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "6")
+    shutil.rmtree(cut / "params")
+    (cut / "summary.json").unlink()
+    again = scripts.load("dpo").main(["--out", str(cut), *argv])
+    assert again["gold/kto"] == s["gold/kto"]
+    assert (cut / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+
+
+def test_orpo_starts_from_the_pretrained_model_and_is_reference_free(tiny_reward_run, tmp_path):
+    from rlhf_jax import scripts
+
+    s = scripts.load("dpo").main(["--out", str(tmp_path / "orpo"), "--reward-dir",
+                                  str(tiny_reward_run), "--loss", "orpo", *TINY_OFFLINE,
+                                  "--optim.learning-rate", "1e-3"])
+    assert s["start"] == "base"
+    assert np.isfinite(s["final/orpo/nll"]) and np.isfinite(s["final/orpo/odds_ratio_loss"])
+    assert "win_rate/orpo_vs_sft" in s and "kl/orpo_vs_sft" in s
