@@ -1,12 +1,15 @@
-"""Offline preference optimisation: DPO (default), IPO or SimPO from the SFT model on the labelled
-K-wise comparisons the reward model was trained on, then the held-out evaluation of SFT and the
-policy under the pinned protocol (paired outcomes vs SFT, exact KL to SFT).
+"""Offline preference optimisation: DPO (default), IPO, SimPO or ORPO on the labelled K-wise
+comparisons the reward model was trained on, or KTO on one binary label per response of them;
+then the held-out evaluation of SFT and the policy under the pinned protocol (paired outcomes vs
+SFT, exact KL to SFT). Every loss starts from the SFT model except ORPO, which replaces SFT and
+starts from the pretrained one.
 
 Starts from a finished reward run (``--reward-dir``; its SFT model and its stored comparisons);
 with only ``--out`` it runs the default pretrain + SFT + reward stages first.
 
     python experiments/dpo.py --out runs/dpo --reward-dir runs/reward
     python experiments/dpo.py --out runs/ipo --reward-dir runs/reward --loss ipo
+    python experiments/dpo.py --out runs/kto --reward-dir runs/reward --loss kto
     python experiments/dpo.py --help                    # every option
 """
 
@@ -31,10 +34,14 @@ from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages.common import (eval_key, load_stage, model_config, pipeline_task,
                                     read_config, train_stage, upstream_run)
-from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.offline import OfflineConfig, offline_loss_fn, precompute_logps
+from rlhf_jax.data.binary_feedback import VERSION as FEEDBACK_VERSION
+from rlhf_jax.data.binary_feedback import binary_feedback, mismatched
+from rlhf_jax.data.binary_feedback import dataset_name as feedback_name
+from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
+from rlhf_jax.stages.offline import (STARTS_FROM_BASE, OfflineConfig, kto_loss_fn,
+                                     offline_loss_fn, precompute_logps)
 from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, preference_arrays,
-                                    read_preferences)
+                                    read_preferences, store_and_reload)
 
 
 def run(cfg: OfflineConfig, out: str | Path) -> dict:
@@ -58,23 +65,43 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
-    # data: the reward run's stored train comparisons; the reference's log-probs once, up front
+    # data: the reward run's stored train comparisons (KTO: one noisy binary label per response,
+    # stored as its own TFDS data set); the reference's log-probs once, up front
     prefs = read_preferences(Path(reward_cfg.preferences_dir or Path(reward_dir) / "data"),
                              "train", task)
+    feedback = {}
+    if name == "kto":
+        prefs, feedback = binary_feedback(prefs, top_score=task.top_score,
+                                          flip=cfg.kto_label_flip, seed=cfg.seed)
+        prefs = store_and_reload({"train": prefs}, out / "data", task,
+                                 name=feedback_name(task.name), version=FEEDBACK_VERSION)["train"]
     data = preference_arrays(task.tokenizer, prefs, tcfg)
     check_tokens(data, vocab_size=model_config(pre).vocab_size, source="offline: train preferences")
     data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
+    if name == "kto":
+        data.update(mismatched(data))
     ref_params = None
     if name not in REFERENCE_FREE:
         if cfg.reference == "precomputed":
             data["ref_logps"] = precompute_logps(policy, sft_params, data)
+            if name == "kto":
+                data["ref_kl_logps"] = precompute_logps(policy, sft_params, {
+                    **data, "responses": data["kl_responses"],
+                    "response_mask": data["kl_response_mask"]})
         else:
             ref_params = sft_params
 
     # training: the K-wise preference loss (losses/preference.py) through the common loop
     order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
-    loss_fn = functools.partial(offline_loss_fn, model=policy, loss=name,
-                                hparams=cfg.loss_hparams(), ref_params=ref_params)
+    if name == "kto":
+        loss_fn = functools.partial(kto_loss_fn, model=policy, hparams=cfg.loss_hparams(),
+                                    ref_params=ref_params)
+    else:
+        loss_fn = functools.partial(offline_loss_fn, model=policy, loss=name,
+                                    hparams=cfg.loss_hparams(), ref_params=ref_params)
+    # ORPO replaces SFT: it starts from the pretrained model; every other loss from SFT
+    start = (load_stage(sft_cfg.pretrain_dir, PretrainConfig)[2] if name in STARTS_FROM_BASE
+             else sft_params)
     key = eval_key(pre.seed)   # the evaluation key every stage uses: the same SFT samples
 
     def on_step(done, params):
@@ -82,7 +109,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
             return None
         return heldout_signals(policy, params, policy, sft_params, task, tcfg, key)
 
-    params = train_stage(sft_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
+    params = train_stage(start, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
                          steps=cfg.steps, optim=cfg.optim, run=run, prefix=name,
                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                          fsdp=cfg.fsdp, on_step=on_step if cfg.eval_every else None)
@@ -103,6 +130,8 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
         "win_rate/ceiling": vs.pair["ceiling"],
         f"kl/{name}_vs_sft": float(vs.kl.mean()),
         "preferences/train_prompts": len(prefs.prompts),
+        "start": "base" if name in STARTS_FROM_BASE else "sft",
+        **{f"binary_feedback/{k}": v for k, v in feedback.items()},
         **{f"final/{k}": v for k, v in final.items() if k.startswith(f"{name}/")},
         **{k: v for k, v in upstream.items() if k.startswith("time_s/")},
         "time_s/offline": train_s,

@@ -1,4 +1,4 @@
-"""Offline preference losses on labelled pairs: DPO, IPO and SimPO, and K-wise rankings as pairs.
+"""Offline preference losses on labelled pairs: DPO, IPO, SimPO, ORPO; K-wise rankings as pairs.
 
 Every loss takes per-pair arrays ``[B]`` of *summed* response log-probabilities (the response
 tokens, EOS included) and returns ``(loss, metrics)``; the loss is a mean over pairs weighted by
@@ -26,6 +26,26 @@ tokens, EOS included) and returns ``(loss, metrics)``; the loss is a mean over p
   Reward"): reference-free, length-normalised, with a target margin γ = ``simpo_margin``:
 
       l = −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)
+
+* **ORPO** (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
+  Model"): reference-free, folded into SFT. With the length-normalised log-probability
+  ``ℓ(y) = log π(y)/|y|`` and the log odds ``log odds(y) = ℓ(y) − log(1 − exp ℓ(y))``:
+
+      l = −ℓ(y_w) + λ·(−log σ(log odds(y_w) − log odds(y_l)))
+
+  (the first term is the chosen response's per-token NLL, the paper's L_SFT per pair).
+  ``log(1 − exp ℓ)`` is computed stably (:func:`log1mexp`); ℓ is capped at −1e-6 so that a
+  response of probability 1 gives finite odds.
+
+* **KTO** (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization") is
+  not a pair loss: each response carries its own binary label (desirable / undesirable). With
+  ``r = log π(y|x) − log π_ref(y|x)`` and the reference point ``z = max(0, mean over mismatched
+  pairs (x_i, y_j≠i) of log π(y_j|x_i) − log π_ref(y_j|x_i))`` (stop-gradient; the mean is
+  global across devices and taken before the clamp):
+
+      v = λ_D·σ(β(r − z)) if desirable,  λ_U·σ(β(z − r)) if undesirable;   l = λ_y − v
+
+  (:func:`kto_loss`; not in ``PREFERENCE_LOSSES``, whose losses take pairs).
 
 K-wise rankings (InstructGPT-style data: K responses per prompt, ranking scores, higher =
 preferred, equal = tie, as in :mod:`rlhf_jax.losses.reward` and :mod:`rlhf_jax.data.preferences`)
@@ -126,6 +146,68 @@ def simpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, chosen_len:
                   **_pair_metrics(diff, chosen_reward, rejected_reward, w, axis_name)}
 
 
+def kto_loss(policy_logps: jax.Array, ref_logps: jax.Array, policy_kl_logps: jax.Array,
+             ref_kl_logps: jax.Array, desirable: jax.Array, *, beta: float,
+             lambda_desirable: float = 1.0, lambda_undesirable: float = 1.0,
+             mask: jax.Array | None = None, kl_mask: jax.Array | None = None,
+             axis_name: AxisName = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """KTO over ``[B]`` responses with binary labels (see the module docstring).
+
+    ``policy_logps`` / ``ref_logps``: summed response log-probs of each labelled (x, y);
+    ``policy_kl_logps`` / ``ref_kl_logps``: the same for the mismatched pairs (x_i, y_j≠i) that
+    estimate the reference point (``kl_mask`` marks the real ones); ``desirable``: 1 / 0;
+    ``mask``: responses counted. The loss is ``Σ m·(λ_y − v) / Σ m``. Metrics: ``loss``,
+    ``kl_ref_point`` (z after the clamp), ``reward_desirable`` / ``reward_undesirable`` (mean r
+    of each class), ``desirable_share``, ``accuracy`` (share of responses with r − z on the side
+    of their label).
+    """
+    desirable = desirable.astype(policy_logps.dtype)
+    w = _mask(policy_logps, mask)
+    kl = jax.lax.stop_gradient(policy_kl_logps - ref_kl_logps)
+    z = jnp.maximum(masked_mean(kl, _mask(kl, kl_mask), axis_name=axis_name), 0.0)
+    r = policy_logps - ref_logps
+    v = jnp.where(desirable > 0, lambda_desirable * jax.nn.sigmoid(beta * (r - z)),
+                  lambda_undesirable * jax.nn.sigmoid(beta * (z - r)))
+    lam = jnp.where(desirable > 0, lambda_desirable, lambda_undesirable)
+    loss = masked_mean(lam - v, w, axis_name=axis_name)
+    mean = lambda x, m: masked_mean(x, m, axis_name=axis_name)  # noqa: E731
+    right = jnp.where(desirable > 0, r > z, r < z).astype(r.dtype)
+    return loss, {"loss": loss, "kl_ref_point": z,
+                  "reward_desirable": mean(r, w * desirable),
+                  "reward_undesirable": mean(r, w * (1.0 - desirable)),
+                  "desirable_share": mean(desirable, w), "accuracy": mean(right, w)}
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 − exp(x))`` for ``x < 0``, accurate at both ends (Mächler 2012): ``log(−expm1 x)``
+    for x > −log 2, ``log1p(−exp x)`` below."""
+    near_zero = x > -jnp.log(2.0)
+    return jnp.where(near_zero, jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0))),
+                     jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x))))
+
+
+def orpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, chosen_len: jax.Array,
+              rejected_len: jax.Array, *, orpo_lambda: float, mask: jax.Array | None = None,
+              axis_name: AxisName = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """ORPO: mean over pairs (weighted by ``mask``) of ``−ℓ(y_w) + λ·(−log σ(log odds(y_w) −
+    log odds(y_l)))`` with ``ℓ = log π(y)/|y|`` (see the module docstring).
+
+    Reference-free. Metrics: ``loss``, ``nll`` (mean −ℓ(y_w)), ``odds_ratio_loss``,
+    ``accuracy`` (log odds of the chosen response higher), ``margin`` (mean log odds ratio),
+    ``chosen_reward`` / ``rejected_reward`` (mean ℓ).
+    """
+    chosen = jnp.minimum(policy_chosen / jnp.maximum(chosen_len, 1), -1e-6)
+    rejected = jnp.minimum(policy_rejected / jnp.maximum(rejected_len, 1), -1e-6)
+    log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
+    ratio_losses = -jax.nn.log_sigmoid(log_odds_ratio)
+    losses = -chosen + orpo_lambda * ratio_losses
+    w = _mask(losses, mask)
+    loss = masked_mean(losses, w, axis_name=axis_name)
+    return loss, {"loss": loss, "nll": masked_mean(-chosen, w, axis_name=axis_name),
+                  "odds_ratio_loss": masked_mean(ratio_losses, w, axis_name=axis_name),
+                  **_pair_metrics(log_odds_ratio, chosen, rejected, w, axis_name)}
+
+
 def kwise_pairs(ranking: jax.Array, mask: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """K-wise rankings ``[P, K]`` (higher = preferred, equal = tie; ``mask [P, K]`` marks present
@@ -150,8 +232,10 @@ def kwise_pairs(ranking: jax.Array, mask: jax.Array | None = None
     return winner, loser, weight
 
 
-PREFERENCE_LOSSES: dict[str, Callable] = {"dpo": dpo_loss, "ipo": ipo_loss, "simpo": simpo_loss}
-REFERENCE_FREE = frozenset({"simpo"})
+PREFERENCE_LOSSES: dict[str, Callable] = {"dpo": dpo_loss, "ipo": ipo_loss, "simpo": simpo_loss,
+                                          "orpo": orpo_loss}
+# reference-free losses take (policy_chosen, policy_rejected, chosen_len, rejected_len)
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
 
 
 def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=None,
@@ -163,8 +247,9 @@ def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=Non
     if name not in PREFERENCE_LOSSES:
         raise ValueError(f"unknown preference loss {name!r}; known: {sorted(PREFERENCE_LOSSES)}")
     common = {"mask": mask, "axis_name": axis_name, **hparams}
-    if name == "simpo":
-        return simpo_loss(policy_chosen, policy_rejected, chosen_len, rejected_len, **common)
+    if name in REFERENCE_FREE:
+        return PREFERENCE_LOSSES[name](policy_chosen, policy_rejected, chosen_len, rejected_len,
+                                       **common)
     if name == "ipo":
         common.update(chosen_len=chosen_len, rejected_len=rejected_len)
     return PREFERENCE_LOSSES[name](policy_chosen, policy_rejected, ref_chosen, ref_rejected,

@@ -22,15 +22,17 @@ import numpy as np
 
 from rlhf_jax.configs import check, check_numbers, non_negative, positive
 from rlhf_jax.data.batching import pad_rows
-from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE,
+from rlhf_jax.data.binary_feedback import DEFAULT_FLIP
+from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss,
                                         kwise_preference_loss)
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.sampling import response_logits
-from rlhf_jax.stages.reward import (RewardConfig, check_task_reward)
+from rlhf_jax.stages.reward import RewardConfig, check_task_reward
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
+STARTS_FROM_BASE = frozenset({"orpo"})   # losses that replace SFT: trained from the base model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +44,11 @@ class OfflineConfig:
       reward_dir: a finished reward run whose comparisons (and SFT model) to use; empty = run
         ``reward`` first into ``<out>/reward``.
       reward: the reward config used when ``reward_dir`` is empty.
-      loss: ``dpo``, ``ipo`` or ``simpo`` (``rlhf_jax.losses.preference``).
-      beta: DPO's β (KL strength: the implicit reward is β·log π/π_ref). On the embedded task
+      loss: ``dpo``, ``ipo``, ``simpo``, ``orpo`` (pairs of the K-wise comparisons) or ``kto``
+        (one noisy binary label per response, :mod:`rlhf_jax.data.binary_feedback`); see
+        ``rlhf_jax.losses.preference``. ORPO replaces SFT: it starts from the pretrained model
+        (the SFT run's base), and is evaluated paired with SFT like the others.
+      beta: DPO's and KTO's β (KL strength: the implicit reward is β·log π/π_ref). On the embedded task
         (seed 0, 400 steps) β = 0.1 / 0.2 / 0.3 / 0.5 gave held-out gold 0.54 / 0.65 / 0.67 /
         0.61 (β = 0.1 drifts to KL 1.16 and 12 % malformed answers).
       label_smoothing: conservative DPO's label-flip probability ε (0 = plain DPO).
@@ -51,6 +56,9 @@ class OfflineConfig:
       ipo_average_length: IPO on per-token (length-averaged) log-ratios.
       simpo_beta: SimPO's β (scale of the length-normalised log-likelihood reward).
       simpo_margin: SimPO's target reward margin γ.
+      orpo_lambda: ORPO's λ (weight of the odds-ratio term beside the chosen response's NLL).
+      kto_lambda_desirable, kto_lambda_undesirable: KTO's λ_D and λ_U.
+      kto_label_flip: probability that a binary label is flipped (the labeller's noise).
       loss_args: keyword hyperparameters passed to the loss on top of the ones above (e.g. for a
         loss you registered in ``PREFERENCE_LOSSES``: ``--loss-args delta 1.0``).
       reference: ``precomputed`` (reference log-probs of every response computed once before
@@ -76,6 +84,10 @@ class OfflineConfig:
     ipo_average_length: bool = False
     simpo_beta: float = 2.0
     simpo_margin: float = 1.0
+    orpo_lambda: float = 0.1
+    kto_lambda_desirable: float = 1.0
+    kto_lambda_undesirable: float = 1.0
+    kto_label_flip: float = DEFAULT_FLIP
     loss_args: dict[str, float] = dataclasses.field(default_factory=dict)
     reference: str = "precomputed"
     batch_prompts: int = 16
@@ -89,14 +101,17 @@ class OfflineConfig:
     def __post_init__(self):
         check_numbers(self)
         check_task_reward(self.reward, "reward.data")
-        check(self.loss in PREFERENCE_LOSSES, "loss",
-              f"must be one of {sorted(PREFERENCE_LOSSES)}, got {self.loss!r}")
+        check(self.loss in PREFERENCE_LOSSES or self.loss == "kto", "loss",
+              f"must be one of {sorted(PREFERENCE_LOSSES) + ['kto']}, got {self.loss!r}")
         for k, v in self.loss_args.items():
             check(isinstance(v, (int, float)) and math.isfinite(v), f"loss_args.{k}",
                   f"must be a finite number, got {v!r}")
         check(self.reference in REFERENCES, "reference",
               f"must be one of {REFERENCES}, got {self.reference!r}")
-        positive(self, "beta", "ipo_tau", "simpo_beta", "batch_prompts", "steps", "log_every")
+        positive(self, "beta", "ipo_tau", "simpo_beta", "orpo_lambda", "kto_lambda_desirable",
+                 "kto_lambda_undesirable", "batch_prompts", "steps", "log_every")
+        check(0.0 <= self.kto_label_flip < 0.5, "kto_label_flip",
+              f"must be in [0, 0.5), got {self.kto_label_flip}")
         non_negative(self, "simpo_margin", "eval_every", "checkpoint_every")
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing",
               f"must be in [0, 0.5), got {self.label_smoothing}")
@@ -107,7 +122,10 @@ class OfflineConfig:
         """Keyword hyperparameters of the chosen loss."""
         builtin = {"dpo": {"beta": self.beta, "label_smoothing": self.label_smoothing},
                    "ipo": {"tau": self.ipo_tau, "average_length": self.ipo_average_length},
-                   "simpo": {"beta": self.simpo_beta, "simpo_margin": self.simpo_margin}}
+                   "simpo": {"beta": self.simpo_beta, "simpo_margin": self.simpo_margin},
+                   "orpo": {"orpo_lambda": self.orpo_lambda},
+                   "kto": {"beta": self.beta, "lambda_desirable": self.kto_lambda_desirable,
+                           "lambda_undesirable": self.kto_lambda_undesirable}}
         return {**builtin.get(self.loss, {}), **self.loss_args}
 
 
@@ -156,4 +174,35 @@ def offline_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None =
                jax.lax.stop_gradient(response_logps(model, ref_params, *args)))
     value, metrics = kwise_preference_loss(loss, logps, ref, batch["lengths"], batch["ranking"],
                                            axis_name=axis_name, **hparams)
+    return value, {"loss": value, **metrics}
+
+
+def kto_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None = None, *,
+                model: Model, hparams: dict, ref_params=None, axis_name=None):
+    """Forward the policy on every labelled response and (without gradient) on the mismatched
+    pairs, then ``kto_loss``.
+
+    ``batch``: ``prompts [P, Lp]``, ``prompt_mask``, ``responses [P, K, Lr]``, ``response_mask``,
+    ``ranking [P, K]`` (the binary labels), ``kl_responses`` / ``kl_response_mask`` (the next
+    prompt's responses) and, unless ``ref_params`` is given, ``ref_logps`` / ``ref_kl_logps``.
+    """
+    del key
+    prompts, prompt_mask = batch["prompts"], batch["prompt_mask"]
+    logps = response_logps(model, params, prompts, prompt_mask, batch["responses"],
+                           batch["response_mask"])
+    kl_logps = jax.lax.stop_gradient(response_logps(model, params, prompts, prompt_mask,
+                                                    batch["kl_responses"],
+                                                    batch["kl_response_mask"]))
+    if ref_params is None:
+        ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
+    else:
+        ref, ref_kl = (jax.lax.stop_gradient(response_logps(model, ref_params, prompts,
+                                                            prompt_mask, r, m))
+                       for r, m in ((batch["responses"], batch["response_mask"]),
+                                    (batch["kl_responses"], batch["kl_response_mask"])))
+    present = (batch["response_mask"].sum(-1) > 0).reshape(-1)
+    kl_present = (batch["kl_response_mask"].sum(-1) > 0).reshape(-1)
+    value, metrics = kto_loss(logps.reshape(-1), ref.reshape(-1), kl_logps.reshape(-1),
+                              ref_kl.reshape(-1), batch["ranking"].reshape(-1), mask=present,
+                              kl_mask=kl_present, axis_name=axis_name, **hparams)
     return value, {"loss": value, **metrics}

@@ -225,20 +225,24 @@ def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *,
     return out
 
 
-def store_and_reload(prefs: dict[str, Preferences], data_dir: Path, task: Task
-                     ) -> dict[str, Preferences]:
-    """Write the labelled splits as a versioned TFDS data set (``array_record``) and read them
-    back through ``tfds.data_source``, so training sees exactly what is stored."""
-    build_preference_dataset({k: v.records() for k, v in prefs.items()}, data_dir,
-                             name=dataset_name(task))
-    return {split: read_preferences(data_dir, split, task) for split in prefs}
+def store_and_reload(prefs: dict[str, Preferences], data_dir: Path, task: Task,
+                     name: str | None = None, version: str = "1.0.0") -> dict[str, Preferences]:
+    """Write the labelled splits as a versioned TFDS data set (``array_record``; ``name`` default
+    the task's preferences) and read them back through ``tfds.data_source``, so training sees
+    exactly what is stored."""
+    name = name or dataset_name(task)
+    build_preference_dataset({k: v.records() for k, v in prefs.items()}, data_dir, name=name,
+                             version=version)
+    return {split: read_preferences(data_dir, split, task, name) for split in prefs}
 
 
-def read_preferences(data_dir: Path, split: str, task: Task) -> Preferences:
-    """A stored split, re-joined with the task's prompts (for the judge's evaluation-only kinds)."""
+def read_preferences(data_dir: Path, split: str, task: Task, name: str | None = None
+                     ) -> Preferences:
+    """A stored split (of data set ``name``, default the task's preferences), re-joined with the
+    task's prompts (for the judge's evaluation-only kinds)."""
     by_uid = {p.uid: p for s in ("train", "heldout") for p in task.prompts(s)}
-    records = [decode_record(r) for r in load_preference_source(data_dir, dataset_name(task),
-                                                                split)]
+    records = [decode_record(r) for r in load_preference_source(
+        data_dir, name or dataset_name(task), split)]
     prompts = []
     for r in records:
         if r["id"] not in by_uid:
