@@ -151,7 +151,7 @@ def test_recomputed_reference_equals_precomputed(tiny_reward):
 
 
 @pytest.mark.parametrize("args, field", [
-    (["--loss", "kto"], "loss"),
+    (["--loss", "slic"], "loss"),
     (["--reference", "cached"], "reference"),
     (["--beta", "0"], "beta"),
     (["--label-smoothing", "0.5"], "label_smoothing"),
