@@ -12,10 +12,15 @@ Every ``--ppo.*`` flag overrides the GRPO preset (``rlhf_jax.rl.presets.grpo_hpa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rlhf_jax import launch
 
+if TYPE_CHECKING:   # the library is imported inside run/main, after launch.setup()
+    from rlhf_jax.stages.ppo import PPOConfig
 
-def run(cfg, out) -> dict:
+
+def run(cfg: PPOConfig, out) -> dict:
     """GRPO is PPO's composition (``experiments/ppo.py``) with the GRPO preset in
     ``cfg.ppo``: same upstream runs, compiled iteration, loop and held-out evaluation."""
     from rlhf_jax import scripts

@@ -11,11 +11,16 @@ same iteration, run by this script's ``run``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rlhf_jax import launch
 
+if TYPE_CHECKING:   # the library is imported inside run/main, after launch.setup()
+    from rlhf_jax.stages.ppo import PPOConfig
 
-def run(cfg, out) -> dict:
-    """PPO (``cfg``: a ``rlhf_jax.stages.ppo.PPOConfig``) into run directory ``out``."""
+
+def run(cfg: PPOConfig, out) -> dict:
+    """PPO into run directory ``out``; returns (and writes) the summary."""
     import dataclasses
     import time
     from pathlib import Path
