@@ -89,8 +89,8 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(reference_run, t
                            timeout=600)
     _assert_same_run(out, reference_run)  # ... and are replaced, not duplicated
     # stderr is a pipe, not a terminal: plain resume and progress lines (rlhf_jax.progress)
-    assert (f"resuming {out} from the checkpoint at step 10; data position (next step 10) and "
-            "PRNG key restored") in again.stderr, again.stderr
+    assert (f"pretrain: resuming {out} from the checkpoint at step 10; data position (next step "
+            "10) and PRNG key restored") in again.stderr, again.stderr
     assert re.search(r"^pretrain: step 30/30 \(100%\), [\d.e+-]+ steps/s, ETA .*, loss=",
                      again.stderr, re.M), again.stderr
 

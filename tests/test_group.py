@@ -57,7 +57,19 @@ def _group_advantage_loops(rewards, mask, kind):
     return out
 
 
-@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+GROUP_KINDS = ("grpo", "dr_grpo", "rloo")        # each checked against its loop reference here
+TESTED_POLICY_LOSSES = ("clipped", "reinforce")  # each checked against its loops below
+
+
+def test_every_registered_estimator_and_loss_has_a_reference_test():
+    """Registries may grow: this fails only when a registered advantage estimator or policy loss
+    has no reference test (GAE's is in test_ppo_math.py), not because one was added with its
+    test."""
+    assert set(ADVANTAGES) <= {"gae", *GROUP_KINDS}, set(ADVANTAGES) - {"gae", *GROUP_KINDS}
+    assert set(POLICY_LOSSES) <= set(TESTED_POLICY_LOSSES)
+
+
+@pytest.mark.parametrize("kind", GROUP_KINDS)
 @pytest.mark.parametrize("seed", range(2))
 def test_group_advantages_match_loops(kind, seed):
     """Each estimator equals its loop reference, is the same on every counted token of a

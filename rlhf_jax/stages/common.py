@@ -116,7 +116,7 @@ def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: Opti
     else:
         state_spec, train_step = P(), make_train_step(loss_fn)
     key = stage_key(seed, STREAM_TRAIN)
-    state = place(resume(state, ckpt, run, key), mesh, state_spec)
+    state = place(resume(state, ckpt, run, key, stage=prefix), mesh, state_spec)
     step = data_parallel(train_step, mesh, state_spec=state_spec)
     hook = None
     if on_step is not None:
