@@ -1,17 +1,24 @@
 """Sharded = single device, for the SFT step, the RM step and a PPO iteration.
 
 Run in a process that sees 4 CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=4``);
-``tests/test_parallel.py`` does that. ``python multidevice_checks.py llama`` runs the SFT (replicated
-and FSDP), RM and PPO checks on a Llama-family model (grouped-query attention, q/k norms, biases)
-instead of GPT-2. Each check runs the same step on a 4-device mesh and on a
-1-device mesh with the same global batch and key and compares parameters and metrics. Shards hold
-different numbers of counted tokens on purpose (a pmean of per-shard means would fail).
+``tests/test_parallel.py`` does that:
+
+    python multidevice_checks.py [FAMILY ...] [--save-ppo OUT.pkl]
+
+runs the checks of each family (default ``gpt2 llama``): on GPT-2 the SFT (replicated and FSDP),
+RM, PPO and GRPO / RLOO checks, on a Llama-family model (grouped-query attention, q/k norms,
+biases) the SFT, RM and PPO checks, in one process (JAX starts once). Each check runs the same step
+on a 4-device mesh and on a 1-device mesh with the same global batch and key and compares
+parameters and metrics. Shards hold different numbers of counted tokens on purpose (a pmean of
+per-shard means would fail). ``--save-ppo`` pickles GPT-2's 1-device PPO result, the reference of
+the two-process check (``multiprocess_checks.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import pickle
 import sys
 
 import jax
@@ -31,12 +38,20 @@ from rlhf_jax.stages.ppo import sharded_iteration
 from rlhf_jax.stages.reward_model import kwise_rm_loss_fn, make_score_fn
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
-LLAMA = "llama" in sys.argv[1:]
-# Llama: Adam turns ~1e-7 reduction-order differences of tiny gradients into up to ~2e-6 (seen
-# once in 1,024 elements of a q_proj kernel); a sharding bug would be off by orders more
-RTOL, ATOL = (1e-5, 5e-6) if LLAMA else (1e-5, 1e-6)
-CFG = (preset("llama-test", vocab_size=32, max_len=24, qk_norm=True, qkv_bias=True) if LLAMA
-       else preset("test", vocab_size=32, max_len=24))
+FAMILIES = {
+    "gpt2": (preset("test", vocab_size=32, max_len=24), (1e-5, 1e-6)),
+    # Adam turns ~1e-7 reduction-order differences of tiny gradients into up to ~2e-6 (seen once
+    # in 1,024 elements of a q_proj kernel); a sharding bug would be off by orders more
+    "llama": (preset("llama-test", vocab_size=32, max_len=24, qk_norm=True, qkv_bias=True),
+              (1e-5, 5e-6)),
+}
+CFG, (RTOL, ATOL) = FAMILIES["gpt2"]
+
+
+def use(family: str) -> None:
+    """Run the checks below on ``family``'s model and tolerances."""
+    global CFG, RTOL, ATOL
+    CFG, (RTOL, ATOL) = FAMILIES[family]
 # eps keeps Adam from turning float-rounding noise in ~0 gradients into full-size steps
 OPTIM = OptimConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-4)
 
@@ -164,8 +179,12 @@ def compare_ppo(a, b):
     close(s_a, s_b, "ppo state")
 
 
-def check_ppo(mesh4, mesh1):
-    compare_ppo(ppo_run(mesh4), ppo_run(mesh1))
+def check_ppo(mesh4, mesh1, save=None):
+    single = ppo_run(mesh1)
+    compare_ppo(ppo_run(mesh4), single)
+    if save:
+        with open(save, "wb") as f:
+            pickle.dump(single, f)
 
 
 def check_group(mesh4, mesh1):
@@ -179,15 +198,27 @@ def check_group(mesh4, mesh1):
         compare_ppo(ppo_run(mesh4, setup=setup), ppo_run(mesh1, setup=setup))
 
 
-def main() -> int:
+CHECKS = {"gpt2": (check_sft, check_rm, check_ppo, check_group),
+          "llama": (check_sft, check_rm, check_ppo)}
+
+
+def main(argv: list[str]) -> int:
+    save = None
+    if "--save-ppo" in argv:
+        i = argv.index("--save-ppo")
+        save, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     assert len(jax.devices()) == 4, jax.devices()
     mesh4, mesh1 = make_mesh(), make_mesh(jax.devices()[:1])
-    for check in (check_sft, check_rm, check_ppo) if LLAMA else (check_sft, check_rm, check_ppo,
-                                                                  check_group):
-        check(mesh4, mesh1)
-        print(check.__name__, "ok", flush=True)
+    for family in argv or ["gpt2", "llama"]:
+        use(family)
+        for check in CHECKS[family]:
+            if check is check_ppo and family == "gpt2":
+                check(mesh4, mesh1, save=save)
+            else:
+                check(mesh4, mesh1)
+            print(family, check.__name__, "ok", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

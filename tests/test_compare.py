@@ -1,4 +1,5 @@
-"""The comparison's read-out (hand-worked cases) and its end-to-end run on a tiny config."""
+"""The comparison's read-out (hand-worked cases) and its end-to-end run on a tiny config (from the
+session's reward run, ``reward_run`` in conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlhf_jax.scripts import load
 from rlhf_jax.stages import compare_report as report
 
 
@@ -83,9 +85,6 @@ def test_report_uses_the_tasks_own_metrics():
         "gold", "gold_at_kl"}
 
 
-from test_experiments import _load            # noqa: E402
-from test_offline import TINY_REWARD, tiny_reward  # noqa: E402,F401  (module-scoped fixture)
-
 TINY_COMPARE = ["--methods", "ppo", "dpo", "grpo", "--seeds", "0", "1",
                 "--eval-points", "2", "--samples-per-iter", "8",
                 "--ppo.iterations", "2", "--ppo.ppo.minibatches", "2",
@@ -94,9 +93,9 @@ TINY_COMPARE = ["--methods", "ppo", "dpo", "grpo", "--seeds", "0", "1",
                 "--offline.optim.warmup-steps", "1", "--offline.optim.learning-rate", "1e-3"]
 
 
-def test_compare_end_to_end_on_tiny_config(tiny_reward, tmp_path):
+def test_compare_end_to_end_on_tiny_config(reward_run, tmp_path):
     out = tmp_path / "cmp"
-    summary = _load("compare").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+    summary = load("compare").main(["--out", str(out), "--reward-dir", str(reward_run),
                                      *TINY_COMPARE])
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
@@ -115,7 +114,7 @@ def test_compare_end_to_end_on_tiny_config(tiny_reward, tmp_path):
         cfg = json.loads((Path(seeds[0]["dir"]) / "config.json").read_text())
         if method != "dpo":   # the same RM-scored samples per iteration
             assert cfg["ppo"]["prompts_per_iter"] * cfg["ppo"]["group_size"] == 8
-            assert cfg["reward_dir"] == str(tiny_reward)
+            assert cfg["reward_dir"] == str(reward_run)
     # the two seeds of a method differ; every SFT evaluation is the same one
     assert runs["dpo"][0]["gold"] != runs["dpo"][1]["gold"] or \
         runs["dpo"][0]["kl"] != runs["dpo"][1]["kl"]
@@ -128,7 +127,7 @@ def test_compare_end_to_end_on_tiny_config(tiny_reward, tmp_path):
         assert f"| {method} |" in table
     assert (out / "gold_vs_kl.png").stat().st_size > 1000
     # a rerun reuses every finished run: nothing changes
-    again = _load("compare").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+    again = load("compare").main(["--out", str(out), "--reward-dir", str(reward_run),
                                    *TINY_COMPARE])
     assert {k: v for k, v in again.items() if not k.startswith("time_s")} == \
         {k: v for k, v in summary.items() if not k.startswith("time_s")}

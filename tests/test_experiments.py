@@ -2,45 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import SMALL_PIPELINE, SMALL_REWARD, TINY_PPO, TINY_PRETRAIN, TINY_SFT
+from rlhf_jax.scripts import load
+
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY_PRETRAIN = [
-    "--pretrain.steps", "30", "--pretrain.batch-size", "8", "--pretrain.seq-len", "32",
-    "--pretrain.model.d-model", "32", "--pretrain.model.n-layers", "1",
-    "--pretrain.model.n-heads", "2", "--pretrain.task.world.n-real", "12",
-    "--pretrain.task.world.n-fictional", "12", "--pretrain.task.world.docs-per-person", "2",
-    "--pretrain.log-every", "5", "--pretrain.checkpoint-every", "10",
-    "--pretrain.optim.warmup-steps", "5",
-]
-TINY_SFT = ["--steps", "20", "--batch-size", "8", "--ptx-batch-size", "4", "--log-every", "5",
-            "--optim.warmup-steps", "5"]
-
-
-def _load(script: str):
-    spec = importlib.util.spec_from_file_location(script, ROOT / "experiments" / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def two_sft_runs(tmp_path_factory):
-    sft = _load("sft")
-    outs = []
-    for name in ("a", "b"):
-        out = tmp_path_factory.mktemp(name) / "run"
-        sft.main(["--out", str(out), *TINY_PRETRAIN, *TINY_SFT])
-        outs.append(out)
-    return outs
+def two_sft_runs(sft_run, tmp_path_factory):
+    """The session's tiny SFT run and a second run of the same command."""
+    out = tmp_path_factory.mktemp("b") / "run"
+    load("sft").main(["--out", str(out), *TINY_PRETRAIN, *TINY_SFT])
+    return [sft_run, out]
 
 
 def test_sft_end_to_end_writes_run_directory(two_sft_runs):
@@ -75,19 +55,16 @@ def test_finished_run_is_reused_not_retrained(two_sft_runs, tmp_path):
     """``--pretrain-dir`` starts SFT from a finished pretraining run, with the same result."""
     a = two_sft_runs[0]
     out = tmp_path / "again"
-    _load("sft").main(["--out", str(out), "--pretrain-dir", str(a / "pretrain"), *TINY_SFT])
+    load("sft").main(["--out", str(out), "--pretrain-dir", str(a / "pretrain"), *TINY_SFT])
     assert (out / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     """Losing everything after the step-20 checkpoint (as a kill would) and rerunning the same
     command resumes there and ends with the same metrics and parameters, bit for bit."""
-    import shutil
-
-    import numpy as np
     import orbax.checkpoint as ocp
 
-    pre = _load("pretrain")
+    pre = load("pretrain")
     args = [a.replace("--pretrain.", "--") for a in TINY_PRETRAIN]
     full, cut = tmp_path / "full", tmp_path / "cut"
     pre.main(["--out", str(full), *args])
@@ -107,12 +84,12 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("script", ["pretrain", "sft", "reward", "ppo", "pipeline", "grpo",
                                     "rloo"])
-def test_help_lists_every_option(script):
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{script}.py"), "--help"],
-                         capture_output=True, text=True, timeout=120,
-                         env={"RLHF_JAX_NO_REEXEC": "1", "PATH": "/usr/bin:/bin",
-                              "COLUMNS": "200"})
-    assert out.returncode == 0, out.stderr
+def test_help_lists_every_option(script, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        load(script).main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
     ppo_flags = ("--iterations", "--ppo.kl-coef", "--policy-optim.learning-rate",
                  "--ppo.loss-aggregation", "--eval-every")
     flags = {"ppo": ppo_flags, "grpo": ppo_flags, "rloo": ppo_flags,
@@ -120,7 +97,7 @@ def test_help_lists_every_option(script):
              "reward": ("--steps", "--batch-prompts", "--optim.learning-rate")}.get(
         script, ("--steps", "--batch-size", "--optim.learning-rate"))
     for flag in ("--out", "--seed", *flags):
-        assert flag in out.stdout, flag
+        assert flag in out, flag
 
 
 @pytest.mark.parametrize("args, field", [
@@ -132,64 +109,44 @@ def test_help_lists_every_option(script):
 ])
 def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        _load("pretrain").main(["--out", str(tmp_path / "x"), *args])
+        load("pretrain").main(["--out", str(tmp_path / "x"), *args])
     assert exc.value.code == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "x").exists(), "a bad config must fail before writing anything"
 
 
-SMALL_REWARD = [  # small, but SFT learns enough of the format to give pairs of different gold
-    "--sft.pretrain.steps", "150", "--sft.pretrain.batch-size", "16", "--sft.pretrain.seq-len",
-    "32", "--sft.pretrain.model.d-model", "64", "--sft.pretrain.model.n-layers", "1",
-    "--sft.pretrain.task.world.n-real", "16", "--sft.pretrain.task.world.n-fictional", "16",
-    "--sft.pretrain.task.world.docs-per-person", "4", "--sft.pretrain.optim.warmup-steps", "10",
-    "--sft.steps", "150", "--sft.batch-size", "16", "--sft.ptx-batch-size", "4",
-    "--sft.optim.warmup-steps", "10", "--steps", "100", "--batch-prompts", "8",
-    "--optim.warmup-steps", "5", "--optim.learning-rate", "2e-3",
-]
-
-
-@pytest.fixture(scope="module")
-def small_reward_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reward") / "rm"
-    return out, _load("reward").main(["--out", str(out), *SMALL_REWARD])
-
-
-def test_reward_end_to_end_on_small_config(small_reward_run, tmp_path):
-    """Pretrain + SFT + preference collection (stored as TFDS) + RM training on a small config:
-    the RM beats chance on held-out pairs; rerunning from the stored data set reproduces it."""
-    reward = _load("reward")
-    out, summary = small_reward_run
+def test_reward_end_to_end_on_small_config(reward_run, tmp_path):
+    """Pretrain + SFT + preference collection (stored as TFDS) + RM training on a small config
+    (the session's pipeline): the RM beats chance on held-out pairs; rerunning the reward script
+    from the stored data set reproduces it."""
+    summary = json.loads((reward_run / "summary.json").read_text())
     for key in ("rm/accuracy", "rm/noise_ceiling", "rm/gold_agreement", "rm/spearman",
                 "time_s/reward"):
         assert key in summary, key
     assert 0.5 < summary["rm/noise_ceiling"] < 1.0
     assert summary["rm/gold_pairs"] >= 50
     assert summary["rm/gold_agreement"] > 0.55, summary
-    assert (out / "data").is_dir() and (out / "params").is_dir()
-    again = reward.main(["--out", str(tmp_path / "rm2"), "--sft-dir", str(out / "sft"),
-                         "--preferences-dir", str(out / "data"), *SMALL_REWARD[SMALL_REWARD.index("--steps"):]])
+    assert (reward_run / "data").is_dir() and (reward_run / "params").is_dir()
+    again = load("reward").main(["--out", str(tmp_path / "rm2"), "--sft-dir",
+                                 str(reward_run.parent / "sft"), "--preferences-dir",
+                                 str(reward_run / "data"), *SMALL_REWARD])
     assert again["rm/gold_agreement"] == summary["rm/gold_agreement"]
     assert again["rm/noise_ceiling"] == summary["rm/noise_ceiling"]
 
 
 def test_missing_upstream_run_is_a_named_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="pretrain_dir"):
-        _load("sft").main(["--out", str(tmp_path / "s"), "--pretrain-dir", str(tmp_path / "nope")])
+        load("sft").main(["--out", str(tmp_path / "s"), "--pretrain-dir", str(tmp_path / "nope")])
     with pytest.raises(FileNotFoundError, match="sft_dir"):
-        _load("reward").main(["--out", str(tmp_path / "r"), "--sft-dir", str(tmp_path / "nope")])
+        load("reward").main(["--out", str(tmp_path / "r"), "--sft-dir", str(tmp_path / "nope")])
 
 
-TINY_PPO = ["--iterations", "3", "--ppo.prompts-per-iter", "16", "--ppo.epochs", "1",
-            "--ppo.minibatches", "2", "--policy-optim.warmup-steps", "1",
-            "--value-optim.warmup-steps", "1", "--checkpoint-every", "2"]
-
-
-def test_ppo_end_to_end_on_small_config(small_reward_run, tmp_path):
-    """PPO from a finished reward run: summary keys, finite diagnostics, plots, paired counts."""
-    rm_dir, _ = small_reward_run
+def test_ppo_end_to_end_on_small_config(pipeline_run, tmp_path):
+    """PPO from a finished reward run: summary keys, finite diagnostics, plots, paired counts; the
+    same numbers as the pipeline's PPO stage on that reward run."""
     out = tmp_path / "ppo"
-    summary = _load("ppo").main(["--out", str(out), "--reward-dir", str(rm_dir), *TINY_PPO])
+    summary = load("ppo").main(["--out", str(out), "--reward-dir",
+                                str(pipeline_run / "reward"), *TINY_PPO])
     for key in ("gold/base", "gold/sft", "gold/rlhf", "gold/best_of_n", "kl/best_of_n",
                 "fabrication_rate/sft", "fabrication_rate/rlhf", "accuracy/sft", "accuracy/rlhf",
                 "win_rate/rlhf_vs_sft", "wins/rlhf_vs_sft", "ties/rlhf_vs_sft",
@@ -213,6 +170,8 @@ def test_ppo_end_to_end_on_small_config(small_reward_run, tmp_path):
         assert key in rows[-1], key
     for png in ("reward.png", "kl.png", "gold.png"):
         assert (out / png).stat().st_size > 1000
+    assert (out / "metrics.jsonl").read_text() == \
+        (pipeline_run / "ppo" / "metrics.jsonl").read_text()
 
 
 TINY_ONLINE = ["--iterations", "3", "--ppo.prompts-per-iter", "4", "--policy-optim.warmup-steps",
@@ -220,15 +179,14 @@ TINY_ONLINE = ["--iterations", "3", "--ppo.prompts-per-iter", "4", "--policy-opt
 
 
 @pytest.mark.parametrize("script, method", [("grpo", "grpo"), ("rloo", "rloo")])
-def test_online_scripts_end_to_end_on_small_config(small_reward_run, tmp_path, script, method):
+def test_online_scripts_end_to_end_on_small_config(reward_run, tmp_path, script, method):
     """GRPO / RLOO from a finished reward run: the preset is the default config (any --ppo.* flag
     overrides it), PPO's summary keys, held-out evaluation logged every --eval-every iterations
     (and equal, at the last iteration, to the final evaluation of the saved policy)."""
     from rlhf_jax.stages.online import online_config
 
-    rm_dir, _ = small_reward_run
     out = tmp_path / script
-    summary = _load(script).main(["--out", str(out), "--reward-dir", str(rm_dir), *TINY_ONLINE,
+    summary = load(script).main(["--out", str(out), "--reward-dir", str(reward_run), *TINY_ONLINE,
                                   "--ppo.kl-coef", "0.07"])
     config = json.loads((out / "config.json").read_text())
     want = online_config(method, kl_coef=0.07)
@@ -249,20 +207,16 @@ def test_online_scripts_end_to_end_on_small_config(small_reward_run, tmp_path, s
     assert np.isfinite([v for r in rows for v in r.values()]).all()
 
 
-def test_eval_every_matches_final_evaluation_and_resumes_bit_identically(small_reward_run,
-                                                                         tmp_path):
+def test_eval_every_matches_final_evaluation_and_resumes_bit_identically(reward_run, tmp_path):
     """The held-out evaluation logged at the last iteration uses the final evaluation's pinned
     protocol: its numbers equal the summary's, and it writes no samples file of its own. Losing
     everything after the iteration-2 checkpoint and rerunning gives byte-identical metrics
     (held-out evaluations included)."""
-    import shutil
-
-    rm_dir, _ = small_reward_run
     out = tmp_path / "g"
     args = list(TINY_ONLINE)
     args[args.index("--eval-every") + 1] = "1"
-    argv = ["--out", str(out), "--reward-dir", str(rm_dir), *args]
-    summary = _load("grpo").main(argv)
+    argv = ["--out", str(out), "--reward-dir", str(reward_run), *args]
+    summary = load("grpo").main(argv)
     full = (out / "metrics.jsonl").read_text()
     last = json.loads(full.splitlines()[-1])
     assert last["heldout/gold"] == summary["gold/rlhf"]
@@ -275,22 +229,20 @@ def test_eval_every_matches_final_evaluation_and_resumes_bit_identically(small_r
     shutil.rmtree(out / "checkpoints" / "3")
     shutil.rmtree(out / "params")
     (out / "summary.json").unlink()
-    again = _load("grpo").main(argv)
+    again = load("grpo").main(argv)
     assert (out / "metrics.jsonl").read_text() == full
     assert again["gold/rlhf"] == summary["gold/rlhf"]
 
 
-def test_pipeline_end_to_end_on_tiny_config(tmp_path):
-    out = tmp_path / "pipe"
-    args = ["--out", str(out), *TINY_PRETRAIN, *[a if not a.startswith("--") else "--sft." + a[2:]
-                                               for a in TINY_SFT],
-            "--reward.steps", "10", "--reward.batch-prompts", "4",
-            "--reward.optim.warmup-steps", "2",
-            *[a if not a.startswith("--") else "--ppo." + a[2:] for a in TINY_PPO]]
-    summary = _load("pipeline").main(args)
+def test_pipeline_end_to_end_on_small_config(pipeline_run, tmp_path):
+    """The session's pipeline wrote every stage's run; a rerun reuses the finished stages."""
+    summary = json.loads((pipeline_run / "summary.json").read_text())
     for stage in ("pretrain", "sft", "reward", "ppo"):
-        assert (out / stage / "summary.json").exists(), stage
+        assert (pipeline_run / stage / "summary.json").exists(), stage
     assert "gold/rlhf" in summary and summary["time_s/pipeline"] > 0
-    # a rerun reuses the finished stages
-    again = _load("pipeline").main(args)
+    out = tmp_path / "pipe"
+    shutil.copytree(pipeline_run, out)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*") if p.is_file()}
+    again = load("pipeline").main(["--out", str(out), *SMALL_PIPELINE])
     assert again["gold/rlhf"] == summary["gold/rlhf"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a finished stage was rerun"

@@ -6,7 +6,6 @@ family), end to end on tiny configs. The checkpoints are exported with ``save_pr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from rlhf_jax.data.facts_world import FactsWorldConfig
 from rlhf_jax.data.tokenizers import HFTokenizer
 from rlhf_jax.models import create_model, preset
 from rlhf_jax.models.hf import load_pretrained, save_pretrained
+from rlhf_jax.scripts import load
 from rlhf_jax.tasks import TaskConfig, build_task
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = dict(n_real=12, n_fictional=12, docs_per_person=2)
 TASK_FLAGS = ["--pretrain.task.world.n-real", "12", "--pretrain.task.world.n-fictional", "12",
               "--pretrain.task.world.docs-per-person", "2"]
@@ -32,13 +31,6 @@ STAGES = ["--pretrain.steps", "0", "--pretrain.seq-len", "32",
           "--ppo.iterations", "2", "--ppo.ppo.prompts-per-iter", "16", "--ppo.ppo.epochs", "1",
           "--ppo.ppo.minibatches", "2", "--ppo.policy-optim.warmup-steps", "1",
           "--ppo.value-optim.warmup-steps", "1"]
-
-
-def _load(script: str):
-    spec = importlib.util.spec_from_file_location(script, ROOT / "experiments" / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _checkpoint(path: Path, cfg, *, eos_list: bool = False) -> Path:
@@ -61,7 +53,7 @@ def imported_pipeline(request, tmp_path_factory):
            preset("llama-test", max_len=32, qkv_bias=True, tie_embeddings=True))
     ckpt = _checkpoint(root / "ckpt", cfg, eos_list=request.param == "llama")
     out = root / "pipe"
-    summary = _load("pipeline").main(["--out", str(out), "--init-from", str(ckpt), *TASK_FLAGS,
+    summary = load("pipeline").main(["--out", str(out), "--init-from", str(ckpt), *TASK_FLAGS,
                                       *STAGES])
     return request.param, ckpt, out, summary
 
@@ -104,11 +96,11 @@ def test_later_stages_on_the_imported_pipeline(imported_pipeline, tmp_path):
     online = ["--iterations", "2", "--ppo.prompts-per-iter", "4", "--policy-optim.warmup-steps",
               "1"]
     for script in ("grpo", "rloo"):
-        s = _load(script).main(["--out", str(tmp_path / script), "--reward-dir",
+        s = load(script).main(["--out", str(tmp_path / script), "--reward-dir",
                                 str(out / "reward"), *online])
         assert np.isfinite(s["gold/rlhf"]) and s["kl/rlhf_vs_sft"] >= 0.0
     for loss in ("dpo", "simpo"):
-        s = _load("dpo").main(["--out", str(tmp_path / loss), "--reward-dir", str(out / "reward"),
+        s = load("dpo").main(["--out", str(tmp_path / loss), "--reward-dir", str(out / "reward"),
                                "--loss", loss, "--steps", "4", "--batch-prompts", "4",
                                "--optim.warmup-steps", "1"])
         assert np.isfinite(s[f"gold/{loss}"]) and s[f"kl/{loss}_vs_sft"] >= 0.0
@@ -127,7 +119,7 @@ def test_init_from_errors_name_the_problem(tmp_path, capsys):
                           ("small", "give the checkpoint a tokenizer.json"),
                           ("nope", "is not a directory")):
         with pytest.raises(SystemExit) as exc:
-            _load("sft").main(["--out", str(tmp_path / "out"), "--init-from",
+            load("sft").main(["--out", str(tmp_path / "out"), "--init-from",
                                str(tmp_path / ckpt), *TASK_FLAGS])
         assert exc.value.code == 2
         err = capsys.readouterr().err

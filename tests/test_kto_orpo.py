@@ -153,15 +153,10 @@ TINY_OFFLINE = ["--steps", "6", "--batch-prompts", "4", "--optim.warmup-steps", 
                 "--log-every", "3", "--checkpoint-every", "3"]
 
 
-@pytest.fixture(scope="module")
-def tiny_reward_run(tmp_path_factory):
-    from test_offline import TINY_REWARD
-
-    from rlhf_jax import scripts
-
-    out = tmp_path_factory.mktemp("kto_rm") / "rm"
-    scripts.load("reward").main(["--out", str(out), *TINY_REWARD])
-    return out
+@pytest.fixture
+def tiny_reward_run(reward_run):
+    """The session's shared small reward run (tests/conftest.py)."""
+    return reward_run
 
 
 def test_kto_end_to_end_stores_its_labels_and_resumes_bit_exactly(tiny_reward_run, tmp_path):

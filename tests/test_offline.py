@@ -1,4 +1,5 @@
-"""Offline preference stage (experiments/dpo.py) end to end on a tiny reward upstream."""
+"""Offline preference stage (experiments/dpo.py) end to end on the session's reward run
+(``reward_run`` in conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_experiments import TINY_PRETRAIN, TINY_SFT, _load
+from rlhf_jax.scripts import load
 
-TINY_REWARD = [*["--sft." + a[2:] if a.startswith("--") else a for a in TINY_PRETRAIN],
-               *["--sft." + a[2:] if a.startswith("--") else a for a in TINY_SFT],
-               "--steps", "4", "--batch-prompts", "4", "--optim.warmup-steps", "1"]
 TINY_OFFLINE = ["--steps", "6", "--batch-prompts", "4", "--optim.warmup-steps", "1",
                 "--log-every", "2", "--checkpoint-every", "3"]
 
 
 @pytest.fixture(scope="module")
-def tiny_reward(tmp_path_factory):
-    out = tmp_path_factory.mktemp("offline_rm") / "rm"
-    _load("reward").main(["--out", str(out), *TINY_REWARD])
-    return out
-
-
-@pytest.fixture(scope="module")
-def dpo_run(tiny_reward, tmp_path_factory):
+def dpo_run(reward_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo") / "run"
-    summary = _load("dpo").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+    summary = load("dpo").main(["--out", str(out), "--reward-dir", str(reward_run),
                                  *TINY_OFFLINE, "--eval-every", "3", "--optim.learning-rate",
                                  "1e-3"])
     return out, summary
@@ -64,7 +55,7 @@ def test_dpo_end_to_end_summary_and_eval_rows(dpo_run):
     assert config["loss"] == "dpo" and config["reward"]["sft_dir"]
 
 
-def test_resume_is_bit_identical(dpo_run, tiny_reward, tmp_path):
+def test_resume_is_bit_identical(dpo_run, reward_run, tmp_path):
     """Cut the run back to its step-3 checkpoint (as a kill would) and rerun: same metrics,
     eval rows included, and the same parameters."""
     import orbax.checkpoint as ocp
@@ -75,7 +66,7 @@ def test_resume_is_bit_identical(dpo_run, tiny_reward, tmp_path):
     shutil.rmtree(cut / "checkpoints" / "6")
     shutil.rmtree(cut / "params")
     (cut / "summary.json").unlink()
-    again = _load("dpo").main(["--out", str(cut), "--reward-dir", str(tiny_reward),
+    again = load("dpo").main(["--out", str(cut), "--reward-dir", str(reward_run),
                                *TINY_OFFLINE, "--eval-every", "3", "--optim.learning-rate",
                                "1e-3"])
     assert (cut / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
@@ -87,15 +78,15 @@ def test_resume_is_bit_identical(dpo_run, tiny_reward, tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo"])
-def test_other_losses_run(loss, tiny_reward, tmp_path):
+def test_other_losses_run(loss, reward_run, tmp_path):
     out = tmp_path / loss
-    summary = _load("dpo").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+    summary = load("dpo").main(["--out", str(out), "--reward-dir", str(reward_run),
                                  *TINY_OFFLINE, "--loss", loss])
     assert f"gold/{loss}" in summary and f"kl/{loss}_vs_sft" in summary
     assert np.isfinite(summary[f"final/{loss}/loss"])
 
 
-def test_readme_hinge_loss_runs_through_the_unchanged_stage(tiny_reward, tmp_path):
+def test_readme_hinge_loss_runs_through_the_unchanged_stage(reward_run, tmp_path):
     """README's walk-through: register one function, name it in the config, run the stage."""
     from test_readme import _hinge_block
 
@@ -104,7 +95,7 @@ def test_readme_hinge_loss_runs_through_the_unchanged_stage(tiny_reward, tmp_pat
     try:
         _hinge_block()
         out = tmp_path / "hinge"
-        summary = _load("dpo").main(["--out", str(out), "--reward-dir", str(tiny_reward),
+        summary = load("dpo").main(["--out", str(out), "--reward-dir", str(reward_run),
                                      *TINY_OFFLINE, "--loss", "hinge", "--loss-args", "beta",
                                      "0.3", "delta", "1.0", "--optim.learning-rate", "1e-3"])
     finally:
@@ -117,7 +108,7 @@ def test_readme_hinge_loss_runs_through_the_unchanged_stage(tiny_reward, tmp_pat
                                                                           "delta": 1.0}
 
 
-def test_recomputed_reference_equals_precomputed(tiny_reward):
+def test_recomputed_reference_equals_precomputed(reward_run):
     """The reference forwarded inside the step gives the same loss as the precomputed log-probs,
     and at the start (policy = reference) DPO's loss is log 2."""
     from rlhf_jax.configs import from_dict
@@ -127,10 +118,10 @@ def test_recomputed_reference_equals_precomputed(tiny_reward):
     from rlhf_jax.stages.reward import RewardConfig, preference_arrays, read_preferences
     from rlhf_jax.tasks import build_task
 
-    rcfg = from_dict(RewardConfig, json.loads((tiny_reward / "config.json").read_text()))
+    rcfg = from_dict(RewardConfig, json.loads((reward_run / "config.json").read_text()))
     sft_cfg, model, params = load_stage(rcfg.sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
     world = build_task(sft_cfg.pretrain.task)
-    prefs = read_preferences(tiny_reward / "data", "train", world)
+    prefs = read_preferences(reward_run / "data", "train", world)
     data = preference_arrays(world.tokenizer, prefs, sft_cfg.pretrain.task)
     data = {k: v[:6] for k, v in data.items()}
     data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
@@ -163,7 +154,7 @@ def test_recomputed_reference_equals_precomputed(tiny_reward):
 ])
 def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        _load("dpo").main(["--out", str(tmp_path / "x"), *args])
+        load("dpo").main(["--out", str(tmp_path / "x"), *args])
     assert exc.value.code == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -171,21 +162,16 @@ def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
 
 def test_missing_reward_run_is_a_named_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="reward_dir"):
-        _load("dpo").main(["--out", str(tmp_path / "d"), "--reward-dir", str(tmp_path / "no")])
+        load("dpo").main(["--out", str(tmp_path / "d"), "--reward-dir", str(tmp_path / "no")])
 
 
-def test_help_lists_every_option():
-    import subprocess
-    import sys
-
-    from test_experiments import ROOT
-
-    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "dpo.py"), "--help"],
-                         capture_output=True, text=True, timeout=120,
-                         env={"RLHF_JAX_NO_REEXEC": "1", "PATH": "/usr/bin:/bin",
-                              "COLUMNS": "200"})
-    assert out.returncode == 0, out.stderr
+def test_help_lists_every_option(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        load("dpo").main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--out", "--reward-dir", "--loss", "--beta", "--label-smoothing", "--ipo-tau",
                  "--ipo-average-length", "--simpo-beta", "--simpo-margin", "--reference",
                  "--eval-every", "--optim.learning-rate", "--reward.steps"):
-        assert flag in out.stdout, flag
+        assert flag in out, flag

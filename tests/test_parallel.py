@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import TINY_PRETRAIN, TINY_SFT, shared_dir
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.parallel import check_divisible, fsdp_specs
 from rlhf_jax.rl.ppo import PPOHParams
+from rlhf_jax.scripts import EXPERIMENTS
 from rlhf_jax.stages.ppo import PPOConfig, check_ppo_sharding
 
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 
 
 def _env(devices: int) -> dict:
@@ -31,27 +32,25 @@ def _env(devices: int) -> dict:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _run(args, devices, timeout=600):
+def _run(args, devices, timeout=1800):
     out = subprocess.run([sys.executable, *args], env=_env(devices), cwd=TESTS, timeout=timeout,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
 
-def test_sft_rm_ppo_steps_on_4_devices_equal_one_device():
-    """SFT (+ replay, replicated and FSDP), K-wise RM, a PPO iteration (ptx, reward scaling,
-    adaptive KL) and GRPO / RLOO iterations: parameters and metrics of a 4-device mesh equal
-    those of 1 device."""
-    out = _run(["multidevice_checks.py"], devices=4)
-    assert out.stdout.split() == ["check_sft", "ok", "check_rm", "ok", "check_ppo", "ok",
-                                  "check_group", "ok"]
+@pytest.fixture(scope="module")
+def multidevice(tmp_path_factory):
+    """One process with 4 devices runs every family's checks (JAX starts and compiles once) and
+    saves GPT-2's 1-device PPO result for the two-process check: (stdout, that file)."""
+    def build(out):
+        out.mkdir(parents=True)
+        run = _run(["multidevice_checks.py", "gpt2", "llama", "--save-ppo",
+                    str(out / "single.pkl")], devices=4)
+        (out / "stdout.txt").write_text(run.stdout)
 
-
-def test_llama_steps_on_4_devices_equal_one_device():
-    """The same for a Llama-family model (grouped-query attention, q/k norms, biases): SFT
-    replicated and FSDP, the RM step and a PPO iteration."""
-    out = _run(["multidevice_checks.py", "llama"], devices=4)
-    assert out.stdout.split() == ["check_sft", "ok", "check_rm", "ok", "check_ppo", "ok"]
+    out = shared_dir(tmp_path_factory, "multidevice", build)
+    return (out / "stdout.txt").read_text(), out / "single.pkl"
 
 
 def _free_port() -> int:
@@ -60,40 +59,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(tmp_path):
+def test_two_processes_agree_with_one(request, tmp_path):
     """jax.distributed on 127.0.0.1 (gloo), 2 processes x 2 devices, one sharded PPO iteration
     pair, against the same iterations in one process on one device."""
     sys.path.insert(0, str(TESTS))
     from multidevice_checks import compare_ppo
 
     port = str(_free_port())
-    workers = [subprocess.Popen([sys.executable, "multiprocess_checks.py", "worker", str(i), port,
+    workers = [subprocess.Popen([sys.executable, "multiprocess_checks.py", str(i), port,
                                  str(tmp_path / f"w{i}.pkl")], env=_env(2), cwd=TESTS,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]
-    _run(["multiprocess_checks.py", "single", str(tmp_path / "single.pkl")], devices=1)
-    for w in workers:
-        log, _ = w.communicate(timeout=600)
+    try:   # the 1-device reference (if not made yet) while the workers run
+        single = request.getfixturevalue("multidevice")[1]
+    finally:
+        logs = [w.communicate(timeout=1800)[0] for w in workers]
+    for w, log in zip(workers, logs):
         assert w.returncode == 0, log[-6000:]
     assert not (tmp_path / "w1.pkl").exists(), "only process 0 writes"
-    with open(tmp_path / "w0.pkl", "rb") as f, open(tmp_path / "single.pkl", "rb") as g:
+    with open(tmp_path / "w0.pkl", "rb") as f, open(single, "rb") as g:
         compare_ppo(pickle.load(f), pickle.load(g))
 
 
-def test_sft_command_on_two_devices_with_fsdp_ends_at_the_same_numbers(tmp_path):
-    """The same experiment command on 1 device and on 2 (parameters split FSDP-style) writes the
-    same metrics, to float tolerance."""
-    from test_experiments import TINY_PRETRAIN, TINY_SFT
+def test_sft_rm_ppo_steps_on_4_devices_equal_one_device(multidevice):
+    """SFT (+ replay, replicated and FSDP), K-wise RM, a PPO iteration (ptx, reward scaling,
+    adaptive KL) and GRPO / RLOO iterations: parameters and metrics of a 4-device mesh equal
+    those of 1 device."""
+    lines = multidevice[0].splitlines()
+    assert lines[:4] == [f"gpt2 {c} ok" for c in ("check_sft", "check_rm", "check_ppo",
+                                                   "check_group")]
 
+
+def test_llama_steps_on_4_devices_equal_one_device(multidevice):
+    """The same for a Llama-family model (grouped-query attention, q/k norms, biases): SFT
+    replicated and FSDP, the RM step and a PPO iteration."""
+    lines = multidevice[0].splitlines()
+    assert lines[4:] == [f"llama {c} ok" for c in ("check_sft", "check_rm", "check_ppo")]
+
+
+def test_sft_command_on_two_devices_with_fsdp_ends_at_the_same_numbers(sft_run, tmp_path):
+    """The same experiment command on 1 device (the session's tiny SFT run, in this process) and
+    on 2 (parameters split FSDP-style) writes the same metrics, to float tolerance."""
+    out = tmp_path / "d2"
+    _run([str(EXPERIMENTS / "sft.py"), "--out", str(out), *TINY_PRETRAIN, *TINY_SFT, "--fsdp",
+          "--pretrain.fsdp"], devices=2)
     runs = {}
-    for devices, extra in ((1, []), (2, ["--fsdp", "--pretrain.fsdp"])):
-        out = tmp_path / f"d{devices}"
-        _run([str(ROOT / "experiments" / "sft.py"), "--out", str(out), *TINY_PRETRAIN, *TINY_SFT,
-              *extra], devices=devices)
-        meta = json.loads((out / "meta.json").read_text())
+    for devices, run in ((1, sft_run), (2, out)):
+        meta = json.loads((run / "meta.json").read_text())
         assert len(meta["devices"]) == devices
         runs[devices] = [json.loads(r) for stage in ("pretrain/metrics.jsonl", "metrics.jsonl")
-                         for r in (out / stage).read_text().splitlines()]
+                         for r in (run / stage).read_text().splitlines()]
     assert [r.keys() for r in runs[1]] == [r.keys() for r in runs[2]]
     for a, b in zip(runs[1], runs[2]):
         for k in a:

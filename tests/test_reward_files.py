@@ -6,7 +6,6 @@ steps), with GPT-2's byte-level BPE as the checkpoint's ``tokenizer.json``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,24 +18,17 @@ from rlhf_jax.data.preference_rows import PreferenceDataError
 from rlhf_jax.data.tokenizers import GPT2Tokenizer, WordTokenizer
 from rlhf_jax.models import create_model, preset
 from rlhf_jax.models.hf import load_pretrained, save_pretrained
+from rlhf_jax.scripts import load
 from rlhf_jax.stages.reward_files import encode_pairs, pairwise_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAIN = ["--steps", "40", "--batch-prompts", "8", "--optim.warmup-steps", "2",
          "--optim.learning-rate", "1e-2", "--log-every", "10", "--no-lm-readout",
          "--no-freeze-trunk", "--max-prompt-tokens", "24", "--max-response-tokens", "16"]
 
 
-def _load(script: str):
-    spec = importlib.util.spec_from_file_location(script, ROOT / "experiments" / f"{script}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _reward_main(argv):
-    return _load("reward").main(argv)
+    return load("reward").main(argv)
 
 
 def _checkpoint(path: Path, family: str) -> Path:
@@ -216,7 +208,7 @@ def test_ppo_and_dpo_refuse_a_reward_model_without_a_task_policy(hh_run, checkpo
                      "--reward.max-prompt-tokens", "24", "--reward.max-response-tokens", "16"],
              "reward.data")):
         with pytest.raises(SystemExit) as e:
-            _load(script).main(["--out", str(tmp_path / script), *argv])
+            load(script).main(["--out", str(tmp_path / script), *argv])
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert f"`{field}`: the reward model was trained on --data hh-rlhf" in err, err

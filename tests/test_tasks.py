@@ -13,6 +13,7 @@ import pytest
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.data.facts_world import FactsWorld, FactsWorldConfig
 from rlhf_jax.data.tokenizers import WordTokenizer
+from rlhf_jax.scripts import load
 from rlhf_jax.tasks import TASKS, TaskConfig, build_task, task_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +122,6 @@ def test_user_task_options_are_converted_and_checked(echo):
 
 
 def test_user_task_runs_the_whole_pipeline(echo, tmp_path):
-    from test_experiments import _load
-
     out = tmp_path / "pipe"
     args = ["--out", str(out), "--pretrain.task.name", "echo",
             "--pretrain.task.options", "n_prompts", "16", "--pretrain.task.max-new-tokens", "4",
@@ -137,7 +136,7 @@ def test_user_task_runs_the_whole_pipeline(echo, tmp_path):
             "--ppo.iterations", "2", "--ppo.ppo.prompts-per-iter", "8", "--ppo.ppo.epochs", "1",
             "--ppo.ppo.minibatches", "2", "--ppo.policy-optim.warmup-steps", "1",
             "--ppo.value-optim.warmup-steps", "1", "--ppo.eval-every", "1"]
-    summary = _load("pipeline").main(args)
+    summary = load("pipeline").main(args)
     # the task's own metrics, for every evaluated policy; no facts-world metric anywhere
     assert -2.0 <= summary["gold/base"] <= 1.0
     for name in ("sft", "rlhf", "best_of_n"):
@@ -158,7 +157,7 @@ def test_user_task_runs_the_whole_pipeline(echo, tmp_path):
     assert "rm/gold_agreement" in summary
 
     # the method comparison on the same upstream, in the task's metrics
-    cmp = _load("compare").main([
+    cmp = load("compare").main([
         "--out", str(tmp_path / "cmp"), "--reward-dir", str(out / "reward"),
         "--methods", "ppo", "dpo", "--seeds", "0", "--eval-points", "2",
         "--samples-per-iter", "8", "--ppo.iterations", "2", "--ppo.ppo.minibatches", "2",
