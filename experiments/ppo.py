@@ -37,7 +37,8 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
     out = Path(out)
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", "reward", cfg.reward, "reward_dir")
     t0 = time.perf_counter()
-    up = ppo.load_upstream(reward_dir, cfg.normalize_rm)   # SFT policy = reference, RM, task
+    # SFT policy = reference, RM, task; every model in cfg.precision ("" = the upstream's)
+    up = ppo.load_upstream(reward_dir, cfg.normalize_rm, cfg.precision)
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=up.reward_cfg)
     run = RunDir(out)
     run.write_config(to_dict(cfg))

@@ -166,7 +166,7 @@ def test_ppo_end_to_end_on_small_config(pipeline_run, tmp_path):
                 "train/approx_kl", "train/clip_frac", "rollout/entropy",
                 "rollout/value_explained_var", "rollout/rm_score", "rollout/length",
                 "rollout/rm_gold_gap", "rollout/rm_gold_agreement",
-                "rollout/reward_length_corr"):
+                "rollout/reward_length_corr", "rollout/logprob_mean_diff"):
         assert key in rows[-1], key
     for png in ("reward.png", "kl.png", "gold.png"):
         assert (out / png).stat().st_size > 1000

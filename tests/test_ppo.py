@@ -79,6 +79,8 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
     raw = np.asarray(adv)[np.asarray(mask) > 0]
     adv_scale = float(np.sqrt(raw.var() + 1e-8))
     adv = whiten(adv, mask)
+    # truncated importance weights min(π_old / π_sampler, C) (all C when C < 1 in float32)
+    tis = jnp.minimum(jnp.exp(ro.logp - ro.sampler_logp), hp.tis_cap) if hp.tis_cap else None
     ref_logits = response_logits(models.ref, frozen.ref, batch["prompts"], batch["prompt_mask"],
                                  ro.responses, ro.mask)[0] / t
     n = mask.shape[0]
@@ -100,7 +102,8 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
                 logits = logits / t
                 logp = token_logprobs(logits, ro.responses[i])
                 loss = clipped_policy_loss(logp, ro.logp[i], adv[i], mask[i],
-                                           clip_eps=hp.clip_eps)[0]
+                                           clip_eps=hp.clip_eps,
+                                           weights=None if tis is None else tis[i])[0]
                 lp = jax.nn.log_softmax(logits)
                 loss -= hp.entropy_coef * _masked_mean(-jnp.sum(jnp.exp(lp) * lp, -1), mask[i])
                 if hp.kl_in_loss == "k2":
@@ -162,8 +165,9 @@ def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
 BRANCHES = {   # name: PPOHParams overrides
     "default": dict(),
     "sampler_logits": dict(rescore_policy=False),
-    "shared_critic+entropy+k2_in_loss": dict(critic="shared", entropy_coef=0.05, kl_in_loss="k2",
-                                             kl_coef=0.3),
+    # TIS with C = 0.5 halves the policy term against the shared critic's value term
+    "shared_critic+entropy+k2_in_loss+tis": dict(critic="shared", entropy_coef=0.05,
+                                                 kl_in_loss="k2", kl_coef=0.3, tis_cap=0.5),
     "ptx+exact_in_loss": dict(ptx_coef=0.3, kl_in_loss="exact", kl_coef=0.3),
 }
 
@@ -171,8 +175,8 @@ BRANCHES = {   # name: PPOHParams overrides
 @pytest.mark.parametrize("branch", sorted(BRANCHES))
 def test_compiled_iteration_equals_its_pieces(branch):
     """Parameters after one iteration (2 epochs × 2 minibatches) equal the written-out pieces, for
-    the default iteration, the sampler's logits, the shared critic with an entropy bonus and k2 in
-    the loss, and PPO-ptx with the exact KL in the loss; the rollout's diagnostics equal NumPy
+    the default iteration, the sampler's logits, the shared critic with an entropy bonus, k2 in
+    the loss and truncated importance weights, and PPO-ptx with the exact KL in the loss; the rollout's diagnostics equal NumPy
     references from the logits."""
     models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
     hp = PPOHParams(**{**dict(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1,
@@ -212,6 +216,10 @@ def test_compiled_iteration_equals_its_pieces(branch):
     assert ("train/entropy" in metrics and ("train/kl_loss" in metrics) == bool(hp.kl_in_loss)
             and ("train/ptx_loss" in metrics) == bool(hp.ptx_coef))
     assert float(metrics["rollout/logprob_max_diff"]) <= 1e-5
+    assert 0 <= float(metrics["rollout/logprob_mean_diff"]) <= float(
+        metrics["rollout/logprob_max_diff"])
+    if hp.tis_cap:
+        assert float(metrics["rollout/tis_weight"]) == hp.tis_cap
     # diagnostics against NumPy references from the rollout's own logits
     m = np.asarray(ro.mask, bool)
     logits = np.asarray(response_logits(models.policy, p_params, prompts, pmask, ro.responses,

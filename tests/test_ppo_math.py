@@ -27,6 +27,7 @@ from rlhf_jax.losses.ppo import (
 )
 from rlhf_jax.ops import entropy_from_logits
 from rlhf_jax.rl.advantages import gae, token_rewards, whiten
+from rlhf_jax.rl.diagnostics import logprob_mismatch
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 
 B, N = 8, 9          # batch rows, response tokens
@@ -215,6 +216,23 @@ def test_whiten_axis_name_split_equals_whole():
         jnp.asarray(x).reshape(2, 2, N), jnp.asarray(mask).reshape(2, 2, N))
     np.testing.assert_allclose(np.asarray(split).reshape(4, N), np.asarray(whole),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_logprob_mismatch_matches_numpy_and_is_global():
+    """Max and masked mean of |sampler − trainer| log-probs over response tokens, reduced over
+    shards of different token counts exactly as over the whole batch."""
+    rng = np.random.default_rng(3)
+    a, b = (rng.normal(size=(4, N)).astype(np.float32) for _ in range(2))
+    mask = _right_padded([N, 2, 1, 0])
+    a[3] = 100.0                                      # padding never counts
+    d = np.abs(a.astype(np.float64) - b)[mask > 0]
+    whole = logprob_mismatch(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask))
+    split = jax.jit(jax.vmap(lambda x, y, m: logprob_mismatch(x, y, m, axis_name="d"),
+                             axis_name="d"))(*(jnp.asarray(v).reshape(2, 2, N)
+                                               for v in (a, b, mask)))
+    for m in (whole, jax.tree.map(lambda v: v[0], split)):
+        np.testing.assert_allclose(float(m["rollout/logprob_max_diff"]), d.max(), rtol=1e-6)
+        np.testing.assert_allclose(float(m["rollout/logprob_mean_diff"]), d.mean(), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- token rewards

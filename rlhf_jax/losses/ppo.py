@@ -32,6 +32,7 @@ def clipped_policy_loss(
     *,
     clip_eps: float = 0.2,
     aggregation: str = "token",
+    weights: jax.Array | None = None,   # [B, N] per-token factors (truncated IS), detached
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped surrogate (Schulman et al. 2017), reduced with ``aggregation``:
@@ -41,13 +42,18 @@ def clipped_policy_loss(
     ``aggregation="token"`` is the token mean (PPO); GRPO uses ``"sequence"`` and Dr. GRPO
     ``"budget"`` (:func:`rlhf_jax.ops.aggregate`). Metrics, token means whatever the aggregation:
     ``policy_loss``, ``clip_frac`` (tokens where the clipped term is the active one),
-    ``approx_kl`` (k3 estimate of KL(π_old ‖ π_θ)), ``ratio`` mean.
+    ``approx_kl`` (k3 estimate of KL(π_old ‖ π_θ)), ``ratio`` mean. ``weights``: per-token
+    factors ``w ≥ 0`` on each token's term, ``w·max(−A·ρ, −A·clip(ρ))``, no gradient through them
+    (truncated importance sampling, :func:`rlhf_jax.losses.policy_gradient.tis_weights`).
     """
     log_ratio = logp - old_logp
     ratio = jnp.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate(jnp.maximum(pg1, pg2), mask, aggregation=aggregation, axis_name=axis_name)
+    term = jnp.maximum(pg1, pg2)
+    if weights is not None:
+        term = jax.lax.stop_gradient(weights) * term
+    loss = aggregate(term, mask, aggregation=aggregation, axis_name=axis_name)
     sg_ratio = jax.lax.stop_gradient(ratio)
     sg_log_ratio = jax.lax.stop_gradient(log_ratio)
     return loss, {

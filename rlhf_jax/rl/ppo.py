@@ -27,12 +27,13 @@ from jax import lax
 
 from rlhf_jax.configs import check, non_negative, positive
 from rlhf_jax.losses.lm import next_token_loss
-from rlhf_jax.losses.policy_gradient import reinforce_loss
+from rlhf_jax.losses.policy_gradient import reinforce_loss, tis_weights
 from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss, kl_loss
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import (AGGREGATIONS, KL_ESTIMATORS, AxisName, entropy_from_logits,
                           kl_per_token, masked_mean, masked_var, token_logprobs)
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
+from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
 from rlhf_jax.rl.group import GROUP_ADVANTAGES  # also registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
@@ -87,8 +88,14 @@ class PPOHParams:
       rescore_policy: π_old's log-probs (and a shared value head) from a full forward pass of the
         policy over each rollout (default), or — ``False`` — from the logits the sampler computed
         while decoding, as TRL's PPO does: one policy forward pass fewer per iteration, equal up
-        to float rounding (``rollout/logprob_max_diff`` then compares two computations from the same
-        logits, ~0, and no longer checks the sampler against a forward pass).
+        to float rounding (``rollout/logprob_max_diff`` / ``logprob_mean_diff`` then compare two
+        computations from the same logits, ~0, and no longer check the sampler against a forward
+        pass). bf16 runs need the default: π_old then comes from the same code path as π_SFT.
+      tis_cap: truncated importance sampling (Yao et al. 2025; 0 = off, the default): each
+        token's policy-gradient term is multiplied by min(π_old / π_sampler, ``tis_cap``),
+        detached (``rlhf_jax.losses.policy_gradient.tis_weights``), correcting for a sampler
+        whose log-probs differ from the trainer's (bf16, another kernel). Needs
+        ``rescore_policy``; Yao et al. use 2.
     """
 
     prompts_per_iter: int = 64
@@ -117,12 +124,13 @@ class PPOHParams:
     critic: str = "separate"
     loss_aggregation: str = "token"
     rescore_policy: bool = True
+    tis_cap: float = 0.0
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
                  "kl_target", "kl_horizon")
         non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
-                     "ptx_coef", "no_eos_penalty")
+                     "ptx_coef", "no_eos_penalty", "tis_cap")
         check(0.0 <= self.discount <= 1.0, "discount", "must be in [0, 1]")
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "must be in [0, 1]")
         check(self.kl_estimator in ("k1", "exact"), "kl_estimator",
@@ -138,6 +146,10 @@ class PPOHParams:
         check(self.advantage not in GROUP_ADVANTAGES or self.group_size >= 2, "group_size",
               f"the {self.advantage!r} advantage compares samples of a prompt: needs group_size "
               f">= 2, got {self.group_size}")
+        check(not self.tis_cap or self.rescore_policy, "tis_cap",
+              "truncated importance sampling weighs the sampler against the trainer's forward "
+              "pass; with rescore_policy=False π_old is the sampler's own, so set "
+              "rescore_policy=True or tis_cap=0")
         check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
         check(self.rollout_size % self.minibatches == 0, "minibatches",
               f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
@@ -181,21 +193,6 @@ class Models:
     value: Model | None
 
 
-def _pearson(x, y, axis_name):
-    one = jnp.ones_like(x)
-    x = x - masked_mean(x, one, axis_name=axis_name)
-    y = y - masked_mean(y, one, axis_name=axis_name)
-    sums = [masked_mean(a, one, axis_name=axis_name) for a in (x * y, x * x, y * y)]
-    return sums[0] / jnp.maximum(jnp.sqrt(sums[1] * sums[2]), 1e-12)
-
-
-def _explained_variance(values, returns, mask, axis_name):
-    res = returns - values
-    var_r = masked_var(returns, mask, axis_name=axis_name)
-    var_res = masked_var(res, mask, axis_name=axis_name)
-    return 1.0 - var_res / jnp.maximum(var_r, 1e-12)
-
-
 def minibatch_indices(key: jax.Array, example_ids: jax.Array, minibatches: int) -> jax.Array:
     """Local row indices of each minibatch, ``[minibatches, rows / minibatches]``.
 
@@ -236,7 +233,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
         loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask, clip_eps=hp.clip_eps,
-                                 aggregation=hp.loss_aggregation, axis_name=axis_name)
+                                 aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
+                                 axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
         ent_logits = logits if hp.entropy_coef else jax.lax.stop_gradient(logits)
         ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
@@ -317,6 +315,13 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                 "advantages": adv, "returns": returns}
         if loss_kl == "exact":   # every position's reference logits, from the rollout's pass
             data["ref_logits"] = ro.ref_logits
+        tis = {}
+        if hp.tis_cap:   # sampler → trainer correction of each token's policy-gradient term
+            data["tis_w"] = tis_weights(ro.logp, ro.sampler_logp, cap=hp.tis_cap)
+            tis = {"rollout/tis_weight": masked_mean(data["tis_w"], mask, axis_name=axis_name),
+                   "rollout/tis_capped": masked_mean(
+                       (data["tis_w"] >= hp.tis_cap).astype(jnp.float32), mask,
+                       axis_name=axis_name)}
 
         # --- E epochs × M minibatches ---------------------------------------------------
         mb_size = n_seq // n_mb
@@ -354,9 +359,6 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hp.kl_target,
                                        horizon=hp.kl_horizon, n_steps=hp.rollout_size)
         length = jnp.sum(mask, -1)
-        sampler_diff = jnp.max(jnp.abs(ro.sampler_logp - ro.logp) * mask)
-        if axis_name is not None:
-            sampler_diff = lax.pmax(sampler_diff, axis_name)
         metrics = {
             **{f"train/{k}": v for k, v in um.items()},
             "kl/per_token": masked_mean(k1, mask, axis_name=axis_name),
@@ -370,10 +372,10 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             "rollout/score": _mean(score, axis_name),
             "rollout/length": _mean(length, axis_name),
             "rollout/truncated": _mean(ro.truncated.astype(jnp.float32), axis_name),
-            "rollout/reward_length_corr": _pearson(rm_score, length, axis_name),
-            "rollout/logprob_max_diff": sampler_diff,
-            "rollout/value_explained_var": _explained_variance(ro.values, returns, mask,
-                                                               axis_name),
+            "rollout/reward_length_corr": pearson(rm_score, length, axis_name),
+            **logprob_mismatch(ro.sampler_logp, ro.logp, mask, axis_name=axis_name), **tis,
+            "rollout/value_explained_var": explained_variance(ro.values, returns, mask,
+                                                              axis_name),
             "rollout/return_mean": masked_mean(returns, mask, axis_name=axis_name),
             "rollout/advantage_std": jnp.sqrt(masked_mean(jnp.square(adv), mask,
                                                           axis_name=axis_name)),

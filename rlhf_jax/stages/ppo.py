@@ -29,15 +29,17 @@ from rlhf_jax.data.tokenizers import stop_ids
 from rlhf_jax.evaluate import (best_of_n, heldout_signals, judge_all, paired_outcomes,
                                rm_gold_agreement, versus_reference, versus_summary)
 from rlhf_jax.models import create_model
-from rlhf_jax.models.functional import transplant
+from rlhf_jax.models.functional import Model, transplant
 from rlhf_jax.parallel import AXIS, check_divisible, data_parallel, shard_batch, to_host
+from rlhf_jax.precision import PRECISIONS
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
 from rlhf_jax.runs import RunDir, read_metrics
-from rlhf_jax.stages.common import (STREAM_INIT, eval_key, load_stage, model_config,
-                                    pipeline_task, read_config, stage_key)
+from rlhf_jax.stages.common import (STREAM_INIT, eval_key, load_stage, pipeline_task,
+                                    read_config, stage_key)
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import RewardConfig, check_task_reward, load_reward_model
+from rlhf_jax.stages.reward import RewardConfig, check_task_reward
+from rlhf_jax.stages.reward_model import rm_heads, rm_score_fn
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 STREAM_BEST_OF_N = 4
@@ -65,6 +67,10 @@ class PPOConfig:
         (pinned protocol) and its exact KL to SFT, logged as ``heldout/<metric>`` for the task's
         headline metrics (facts world: ``gold``, ``fabrication_rate``, ``accuracy``) and
         ``heldout/kl`` (0 = off).
+      precision: the precision of every model this stage builds (policy, reference, value model,
+        RM; ``rlhf_jax.precision``): ``""`` (default) inherits the pretraining run's model
+        config, ``"float32"`` or ``"bf16"`` overrides it, e.g. PPO in bf16 from float32 SFT and
+        RM runs. bf16 needs ``ppo.rescore_policy`` (π_old from the trainer's forward pass).
     """
 
     seed: int = 0
@@ -82,9 +88,12 @@ class PPOConfig:
     log_every: int = 1
     checkpoint_every: int = 20
     eval_every: int = 0
+    precision: str = ""
 
     def __post_init__(self):
         check_numbers(self)
+        check(self.precision in ("",) + PRECISIONS, "precision",
+              f"must be '' (inherit) or one of {PRECISIONS}, got {self.precision!r}")
         check_task_reward(self.reward, "reward.data")
         positive(self, "iterations", "ptx_rows", "best_of_n", "log_every")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
@@ -142,14 +151,26 @@ class Upstream:
     bias: float
 
 
-def load_upstream(reward_dir: str | Path, normalize_rm: bool) -> Upstream:
-    """The finished reward run in ``reward_dir`` and the SFT run it names."""
+def with_precision(model: Model, precision: str) -> Model:
+    """``model`` with its config's precision replaced (``""``: unchanged); same parameters."""
+    if not precision or precision == model.cfg.precision:
+        return model
+    return create_model(model.cfg.replace(precision=precision), jax.random.key(0),
+                        heads=model.heads)[0]
+
+
+def load_upstream(reward_dir: str | Path, normalize_rm: bool, precision: str = "") -> Upstream:
+    """The finished reward run in ``reward_dir`` and the SFT run it names; ``precision``
+    (``PPOConfig.precision``) replaces the precision of the reference and the RM."""
     reward_cfg = read_config(reward_dir, RewardConfig)
     check_task_reward(reward_cfg, "reward_dir")
     sft_cfg, ref, sft_params = load_stage(reward_cfg.sft_dir, SFTConfig,
                                           config_of=lambda c: c.pretrain)
     pre = sft_cfg.pretrain
-    _, score, rm_params = load_reward_model(reward_dir, pre.task.prompt_len)
+    ref = with_precision(ref, precision)
+    _, rm, rm_params = load_stage(reward_dir, RewardConfig, heads=rm_heads(reward_cfg.lm_readout),
+                                  config_of=lambda c: c.sft.pretrain)
+    score = rm_score_fn(reward_cfg, with_precision(rm, precision), pre.task.prompt_len)
     norm = json.loads((Path(reward_dir) / "reward_norm.json").read_text())
     gain, bias = (norm["gain"], norm["bias"]) if normalize_rm else (1.0, 0.0)
     return Upstream(Path(reward_dir), reward_cfg, pre, pipeline_task(pre), ref, sft_params, score,
@@ -158,10 +179,17 @@ def load_upstream(reward_dir: str | Path, normalize_rm: bool) -> Upstream:
 
 def build_models(up: Upstream, hp: PPOHParams) -> Models:
     """The policy (with a value head if the critic is shared), the reference, the RM and a
-    separate value model if the critic is separate; all of the SFT architecture."""
+    separate value model if the critic is separate; all of the reference's (SFT) architecture and
+    precision, so policy and reference run the same code (the KL is exactly 0 while they share
+    parameters). bf16 refuses ``rescore_policy=False``: the sampler's cached decoding rounds
+    differently from the forward pass that scores the reference."""
+    arch = up.ref.cfg
+    check(arch.precision != "bf16" or hp.rescore_policy, "ppo.rescore_policy",
+          "bf16 runs take π_old from the trainer's forward pass (the reference's code path); "
+          "set rescore_policy=True (the default) or precision float32")
     heads = ("value",) if hp.critic == "shared" else ()
-    policy = create_model(model_config(up.pretrain), jax.random.key(0), heads=heads)[0]
-    value = create_model(model_config(up.pretrain), jax.random.key(0), heads=("value",))[0] \
+    policy = create_model(arch, jax.random.key(0), heads=heads)[0]
+    value = create_model(arch, jax.random.key(0), heads=("value",))[0] \
         if hp.critic == "separate" else None
     return Models(policy=policy, ref=up.ref, rm=up.score, value=value)
 
@@ -330,10 +358,11 @@ def final_evaluation(cfg: PPOConfig, run: RunDir, models: Models, policy_params,
         **{f"final/{k}": final[k] for k in ("rollout/rm_score", "rollout/gold",
                                             "rollout/rm_gold_gap", "rollout/rm_gold_agreement",
                                             "rollout/reward_length_corr", "kl/per_sequence",
-                                            "kl/coef", "rollout/logprob_max_diff")
+                                            "kl/coef", "rollout/logprob_max_diff",
+                                            "rollout/logprob_mean_diff")
            if k in final},
-        "max/rollout/logprob_max_diff": max((r.get("rollout/logprob_max_diff", 0.0)
-                                             for r in last), default=0.0),
+        **{f"max/{k}": max((r.get(k, 0.0) for r in last), default=0.0)
+           for k in ("rollout/logprob_max_diff", "rollout/logprob_mean_diff")},
         **{k: v for k, v in upstream.items() if k.startswith("time_s/")},
         **times,
     }
