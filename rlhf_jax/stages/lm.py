@@ -99,7 +99,8 @@ class SFTConfig:
       ptx_coef: weight of the pretraining-replay loss added to the SFT loss (0 = pure SFT).
       ptx_batch_size: corpus rows replayed per step when ``ptx_coef > 0``.
       batch_size: SFT rows per step.
-      steps: optimizer steps.
+      steps: optimizer steps; 0 = no fine-tuning, the pretrained model is the starting policy
+        (as in Ziegler et al.; required by a task without demonstrations, ``Task.demonstrations``).
       optim: AdamW / schedule / clipping.
       log_every: log metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
@@ -121,10 +122,11 @@ class SFTConfig:
 
     def __post_init__(self):
         check_numbers(self)
-        positive(self, "demos_per_prompt", "batch_size", "steps", "log_every", "ptx_batch_size")
+        positive(self, "demos_per_prompt", "batch_size", "log_every", "ptx_batch_size")
+        check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         check(self.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {self.ptx_coef}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
+        check(self.steps == 0 or self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
 
 
@@ -232,29 +234,37 @@ def run_sft(cfg: SFTConfig, out: str | Path) -> dict:
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
-    rng = np.random.default_rng([cfg.seed, 2])
-    prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
-    demos = [task.demonstration(p, rng) for p in prompts]
-    run.write_jsonl("demonstrations.jsonl",
-                    ({"uid": p.uid, "prompt": p.text, "response": d} for p, d in zip(prompts, demos)))
-    data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
-                        response_len=tcfg.max_new_tokens)
-    replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
-    params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
-                       steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
-                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                       replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size,
-                       fsdp=cfg.fsdp)
+    check(cfg.steps == 0 or task.demonstrations, "steps",
+          f"task {task.name!r} has no demonstrations; its starting policy is the pretrained "
+          "model: set the SFT steps to 0")
+    n_examples, demo = 0, {}
+    if cfg.steps:
+        rng = np.random.default_rng([cfg.seed, 2])
+        prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
+        demos = [task.demonstration(p, rng) for p in prompts]
+        run.write_jsonl("demonstrations.jsonl", ({"uid": p.uid, "prompt": p.text, "response": d}
+                                                 for p, d in zip(prompts, demos)))
+        data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
+                            response_len=tcfg.max_new_tokens)
+        replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
+        params = _train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                           steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
+                           log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                           replay=replay, ptx_coef=cfg.ptx_coef,
+                           ptx_batch_size=cfg.ptx_batch_size, fsdp=cfg.fsdp)
+        n_examples = len(prompts)
+        demo = evaluate_demonstrator(task, task.prompts("heldout"), n_samples=tcfg.eval_samples,
+                                     seed=cfg.seed)
+    else:   # the pretrained model is the starting policy, stored as this stage's parameters
+        save_params(run.path / "params", params)
     train_s = time.perf_counter() - t0
-    heldout = task.prompts("heldout")
-    demo = evaluate_demonstrator(task, heldout, n_samples=tcfg.eval_samples, seed=cfg.seed)
     summary = {
         **{k: v for k, v in pre_summary.items() if k.endswith("/base") or k == "time_s/pretrain"},
         **evaluate_heldout(model, params, task, tcfg, eval_key(pre_cfg.seed), run=run,
                            name="sft")[0],
         **knowledge(model, params, task, tcfg.prompt_len, "sft"),
         **{f"demonstrator/{k}": v for k, v in demo.items()},
-        "sft_examples": len(prompts),
+        "sft_examples": n_examples,
         "time_s/sft": train_s,
     }
     run.write_summary(summary)
