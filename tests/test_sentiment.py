@@ -204,3 +204,13 @@ def test_sentiment_script_end_to_end_on_the_fixture(tmp_path):
     # a task without demonstrations refuses SFT steps
     with pytest.raises(ConfigError, match="no demonstrations"):
         run_sft(SFTConfig(steps=5, pretrain_dir=str(out / "pretrain")), tmp_path / "sft5")
+
+
+@pytest.mark.skipif(not Path(fortunes.DEFAULT_DIR).is_dir(),
+                    reason="Debian's fortunes are not installed (apt-get install fortunes)")
+def test_builder_on_the_installed_fortunes(tmp_path):
+    split = fortunes.load_fortunes(fortunes.DEFAULT_DIR, tmp_path, heldout_every=10)
+    n = len(split["train"]) + len(split["heldout"])
+    assert n > 10000 and 0.07 < len(split["heldout"]) / n < 0.13
+    assert not set(split["train"]) & set(split["heldout"])
+    assert not any(t.endswith("-- Mark Twain") for s in split.values() for t in s)
