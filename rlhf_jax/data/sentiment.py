@@ -56,7 +56,8 @@ class SentimentConfig:
       min_prompt_tokens, max_prompt_tokens: a prompt is the first 8–16 tokens of its text.
       heldout_prompts: evaluation prompts (the first by hash of the held-out ones; 0 = all).
       train_prompts: prompts for preferences and RL (the first by hash of the train ones; 0 =
-        all); the pretraining corpus is every train text either way.
+        all, 5,9xx with the installed fortunes); the pretraining corpus is every train text
+        either way.
     """
 
     fortunes_dir: str = DEFAULT_DIR

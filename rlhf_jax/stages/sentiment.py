@@ -30,8 +30,7 @@ from rlhf_jax.train import OptimConfig
 
 # The pinned protocol: prompts of 8-16 tokens (+ BOS), responses of at most 24 tokens, 4 samples
 # per held-out prompt at T = 1 without top-k / top-p.
-TASK = TaskConfig(name="sentiment", options={"train_prompts": "2048"}, prompt_len=17,
-                  max_new_tokens=24, eval_samples=4)
+TASK = TaskConfig(name="sentiment", prompt_len=17, max_new_tokens=24, eval_samples=4)
 PIPELINE = PipelineConfig(
     pretrain=PretrainConfig(
         task=TASK, model=GPTConfig(vocab_size=8192, max_len=64, d_model=128, n_layers=2,
@@ -39,9 +38,10 @@ PIPELINE = PipelineConfig(
         seq_len=64, batch_size=32, steps=1000,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=50, weight_decay=0.0)),
     sft=SFTConfig(steps=0),
-    reward=RewardConfig(labeler=LabelerConfig(k=4, tau=0.25), steps=400, lm_readout=False,
+    reward=RewardConfig(labeler=LabelerConfig(k=4, tau=0.25), steps=800, lm_readout=False,
                         freeze_trunk=False),
-    ppo=PPOConfig(ppo=PPOHParams(no_eos_penalty=0.0, adaptive_kl=True, kl_target=2.0),
+    ppo=PPOConfig(ppo=PPOHParams(no_eos_penalty=0.0, kl_coef=0.07, adaptive_kl=True,
+                                 kl_target=2.2, kl_horizon=2000.0),
                   iterations=40))
 
 
