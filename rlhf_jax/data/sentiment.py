@@ -56,7 +56,7 @@ class SentimentConfig:
       min_prompt_tokens, max_prompt_tokens: a prompt is the first 8–16 tokens of its text.
       heldout_prompts: evaluation prompts (the first by hash of the held-out ones; 0 = all).
       train_prompts: prompts for preferences and RL (the first by hash of the train ones; 0 =
-        all, 5,9xx with the installed fortunes); the pretraining corpus is every train text
+        all, 5,925 with the installed fortunes); the pretraining corpus is every train text
         either way.
     """
 
@@ -68,7 +68,7 @@ class SentimentConfig:
     min_prompt_tokens: int = 8
     max_prompt_tokens: int = 16
     heldout_prompts: int = 256
-    train_prompts: int = 0
+    train_prompts: int = 2048
 
     def __post_init__(self):
         check(self.vocab_size >= 260, "vocab_size", "a byte-level BPE needs >= 260 ids")

@@ -38,10 +38,10 @@ PIPELINE = PipelineConfig(
         seq_len=64, batch_size=32, steps=1000,
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=50, weight_decay=0.0)),
     sft=SFTConfig(steps=0),
-    reward=RewardConfig(labeler=LabelerConfig(k=4, tau=0.25), steps=800, lm_readout=False,
+    reward=RewardConfig(labeler=LabelerConfig(k=4, tau=0.25), steps=400, lm_readout=False,
                         freeze_trunk=False),
-    ppo=PPOConfig(ppo=PPOHParams(no_eos_penalty=0.0, kl_coef=0.07, adaptive_kl=True,
-                                 kl_target=2.2, kl_horizon=2000.0),
+    ppo=PPOConfig(ppo=PPOHParams(no_eos_penalty=0.0, kl_coef=0.1, adaptive_kl=True,
+                                 kl_target=1.5, kl_horizon=2000.0),
                   iterations=40))
 
 
