@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_jax import cli
-from rlhf_jax.configs import to_dict
+from rlhf_jax.checkpoint import save_params
+from rlhf_jax.configs import check, to_dict
 from rlhf_jax.data.batching import pack_documents, sft_examples
 from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout
 from rlhf_jax.parallel import check_divisible, make_mesh
@@ -45,33 +46,42 @@ def run(cfg: SFTConfig, out: str | Path) -> dict:
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
-    # demonstrations: the task's demonstrator answers each training prompt demos_per_prompt times
-    rng = np.random.default_rng([cfg.seed, 2])
-    prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
-    demos = [task.demonstration(p, rng) for p in prompts]
-    run.write_jsonl("demonstrations.jsonl", ({"uid": p.uid, "prompt": p.text, "response": d}
-                                             for p, d in zip(prompts, demos)))
-    data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
-                        response_len=tcfg.max_new_tokens)
-    replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
-    params = train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
-                      steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
-                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      replay=replay, ptx_coef=cfg.ptx_coef, ptx_batch_size=cfg.ptx_batch_size,
-                      fsdp=cfg.fsdp)
+    check(cfg.steps == 0 or task.demonstrations, "steps",
+          f"task {task.name!r} has no demonstrations; its starting policy is the pretrained "
+          "model: set the SFT steps to 0")
+    n_examples, demo = 0, {}
+    if cfg.steps:
+        # demonstrations: the task's demonstrator answers each training prompt demos_per_prompt
+        # times; next-token loss on the response tokens, plus pretraining replay
+        rng = np.random.default_rng([cfg.seed, 2])
+        prompts = [p for p in task.prompts("train") for _ in range(cfg.demos_per_prompt)]
+        demos = [task.demonstration(p, rng) for p in prompts]
+        run.write_jsonl("demonstrations.jsonl", ({"uid": p.uid, "prompt": p.text, "response": d}
+                                                 for p, d in zip(prompts, demos)))
+        data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
+                            response_len=tcfg.max_new_tokens)
+        replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
+        params = train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                          steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          replay=replay, ptx_coef=cfg.ptx_coef,
+                          ptx_batch_size=cfg.ptx_batch_size, fsdp=cfg.fsdp)
+        n_examples = len(prompts)
+        demo = evaluate_demonstrator(task, task.prompts("heldout"), n_samples=tcfg.eval_samples,
+                                     seed=cfg.seed)
+    else:   # no demonstrations: the pretrained model is the starting policy, stored as SFT's
+        save_params(run.path / "params", params)
     train_s = time.perf_counter() - t0
 
-    # held-out evaluation: the SFT policy under the pinned protocol, and the demonstrator itself
+    # held-out evaluation: the starting policy under the pinned protocol
     held_out, _ = evaluate_heldout(model, params, task, tcfg, eval_key(pre_cfg.seed), run=run,
                                    name="sft")
-    demo = evaluate_demonstrator(task, task.prompts("heldout"), n_samples=tcfg.eval_samples,
-                                 seed=cfg.seed)
     pre_summary = RunDir(pre_dir).read_summary()
     summary = {
         **{k: v for k, v in pre_summary.items() if k.endswith("/base") or k == "time_s/pretrain"},
         **held_out, **knowledge(model, params, task, tcfg.prompt_len, "sft"),
         **{f"demonstrator/{k}": v for k, v in demo.items()},
-        "sft_examples": len(prompts),
+        "sft_examples": n_examples,
         "time_s/sft": train_s,
     }
     run.write_summary(summary)

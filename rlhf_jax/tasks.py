@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 from rlhf_jax.configs import check
 from rlhf_jax.data.facts_world import FactsWorld, FactsWorldConfig
+from rlhf_jax.data.sentiment import SentimentConfig, SentimentTask
 from rlhf_jax.data.task import Task
 from rlhf_jax.data.tokenizers import Tokenizer
 
@@ -41,6 +42,7 @@ def register_task(name: str, builder: Callable[..., Task], config_cls: type | No
 
 
 register_task(DEFAULT_TASK, FactsWorld, FactsWorldConfig)
+register_task("sentiment", SentimentTask, SentimentConfig)   # real text: fortunes, VADER judge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,9 @@ class TaskConfig:
     """The task and the shapes it is trained and evaluated at.
 
     Attributes:
-      name: registered task (``rlhf_jax.tasks.TASKS``): ``facts_world`` (the embedded default) or
-        one registered with ``register_task``.
+      name: registered task (``rlhf_jax.tasks.TASKS``): ``facts_world`` (the embedded default),
+        ``sentiment`` (positive continuations of Debian's fortunes) or one registered with
+        ``register_task``.
       world: the facts world's settings (the generated world and its demonstrator); used when
         ``name`` is ``facts_world``.
       options: another task's settings, ``--task.options KEY VALUE …``: fields of the config class

@@ -46,6 +46,8 @@ class Task:
         headline ones (``stages.compare``).
       kinds: response kinds (values of :meth:`kind`) whose pairs the reward model's agreement with
         the judge is broken down by (``rm/gold_agreement/<a>_vs_<b>``); empty = no breakdown.
+      demonstrations: False for a task without a demonstrator (:meth:`demonstration` raises):
+        its starting policy is the pretrained model, SFT runs with ``steps = 0``.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Task:
     headline: tuple[str, ...] = ("gold",)
     reported: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
+    demonstrations: bool = True
 
     def pretraining_corpus(self) -> list[str]:
         raise NotImplementedError

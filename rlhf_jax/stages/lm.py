@@ -96,7 +96,8 @@ class SFTConfig:
       ptx_coef: weight of the pretraining-replay loss added to the SFT loss (0 = pure SFT).
       ptx_batch_size: corpus rows replayed per step when ``ptx_coef > 0``.
       batch_size: SFT rows per step.
-      steps: optimizer steps.
+      steps: optimizer steps; 0 = no fine-tuning, the pretrained model is the starting policy
+        (as in Ziegler et al.; required by a task without demonstrations, ``Task.demonstrations``).
       optim: AdamW / schedule / clipping.
       log_every: log metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
@@ -118,10 +119,11 @@ class SFTConfig:
 
     def __post_init__(self):
         check_numbers(self)
-        positive(self, "demos_per_prompt", "batch_size", "steps", "log_every", "ptx_batch_size")
+        positive(self, "demos_per_prompt", "batch_size", "log_every", "ptx_batch_size")
+        check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         check(self.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {self.ptx_coef}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
-        check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
+        check(self.steps == 0 or self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
 
 

@@ -1,0 +1,35 @@
+"""Positive-sentiment continuations of real text (Ziegler et al. 2019) through the same stages:
+pretrain a small LM on Debian's fortunes (the starting policy — there are no demonstrations, so
+SFT runs 0 steps), simulated preferences from the hidden VADER judge, reward model, PPO, and the
+held-out evaluation; writes the task's summary keys and ``samples.md``.
+
+    apt-get install fortunes                                  # the texts (once)
+    python experiments/sentiment.py --out runs/sentiment      # default config
+    python experiments/sentiment.py --out runs/s1 --pipeline.seed 1
+    python experiments/sentiment.py --help                    # every option
+"""
+
+from rlhf_jax import launch
+
+if __name__ == "__main__":
+    launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
+
+from pathlib import Path
+
+from rlhf_jax import cli, scripts
+from rlhf_jax.stages.sentiment import SentimentConfig, report
+
+
+def run(cfg: SentimentConfig, out: str | Path) -> dict:
+    """The pipeline on the sentiment task into ``out`` (finished stages reused), then the task's
+    report: distinct-n, perplexity under the starting policy, the bar, ``samples.md``."""
+    scripts.load("pipeline").run(cfg.pipeline, out)
+    return report(out, kl_budget=cfg.kl_budget, shown_prompts=cfg.shown_prompts)
+
+
+def main(argv=None) -> dict:
+    return cli.main(SentimentConfig, run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()

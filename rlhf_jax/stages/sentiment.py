@@ -1,0 +1,119 @@
+"""The sentiment experiment (``experiments/sentiment.py``): the pipeline on the ``sentiment`` task
+with its tuned defaults, then the task's report — diversity, perplexity under the starting policy,
+the bar of the experiment, and ``samples.md`` (starting policy vs RLHF on the same prompts).
+
+The stages run unchanged (``experiments/pipeline.py``); the task has no
+demonstrations, so its SFT stage runs 0 steps and the starting policy ("sft" in every summary) is
+the pretrained model, as in Ziegler et al. 2019.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from rlhf_jax.configs import check, check_numbers
+from rlhf_jax.labeler import LabelerConfig
+from rlhf_jax.models import GPTConfig
+from rlhf_jax.rl.ppo import PPOHParams
+from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.common import load_stage, pipeline_task
+from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
+from rlhf_jax.stages.pipeline import PipelineConfig
+from rlhf_jax.stages.ppo import PPOConfig
+from rlhf_jax.stages.reward import RewardConfig
+from rlhf_jax.tasks import TaskConfig
+from rlhf_jax.text_eval import distinct_n, perplexity_under
+from rlhf_jax.train import OptimConfig
+
+# The pinned protocol: prompts of 8-16 tokens (+ BOS), responses of at most 24 tokens, 4 samples
+# per held-out prompt at T = 1 without top-k / top-p.
+TASK = TaskConfig(name="sentiment", prompt_len=17, max_new_tokens=24, eval_samples=4)
+PIPELINE = PipelineConfig(
+    pretrain=PretrainConfig(
+        task=TASK, model=GPTConfig(vocab_size=8192, max_len=64, d_model=128, n_layers=2,
+                                   n_heads=4),
+        seq_len=64, batch_size=32, steps=1000,
+        optim=OptimConfig(learning_rate=3e-3, warmup_steps=50, weight_decay=0.0)),
+    sft=SFTConfig(steps=0),
+    reward=RewardConfig(labeler=LabelerConfig(k=4, tau=0.25), steps=400, lm_readout=False,
+                        freeze_trunk=False),
+    ppo=PPOConfig(ppo=PPOHParams(no_eos_penalty=0.0, kl_coef=0.1, adaptive_kl=True,
+                                 kl_target=1.5, kl_horizon=2000.0),
+                  iterations=40))
+
+
+@dataclasses.dataclass(frozen=True)
+class SentimentConfig:
+    """Attributes:
+      pipeline: the stages (``--pipeline.seed S`` for another seed; every stage's options are
+        under ``--pipeline.<stage>.``); the defaults are this task's config.
+      kl_budget: the exact KL to the starting policy (nats per sequence) the RLHF policy must stay
+        within; reported as ``kl/budget`` beside ``kl/rlhf_vs_sft``.
+      shown_prompts: held-out prompts whose paired samples ``samples.md`` shows.
+    """
+
+    pipeline: PipelineConfig = PIPELINE
+    kl_budget: float = 3.0
+    shown_prompts: int = 8
+
+    def __post_init__(self):
+        check_numbers(self)
+        check(self.kl_budget > 0, "kl_budget", "must be > 0")
+        check(self.shown_prompts >= 0, "shown_prompts", "must be >= 0")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def samples_markdown(sft: list[dict], rlhf: list[dict], prompts: dict[str, str], n: int) -> str:
+    """The first ``n`` prompts' samples, starting policy beside RLHF (same prompt, same sample
+    index), with the judge's score."""
+    rl = {(r["uid"], r["sample"]): r for r in rlhf}
+    lines = ["# Starting policy (sft) vs RLHF, same held-out prompts and sample indices", "",
+             "Score: VADER compound of the continuation (the hidden gold judge).", ""]
+    uids = list(dict.fromkeys(r["uid"] for r in sft))[:n]
+    for uid in uids:
+        lines += [f"## `{uid}`", "", f"> {prompts[uid]}", "",
+                  "| # | sft | score | RLHF | score |", "|---|---|---|---|---|"]
+        for r in (r for r in sft if r["uid"] == uid):
+            o = rl[(uid, r["sample"])]
+            cell = lambda t: t.replace("|", "\\|").replace("\n", " ") or "(empty)"  # noqa: E731
+            lines.append(f"| {r['sample']} | {cell(r['response'])} | {r['score']:+.3f} | "
+                         f"{cell(o['response'])} | {o['score']:+.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(out: str | Path, *, kl_budget: float, shown_prompts: int) -> dict:
+    """The task's summary of a finished pipeline run in ``out`` (written as its
+    ``summary.json``) and ``samples.md``."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    ppo, reward = RunDir(out / "ppo").read_summary(), RunDir(out / "reward").read_summary()
+    sft_rec = read_jsonl(out / "ppo" / "samples_sft.jsonl")
+    rlhf_rec = read_jsonl(out / "ppo" / "samples_rlhf.jsonl")
+    sft_cfg, model, params = load_stage(out / "sft", SFTConfig, config_of=lambda c: c.pretrain)
+    tcfg = sft_cfg.pretrain.task
+    task = pipeline_task(sft_cfg.pretrain)
+    ppl = {f"perplexity/{name}_under_sft": perplexity_under(
+        model, params, task, rec, prompt_len=tcfg.prompt_len,
+        response_len=tcfg.max_new_tokens) for name, rec in (("sft", sft_rec),
+                                                                ("rlhf", rlhf_rec))}
+    texts = {"sft": [r["response"] for r in sft_rec], "rlhf": [r["response"] for r in rlhf_rec]}
+    distinct = {f"distinct_{n}/{name}": distinct_n(t, n) for name, t in texts.items()
+                for n in (1, 2)}
+    summary = {**RunDir(out).read_summary(), **ppl, **distinct,
+               "kl/budget": kl_budget, "rm/noise_ceiling": reward["rm/noise_ceiling"],
+               "rm/gold_agreement": reward["rm/gold_agreement"]}
+    summary["bar/win_rate"] = summary["win_rate/rlhf_vs_sft"] >= 0.6
+    summary["bar/kl"] = ppo["kl/rlhf_vs_sft"] <= kl_budget
+    summary["bar/distinct_2"] = distinct["distinct_2/rlhf"] >= 0.8 * distinct["distinct_2/sft"]
+    summary["time_s/report"] = time.perf_counter() - t0
+    prompts = {p.uid: p.text for p in task.prompts("heldout")}
+    (out / "samples.md").write_text(samples_markdown(sft_rec, rlhf_rec, prompts, shown_prompts))
+    RunDir(out).write_summary(summary)
+    return summary
