@@ -102,8 +102,23 @@ def test_simpo_matches_reference():
                                np.sum(w * (2 * pc / lc - 2 * pr / lr)) / w.sum(), rtol=1e-4)
 
 
+def orpo_reference(pc, pr, lc, lr, lam, w):
+    """ORPO per pair, a loop: −ℓ_w + λ·log(1 + exp(−(log odds_w − log odds_l))), ℓ = log π/|y|
+    capped at −1e-6, log odds = ℓ − log(1 − e^ℓ)."""
+    num = 0.0
+    for a, b, la, lb, wi in zip(pc, pr, lc, lr, w):
+        ca, cb = min(a / max(la, 1), -1e-6), min(b / max(lb, 1), -1e-6)
+        odds = (ca - np.log(-np.expm1(ca))) - (cb - np.log(-np.expm1(cb)))
+        num += wi * (-ca + lam * np.log1p(np.exp(-odds)))
+    return num / sum(w)
+
+
 def test_registry():
-    assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "simpo"} and REFERENCE_FREE == {"simpo"}
+    """Every registered loss has a NumPy reference below (a new loss fails here only if it has
+    none); the reference-free ones are registered."""
+    assert set(PREFERENCE_LOSSES) <= set(HPARAMS), sorted(set(PREFERENCE_LOSSES) - set(HPARAMS))
+    assert {"dpo", "ipo", "simpo"} <= set(PREFERENCE_LOSSES)
+    assert REFERENCE_FREE <= set(PREFERENCE_LOSSES) and "simpo" in REFERENCE_FREE
 
 
 # ------------------------------------------------------------------------------- K-wise pairs
@@ -145,11 +160,13 @@ def kwise_reference(name, logps, ref, lens, ranking, hp):
             "dpo": lambda: dpo_reference(pc, pr, rc, rr, hp["beta"], 0.0, ones),
             "ipo": lambda: ipo_reference(pc, pr, rc, rr, hp["tau"], lc, lr, False, ones),
             "simpo": lambda: simpo_reference(pc, pr, lc, lr, hp["beta"], hp["simpo_margin"], ones),
+            "orpo": lambda: orpo_reference(pc, pr, lc, lr, hp["orpo_lambda"], ones),
         }[name]())
     return np.mean(per_prompt)
 
 
-HPARAMS = {"dpo": {"beta": 0.2}, "ipo": {"tau": 0.3}, "simpo": {"beta": 2.0, "simpo_margin": 0.5}}
+HPARAMS = {"dpo": {"beta": 0.2}, "ipo": {"tau": 0.3}, "simpo": {"beta": 2.0, "simpo_margin": 0.5},
+           "orpo": {"orpo_lambda": 0.3}}
 
 
 @pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
@@ -181,8 +198,8 @@ def test_k2_equals_plain_pair(name):
     ranking = np.tile(np.asarray([[0.0, 1.0]], np.float32), (6, 1))   # response 1 preferred
     hp = HPARAMS[name]
     loss, _ = kwise_preference_loss(name, *map(jnp.asarray, (logps, ref, lens, ranking)), **hp)
-    if name == "simpo":
-        plain, _ = simpo_loss(logps[:, 1], logps[:, 0], lens[:, 1], lens[:, 0], **hp)
+    if name in REFERENCE_FREE:
+        plain, _ = PREFERENCE_LOSSES[name](logps[:, 1], logps[:, 0], lens[:, 1], lens[:, 0], **hp)
     else:
         plain, _ = PREFERENCE_LOSSES[name](logps[:, 1], logps[:, 0], ref[:, 1], ref[:, 0], **hp)
     np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
