@@ -178,7 +178,7 @@ def test_sentiment_script_end_to_end_on_the_fixture(tmp_path):
 
     from rlhf_jax import scripts
     from rlhf_jax.stages.common import load_stage
-    from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, run_sft
+    from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
 
     out = tmp_path / "run"
     options = ["fortunes_dir", str(FIXTURE), "data_dir", str(tmp_path / "data"),
@@ -203,7 +203,8 @@ def test_sentiment_script_end_to_end_on_the_fixture(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(pre), jax.tree.leaves(start)))
     # a task without demonstrations refuses SFT steps
     with pytest.raises(ConfigError, match="no demonstrations"):
-        run_sft(SFTConfig(steps=25, pretrain_dir=str(out / "pretrain")), tmp_path / "sft25")
+        scripts.load("sft").run(SFTConfig(steps=25, pretrain_dir=str(out / "pretrain")),
+                                tmp_path / "sft25")
 
 
 @pytest.mark.skipif(not Path(fortunes.DEFAULT_DIR).is_dir(),
