@@ -18,8 +18,6 @@ import dataclasses
 
 import numpy as np
 
-from rlhf_jax.labeler import Preferences
-
 VERSION = "1.0.0"
 DEFAULT_FLIP = 0.2
 
@@ -28,10 +26,11 @@ def dataset_name(task_name: str) -> str:
     return f"{task_name}_binary_feedback"
 
 
-def binary_feedback(prefs: Preferences, *, top_score: float, flip: float, seed: int
-                    ) -> tuple[Preferences, dict[str, float]]:
-    """``prefs`` with ``ranking`` replaced by noisy binary labels ``[N, K]``, and statistics:
-    ``desirable_share`` (after noise), ``gold_top_share`` (before), ``flipped_share``, counts."""
+def binary_feedback(prefs, *, top_score: float, flip: float, seed: int
+                    ) -> tuple[object, dict[str, float]]:
+    """``prefs`` (a ``rlhf_jax.labeler.Preferences``) with ``ranking`` replaced by noisy binary
+    labels ``[N, K]``, and statistics: ``desirable_share`` (after noise), ``gold_top_share``
+    (before), ``flipped_share``, counts."""
     if not 0.0 <= flip < 0.5:
         raise ValueError(f"flip must be in [0, 0.5), got {flip}")
     clean = (prefs.gold >= top_score).astype(np.float32)
