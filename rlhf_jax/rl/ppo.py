@@ -159,6 +159,20 @@ class PPOHParams:
     def rollout_size(self) -> int:
         return self.prompts_per_iter * self.group_size
 
+    def scalars(self) -> dict[str, jax.Array]:
+        """The :data:`TRACED` fields as float32 arrays (``PPOState.hparams``)."""
+        return {k: jnp.asarray(getattr(self, k), jnp.float32) for k in TRACED}
+
+
+# Fields the compiled iteration reads as traced inputs (``PPOState.hparams``), not as constants:
+# configs that differ only in these share one compiled program (a sweep over them compiles once).
+# Zero switches a term off in the program's structure, so 0 ↔ non-zero does recompile for
+# ``ptx_coef`` and ``tis_cap``. β is traced too (``PPOState.kl_coef``). Every other field (shapes,
+# epochs, minibatches, estimators, booleans, temperature, and ``value_clip_eps``, on which the
+# value loss branches) is static.
+TRACED = ("clip_eps", "vf_coef", "discount", "gae_lambda", "kl_target", "kl_horizon", "ptx_coef",
+          "no_eos_penalty", "tis_cap")
+
 
 @flax.struct.dataclass
 class Frozen:
@@ -179,6 +193,9 @@ class PPOState:
     kl_coef: jax.Array
     reward_moments: RunningMoments
     step: jax.Array
+    # ``PPOHParams.scalars()``: the traced hyperparameters (``rlhf_jax.stages.ppo.init_state``
+    # sets them); None = the iteration's own ``hp`` values as compile-time constants
+    hparams: dict[str, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,14 +243,14 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
     loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
     keep_logits = "exact" in (hp.kl_in_loss, hp.kl_estimator)   # an exact KL reads the logits
 
-    def policy_terms(params, mb, ptx, kl_coef, adv_scale):
+    def policy_terms(params, mb, ptx, kl_coef, adv_scale, hs):
         logits, out = response_logits(policy_model, params, mb["prompts"], mb["prompt_mask"],
                                       mb["responses"], mb["mask"])
         logits = logits / t
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
-        loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask, clip_eps=hp.clip_eps,
-                                 aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
+        loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask,
+                                 clip_eps=hs["clip_eps"], aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
                                  axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
         ent_logits = logits if hp.entropy_coef else jax.lax.stop_gradient(logits)
@@ -254,13 +271,13 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             values = out.scalars["value"]
             vl, vm = clipped_value_loss(values, mb["values"], mb["returns"], mask,
                                         clip_eps=hp.value_clip_eps, axis_name=axis_name)
-            loss = loss + hp.vf_coef * vl
+            loss = loss + hs["vf_coef"] * vl
             m.update(vm)
         if hp.ptx_coef > 0:
             o = policy_model.apply(params, ptx["tokens"], attention_mask=ptx["attention_mask"])
             ptx_loss, _ = next_token_loss(o.logits[:, :-1], ptx["tokens"][:, 1:],
                                           ptx["loss_mask"][:, 1:], axis_name=axis_name)
-            loss = loss + hp.ptx_coef * ptx_loss
+            loss = loss + hs["ptx_coef"] * ptx_loss
             m["ptx_loss"] = ptx_loss
         return loss, dict(m, loss=loss)
 
@@ -279,6 +296,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
 
     def iteration(state: PPOState, frozen: Frozen, batch: dict, key: jax.Array):
         k_sample, k_perm = jax.random.split(key)
+        hs = state.hparams if state.hparams is not None else {k: getattr(hp, k) for k in TRACED}
         g = hp.group_size
         prompts = jnp.repeat(batch["prompts"], g, axis=0)
         prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
@@ -293,7 +311,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
 
         # --- rewards --------------------------------------------------------------------
         rm_score = ro.scores * rm_gain + rm_bias
-        score = rm_score - hp.no_eos_penalty * ro.truncated
+        score = rm_score - hs["no_eos_penalty"] * ro.truncated
         moments = state.reward_moments
         if hp.scale_rewards:
             moments = moments.update(score, axis_name=axis_name)
@@ -303,8 +321,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                               ref_logits=ro.ref_logits) * mask
         reward_kl_coef = 0.0 if hp.kl_in_loss else state.kl_coef
         rewards = token_rewards(score, kl_tok, mask, kl_coef=reward_kl_coef)
-        adv, returns = advantage_fn(rewards, ro.values, mask, discount=hp.discount,
-                                    gae_lambda=hp.gae_lambda, group_size=g)
+        adv, returns = advantage_fn(rewards, ro.values, mask, discount=hs["discount"],
+                                    gae_lambda=hs["gae_lambda"], group_size=g)
         adv_scale = jnp.ones(())
         if hp.whiten_advantages:
             adv_scale = jnp.sqrt(masked_var(adv, mask, axis_name=axis_name) + 1e-8)
@@ -317,10 +335,10 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             data["ref_logits"] = ro.ref_logits
         tis = {}
         if hp.tis_cap:   # sampler → trainer correction of each token's policy-gradient term
-            data["tis_w"] = tis_weights(ro.logp, ro.sampler_logp, cap=hp.tis_cap)
+            data["tis_w"] = tis_weights(ro.logp, ro.sampler_logp, cap=hs["tis_cap"])
             tis = {"rollout/tis_weight": masked_mean(data["tis_w"], mask, axis_name=axis_name),
                    "rollout/tis_capped": masked_mean(
-                       (data["tis_w"] >= hp.tis_cap).astype(jnp.float32), mask,
+                       (data["tis_w"] >= hs["tis_cap"]).astype(jnp.float32), mask,
                        axis_name=axis_name)}
 
         # --- E epochs × M minibatches ---------------------------------------------------
@@ -331,7 +349,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             idx, ptx = xs
             mb = jax.tree.map(lambda x: x[idx], data)
             pg, pm = grads_of(policy_terms, pstate.params, mb, ptx, state.kl_coef,
-                              adv_scale)
+                              adv_scale, hs)
             # a non-finite gradient is never applied; `finite` reports the share applied
             pstate, finite = apply_if_finite(pstate, pg, _norm(pg), _norm(pg))
             pm = dict(pm, grad_norm=_norm(pg))
@@ -356,8 +374,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         kl_seq_mean = _mean(kl_seq, axis_name)
         kl_coef = state.kl_coef
         if hp.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hp.kl_target,
-                                       horizon=hp.kl_horizon, n_steps=hp.rollout_size)
+            kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hs["kl_target"],
+                                       horizon=hs["kl_horizon"], n_steps=hp.rollout_size)
         length = jnp.sum(mask, -1)
         metrics = {
             **{f"train/{k}": v for k, v in um.items()},
