@@ -34,6 +34,7 @@ from rlhf_jax.ops import (AGGREGATIONS, KL_ESTIMATORS, AxisName, entropy_from_lo
                           kl_per_token, masked_mean, masked_var, token_logprobs)
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
+from rlhf_jax.rl.entropy_control import adaptive_entropy_coef
 from rlhf_jax.rl.group import GROUP_ADVANTAGES  # also registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
@@ -73,7 +74,14 @@ class PPOHParams:
       adaptive_kl: Ziegler et al.'s controller on β.
       kl_target: target per-sequence KL (nats) of the controller.
       kl_horizon: controller horizon (in sequences).
-      entropy_coef: entropy bonus in the policy loss (default 0: the KL already regularises).
+      entropy_coef: entropy bonus in the policy loss (default 0: the KL already regularises); the
+        initial value when adaptive.
+      entropy_target: target mean token entropy (nats) of the adaptive entropy controller
+        (``rlhf_jax.rl.entropy_control``: c ← clip(c + η·(H* − H), 0, c_max) once per
+        iteration, H the rollout's mean token entropy); 0 = off (the bonus stays
+        ``entropy_coef``).
+      entropy_lr: η of the controller (coefficient per nat of error per iteration).
+      entropy_coef_max: c_max, the controller's upper bound on the coefficient.
       ptx_coef: γ_ptx, weight of the pretraining-corpus log-likelihood (PPO-ptx; 0 = off).
       no_eos_penalty: subtracted from the score of a response that hits the budget without EOS.
       scale_rewards: divide scores by their running std (the mean is never shifted).
@@ -116,6 +124,9 @@ class PPOHParams:
     kl_target: float = 1.0
     kl_horizon: float = 10000.0
     entropy_coef: float = 0.0
+    entropy_target: float = 0.0
+    entropy_lr: float = 0.5
+    entropy_coef_max: float = 0.2
     ptx_coef: float = 0.0
     no_eos_penalty: float = 1.0
     scale_rewards: bool = False
@@ -130,7 +141,11 @@ class PPOHParams:
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
                  "kl_target", "kl_horizon")
         non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
-                     "ptx_coef", "no_eos_penalty", "tis_cap")
+                     "ptx_coef", "no_eos_penalty", "tis_cap", "entropy_target", "entropy_lr",
+                     "entropy_coef_max")
+        check(not self.entropy_target or self.entropy_coef <= self.entropy_coef_max,
+              "entropy_coef", f"the controller's initial coefficient {self.entropy_coef} exceeds "
+              f"its bound entropy_coef_max={self.entropy_coef_max}")
         check(0.0 <= self.discount <= 1.0, "discount", "must be in [0, 1]")
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "must be in [0, 1]")
         check(self.kl_estimator in ("k1", "exact"), "kl_estimator",
@@ -167,11 +182,12 @@ class PPOHParams:
 # Fields the compiled iteration reads as traced inputs (``PPOState.hparams``), not as constants:
 # configs that differ only in these share one compiled program (a sweep over them compiles once).
 # Zero switches a term off in the program's structure, so 0 ↔ non-zero does recompile for
-# ``ptx_coef`` and ``tis_cap``. β is traced too (``PPOState.kl_coef``). Every other field (shapes,
-# epochs, minibatches, estimators, booleans, temperature, and ``value_clip_eps``, on which the
-# value loss branches) is static.
+# ``ptx_coef``, ``tis_cap``, ``entropy_target`` and the entropy bonus (``entropy_coef``). β and the
+# entropy coefficient are traced too, as state (``PPOState.kl_coef``, ``entropy_coef``). Every other
+# field (shapes, epochs, minibatches, estimators, booleans, temperature, and ``value_clip_eps``, on
+# which the value loss branches) is static.
 TRACED = ("clip_eps", "vf_coef", "discount", "gae_lambda", "kl_target", "kl_horizon", "ptx_coef",
-          "no_eos_penalty", "tis_cap")
+          "no_eos_penalty", "tis_cap", "entropy_target", "entropy_lr", "entropy_coef_max")
 
 
 @flax.struct.dataclass
@@ -196,6 +212,8 @@ class PPOState:
     # ``PPOHParams.scalars()``: the traced hyperparameters (``rlhf_jax.stages.ppo.init_state``
     # sets them); None = the iteration's own ``hp`` values as compile-time constants
     hparams: dict[str, jax.Array] | None = None
+    # the entropy bonus's coefficient (adaptive with ``entropy_target``); None = ``hp``'s constant
+    entropy_coef: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +260,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
     n_mb = hp.minibatches
     loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
     keep_logits = "exact" in (hp.kl_in_loss, hp.kl_estimator)   # an exact KL reads the logits
+    entropy_bonus = hp.entropy_coef > 0 or hp.entropy_target > 0
 
     def policy_terms(params, mb, ptx, kl_coef, adv_scale, hs):
         logits, out = response_logits(policy_model, params, mb["prompts"], mb["prompt_mask"],
@@ -253,9 +272,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                                  clip_eps=hs["clip_eps"], aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
                                  axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
-        ent_logits = logits if hp.entropy_coef else jax.lax.stop_gradient(logits)
+        ent_logits = logits if entropy_bonus else jax.lax.stop_gradient(logits)
         ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
-        loss = loss - hp.entropy_coef * ent
+        loss = loss - hs["entropy_coef"] * ent
         m = dict(m, entropy=ent)
         # KL terms in the loss are divided by the advantage-whitening scale, so β weighs the KL
         # against the (unwhitened) reward exactly as in the reward-side penalty. (Without
@@ -297,6 +316,11 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
     def iteration(state: PPOState, frozen: Frozen, batch: dict, key: jax.Array):
         k_sample, k_perm = jax.random.split(key)
         hs = state.hparams if state.hparams is not None else {k: getattr(hp, k) for k in TRACED}
+        if hp.entropy_target and state.entropy_coef is None:
+            raise ValueError("adaptive entropy control keeps its coefficient in the state: set "
+                             "PPOState.entropy_coef (rlhf_jax.stages.ppo.init_state does)")
+        ent_coef = hp.entropy_coef if state.entropy_coef is None else state.entropy_coef
+        hs = {**hs, "entropy_coef": ent_coef}
         g = hp.group_size
         prompts = jnp.repeat(batch["prompts"], g, axis=0)
         prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
@@ -376,6 +400,14 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         if hp.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hs["kl_target"],
                                        horizon=hs["kl_horizon"], n_steps=hp.rollout_size)
+        ent_mean = masked_mean(ro.entropy, mask, axis_name=axis_name)   # all devices' tokens
+        new_ent_coef, ent_metrics = state.entropy_coef, {}
+        if hp.entropy_target:
+            new_ent_coef = adaptive_entropy_coef(
+                ent_coef, ent_mean, target=hs["entropy_target"], lr=hs["entropy_lr"],
+                max_coef=hs["entropy_coef_max"])
+            ent_metrics = {"entropy/coef": ent_coef, "entropy/mean": ent_mean,
+                           "entropy/target": hs["entropy_target"]}
         length = jnp.sum(mask, -1)
         metrics = {
             **{f"train/{k}": v for k, v in um.items()},
@@ -385,7 +417,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             "kl/entropy_term": masked_mean(-ro.logp, mask, axis_name=axis_name),
             "kl/cross_entropy_term": masked_mean(-ro.ref_logp, mask, axis_name=axis_name),
             "kl/coef": state.kl_coef,
-            "rollout/entropy": masked_mean(ro.entropy, mask, axis_name=axis_name),
+            "rollout/entropy": ent_mean, **ent_metrics,
             "rollout/rm_score": _mean(rm_score, axis_name),
             "rollout/score": _mean(score, axis_name),
             "rollout/length": _mean(length, axis_name),
@@ -399,7 +431,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                                                           axis_name=axis_name)),
         }
         state = state.replace(policy=pstate, value=vstate, kl_coef=kl_coef,
-                              reward_moments=moments, step=state.step + 1)
+                              reward_moments=moments, step=state.step + 1,
+                              entropy_coef=new_ent_coef)
         rollout = {"responses": ro.responses, "mask": ro.mask, "rm_score": rm_score}
         return state, metrics, rollout
 

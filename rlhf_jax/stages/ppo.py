@@ -222,7 +222,8 @@ def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> tuple[P
         policy=TrainState.create(policy_params, make_optimizer(cfg.policy_optim, updates)),
         value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
         reward_moments=RunningMoments.create(), step=jnp.zeros((), jnp.int32),
-        hparams=hp.scalars())   # traced: a sweep over them compiles once
+        hparams=hp.scalars(),   # traced: a sweep over them compiles once
+        entropy_coef=jnp.asarray(hp.entropy_coef, jnp.float32))
     return state, Frozen(ref=sft_params, rm=rm_params)
 
 
