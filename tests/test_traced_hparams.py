@@ -70,10 +70,12 @@ def _ppo(hp: PPOHParams, lr: float = 1e-3, **overrides):
     return models, state, frozen, batch
 
 
-BASE = dict(prompts_per_iter=8, epochs=1, minibatches=2, adaptive_kl=True)
-# every traced scalar changed at once (β and both learning rates too)
+BASE = dict(prompts_per_iter=8, epochs=1, minibatches=2, adaptive_kl=True, entropy_target=0.3)
+# every traced scalar changed at once (β, the entropy controller's state and both learning rates
+# too)
 OTHER = dict(clip_eps=0.1, vf_coef=0.3, discount=0.9, gae_lambda=0.8, kl_target=2.0,
-             kl_horizon=500.0, no_eos_penalty=0.25, kl_coef=0.2)
+             kl_horizon=500.0, no_eos_penalty=0.25, kl_coef=0.2, entropy_target=0.5,
+             entropy_kp=0.5, entropy_ki=0.05, entropy_coef_max=0.2, entropy_coef=0.01)
 
 
 def test_ppo_iteration_compiles_once_for_configs_that_differ_only_in_scalars():

@@ -34,7 +34,7 @@ from rlhf_jax.ops import (AGGREGATIONS, KL_ESTIMATORS, AxisName, entropy_from_lo
                           kl_per_token, masked_mean, masked_var, token_logprobs)
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
-from rlhf_jax.rl.entropy_control import adaptive_entropy_coef
+from rlhf_jax.rl.entropy_control import entropy_control
 from rlhf_jax.rl.group import GROUP_ADVANTAGES  # also registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
@@ -75,13 +75,14 @@ class PPOHParams:
       kl_target: target per-sequence KL (nats) of the controller.
       kl_horizon: controller horizon (in sequences).
       entropy_coef: entropy bonus in the policy loss (default 0: the KL already regularises); the
-        initial value when adaptive.
-      entropy_target: target mean token entropy (nats) of the adaptive entropy controller
-        (``rlhf_jax.rl.entropy_control``: c ← clip(c + η·(H* − H), 0, c_max) once per
-        iteration, H the rollout's mean token entropy); 0 = off (the bonus stays
-        ``entropy_coef``).
-      entropy_lr: η of the controller (coefficient per nat of error per iteration).
-      entropy_coef_max: c_max, the controller's upper bound on the coefficient.
+        controller's initial integral term when adaptive.
+      entropy_target: target mean token entropy H* (nats) of the adaptive entropy controller, a
+        bounded PI controller (``rlhf_jax.rl.entropy_control``): each iteration, from its
+        rollout's mean token entropy H, e = H* − H, c = clip(I + K_p·e, 0, c_max) for its
+        updates and I ← clip(I + K_i·e, 0, c_max); 0 = off (the bonus stays ``entropy_coef``).
+      entropy_kp: K_p (coefficient per nat).
+      entropy_ki: K_i (coefficient per nat per iteration).
+      entropy_coef_max: c_max, the bound on the coefficient.
       ptx_coef: γ_ptx, weight of the pretraining-corpus log-likelihood (PPO-ptx; 0 = off).
       no_eos_penalty: subtracted from the score of a response that hits the budget without EOS.
       scale_rewards: divide scores by their running std (the mean is never shifted).
@@ -125,8 +126,9 @@ class PPOHParams:
     kl_horizon: float = 10000.0
     entropy_coef: float = 0.0
     entropy_target: float = 0.0
-    entropy_lr: float = 0.5
-    entropy_coef_max: float = 0.2
+    entropy_kp: float = 1.0
+    entropy_ki: float = 0.1
+    entropy_coef_max: float = 0.1
     ptx_coef: float = 0.0
     no_eos_penalty: float = 1.0
     scale_rewards: bool = False
@@ -141,8 +143,8 @@ class PPOHParams:
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
                  "kl_target", "kl_horizon")
         non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
-                     "ptx_coef", "no_eos_penalty", "tis_cap", "entropy_target", "entropy_lr",
-                     "entropy_coef_max")
+                     "ptx_coef", "no_eos_penalty", "tis_cap", "entropy_target", "entropy_kp",
+                     "entropy_ki", "entropy_coef_max")
         check(not self.entropy_target or self.entropy_coef <= self.entropy_coef_max,
               "entropy_coef", f"the controller's initial coefficient {self.entropy_coef} exceeds "
               f"its bound entropy_coef_max={self.entropy_coef_max}")
@@ -187,7 +189,8 @@ class PPOHParams:
 # field (shapes, epochs, minibatches, estimators, booleans, temperature, and ``value_clip_eps``, on
 # which the value loss branches) is static.
 TRACED = ("clip_eps", "vf_coef", "discount", "gae_lambda", "kl_target", "kl_horizon", "ptx_coef",
-          "no_eos_penalty", "tis_cap", "entropy_target", "entropy_lr", "entropy_coef_max")
+          "no_eos_penalty", "tis_cap", "entropy_target", "entropy_kp", "entropy_ki",
+          "entropy_coef_max")
 
 
 @flax.struct.dataclass
@@ -212,7 +215,8 @@ class PPOState:
     # ``PPOHParams.scalars()``: the traced hyperparameters (``rlhf_jax.stages.ppo.init_state``
     # sets them); None = the iteration's own ``hp`` values as compile-time constants
     hparams: dict[str, jax.Array] | None = None
-    # the entropy bonus's coefficient (adaptive with ``entropy_target``); None = ``hp``'s constant
+    # the entropy bonus's coefficient, or with ``entropy_target`` the controller's integral term;
+    # None = ``hp.entropy_coef`` as a constant
     entropy_coef: jax.Array | None = None
 
 
@@ -319,8 +323,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         if hp.entropy_target and state.entropy_coef is None:
             raise ValueError("adaptive entropy control keeps its coefficient in the state: set "
                              "PPOState.entropy_coef (rlhf_jax.stages.ppo.init_state does)")
-        ent_coef = hp.entropy_coef if state.entropy_coef is None else state.entropy_coef
-        hs = {**hs, "entropy_coef": ent_coef}
+        ent_coef = new_ent_coef = hp.entropy_coef if state.entropy_coef is None else \
+            state.entropy_coef
         g = hp.group_size
         prompts = jnp.repeat(batch["prompts"], g, axis=0)
         prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
@@ -332,6 +336,15 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                               rescore_policy=hp.rescore_policy, keep_logits=keep_logits)
         mask = ro.mask.astype(jnp.float32)
         n_seq = mask.shape[0]
+        ent_mean = masked_mean(ro.entropy, mask, axis_name=axis_name)   # all devices' tokens
+        ent_metrics = {}
+        if hp.entropy_target:   # this rollout's entropy sets the coefficient of its updates
+            ent_coef, new_ent_coef = entropy_control(
+                ent_coef, ent_mean, target=hs["entropy_target"], kp=hs["entropy_kp"],
+                ki=hs["entropy_ki"], max_coef=hs["entropy_coef_max"])
+            ent_metrics = {"entropy/coef": ent_coef, "entropy/integral": new_ent_coef,
+                           "entropy/mean": ent_mean, "entropy/target": hs["entropy_target"]}
+        hs = {**hs, "entropy_coef": ent_coef}
 
         # --- rewards --------------------------------------------------------------------
         rm_score = ro.scores * rm_gain + rm_bias
@@ -400,14 +413,6 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         if hp.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hs["kl_target"],
                                        horizon=hs["kl_horizon"], n_steps=hp.rollout_size)
-        ent_mean = masked_mean(ro.entropy, mask, axis_name=axis_name)   # all devices' tokens
-        new_ent_coef, ent_metrics = state.entropy_coef, {}
-        if hp.entropy_target:
-            new_ent_coef = adaptive_entropy_coef(
-                ent_coef, ent_mean, target=hs["entropy_target"], lr=hs["entropy_lr"],
-                max_coef=hs["entropy_coef_max"])
-            ent_metrics = {"entropy/coef": ent_coef, "entropy/mean": ent_mean,
-                           "entropy/target": hs["entropy_target"]}
         length = jnp.sum(mask, -1)
         metrics = {
             **{f"train/{k}": v for k, v in um.items()},
@@ -432,7 +437,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         }
         state = state.replace(policy=pstate, value=vstate, kl_coef=kl_coef,
                               reward_moments=moments, step=state.step + 1,
-                              entropy_coef=new_ent_coef)
+                              entropy_coef=None if state.entropy_coef is None else new_ent_coef)
         rollout = {"responses": ro.responses, "mask": ro.mask, "rm_score": rm_score}
         return state, metrics, rollout
 
