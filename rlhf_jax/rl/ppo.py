@@ -273,8 +273,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
         loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask,
-                                 clip_eps=hs["clip_eps"], aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
-                                 axis_name=axis_name)
+                                 clip_eps=hs["clip_eps"], aggregation=hp.loss_aggregation,
+                                 weights=mb.get("tis_w"), axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
         ent_logits = logits if entropy_bonus else jax.lax.stop_gradient(logits)
         ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
