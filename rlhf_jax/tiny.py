@@ -3,14 +3,16 @@ notebooks and tests: seconds of work, cached on disk keyed by the config, so eve
 that asks for the same tiny run reuses one. Tiny runs show the plumbing, not the README results.
 
 The cache lives in ``$RLHF_JAX_TINY_DIR`` (default: ``<temp dir>/rlhf_jax_tiny``); each run is
-``<cache>/<script>-<hash of its config>``, built under a file lock (two processes asking at once
-build it once).
+``<cache>/<script>-<hash of its config and of the package's source>``, built under a file lock
+(two processes asking at once build it once); a changed source file means new runs, never a stale
+one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -63,10 +65,21 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@functools.cache
+def _source_digest() -> str:
+    """sha1 of the package's and the experiment scripts' Python sources."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha1()
+    for path in sorted([*root.rglob("*.py"), *scripts.EXPERIMENTS.glob("*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def cached_run(script: str, cfg) -> Path:
     """The run of ``experiments/<script>.py`` with ``cfg`` in the cache: reused when finished,
     else run (or resumed) there."""
-    key = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha1((json.dumps(to_dict(cfg), sort_keys=True) + _source_digest()).encode()
+                       ).hexdigest()[:12]
     out = cache_dir() / f"{script}-{key}"
     with _lock(out):
         if not (out / "summary.json").exists():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import xla_env
 from rlhf_jax.models.dense import dense
 
 
@@ -69,8 +70,7 @@ def test_per_shard_gradients_of_replicated_parameters_are_summed_over_shards():
     """On 2 simulated devices a replicated kernel meets a sharded x inside shard_map: the parameter
     gradients must equal the whole-batch gradient (summed over shards), as plain autodiff gives;
     under bf16 too (float32 gradients, summed in float32)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = xla_env(2, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY_PRETRAIN, TINY_SFT, shared_dir
+from conftest import TINY_PRETRAIN, TINY_SFT, shared_dir, xla_env
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.parallel import check_divisible, fsdp_specs
 from rlhf_jax.rl.ppo import PPOHParams
@@ -28,8 +28,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, RLHF_JAX_NO_REEXEC="1", PYTHONPATH=str(TESTS),
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return xla_env(devices, RLHF_JAX_NO_REEXEC="1", PYTHONPATH=str(TESTS))
 
 
 def _run(args, devices, timeout=1800):
