@@ -13,7 +13,9 @@ forms are 0 at d = 0). A *curve* here is a list of points ``{"kl", "gold", "prox
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -149,7 +151,6 @@ def plot(per_rm: dict[str, dict], out_dir) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from pathlib import Path
 
     out_dir = Path(out_dir)
     names = list(per_rm)
@@ -200,3 +201,31 @@ def plot(per_rm: dict[str, dict], out_dir) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "gold_vs_kl.png", dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ reading a result back
+COMMITTED = Path(__file__).resolve().parents[1] / "results" / "overoptimisation"
+
+
+def tiny_config():
+    """The over-optimisation sweep on the shared tiny upstream (``rlhf_jax.tiny``): one β, the
+    tiny PPO run's config, best-of-n up to 4 from 4 samples per prompt, the default RM only."""
+    from rlhf_jax import scripts, tiny
+
+    return scripts.load("overoptimisation").OveroptConfig(
+        reward_dir=str(tiny.tiny_upstream()), weak_rm=False, kl_coefs=(0.05,), ns=(1, 2, 4),
+        pool=4, ppo=tiny.tiny_config("ppo"))
+
+
+def load_result(run_dir: str | Path | None = None) -> tuple[dict, dict]:
+    """``(summary, results)`` of an over-optimisation run: ``run_dir``; with none, the committed
+    README result (``results/overoptimisation``), or else the cached tiny run (announced with
+    ``rlhf_jax.tiny.BANNER``)."""
+    from rlhf_jax import tiny
+
+    path = Path(run_dir) if run_dir else COMMITTED
+    if not run_dir and not (path / "summary.json").exists():
+        print(tiny.BANNER)
+        path = tiny.cached_run("overoptimisation", tiny_config())
+    return (json.loads((path / "summary.json").read_text()),
+            json.loads((path / "results.json").read_text()))
