@@ -53,6 +53,9 @@ class OveroptConfig:
       weak_share: the weaker RM's share of the default RM's labelled training prompts (the first
         ones), trained with its trunk unfrozen, otherwise the default RM's config.
       kl_coefs: PPO's KL coefficients β, one PPO run per RM and β.
+      extra_cells: more PPO runs per RM, each ``name=value …`` overrides of the template (flags
+        of ``experiments/ppo.py``); the default pushes further from SFT: β = 0 and a 4× policy
+        learning rate.
       ppo: the PPO template (iterations, optimiser, …); ``ppo.kl_coef`` is set per cell.
       ns: best-of-n's n.
       pool: SFT samples per held-out prompt that best-of-n is estimated from (≥ max n).
@@ -65,6 +68,7 @@ class OveroptConfig:
     weak_rm: bool = True
     weak_share: float = 0.1
     kl_coefs: tuple[float, ...] = (0.05, 0.01, 0.002)
+    extra_cells: tuple[str, ...] = ("ppo.kl-coef=0 policy-optim.learning-rate=0.0002",)
     ppo: PPOConfig = PPOConfig()
     ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     pool: int = 128
@@ -75,6 +79,8 @@ class OveroptConfig:
         check(0 < self.weak_share < 1, "weak_share", "must be strictly between 0 and 1")
         check(len(self.kl_coefs) >= 1 and all(b >= 0 for b in self.kl_coefs), "kl_coefs",
               "name one or more coefficients >= 0")
+        check(all("=" in t for c in self.extra_cells for t in c.split()), "extra_cells",
+              "each cell is `name=value …` flags of experiments/ppo.py")
         check(len(self.ns) >= 2 and all(n >= 1 for n in self.ns) and list(self.ns) ==
               sorted(set(self.ns)), "ns", "must be two or more increasing n >= 1")
         check(self.pool >= max(self.ns), "pool", f"must be >= the largest n ({max(self.ns)})")
@@ -92,10 +98,18 @@ def weak_cell(cfg: OveroptConfig, reward_dir: Path) -> Cell:
         {"train_prompts": share, "freeze_trunk": False})
 
 
-def ppo_cell(cfg: OveroptConfig, rm: str, rm_dir: Path, beta: float) -> Cell:
-    c = dataclasses.replace(cfg.ppo, reward_dir=str(rm_dir),
-                            ppo=dataclasses.replace(cfg.ppo.ppo, kl_coef=beta))
-    return Cell(f"ppo-{rm}-kl{beta:g}", "ppo", c, {"rm": rm, "ppo.kl-coef": beta})
+def ppo_cells(cfg: OveroptConfig, rm: str, rm_dir: Path) -> list[Cell]:
+    """The PPO runs of one RM: one per β of ``kl_coefs``, then ``extra_cells`` (validated by the
+    sweep engine against PPO's config)."""
+    template = dataclasses.replace(cfg.ppo, reward_dir=str(rm_dir))
+    cells = [Cell(f"ppo-{rm}-kl{b:g}", "ppo", dataclasses.replace(
+        template, ppo=dataclasses.replace(cfg.ppo.ppo, kl_coef=b)), {"rm": rm, "ppo.kl-coef": b})
+        for b in cfg.kl_coefs]
+    extra = [dict(t.split("=", 1) for t in c.split()) for c in cfg.extra_cells]
+    cells += [dataclasses.replace(c, name=f"ppo-{rm}-{c.name}",
+                                  overrides={"rm": rm, **c.overrides})
+              for c in sweep.override_cells("ppo", extra, template)]
+    return cells
 
 
 def bon_curve(cfg: OveroptConfig, out: Path, rm: str, rm_dir: Path) -> list[dict]:
@@ -184,13 +198,13 @@ def run(cfg: OveroptConfig, out: str | Path) -> dict:
         weak = weak_cell(cfg, reward_dir)
         rms["weak"] = out / weak.name / f"seed{cfg.seed}"
     curves = {"default": bon_curve(cfg, out, "default", reward_dir)}
-    ppo_cells = {rm: [ppo_cell(cfg, rm, d, b) for b in cfg.kl_coefs] for rm, d in rms.items()}
-    cells = ppo_cells["default"] + ([weak, *ppo_cells["weak"]] if cfg.weak_rm else [])
+    of_rm = {rm: ppo_cells(cfg, rm, d) for rm, d in rms.items()}
+    cells = of_rm["default"] + ([weak, *of_rm["weak"]] if cfg.weak_rm else [])
     rows = sweep.run_cells(cells, [cfg.seed], out, metrics=("gold/*", "kl/*", "rm/gold_agree*"))
     run_dirs = {r["cell"]: Path(r["dir"]) for r in rows}
     if cfg.weak_rm:
         curves["weak"] = bon_curve(cfg, out, "weak", rms["weak"])
-    per_rm = {rm: read_rm(ppo_cells[rm], run_dirs, curves[rm]) for rm in rms}
+    per_rm = {rm: read_rm(of_rm[rm], run_dirs, curves[rm]) for rm in rms}
     (out / "results.md").write_text(oo.markdown(per_rm))
     run_dir.write_json("results.json", per_rm)
     oo.plot(per_rm, out)

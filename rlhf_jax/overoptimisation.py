@@ -213,8 +213,8 @@ def tiny_config():
     from rlhf_jax import scripts, tiny
 
     return scripts.load("overoptimisation").OveroptConfig(
-        reward_dir=str(tiny.tiny_upstream()), weak_rm=False, kl_coefs=(0.05,), ns=(1, 2, 4),
-        pool=4, ppo=tiny.tiny_config("ppo"))
+        reward_dir=str(tiny.tiny_upstream()), weak_rm=False, kl_coefs=(0.05,), extra_cells=(),
+        ns=(1, 2, 4), pool=4, ppo=tiny.tiny_config("ppo"))
 
 
 def load_result(run_dir: str | Path | None = None) -> tuple[dict, dict]:
