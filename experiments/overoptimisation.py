@@ -106,9 +106,10 @@ def ppo_cells(cfg: OveroptConfig, rm: str, rm_dir: Path) -> list[Cell]:
         template, ppo=dataclasses.replace(cfg.ppo.ppo, kl_coef=b)), {"rm": rm, "ppo.kl-coef": b})
         for b in cfg.kl_coefs]
     extra = [dict(t.split("=", 1) for t in c.split()) for c in cfg.extra_cells]
-    cells += [dataclasses.replace(c, name=f"ppo-{rm}-{c.name}",
-                                  overrides={"rm": rm, **c.overrides})
-              for c in sweep.override_cells("ppo", extra, template)]
+    for c in sweep.override_cells("ppo", extra, template):   # e.g. ppo-default-kl-coef=0,…
+        short = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in c.overrides.items())
+        cells.append(dataclasses.replace(c, name=f"ppo-{rm}-{short}",
+                                         overrides={"rm": rm, **c.overrides}))
     return cells
 
 

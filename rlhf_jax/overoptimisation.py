@@ -119,7 +119,7 @@ def markdown(per_rm: dict[str, dict]) -> str:
     with best-of-n at the same KL, and the fits."""
     lines = []
     for rm, r in per_rm.items():
-        lines += [f"## {rm} reward model", "",
+        lines += [f"**{rm.capitalize()} reward model**", "",
                   "| best-of-n | exact KL | bound log n − (n−1)/n | distinct / prompt | proxy "
                   "| gold |", "|---|---|---|---|---|---|"]
         lines += [f"| {p['n']} | {_f(p['kl'])} | {_f(p['kl_bound'])} | {p['distinct']:.1f} | "

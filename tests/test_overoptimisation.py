@@ -160,3 +160,21 @@ def test_the_weak_reward_model_is_a_share_of_the_same_comparisons():
     assert cell.config.train_prompts == max(round(n / 2), cell.config.batch_prompts)
     assert cell.config.preferences_dir == str(up / "data")
     assert cell.config.sft_dir == json.loads((up / "config.json").read_text())["sft_dir"]
+
+
+def test_readme_shows_the_committed_result_rendered_from_its_files():
+    import re
+    from pathlib import Path
+
+    committed = oo.COMMITTED
+    results = json.loads((committed / "results.json").read_text())
+    table = oo.markdown(results)
+    assert (committed / "results.md").read_text() == table
+    summary = json.loads((committed / "summary.json").read_text())
+    for rm, sfx in (("default", ""), ("weak", "/weak_rm")):
+        for form in ("bon", "rl"):
+            assert summary[f"fit/{form}/alpha{sfx}"] == results[rm]["fits"][form]["alpha"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- overoptimisation:start -->\n(.*?)<!-- overoptimisation:end -->",
+                      readme, re.S)
+    assert block and block.group(1) == table
