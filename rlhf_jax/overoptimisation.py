@@ -92,15 +92,14 @@ def trajectory(rows: Sequence[dict]) -> list[dict]:
              "proxy": float(r[keys[2]])} for r in rows if all(k in r for k in keys)]
 
 
-def at_kl(curve: Sequence[dict], kl: float, key: str = "gold", kl_key: str = "kl"
-          ) -> float | None:
-    """``key`` of a curve ordered by increasing ``kl_key``, linearly interpolated at ``kl``
-    (None beyond the curve's range)."""
-    xs = np.array([p[kl_key] for p in curve], np.float64)
-    if not len(xs) or kl < xs[0] or kl > xs[-1]:
-        return None
-    order = np.argsort(xs, kind="stable")
-    return float(np.interp(kl, xs[order], np.array([p[key] for p in curve])[order]))
+def at_kl(curve: Sequence[dict], kl: float, key: str = "gold") -> float | None:
+    """``key`` of a curve (in training / n order) where its KL first reaches ``kl``, linearly
+    interpolated between the points around that crossing, as the comparison reads its curves
+    (``rlhf_jax.stages.compare_report.at_kl``); None if it never does."""
+    from rlhf_jax.stages.compare_report import at_kl as first_crossing
+
+    v = first_crossing([(p["kl"], p[key]) for p in curve], kl)
+    return None if v is None else float(v[0])
 
 
 def matched(finals: Sequence[dict], bon: Sequence[dict]) -> list[dict]:
