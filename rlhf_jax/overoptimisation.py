@@ -133,7 +133,8 @@ def markdown(per_rm: dict[str, dict]) -> str:
         lines += ["", "| fit | α | β | r² | KL at gold peak (in range) | fitted peak KL "
                   "| largest KL | gold(0) | gold peak (fit) | gold max (measured) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        for name, f in r["fits"].items():
+        for name in sorted(r["fits"], key=lambda k: (k != "rl", k)):   # rl, bon, bon_bound
+            f = r["fits"][name]
             lines.append(f"| {name} | {_f(f['alpha'])} | {_f(f['beta'])} | {_f(f['r2'])} | "
                          f"{_f(f['kl_at_peak']) if f['kl_at_peak'] is not None else 'none'} | "
                          f"{_f(f['kl_at_peak_fitted'])} | {_f(f['kl_max'])} | {_f(f['gold0'])} | "
