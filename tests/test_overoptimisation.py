@@ -178,3 +178,19 @@ def test_readme_shows_the_committed_result_rendered_from_its_files():
     block = re.search(r"<!-- overoptimisation:start -->\n(.*?)<!-- overoptimisation:end -->",
                       readme, re.S)
     assert block and block.group(1) == table
+
+
+def test_first_prompts_keeps_the_first_comparisons_and_zero_keeps_all():
+    from rlhf_jax.configs import ConfigError
+    from rlhf_jax.labeler import Preferences
+    from rlhf_jax.stages.reward import RewardConfig, first_prompts
+
+    prefs = Preferences(prompts=["p0", "p1", "p2"], responses=[["a", "b"]] * 3,
+                        ranking=np.arange(6.0).reshape(3, 2), gold=np.ones((3, 2)),
+                        kinds=[["x", "y"]] * 3)
+    two = first_prompts(prefs, 2)
+    assert two.prompts == ["p0", "p1"] and two.ranking.tolist() == [[0, 1], [2, 3]]
+    assert len(two.responses) == len(two.kinds) == len(two.gold) == 2
+    assert first_prompts(prefs, 0) is prefs
+    with pytest.raises(ConfigError, match="train_prompts"):
+        RewardConfig(train_prompts=-1)
