@@ -39,6 +39,7 @@ from rlhf_jax.stages.reward import RewardConfig
 from rlhf_jax.sweep import Cell
 
 SUFFIX = {"default": "", "weak": "/weak_rm"}
+STREAM_POOL = STREAM_EVAL + 10   # the best-of-n pool's sampling stream (apart from the stages')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class OveroptConfig:
         check(0 < self.weak_share < 1, "weak_share", "must be strictly between 0 and 1")
         check(len(self.kl_coefs) >= 1 and all(b >= 0 for b in self.kl_coefs), "kl_coefs",
               "name one or more coefficients >= 0")
+        check(len(set(self.kl_coefs)) == len(self.kl_coefs), "kl_coefs", "lists a β twice")
         check(all("=" in t for c in self.extra_cells for t in c.split()), "extra_cells",
               "each cell is `name=value …` flags of experiments/ppo.py")
         check(len(self.ns) >= 2 and all(n >= 1 for n in self.ns) and list(self.ns) ==
@@ -126,7 +128,7 @@ def bon_curve(cfg: OveroptConfig, out: Path, rm: str, rm_dir: Path) -> list[dict
     else:
         with progress.stage("best-of-n pool", pool_path):
             pool = bon.sample_pool(up.ref, up.sft_params, up.task, shapes,
-                                   stage_key(cfg.seed, STREAM_EVAL + 10), size=cfg.pool)
+                                   stage_key(cfg.seed, STREAM_POOL), size=cfg.pool)
         RunDir(out / "bon").write_json("pool.json", pool)
     import jax
 
@@ -144,11 +146,11 @@ def read_rm(cells: list[Cell], run_dirs: dict[str, Path], curve: list[dict]) -> 
     for c in cells:
         s, pts = RunDir(run_dirs[c.name]).read_summary(), traj[c.name]
         finals.append({"cell": c.name, "kl_coef": c.config.ppo.kl_coef,
-                       "kl": s["kl/rlhf_vs_sft"], "gold": s["gold/rlhf"], "gold_sft": s["gold/sft"],
+                       "kl": s["kl/rlhf_vs_sft"], "gold": s["gold/rlhf"],
+                       "gold_sft": s["gold/sft"],
                        "kl_max": max(p["kl"] for p in pts), "proxy_last": pts[-1]["proxy"],
                        "gold_last": pts[-1]["gold"]})
-    starts = [pts[0] for pts in traj.values() if pts and pts[0]["kl"] == 0.0]
-    gold0 = float(np.mean([p["gold"] for p in starts or [pts[0] for pts in traj.values()]]))
+    gold0 = float(np.mean([pts[0]["gold"] for pts in traj.values()]))   # iteration 1: SFT
     points = [p for pts in traj.values() for p in pts]
     d = np.sqrt([p["kl"] for p in points])
     fits = {"rl": oo.read_out(d, [p["gold"] for p in points], gold0, "rl"),

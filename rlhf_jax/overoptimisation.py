@@ -41,8 +41,8 @@ def gao(d, alpha: float, beta: float, form: str) -> np.ndarray:
 
 
 def fit(d: Sequence[float], gain: Sequence[float], form: str) -> dict[str, float]:
-    """Least-squares ``alpha``, ``beta`` of the form to points ``(d, gain)`` and ``r2`` (1 − SS_res /
-    SS_tot about the gains' mean; NaN with fewer than 3 points or constant gains)."""
+    """Least-squares ``alpha``, ``beta`` of the form to points ``(d, gain)`` and ``r2``
+    (1 − SS_res / SS_tot about the gains' mean; NaN with fewer than 3 points or constant gains)."""
     x = _features(np.asarray(d, np.float64), form)
     y = np.asarray(gain, np.float64)
     if len(y) < 2:
