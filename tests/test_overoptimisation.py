@@ -194,3 +194,26 @@ def test_first_prompts_keeps_the_first_comparisons_and_zero_keeps_all():
     assert first_prompts(prefs, 0) is prefs
     with pytest.raises(ConfigError, match="train_prompts"):
         RewardConfig(train_prompts=-1)
+
+
+def test_help_lists_options_and_bad_values_name_their_field(capsys, monkeypatch, tmp_path):
+    from rlhf_jax import scripts
+    from rlhf_jax.configs import ConfigError
+
+    script = scripts.load("overoptimisation")
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--out", "--seed", "--reward-dir", "--kl-coefs", "--extra-cells", "--weak-share",
+                 "--ns", "--pool", "--ppo.iterations"):
+        assert flag in out, flag
+    for bad, field in [({"pool": 16}, "pool"), ({"weak_share": 1.0}, "weak_share"),
+                       ({"kl_coefs": (0.1, 0.1)}, "kl_coefs"), ({"ns": (4, 2)}, "ns"),
+                       ({"extra_cells": ("kl0",)}, "extra_cells")]:
+        with pytest.raises(ConfigError, match=field):
+            script.OveroptConfig(**bad)
+    with pytest.raises(ConfigError, match="kl-cof"):   # extra cells are checked against PPO's flags
+        script.ppo_cells(script.OveroptConfig(extra_cells=("ppo.kl-cof=0",)), "default",
+                         tmp_path)
