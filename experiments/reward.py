@@ -43,8 +43,9 @@ from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_LABEL, load_stage, model_config, pipeline_task,
                                     stage_key, upstream_run)
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward import (RewardConfig, fit_reward_model, preference_arrays,
-                                    read_preferences, rm_metrics, store_and_reload)
+from rlhf_jax.stages.reward import (RewardConfig, first_prompts, fit_reward_model,
+                                    preference_arrays, read_preferences, rm_metrics,
+                                    store_and_reload)
 from rlhf_jax.stages.reward_files import (SPLITS, build_file_dataset, encode_pairs,
                                           export_reward_model, pairwise_metrics, read_records)
 
@@ -80,7 +81,7 @@ def run(cfg: RewardConfig, out: str | Path) -> dict:
                                 seed=cfg.seed * 1000 + i)
                  for i, split in enumerate(("train", "heldout"))}
         prefs = store_and_reload(prefs, out / "data", task)
-    train_prefs, test_prefs = prefs["train"], prefs["heldout"]
+    train_prefs, test_prefs = first_prompts(prefs["train"], cfg.train_prompts), prefs["heldout"]
     collect_s = time.perf_counter() - t0
 
     # the RM: the SFT trunk + a scalar head, K-wise Bradley–Terry loss, then normalised

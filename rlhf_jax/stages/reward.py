@@ -84,6 +84,8 @@ class RewardConfig:
         learns); otherwise c is one learned scalar (its kernel stays zero), which cannot turn
         negative on unusual responses.
       freeze_trunk: train only the scalar heads; the trunk keeps the SFT weights.
+      train_prompts: train on only the first this many labelled training prompts (0 = all), e.g.
+        a weaker RM from a share of an earlier run's comparisons (``preferences_dir``).
       fsdp: split parameters and optimizer state over the devices (FSDP) instead of replicating.
     """
 
@@ -109,6 +111,7 @@ class RewardConfig:
     lm_stop_grad: bool = False
     lm_coef_gated: bool = False
     freeze_trunk: bool = True
+    train_prompts: int = 0
     fsdp: bool = False
 
     def __post_init__(self):
@@ -118,6 +121,7 @@ class RewardConfig:
             check(getattr(self, name) >= 2, name, f"must be >= 2, got {getattr(self, name)}")
         check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+        check(self.train_prompts >= 0, "train_prompts", "must be >= 0 (0 = all)")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
         if self.data == "simulated":
@@ -168,6 +172,14 @@ def load_reward_model(reward_dir: str | Path, prompt_len: int):
     _, rm, rm_params = load_stage(reward_dir, RewardConfig, heads=rm_heads(reward_cfg.lm_readout),
                                   config_of=lambda c: c.sft.pretrain)
     return reward_cfg, rm_score_fn(reward_cfg, rm, prompt_len), rm_params
+
+
+def first_prompts(prefs: Preferences, n: int) -> Preferences:
+    """The comparisons of ``prefs``' first ``n`` prompts (all of them when ``n`` is 0)."""
+    if not n:
+        return prefs
+    return Preferences(prefs.prompts[:n], prefs.responses[:n], prefs.ranking[:n], prefs.gold[:n],
+                       prefs.kinds[:n])
 
 
 def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig) -> dict[str, np.ndarray]:
