@@ -28,6 +28,7 @@ from rlhf_jax.data.task import Judgement, Prompt, Task
 from rlhf_jax.data.tokenizers import stop_ids
 from rlhf_jax.losses.ppo import kl_per_token
 from rlhf_jax.models.functional import Model
+from rlhf_jax.parallel import single_device
 from rlhf_jax.runs import RunDir
 from rlhf_jax.sampling import SamplingConfig, response_logits, sample
 
@@ -133,6 +134,7 @@ def _sequence_kl(policy: Model, policy_params, ref: Model, ref_params, prompts, 
 def sequence_kl(policy: Model, params, ref: Model, ref_params, task: Task, shapes: TaskConfig,
                 records: Sequence[dict], *, batch: int = 256) -> np.ndarray:
     """Exact KL(π ‖ π_ref) of each held-out record's response, summed over its tokens, ``[R]``."""
+    params, ref_params = single_device((params, ref_params))   # e.g. sharded policy, local ref
     by_uid = {p.uid: p for p in task.prompts("heldout")}
     p_ids, p_mask = encode_prompts(task.tokenizer, [by_uid[r["uid"]] for r in records],
                                    shapes.prompt_len)
@@ -181,7 +183,10 @@ def versus_reference(policy: Model, params, ref: Model, ref_params, task: Task,
                      ref_name: str = "sft") -> Versus:
     """The final held-out evaluation: the reference policy (the starting point) and ``params``
     with the same key (samples written as ``samples_<ref_name>/<name>.jsonl``), paired by
-    prompt and sample index, and the exact KL to the reference of the policy's samples."""
+    prompt and sample index, and the exact KL to the reference of the policy's samples.
+    Both parameter trees are evaluated on one device (:func:`rlhf_jax.parallel.single_device`),
+    wherever the training stage left them."""
+    params, ref_params = single_device((params, ref_params))
     ref_m, ref_rec = evaluate_heldout(ref, ref_params, task, shapes, key, run=run, name=ref_name)
     pol_m, pol_rec = evaluate_heldout(policy, params, task, shapes, key, run=run, name=name)
     kl = sequence_kl(policy, params, ref, ref_params, task, shapes, pol_rec)
@@ -194,7 +199,9 @@ def heldout_signals(policy: Model, params, ref: Model, ref_params, task: Task,
     """The current policy on the held-out prompts under the pinned protocol (use the final
     evaluation's key so intermediate and final numbers are comparable; nothing is written):
     ``heldout/<k>`` for the task's headline metrics and ``heldout/kl``, the mean exact
-    per-sequence KL(π ‖ π_ref) of its responses."""
+    per-sequence KL(π ‖ π_ref) of its responses (on one device, like
+    :func:`versus_reference`)."""
+    params, ref_params = single_device((params, ref_params))
     metrics, records = _heldout(policy, params, task, shapes, key)
     kl = sequence_kl(policy, params, ref, ref_params, task, shapes, records)
     return {**{f"heldout/{k}": metrics[k] for k in task.headline},

@@ -126,6 +126,19 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def single_device(tree: Any) -> Any:
+    """Every array of ``tree`` whole on this process's first device: replicated or FSDP-split
+    parameters of a sharded stage gathered for work that runs unsharded (the held-out
+    evaluation), so they combine with parameters that never left one device (e.g. the frozen
+    reference) in one jitted call, and that work runs the same program on any mesh."""
+    leaves, treedef = jax.tree.flatten(tree)
+    far = [i for i, x in enumerate(leaves)   # with shards on other processes' devices
+           if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    for i, x in zip(far, to_host([leaves[i] for i in far]) if far else []):
+        leaves[i] = x                        # gathered through the host (a collective)
+    return jax.device_put(jax.tree.unflatten(treedef, leaves), jax.local_devices()[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP: parameters and optimizer state split over the mesh
 # ---------------------------------------------------------------------------------------------

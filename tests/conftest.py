@@ -51,7 +51,7 @@ TINY_SFT = ["--steps", "20", "--batch-size", "8", "--ptx-batch-size", "4", "--lo
             "--optim.warmup-steps", "5"]
 TINY_PPO = ["--iterations", "3", "--ppo.prompts-per-iter", "16", "--ppo.epochs", "1",
             "--ppo.minibatches", "2", "--policy-optim.warmup-steps", "1",
-            "--value-optim.warmup-steps", "1", "--checkpoint-every", "2"]
+            "--value-optim.warmup-steps", "1", "--checkpoint-every", "2", "--eval-every", "2"]
 
 
 def under(prefix: str, args: list[str]) -> list[str]:

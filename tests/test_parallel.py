@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY_PRETRAIN, TINY_SFT, shared_dir, xla_env
+from conftest import TINY_PPO, TINY_PRETRAIN, TINY_SFT, shared_dir, xla_env
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.parallel import check_divisible, fsdp_specs
 from rlhf_jax.rl.ppo import PPOHParams
@@ -112,6 +112,31 @@ def test_sft_command_on_two_devices_with_fsdp_ends_at_the_same_numbers(sft_run, 
     for a, b in zip(runs[1], runs[2]):
         for k in a:
             np.testing.assert_allclose(b[k], a[k], rtol=2e-3, atol=2e-4, err_msg=k)
+
+
+def test_ppo_command_on_two_devices_evaluates_like_one(pipeline_run, tmp_path):
+    """``experiments/ppo.py`` on 2 devices (policy replicated over the mesh, SFT reference loaded
+    on one device) from the session pipeline's reward run: its held-out evaluations during
+    training and at the end run, and every logged metric and summary number equals the
+    pipeline's own 1-device PPO stage (same config) to float tolerance."""
+    one = pipeline_run / "ppo"
+    out = tmp_path / "d2"
+    _run([str(EXPERIMENTS / "ppo.py"), "--out", str(out), "--reward-dir",
+          str(pipeline_run / "reward"), *TINY_PPO], devices=2)
+    assert json.loads((out / "config.json").read_text()) == \
+        json.loads((one / "config.json").read_text())
+    assert len(json.loads((out / "meta.json").read_text())["devices"]) == 2
+    rows = {d: [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+            for d, run in ((1, one), (2, out))}
+    assert [r.keys() for r in rows[1]] == [r.keys() for r in rows[2]]
+    assert any("heldout/kl" in r for r in rows[2])
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (one, out)]
+    numbers = [(a, b) for a, b in zip(rows[1], rows[2])] + [tuple(summaries)]
+    for a, b in numbers:
+        for k in a:
+            if not k.startswith("time_s/") and a[k] is not None:   # "nan" is written as text
+                np.testing.assert_allclose(float(b[k]), float(a[k]), rtol=2e-3, atol=2e-4,
+                                           err_msg=k)
 
 
 def _mesh(n):
