@@ -14,7 +14,7 @@ import dataclasses
 from rlhf_jax.rl.presets import PRESETS
 from rlhf_jax.stages.ppo import PPOConfig
 
-METHODS = ("ppo", "grpo", "dr_grpo", "rloo")
+METHODS = tuple(PRESETS)   # ppo, grpo, dr_grpo, rloo, dapo, gspo, gspo_token, reinforce_pp
 
 # policy learning rate per method (PPO's default otherwise): RLOO makes one update per
 # iteration (PPO 16, GRPO 8), so it takes larger steps
