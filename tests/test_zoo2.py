@@ -306,7 +306,10 @@ def test_bandit_reinforce_pp_reaches_the_kl_regularised_optimum():
 # --------------------------------------------------------------------------- DAPO bandit + resume
 def test_dapo_bandit_and_bit_exact_resume(tmp_path):
     """DAPO on the one-step bandit (16 groups of 4 sampled, 8 kept; no KL): the policy goes to the
-    best token, and dynamic sampling stops filling its 8 slots as groups become unanimous. The
+    best token, and dynamic sampling stops filling its 8 slots as groups become unanimous. (Every
+    one-hot policy is a fixed point of DAPO — unanimous groups are dropped, nothing moves it — so
+    the arm it ends on depends on the step size: at learning rate 3e-2 a trial locked onto the
+    second-best token; at 2e-2 it reaches the best.) The
     same compiled iteration, through ``loop.fit``: 3 iterations equal 2, a restore from the
     checkpoint into a fresh state, and 1 more — metrics and parameters bit for bit. (Resume of the
     other shape classes: GRPO's groups — GSPO's shapes — and PPO's single samples — REINFORCE++'s
@@ -320,7 +323,7 @@ def test_dapo_bandit_and_bit_exact_resume(tmp_path):
     from rlhf_jax.runs import RunDir
     from rlhf_jax.train import OptimConfig
 
-    hp, iters, key = dapo_hparams(no_eos_penalty=0.0, overlong_buffer=0), 150, jax.random.key(1)
+    hp, iters, key = dapo_hparams(no_eos_penalty=0.0, overlong_buffer=0), 60, jax.random.key(1)
     policy, params = create_model(preset("test", vocab_size=BANDIT_VOCAB, max_len=4),
                                   jax.random.key(0))
     params["wte"]["embedding"][...] = params["wte"]["embedding"][...] * 3.0
@@ -356,3 +359,13 @@ def test_dapo_bandit_and_bit_exact_resume(tmp_path):
     fill = [json.loads(r)["rollout/fill_rate"] for r in log.splitlines()]
     assert pi.argmax() == int(np.argmax(BANDIT_TABLE)) and pi.max() > 0.9, pi.round(3)
     assert fill[0] == 1.0 and min(fill[-10:]) < 1.0, fill
+
+
+def test_grpo_script_takes_a_method():
+    from rlhf_jax.scripts import load
+
+    split = load("grpo").split_method
+    assert split(["--method", "dapo", "--out", "x"]) == ("dapo", ["--out", "x"])
+    assert split(["--out", "x"]) == ("grpo", ["--out", "x"])
+    with pytest.raises(SystemExit, match="reinforce_pp"):
+        split(["--method", "nope"])

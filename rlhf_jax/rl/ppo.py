@@ -71,8 +71,8 @@ class PPOHParams:
         on the token sampled there, so in the reward it only credits earlier tokens; its direct
         gradient at its own position is added to the loss (the decomposition is exact).
       kl_in_loss: put β·KL in the loss instead of the reward (``rlhf_jax.losses.ppo.kl_loss``):
-        ``""`` (default: off), ``k2`` or ``exact`` (``k1``/``k3`` allowed for experiments; GRPO's
-        preset uses ``k3``). These two fields are the library's KL defaults; the KL functions
+        ``""`` (default: off), ``k2``, ``exact`` or ``iw_k3`` (k3 weighted by π/π_old: the exact
+        gradient on π_old's samples; ``k1``/``k3`` allowed for experiments; GRPO uses ``k3``). These two fields are the library's KL defaults; the KL functions
         themselves have none.
       adaptive_kl: Ziegler et al.'s controller on β.
       kl_target: target per-sequence KL (nats) of the controller.
