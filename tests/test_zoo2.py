@@ -369,3 +369,20 @@ def test_grpo_script_takes_a_method():
     assert split(["--out", "x"]) == ("grpo", ["--out", "x"])
     with pytest.raises(SystemExit, match="reinforce_pp"):
         split(["--method", "nope"])
+
+
+def test_matched_kl_skips_runs_from_the_base_model():
+    """ORPO's trajectory does not start at SFT: it sets no matched KL and has no value there."""
+    from rlhf_jax.stages import compare_report as report
+
+    run = lambda kl, start: {"gold": 0.5, "fabrication_rate": 0.1, "win_rate": 0.6, "wins": 3,
+                             "ties": 1, "losses": 1, "kl": kl, "time_s": 1.0, "budget": "b",
+                             "start": start, "curve": [(0.0, 0.0, 0.4), (kl, 0.5, 0.1)]}
+    results = {"dpo": [run(0.8, "sft")], "orpo": [run(0.3, "base")]}
+    assert report.matched_kl(results) == 0.8
+    agg = report.aggregate(results, 0.4, metrics=("gold",), curve=("gold", "fabrication_rate"))
+    assert "gold_at_kl" in agg["dpo"] and "gold_at_kl" not in agg["orpo"]
+    table = report.markdown(results, [{"gold": 0.0, "fabrication_rate": 0.4}], 0.4,
+                            headline=("gold", "fabrication_rate"), target_source="given")
+    assert "| orpo | from the base model | from the base model |" in table
+    assert "0.400 nats/seq (given;" in table

@@ -202,7 +202,9 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     sweep.run_cells(cells, cfg.seeds, out, table=None, on_run=collect)
     sft = [next(iter(results.values()))[0]["sft"]]   # one SFT model, one evaluation seed
     target = cfg.matched_kl or report.matched_kl(results)
-    table = report.markdown(results, sft, target, headline=task.headline)
+    table = report.markdown(results, sft, target, headline=task.headline,
+                            target_source="given by matched_kl" if cfg.matched_kl else
+                            "the smallest final KL of any run")
     (out / "results.md").write_text(table)
     run.write_json("results.json", {"methods": list(cfg.methods), "matched_kl": target,
                                     "runs": results})
