@@ -1,4 +1,5 @@
-"""Online RL stage configs: PPO, GRPO, Dr. GRPO and RLOO, all run by ``experiments/ppo.py``'s ``run``
+"""Online RL stage configs: PPO and every critic-free preset (GRPO, Dr. GRPO, RLOO, DAPO, GSPO,
+GSPO-token, REINFORCE++), all run by ``experiments/ppo.py``'s ``run``
 (``rlhf_jax.scripts.load("ppo").run``).
 
 ``online_config(method)`` is a :class:`PPOConfig` whose ``ppo`` field is the method's preset
