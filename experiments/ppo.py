@@ -61,7 +61,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
                 checkpoint_every=cfg.checkpoint_every, ckpt=ckpt,
                 on_nonfinite=cfg.policy_optim.on_nonfinite, key_prefix="",
                 finite_key="train/finite", all_finite=True,
-                on_log=ppo.judge_rollout(up.task, batches),
+                on_log=ppo.judge_rollout(up.task, batches, run),
                 on_step=ppo.heldout_every(cfg, models, frozen, up),
                 show={"rm": "rollout/rm_score", "gold": "rollout/gold", "kl": "kl/per_sequence"})
     ckpt.close()

@@ -9,6 +9,8 @@ Layout of a run directory::
                      same config and seed can be compared line by line
     timings.jsonl    wall-clock figures (seconds), kept apart from metrics
     summary.json     final figures of the stage (held-out gold metrics, time per stage)
+    samples_<policy>.jsonl   held-out responses of each evaluated policy, judged
+    samples/iter_<i>.jsonl   a few judged rollout samples of each logged iteration (online RL)
     checkpoints/     Orbax checkpoints (see rlhf_jax.checkpoint)
 """
 
@@ -130,6 +132,7 @@ class RunDir:
 
     def write_jsonl(self, name: str, rows) -> None:
         if self.writer:
+            (self.path / name).parent.mkdir(parents=True, exist_ok=True)
             with open(self.path / name, "w") as f:
                 for r in rows:
                     f.write(json.dumps(_jsonable(r), sort_keys=True, allow_nan=False,
@@ -142,6 +145,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+ITERATION_SAMPLES = "samples"   # <run>/samples/iter_<iteration>.jsonl
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -225,6 +229,15 @@ class Run:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such samples file; have {self.sample_names()}")
         return read_jsonl(path)
+
+    def iteration_samples(self, iteration: int | None = None) -> list[dict]:
+        """Judged rollout samples written at logged iterations (``samples/iter_<i>.jsonl``: a few
+        per iteration, each with ``iteration``, ``prompt``, ``response``, ``label``, ``gold``,
+        ``rm_score``), in iteration order; only ``iteration``'s with one given ([] if none)."""
+        files = sorted((self.path / ITERATION_SAMPLES).glob("iter_*.jsonl"))
+        if iteration is not None:
+            files = [f for f in files if f.name == f"iter_{iteration:04d}.jsonl"]
+        return [r for f in files for r in read_jsonl(f)]
 
     def to_pandas(self):
         """The metrics as a ``pandas.DataFrame`` (one row per logged step; needs pandas)."""

@@ -169,7 +169,17 @@ def run_cells(cells: Sequence[Cell], seeds: Sequence[int], out: str | Path, *,
     """Run every cell × seed (``cell.config`` with ``seed``) into ``out/<cell>/seed<S>`` (finished
     runs reused, interrupted ones resumed), rewriting ``out/index.jsonl`` and ``out/results.md``
     (``table(rows)``, default :func:`results_table`; ``None`` = leave results.md to the caller)
-    after each; returns the index rows. ``on_run(cell, seed, dir)`` is called after each run."""
+    after each; returns the index rows. ``on_run(cell, seed, dir)`` is called after each run.
+
+    The cells run in this process, each building its own programs; JAX's persistent compilation
+    cache is turned on here if it is not already (``rlhf_jax.launch``), so cells that differ only
+    in traced scalars (PPO's ``rlhf_jax.rl.ppo.TRACED``, β, learning rates) compile once."""
+    import jax
+
+    from rlhf_jax import launch
+
+    if not jax.config.jax_compilation_cache_dir:
+        launch.enable_compilation_cache()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

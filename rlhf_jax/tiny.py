@@ -38,7 +38,11 @@ TINY_REWARD = (
 TINY = {
     "ppo": ("--iterations", "4", "--ppo.prompts-per-iter", "8", "--ppo.epochs", "1",
             "--ppo.minibatches", "2", "--policy-optim.warmup-steps", "1",
-            "--value-optim.warmup-steps", "1", "--checkpoint-every", "2", "--eval-every", "2"),
+            "--value-optim.warmup-steps", "1", "--checkpoint-every", "2", "--eval-every", "2",
+            # the adaptive entropy controller on (its bound reached by iteration 2), so notebooks
+            # show it and its test shares this run
+            "--ppo.entropy-target", "4.0", "--ppo.entropy-kp", "0.1", "--ppo.entropy-ki", "0.2",
+            "--ppo.entropy-coef-max", "0.05"),
     "dpo": ("--steps", "4", "--batch-prompts", "4", "--optim.warmup-steps", "1",
             "--optim.learning-rate", "1e-3", "--log-every", "1", "--eval-every", "2"),
 }

@@ -48,21 +48,42 @@ class OptimConfig:
               f"must be 'stop' or 'skip', got {self.on_nonfinite!r}")
 
 
+def warmup_cosine(peak: float | jax.Array, cfg: OptimConfig, total_steps: int):
+    """``optax.warmup_cosine_decay_schedule`` from 0 to ``peak`` and down to
+    ``peak · final_lr_frac``, built from the same optax pieces so the values are the same to the
+    bit, but with ``peak`` allowed to be a traced array (optax's own helper branches on it)."""
+    # optax needs a decay phase after the warm-up: when the warm-up fills the stage, one step past
+    # its end that is never reached
+    decay_steps = max(total_steps, cfg.warmup_steps + 1)
+    return optax.join_schedules([
+        optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=cfg.warmup_steps),
+        optax.cosine_decay_schedule(init_value=peak, decay_steps=decay_steps - cfg.warmup_steps,
+                                    alpha=cfg.final_lr_frac)], [cfg.warmup_steps])
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW + clipping with warm-up then cosine decay over ``total_steps`` (see OptimConfig)."""
+    """AdamW + clipping with warm-up then cosine decay over ``total_steps`` (see OptimConfig).
+
+    The peak learning rate is a traced value in the optimizer state (``optax.inject_hyperparams``;
+    read it as ``learning_rate(opt_state)``), not a constant of the compiled step, so runs that
+    differ only in the learning rate share one compiled program."""
     check(cfg.warmup_steps <= total_steps, "warmup_steps",
           f"{cfg.warmup_steps} exceeds the stage's {total_steps} steps")
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        # optax needs a decay phase after the warm-up: when the warm-up fills the stage, one
-        # step past its end that is never reached
-        decay_steps=max(total_steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.final_lr_frac)
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+
+    def adamw(learning_rate):
+        return optax.adamw(warmup_cosine(learning_rate, cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                           eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    chain.append(optax.inject_hyperparams(adamw, hyperparam_dtype=jnp.float32)(
+        learning_rate=cfg.learning_rate))
     return optax.chain(*chain)
+
+
+def learning_rate(opt_state) -> jax.Array:
+    """The peak learning rate held in a :func:`make_optimizer` state (a traced scalar)."""
+    return opt_state[-1].hyperparams["learning_rate"]
 
 
 @flax.struct.dataclass

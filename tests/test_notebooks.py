@@ -62,3 +62,4 @@ def test_notebook_runs_top_to_bottom(name, tiny_runs, monkeypatch):
         assert first.startswith("TINY RUN — not the README results"), first
     if name == "02_explore_run.ipynb":
         assert any("image/png" in o.get("data", {}) for o in outputs)
+        assert any("--- iteration 4" in o.get("text", "") for o in outputs)   # its samples

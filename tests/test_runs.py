@@ -155,3 +155,25 @@ def test_save_and_load_params_round_trip(tmp_path, state):
     # overwriting an existing directory (force) works
     save_params(tmp_path / "params", _shifted(state, 1).params)
     _assert_bit_equal(load_params(tmp_path / "params", target), _shifted(state, 1).params)
+
+
+def test_ppo_run_writes_judged_samples_of_every_logged_iteration():
+    """The shared tiny PPO run logs every iteration: each wrote its first few rollout samples,
+    which the reader returns in order, and whose gold scores the task's judge gives again."""
+    from rlhf_jax import tiny
+    from rlhf_jax.stages.common import pipeline_task, read_config
+    from rlhf_jax.stages.ppo import SAMPLES_PER_LOG
+    from rlhf_jax.stages.reward import RewardConfig
+
+    run = runs.load_run(tiny.tiny_run("ppo"))
+    rows = run.iteration_samples()
+    assert [r["iteration"] for r in rows] == [i for i in (1, 2, 3, 4)
+                                              for _ in range(SAMPLES_PER_LOG)]
+    assert run.iteration_samples(3) == rows[2 * SAMPLES_PER_LOG:3 * SAMPLES_PER_LOG]
+    assert run.iteration_samples(9) == [] and "samples" not in run.sample_names()
+    task = pipeline_task(read_config(run.config["reward_dir"], RewardConfig).sft.pretrain)
+    prompts = {p.uid: p for p in task.prompts("train")}
+    for r in rows:
+        assert r["prompt"] == prompts[r["uid"]].text and np.isfinite(r["rm_score"])
+        j = task.judge(prompts[r["uid"]], r["response"])
+        assert (j.label, j.score) == (r["label"], r["gold"])

@@ -36,6 +36,7 @@ from rlhf_jax.ops import (AGGREGATIONS, KL_ESTIMATORS, AxisName, entropy_from_lo
 from rlhf_jax.rl.advantages import ADVANTAGES, overlong_penalty, token_rewards, whiten
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
 from rlhf_jax.rl.dynamic_sampling import select_groups
+from rlhf_jax.rl.entropy_control import entropy_control
 from rlhf_jax.rl.group import GROUP_ADVANTAGES, sequence_rewards  # registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
@@ -77,7 +78,15 @@ class PPOHParams:
       adaptive_kl: Ziegler et al.'s controller on β.
       kl_target: target per-sequence KL (nats) of the controller.
       kl_horizon: controller horizon (in sequences).
-      entropy_coef: entropy bonus in the policy loss (default 0: the KL already regularises).
+      entropy_coef: entropy bonus in the policy loss (default 0: the KL already regularises); the
+        controller's initial integral term when adaptive.
+      entropy_target: target mean token entropy H* (nats) of the adaptive entropy controller, a
+        bounded PI controller (``rlhf_jax.rl.entropy_control``): each iteration, from its
+        rollout's mean token entropy H, e = H* − H, c = clip(I + K_p·e, 0, c_max) for its
+        updates and I ← clip(I + K_i·e, 0, c_max); 0 = off (the bonus stays ``entropy_coef``).
+      entropy_kp: K_p (coefficient per nat).
+      entropy_ki: K_i (coefficient per nat per iteration).
+      entropy_coef_max: c_max, the bound on the coefficient.
       ptx_coef: γ_ptx, weight of the pretraining-corpus log-likelihood (PPO-ptx; 0 = off).
       no_eos_penalty: subtracted from the score of a response that hits the budget without EOS.
       scale_rewards: divide scores by their running std (the mean is never shifted).
@@ -125,6 +134,10 @@ class PPOHParams:
     kl_target: float = 1.0
     kl_horizon: float = 10000.0
     entropy_coef: float = 0.0
+    entropy_target: float = 0.0
+    entropy_kp: float = 1.0
+    entropy_ki: float = 0.1
+    entropy_coef_max: float = 0.1
     ptx_coef: float = 0.0
     no_eos_penalty: float = 1.0
     scale_rewards: bool = False
@@ -142,8 +155,12 @@ class PPOHParams:
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
                  "kl_target", "kl_horizon")
         non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
-                     "ptx_coef", "no_eos_penalty", "tis_cap", "clip_eps_high", "keep_groups",
+                     "ptx_coef", "no_eos_penalty", "tis_cap", "entropy_target", "entropy_kp",
+                     "entropy_ki", "entropy_coef_max", "clip_eps_high", "keep_groups",
                      "overlong_buffer")
+        check(not self.entropy_target or self.entropy_coef <= self.entropy_coef_max,
+              "entropy_coef", f"the controller's initial coefficient {self.entropy_coef} exceeds "
+              f"its bound entropy_coef_max={self.entropy_coef_max}")
         check(not self.keep_groups or (self.keep_groups <= self.prompts_per_iter and
                                        self.group_size >= 2 and
                                        self.keep_groups * self.group_size % self.minibatches == 0),
@@ -180,6 +197,22 @@ class PPOHParams:
     def rollout_size(self) -> int:
         return self.prompts_per_iter * self.group_size
 
+    def scalars(self) -> dict[str, jax.Array]:
+        """The :data:`TRACED` fields as float32 arrays (``PPOState.hparams``)."""
+        return {k: jnp.asarray(getattr(self, k), jnp.float32) for k in TRACED}
+
+
+# Fields the compiled iteration reads as traced inputs (``PPOState.hparams``), not as constants:
+# configs that differ only in these share one compiled program (a sweep over them compiles once).
+# Zero switches a term off in the program's structure, so 0 ↔ non-zero does recompile for
+# ``ptx_coef``, ``tis_cap``, ``entropy_target`` and the entropy bonus (``entropy_coef``). β and the
+# entropy coefficient are traced too, as state (``PPOState.kl_coef``, ``entropy_coef``). Every other
+# field (shapes, epochs, minibatches, estimators, booleans, temperature, and ``value_clip_eps``, on
+# which the value loss branches) is static.
+TRACED = ("clip_eps", "vf_coef", "discount", "gae_lambda", "kl_target", "kl_horizon", "ptx_coef",
+          "no_eos_penalty", "tis_cap", "entropy_target", "entropy_kp", "entropy_ki",
+          "entropy_coef_max")
+
 
 @flax.struct.dataclass
 class Frozen:
@@ -200,6 +233,12 @@ class PPOState:
     kl_coef: jax.Array
     reward_moments: RunningMoments
     step: jax.Array
+    # ``PPOHParams.scalars()``: the traced hyperparameters (``rlhf_jax.stages.ppo.init_state``
+    # sets them); None = the iteration's own ``hp`` values as compile-time constants
+    hparams: dict[str, jax.Array] | None = None
+    # the entropy bonus's coefficient, or with ``entropy_target`` the controller's integral term;
+    # None = ``hp.entropy_coef`` as a constant
+    entropy_coef: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,21 +285,22 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
     n_mb = hp.minibatches
     loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
     keep_logits = "exact" in (hp.kl_in_loss, hp.kl_estimator)   # an exact KL reads the logits
+    entropy_bonus = hp.entropy_coef > 0 or hp.entropy_target > 0
 
-    def policy_terms(params, mb, ptx, kl_coef, adv_scale):
+    def policy_terms(params, mb, ptx, kl_coef, adv_scale, hs):
         logits, out = response_logits(policy_model, params, mb["prompts"], mb["prompt_mask"],
                                       mb["responses"], mb["mask"])
         logits = logits / t
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
-        loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask, clip_eps=hp.clip_eps,
-                                 clip_eps_high=hp.clip_eps_high or None,
+        loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask,
+                                 clip_eps=hs["clip_eps"], clip_eps_high=hp.clip_eps_high or None,
                                  aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
                                  axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
-        ent_logits = logits if hp.entropy_coef else jax.lax.stop_gradient(logits)
+        ent_logits = logits if entropy_bonus else jax.lax.stop_gradient(logits)
         ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
-        loss = loss - hp.entropy_coef * ent
+        loss = loss - hs["entropy_coef"] * ent
         m = dict(m, entropy=ent)
         # KL terms in the loss are divided by the advantage-whitening scale, so β weighs the KL
         # against the (unwhitened) reward exactly as in the reward-side penalty. (Without
@@ -276,13 +316,13 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             values = out.scalars["value"]
             vl, vm = clipped_value_loss(values, mb["values"], mb["returns"], mask,
                                         clip_eps=hp.value_clip_eps, axis_name=axis_name)
-            loss = loss + hp.vf_coef * vl
+            loss = loss + hs["vf_coef"] * vl
             m.update(vm)
         if hp.ptx_coef > 0:
             o = policy_model.apply(params, ptx["tokens"], attention_mask=ptx["attention_mask"])
             ptx_loss, _ = next_token_loss(o.logits[:, :-1], ptx["tokens"][:, 1:],
                                           ptx["loss_mask"][:, 1:], axis_name=axis_name)
-            loss = loss + hp.ptx_coef * ptx_loss
+            loss = loss + hs["ptx_coef"] * ptx_loss
             m["ptx_loss"] = ptx_loss
         return loss, dict(m, loss=loss)
 
@@ -301,6 +341,12 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
 
     def iteration(state: PPOState, frozen: Frozen, batch: dict, key: jax.Array):
         k_sample, k_perm = jax.random.split(key)
+        hs = state.hparams if state.hparams is not None else {k: getattr(hp, k) for k in TRACED}
+        if hp.entropy_target and state.entropy_coef is None:
+            raise ValueError("adaptive entropy control keeps its coefficient in the state: set "
+                             "PPOState.entropy_coef (rlhf_jax.stages.ppo.init_state does)")
+        ent_coef = new_ent_coef = hp.entropy_coef if state.entropy_coef is None else \
+            state.entropy_coef
         g = hp.group_size
         prompts = jnp.repeat(batch["prompts"], g, axis=0)
         prompt_mask = jnp.repeat(batch["prompt_mask"], g, axis=0)
@@ -311,10 +357,19 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                               eos_id=eos_id, pad_id=pad_id, shared_critic=hp.critic == "shared",
                               rescore_policy=hp.rescore_policy, keep_logits=keep_logits)
         mask = ro.mask.astype(jnp.float32)
+        ent_mean = masked_mean(ro.entropy, mask, axis_name=axis_name)   # all devices' tokens
+        ent_metrics = {}
+        if hp.entropy_target:   # this rollout's entropy sets the coefficient of its updates
+            ent_coef, new_ent_coef = entropy_control(
+                ent_coef, ent_mean, target=hs["entropy_target"], kp=hs["entropy_kp"],
+                ki=hs["entropy_ki"], max_coef=hs["entropy_coef_max"])
+            ent_metrics = {"entropy/coef": ent_coef, "entropy/integral": new_ent_coef,
+                           "entropy/mean": ent_mean, "entropy/target": hs["entropy_target"]}
+        hs = {**hs, "entropy_coef": ent_coef}
 
         # --- rewards --------------------------------------------------------------------
         rm_score = ro.scores * rm_gain + rm_bias
-        score = rm_score - hp.no_eos_penalty * ro.truncated
+        score = rm_score - hs["no_eos_penalty"] * ro.truncated
         shaping = {}
         if hp.overlong_buffer:   # DAPO's soft overlong punishment
             pen = overlong_penalty(jnp.sum(mask, -1), max_length=max_new_tokens,
@@ -329,8 +384,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                               ref_logits=ro.ref_logits) * mask
         reward_kl_coef = 0.0 if hp.kl_in_loss else state.kl_coef
         rewards = token_rewards(score, kl_tok, mask, kl_coef=reward_kl_coef)
-        adv, returns = advantage_fn(rewards, ro.values, mask, discount=hp.discount,
-                                    gae_lambda=hp.gae_lambda, group_size=g)
+        adv, returns = advantage_fn(rewards, ro.values, mask, discount=hs["discount"],
+                                    gae_lambda=hs["gae_lambda"], group_size=g)
         adv_scale = jnp.ones(())
         if hp.whiten_advantages:
             adv_scale = jnp.sqrt(masked_var(adv, mask, axis_name=axis_name) + 1e-8)
@@ -343,10 +398,10 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             data["ref_logits"] = ro.ref_logits
         tis = {}
         if hp.tis_cap:   # sampler → trainer correction of each token's policy-gradient term
-            data["tis_w"] = tis_weights(ro.logp, ro.sampler_logp, cap=hp.tis_cap)
+            data["tis_w"] = tis_weights(ro.logp, ro.sampler_logp, cap=hs["tis_cap"])
             tis = {"rollout/tis_weight": masked_mean(data["tis_w"], mask, axis_name=axis_name),
                    "rollout/tis_capped": masked_mean(
-                       (data["tis_w"] >= hp.tis_cap).astype(jnp.float32), mask,
+                       (data["tis_w"] >= hs["tis_cap"]).astype(jnp.float32), mask,
                        axis_name=axis_name)}
 
         ids, dyn = batch["example_ids"], {}
@@ -362,7 +417,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             idx, ptx = xs
             mb = jax.tree.map(lambda x: x[idx], data)
             pg, pm = grads_of(policy_terms, pstate.params, mb, ptx, state.kl_coef,
-                              adv_scale)
+                              adv_scale, hs)
             # a non-finite gradient is never applied; `finite` reports the share applied
             pstate, finite = apply_if_finite(pstate, pg, _norm(pg), _norm(pg))
             pm = dict(pm, grad_norm=_norm(pg))
@@ -387,8 +442,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         kl_seq_mean = _mean(kl_seq, axis_name)
         kl_coef = state.kl_coef
         if hp.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hp.kl_target,
-                                       horizon=hp.kl_horizon, n_steps=hp.rollout_size)
+            kl_coef = adaptive_kl_coef(kl_coef, kl_seq_mean, target=hs["kl_target"],
+                                       horizon=hs["kl_horizon"], n_steps=hp.rollout_size)
         length = jnp.sum(mask, -1)
         metrics = {
             **{f"train/{k}": v for k, v in um.items()},
@@ -398,13 +453,14 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             "kl/entropy_term": masked_mean(-ro.logp, mask, axis_name=axis_name),
             "kl/cross_entropy_term": masked_mean(-ro.ref_logp, mask, axis_name=axis_name),
             "kl/coef": state.kl_coef,
-            "rollout/entropy": masked_mean(ro.entropy, mask, axis_name=axis_name),
+            "rollout/entropy": ent_mean, **ent_metrics,
             "rollout/rm_score": _mean(rm_score, axis_name),
             "rollout/score": _mean(score, axis_name),
             "rollout/length": _mean(length, axis_name),
             "rollout/truncated": _mean(ro.truncated.astype(jnp.float32), axis_name),
             "rollout/reward_length_corr": pearson(rm_score, length, axis_name),
-            **logprob_mismatch(ro.sampler_logp, ro.logp, mask, axis_name=axis_name), **tis, **dyn, **shaping,
+            **logprob_mismatch(ro.sampler_logp, ro.logp, mask, axis_name=axis_name), **tis,
+            **dyn, **shaping,
             "rollout/value_explained_var": explained_variance(ro.values, returns, mask,
                                                               axis_name),
             "rollout/return_mean": masked_mean(returns, mask, axis_name=axis_name),
@@ -412,7 +468,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                                                           axis_name=axis_name)),
         }
         state = state.replace(policy=pstate, value=vstate, kl_coef=kl_coef,
-                              reward_moments=moments, step=state.step + 1)
+                              reward_moments=moments, step=state.step + 1,
+                              entropy_coef=None if state.entropy_coef is None else new_ent_coef)
         rollout = {"responses": ro.responses, "mask": ro.mask, "rm_score": rm_score}
         return state, metrics, rollout
 

@@ -34,7 +34,7 @@ from rlhf_jax.parallel import AXIS, check_divisible, data_parallel, shard_batch,
 from rlhf_jax.precision import PRECISIONS
 from rlhf_jax.rl.kl_control import RunningMoments
 from rlhf_jax.rl.ppo import Frozen, Models, PPOHParams, PPOState, make_iteration
-from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.runs import ITERATION_SAMPLES, RunDir, read_metrics
 from rlhf_jax.stages.common import (STREAM_INIT, eval_key, load_stage, pipeline_task,
                                     read_config, stage_key)
 from rlhf_jax.stages.lm import SFTConfig
@@ -43,6 +43,7 @@ from rlhf_jax.stages.reward_model import rm_heads, rm_score_fn
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer
 
 STREAM_BEST_OF_N = 4
+SAMPLES_PER_LOG = 4                 # judged rollout samples written per logged iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,9 @@ def init_state(models: Models, sft_params, rm_params, cfg: PPOConfig) -> tuple[P
     state = PPOState(
         policy=TrainState.create(policy_params, make_optimizer(cfg.policy_optim, updates)),
         value=value, kl_coef=jnp.asarray(hp.kl_coef, jnp.float32),
-        reward_moments=RunningMoments.create(), step=jnp.zeros((), jnp.int32))
+        reward_moments=RunningMoments.create(), step=jnp.zeros((), jnp.int32),
+        hparams=hp.scalars(),   # traced: a sweep over them compiles once
+        entropy_coef=jnp.asarray(hp.entropy_coef, jnp.float32))
     return state, Frozen(ref=sft_params, rm=rm_params)
 
 
@@ -286,26 +289,38 @@ def _plot(run: RunDir, rows: list[dict]) -> None:
         plt.close(fig)
 
 
-def _host_signals(task, tok, prompts_flat, rollout) -> tuple[dict[str, float], np.ndarray]:
-    """Gold-judge signals of an iteration's samples (evaluation only; never fed to training)."""
+def _host_signals(task, tok, prompts_flat, rollout) -> tuple[dict[str, float], list[dict]]:
+    """Gold-judge signals of an iteration's samples (evaluation only; never fed to training) and
+    the first :data:`SAMPLES_PER_LOG` samples judged (prompt, response, label, gold, RM score)."""
     resp = np.asarray(rollout["responses"])
     rm = np.asarray(rollout["rm_score"])
     texts = [tok.decode(r) for r in resp.tolist()]
-    gold = np.asarray([j.score for j in judge_all(task, prompts_flat, texts)], np.float32)
+    judged = judge_all(task, prompts_flat, texts)
+    gold = np.asarray([j.score for j in judged], np.float32)
+    samples = [{"uid": p.uid, "prompt": p.text, "response": t, "label": j.label,
+                "gold": float(j.score), "rm_score": float(r)}
+               for p, t, j, r in list(zip(prompts_flat, texts, judged, rm))[:SAMPLES_PER_LOG]]
     i, j = np.triu_indices(len(gold), 1)
     differ = gold[i] != gold[j]
     agree = np.sign(rm[i] - rm[j]) == np.sign(gold[i] - gold[j])
     return {"rollout/gold": float(gold.mean()),
             "rollout/rm_gold_gap": float(rm.mean() - gold.mean()),
             "rollout/rm_gold_agreement": float(agree[differ].mean()) if differ.any() else
-            float("nan")}, gold
+            float("nan")}, samples
 
 
-def judge_rollout(task: Task, batches: PromptBatches):
-    """``loop.fit``'s ``on_log`` hook: the gold judge's signals of a logged iteration's samples."""
+def judge_rollout(task: Task, batches: PromptBatches, run: RunDir | None = None):
+    """``loop.fit``'s ``on_log`` hook: the gold judge's signals of a logged iteration's samples;
+    with ``run``, the first :data:`SAMPLES_PER_LOG` of them judged, to
+    ``samples/iter_<iteration>.jsonl`` (one file per logged iteration: a resumed run rewrites
+    the same files; read them with ``rlhf_jax.runs.Run.iteration_samples``)."""
     def on_log(done: int, row: dict, rollout) -> dict[str, float]:
-        return _host_signals(task, task.tokenizer, batches.sample_prompts(done - 1),
-                             to_host(rollout))[0]
+        signals, samples = _host_signals(task, task.tokenizer, batches.sample_prompts(done - 1),
+                                         to_host(rollout))
+        if run is not None:
+            run.write_jsonl(f"{ITERATION_SAMPLES}/iter_{done:04d}.jsonl",
+                            [{"iteration": done, **r} for r in samples])
+        return signals
     return on_log
 
 
