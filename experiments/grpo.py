@@ -1,12 +1,15 @@
-"""RLHF with GRPO (Shao et al. 2024): G = 4 samples per prompt, group-normalised advantages
-(R_i − mean_g R)/std_g R, PPO's clipped ratio averaged per sequence (1/|o_i|), and β·k3 to the SFT
-policy in the loss; no critic. Same RM, SFT start, iterations, RM-scored samples per iteration and
-held-out evaluation as experiments/ppo.py (summary keys gold/rlhf etc.).
+"""RLHF with a critic-free online method on PPO's compiled iteration: GRPO by default (Shao et al.
+2024: G = 4 samples per prompt, group-normalised advantages (R_i − mean_g R)/std_g R, PPO's clipped
+ratio averaged per sequence (1/|o_i|), β·k3 to the SFT policy in the loss; no critic), or with
+``--method`` any preset of ``rlhf_jax.rl.presets``: ``dr_grpo``, ``rloo``, ``dapo``, ``gspo``,
+``gspo_token``, ``reinforce_pp`` (``ppo`` too). Same RM, SFT start, iterations, RM-scored samples
+per iteration and held-out evaluation as experiments/ppo.py (summary keys gold/rlhf etc.).
 
-Every ``--ppo.*`` flag overrides the GRPO preset (``rlhf_jax.rl.presets.grpo_hparams``); e.g.
-``--ppo.advantage dr_grpo --ppo.loss-aggregation budget`` is Dr. GRPO (Liu et al. 2025).
+Every ``--ppo.*`` flag overrides the preset; e.g. ``--ppo.advantage dr_grpo
+--ppo.loss-aggregation budget`` is Dr. GRPO (Liu et al. 2025). ``--method`` must come first.
 
     python experiments/grpo.py --out runs/grpo --reward-dir runs/reward
+    python experiments/grpo.py --method dapo --out runs/dapo --reward-dir runs/reward
     python experiments/grpo.py --help                   # every option
 """
 
@@ -15,21 +18,33 @@ from rlhf_jax import launch
 if __name__ == "__main__":
     launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
 
+import sys
 from pathlib import Path
 
 from rlhf_jax import cli, scripts
-from rlhf_jax.stages.online import online_config
+from rlhf_jax.stages.online import METHODS, online_config
 from rlhf_jax.stages.ppo import PPOConfig
 
 
 def run(cfg: PPOConfig, out: str | Path) -> dict:
-    """GRPO is PPO's composition (``experiments/ppo.py``) with the GRPO preset in
-    ``cfg.ppo``: same upstream runs, compiled iteration, loop and held-out evaluation."""
+    """The method is PPO's composition (``experiments/ppo.py``) with its preset in ``cfg.ppo``:
+    same upstream runs, compiled iteration, loop and held-out evaluation."""
     return scripts.load("ppo").run(cfg, out)
 
 
-def main(argv=None) -> dict:
-    return cli.main(PPOConfig, run, argv, description=__doc__, default=online_config("grpo"))
+def split_method(argv: list[str], default: str = "grpo") -> tuple[str, list[str]]:
+    """``(method, the other flags)`` from a leading ``--method NAME``."""
+    if argv[:1] != ["--method"]:
+        return default, argv
+    if len(argv) < 2 or argv[1] not in METHODS:
+        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}")
+    return argv[1], argv[2:]
+
+
+def main(argv=None, method: str = "grpo", runner=run, description: str = __doc__) -> dict:
+    method, argv = split_method(list(sys.argv[1:] if argv is None else argv), method)
+    return cli.main(PPOConfig, runner, argv, description=description,
+                    default=online_config(method))
 
 
 if __name__ == "__main__":

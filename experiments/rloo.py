@@ -1,10 +1,8 @@
 """RLHF with RLOO (Ahmadian et al. 2024): G = 4 samples per prompt, REINFORCE with the
 leave-one-out baseline R_i − mean_{j≠i} R_j on the sequence reward R = RM score − β·Σ_t k1 (the KL
-to the SFT policy on the reward side); no critic, one update per rollout. Same RM, SFT start,
-iterations, RM-scored samples per iteration and held-out evaluation as experiments/ppo.py (summary
-keys gold/rlhf etc.).
-
-Every ``--ppo.*`` flag overrides the RLOO preset (``rlhf_jax.rl.presets.rloo_hparams``).
+to the SFT policy on the reward side); no critic, one update per rollout. The same as
+``experiments/grpo.py --method rloo`` (PPO's composition with the RLOO preset,
+``rlhf_jax.rl.presets.rloo_hparams``; every ``--ppo.*`` flag overrides it).
 
     python experiments/rloo.py --out runs/rloo --reward-dir runs/reward
     python experiments/rloo.py --help                   # every option
@@ -15,21 +13,17 @@ from rlhf_jax import launch
 if __name__ == "__main__":
     launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
 
-from pathlib import Path
-
-from rlhf_jax import cli, scripts
-from rlhf_jax.stages.online import online_config
+from rlhf_jax import scripts
 from rlhf_jax.stages.ppo import PPOConfig
 
 
-def run(cfg: PPOConfig, out: str | Path) -> dict:
-    """RLOO is PPO's composition (``experiments/ppo.py``) with the RLOO preset in
-    ``cfg.ppo``: same upstream runs, compiled iteration, loop and held-out evaluation."""
+def run(cfg: PPOConfig, out) -> dict:
+    """PPO's composition with the RLOO preset in ``cfg.ppo``."""
     return scripts.load("ppo").run(cfg, out)
 
 
 def main(argv=None) -> dict:
-    return cli.main(PPOConfig, run, argv, description=__doc__, default=online_config("rloo"))
+    return scripts.load("grpo").main(argv, method="rloo", runner=run, description=__doc__)
 
 
 if __name__ == "__main__":

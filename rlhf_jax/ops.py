@@ -101,12 +101,12 @@ def sequence_logprob(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> 
     return jnp.sum(jnp.where(mask > 0, token_logprobs(logits, targets), 0.0), axis=-1)
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "exact")
+KL_ESTIMATORS = ("k1", "k2", "k3", "iw_k3", "exact")
 
 
 def kl_per_token(logp: jax.Array | None, ref_logp: jax.Array | None, *, estimator: str,
-                 logits: jax.Array | None = None, ref_logits: jax.Array | None = None
-                 ) -> jax.Array:
+                 logits: jax.Array | None = None, ref_logits: jax.Array | None = None,
+                 old_logp: jax.Array | None = None) -> jax.Array:
     """Per-token estimate ``[B, N]`` of KL(π ‖ π_SFT) from samples of π (Schulman's estimators,
     ``log r = ref_logp − logp``); the one KL function of the library, on the reward side and in
     the loss (:func:`rlhf_jax.losses.ppo.kl_loss`). No default: every caller names its estimator
@@ -118,6 +118,11 @@ def kl_per_token(logp: jax.Array | None, ref_logp: jax.Array | None, *, estimato
     * ``k2 = ½ (log r)²`` — biased as a value, but as a *loss* its gradient on on-policy samples is
       the exact ∇KL(π ‖ π_SFT).
     * ``k3 = r − 1 − log r`` — unbiased and ≥ 0 per sample (GRPO's).
+    * ``iw_k3 = (π/π_old)·(r − 1 − log r)`` — k3 importance-weighted for samples drawn from
+      ``π_old`` (``old_logp``, detached), the ratio ``π/π_old`` *not* detached (DeepSeek-AI 2025,
+      "DeepSeek-V3.2", the unbiased KL estimate of the loss side): E_{π_old}[iw_k3] = KL(π ‖ π_SFT)
+      exactly, so as a loss its expected gradient is the exact ∇KL(π ‖ π_SFT) even after π has
+      moved away from the sampler (plain k3 as a loss gives the forward KL's gradient).
     * ``exact`` — ``Σ_v π(v)(log π(v) − log π_SFT(v))`` at each position from the tempered
       ``logits`` and ``ref_logits`` ``[B, N, V]`` (``logp``/``ref_logp`` are not read).
     """
@@ -134,7 +139,12 @@ def kl_per_token(logp: jax.Array | None, ref_logp: jax.Array | None, *, estimato
     log_r = ref_logp - logp
     if estimator == "k2":
         return 0.5 * jnp.square(log_r)
-    return jnp.expm1(log_r) - log_r     # k3
+    k3 = jnp.expm1(log_r) - log_r
+    if estimator == "iw_k3":
+        if old_logp is None:
+            raise ValueError("the importance-weighted k3 needs old_logp (the sampler's log-probs)")
+        return jnp.exp(logp - jax.lax.stop_gradient(old_logp)) * k3
+    return k3
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:

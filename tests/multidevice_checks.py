@@ -6,7 +6,7 @@ Run in a process that sees 4 CPU devices (``XLA_FLAGS=--xla_force_host_platform_
     python multidevice_checks.py [FAMILY ...] [--save-ppo OUT.pkl]
 
 runs the checks of each family (default ``gpt2 llama``): on GPT-2 the SFT (replicated and FSDP),
-RM, PPO and GRPO / RLOO checks, on a Llama-family model (grouped-query attention, q/k norms,
+RM, PPO, GRPO / RLOO and DAPO checks, on a Llama-family model (grouped-query attention, q/k norms,
 biases) the SFT, RM and PPO checks, in one process (JAX starts once). Each check runs the same step
 on a 4-device mesh and on a 1-device mesh with the same global batch and key and compares
 parameters and metrics. Shards hold different numbers of counted tokens on purpose (a pmean of
@@ -198,7 +198,41 @@ def check_group(mesh4, mesh1):
         compare_ppo(ppo_run(mesh4, setup=setup), ppo_run(mesh1, setup=setup))
 
 
-CHECKS = {"gpt2": (check_sft, check_rm, check_ppo, check_group),
+def dapo_setup(hp):
+    """``group_setup`` for DAPO, whose RM scores 0 whenever the prompt's last token is 3; 5 of the
+    8 prompts end in 3, so those groups have no reward spread and dynamic sampling keeps groups
+    1, 4, 7 (moved across devices) and pads with group 0 (weight 0)."""
+    models, hp, (state, frozen), batch = group_setup(hp)
+    score = models.rm
+    prompts = batch["prompts"].copy()
+    prompts[:, -1] = np.where(np.isin(np.arange(8), [0, 2, 3, 5, 6]), 3, 4)
+    lp = prompts.shape[1]
+
+    def gated(params, tokens, mask):
+        return score(params, tokens, mask) * (tokens[:, lp - 1] != 3)
+
+    state = state.replace(kl_coef=jnp.asarray(hp.kl_coef, jnp.float32))   # DAPO: β = 0
+    return dataclasses.replace(models, rm=gated), hp, (state, frozen), dict(batch, prompts=prompts)
+
+
+def check_dapo(mesh4, mesh1):
+    """DAPO (dynamic sampling: one selection of groups on the global batch, then each device's
+    share of the selected rows; clip-higher, global token mean): 4 devices = 1 device, and the
+    fill rate is 3/4. (GSPO's and REINFORCE++'s global reductions: test_zoo2.py, under vmap.)"""
+    from rlhf_jax.rl.presets import dapo_hparams
+
+    global ATOL
+    saved, ATOL = ATOL, 5e-6   # Adam noise as for Llama (seen: 1.6e-6 in 1 of 4,096 elements)
+    hp = dapo_hparams(prompts_per_iter=8, keep_groups=4, minibatches=2, no_eos_penalty=0.0,
+                      overlong_buffer=0)
+    setup = functools.partial(dapo_setup, hp)
+    a, b = ppo_run(mesh4, setup=setup), ppo_run(mesh1, setup=setup)
+    compare_ppo(a, b)
+    assert [m["rollout/fill_rate"] for m in b[1]] == [0.75, 0.75], b[1]
+    ATOL = saved
+
+
+CHECKS = {"gpt2": (check_sft, check_rm, check_ppo, check_group, check_dapo),
           "llama": (check_sft, check_rm, check_ppo)}
 
 

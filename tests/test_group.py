@@ -58,7 +58,8 @@ def _group_advantage_loops(rewards, mask, kind):
 
 
 GROUP_KINDS = ("grpo", "dr_grpo", "rloo")        # each checked against its loop reference here
-TESTED_POLICY_LOSSES = ("clipped", "reinforce")  # each checked against its loops below
+# each checked against its loops below (GSPO's two in test_zoo2.py)
+TESTED_POLICY_LOSSES = ("clipped", "reinforce", "gspo", "gspo_token")
 
 
 def test_every_registered_estimator_and_loss_has_a_reference_test():
@@ -236,7 +237,7 @@ def test_presets_and_validation():
     for name, make in PRESETS.items():
         hp = make()
         assert hp.rollout_size == ppo.rollout_size == 64, name
-        if name != "ppo":
+        if name in ("grpo", "dr_grpo", "rloo"):   # the later presets: test_zoo2.py
             assert hp.critic == "none" and not hp.whiten_advantages and hp.group_size == 4
     g, d, r = grpo_hparams(), dr_grpo_hparams(), rloo_hparams()
     assert (g.kl_in_loss, g.kl_coef, g.loss_aggregation, g.epochs, g.minibatches) == \

@@ -1,6 +1,7 @@
 """REINFORCE, the ratio-free policy-gradient loss of RLOO, beside PPO's clipped surrogate
 (:func:`rlhf_jax.losses.ppo.clipped_policy_loss`); both share the signature
-``(logp, old_logp, advantages, mask, *, clip_eps, aggregation, axis_name) -> (loss, metrics)``
+``(logp, old_logp, advantages, mask, *, clip_eps, clip_eps_high, aggregation, weights,
+axis_name) -> (loss, metrics)``
 and reduce their token terms with :func:`rlhf_jax.ops.aggregate` (``token``, ``sequence``,
 ``budget``), globally under ``shard_map``. Both take optional per-token ``weights`` multiplying
 their token terms: the truncated importance weights of :func:`tis_weights`.
@@ -21,14 +22,14 @@ __all__ = ["AGGREGATIONS", "aggregate", "reinforce_loss", "tis_weights"]
 
 def reinforce_loss(
     logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array, *,
-    clip_eps: float = 0.2, aggregation: str = "token", weights: jax.Array | None = None,
-    axis_name: AxisName = None,
+    clip_eps: float = 0.2, clip_eps_high: float | None = None, aggregation: str = "token",
+    weights: jax.Array | None = None, axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """REINFORCE (Williams 1992), as RLOO uses it (Ahmadian et al. 2024):
 
         L = −agg_{i,t} A_{i,t} · log π_θ(y_{i,t}),     ∇L = −agg A·∇log π,
 
-    no ratio and no clipping (``clip_eps`` is ignored). The gradient is the on-policy policy
+    no ratio and no clipping (``clip_eps``, ``clip_eps_high`` are ignored). The gradient is the on-policy policy
     gradient only while θ is the sampling policy, i.e. with one update per rollout (``epochs = 1,
     minibatches = 1``). With a sequence-level advantage ``A_i`` and ``aggregation="budget"`` the
     loss is ``−1/(B·N) Σ_i A_i Σ_t log π(y_{i,t})`` (REINFORCE on ``Σ_t log π`` scaled by the

@@ -31,13 +31,18 @@ def clipped_policy_loss(
     mask: jax.Array,        # [B, N]
     *,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
     aggregation: str = "token",
     weights: jax.Array | None = None,   # [B, N] per-token factors (truncated IS), detached
     axis_name: AxisName = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped surrogate (Schulman et al. 2017), reduced with ``aggregation``:
 
-        L = agg_{i,t} max(−A_{i,t}·ρ_{i,t}, −A_{i,t}·clip(ρ_{i,t}, 1 − ε, 1 + ε)),  ρ = π_θ / π_old.
+        L = agg_{i,t} max(−A_{i,t}·ρ_{i,t}, −A_{i,t}·clip(ρ_{i,t}, 1 − ε_low, 1 + ε_high)),
+        ρ = π_θ / π_old,   ε_low = ``clip_eps``,  ε_high = ``clip_eps_high`` (None: = ε_low).
+
+    A larger ε_high is DAPO's decoupled "clip-higher" (Yu et al. 2025, eq. 10: ε_low 0.2,
+    ε_high 0.28): low-probability tokens with A > 0 may gain more before the clip stops them.
 
     ``aggregation="token"`` is the token mean (PPO); GRPO uses ``"sequence"`` and Dr. GRPO
     ``"budget"`` (:func:`rlhf_jax.ops.aggregate`). Metrics, token means whatever the aggregation:
@@ -49,7 +54,8 @@ def clipped_policy_loss(
     log_ratio = logp - old_logp
     ratio = jnp.exp(log_ratio)
     pg1 = -advantages * ratio
-    pg2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    pg2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
     term = jnp.maximum(pg1, pg2)
     if weights is not None:
         term = jax.lax.stop_gradient(weights) * term
@@ -96,7 +102,8 @@ def clipped_value_loss(
 
 def kl_loss(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, estimator: str,
             aggregation: str = "token", logits: jax.Array | None = None,
-            ref_logits: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
+            ref_logits: jax.Array | None = None, old_logp: jax.Array | None = None,
+            axis_name: AxisName = None) -> jax.Array:
     """The KL penalty used *as a loss*: :func:`rlhf_jax.ops.kl_per_token` reduced with
     ``aggregation`` (GRPO puts ``β·k3`` inside the same ``1/|o_i|`` average as its surrogate);
     gradient through ``logp``/``logits`` only.
@@ -105,11 +112,13 @@ def kl_loss(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, estimator:
     is accepted for experiments. GRPO's ``k3 = π_SFT/π − 1 − log(π_SFT/π)`` as a loss has the
     expected gradient ``∇KL(π_SFT ‖ π)`` on on-policy samples, the *forward* KL, not the reverse
     KL(π ‖ π_SFT) its value estimates: a mass-covering penalty, weaker against moving probability
-    onto tokens π_SFT finds unlikely.
+    onto tokens π_SFT finds unlikely. ``iw_k3`` (samples from π_old, ``old_logp``) weighs k3 by
+    the undetached π/π_old: its expected gradient is the exact ∇KL(π ‖ π_SFT) at any π.
     """
     ref_logp = jax.lax.stop_gradient(ref_logp)
     ref_logits = None if ref_logits is None else jax.lax.stop_gradient(ref_logits)
-    kl = kl_per_token(logp, ref_logp, estimator=estimator, logits=logits, ref_logits=ref_logits)
+    kl = kl_per_token(logp, ref_logp, estimator=estimator, logits=logits, ref_logits=ref_logits,
+                      old_logp=old_logp)
     return aggregate(kl, mask, aggregation=aggregation, axis_name=axis_name)
 
 

@@ -31,6 +31,25 @@ def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, *,
     return (-kl_coef * kl) * mask + scores[:, None] * at_last
 
 
+def overlong_penalty(lengths: jax.Array, *, max_length: int, buffer: int) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: with
+    ``L_max = max_length`` and the window ``L_cache = buffer``,
+
+        R_len(|y|) = 0                               if |y| ≤ L_max − L_cache,
+                     ((L_max − L_cache) − |y|) / L_cache   if L_max − L_cache < |y| ≤ L_max,
+                     −1                              if |y| > L_max.
+
+    ``lengths [B]`` (counted response tokens) -> ``[B]``. A linear ramp from 0 to −1 over the last
+    ``buffer`` tokens of the budget."""
+    if buffer <= 0 or buffer > max_length:
+        raise ValueError(f"the overlong window must be in [1, max_length={max_length}], got "
+                         f"{buffer}")
+    lengths = lengths.astype(jnp.float32)
+    start = max_length - buffer
+    ramp = jnp.where(lengths > start, (start - lengths) / buffer, 0.0)
+    return jnp.where(lengths > max_length, -1.0, ramp)
+
+
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, discount: float,
         gae_lambda: float, group_size: int = 1) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation (Schulman et al. 2016) as a reverse ``lax.scan``:

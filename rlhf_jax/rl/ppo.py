@@ -26,22 +26,25 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.configs import check, non_negative, positive
+from rlhf_jax.losses.gspo import gspo_loss, gspo_token_loss
 from rlhf_jax.losses.lm import next_token_loss
 from rlhf_jax.losses.policy_gradient import reinforce_loss, tis_weights
 from rlhf_jax.losses.ppo import clipped_policy_loss, clipped_value_loss, kl_loss
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import (AGGREGATIONS, KL_ESTIMATORS, AxisName, entropy_from_logits,
                           kl_per_token, masked_mean, masked_var, token_logprobs)
-from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards, whiten
+from rlhf_jax.rl.advantages import ADVANTAGES, overlong_penalty, token_rewards, whiten
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
+from rlhf_jax.rl.dynamic_sampling import select_groups
 from rlhf_jax.rl.entropy_control import entropy_control
-from rlhf_jax.rl.group import GROUP_ADVANTAGES  # also registers grpo / dr_grpo / rloo
+from rlhf_jax.rl.group import GROUP_ADVANTAGES, sequence_rewards  # registers grpo / dr_grpo / rloo
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
 from rlhf_jax.rl.rollout import Rollout, collect
 from rlhf_jax.sampling import SamplingConfig, response_logits
 from rlhf_jax.train import TrainState, apply_if_finite
 
-POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss, "reinforce": reinforce_loss}
+POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss, "reinforce": reinforce_loss,
+                                      "gspo": gspo_loss, "gspo_token": gspo_token_loss}
 CRITICS = ("separate", "shared", "none")
 
 
@@ -55,7 +58,8 @@ class PPOHParams:
       temperature: sampling temperature, also used when the trainer scores (no top-k/top-p).
       epochs: passes over the rollout.
       minibatches: minibatches per epoch (the rollout's sequences must divide into them).
-      clip_eps: policy ratio clip ε.
+      clip_eps: policy ratio clip ε (ε_low when ``clip_eps_high`` is set).
+      clip_eps_high: the ratio's upper clip ε_high (DAPO's decoupled clip; 0 = ``clip_eps``).
       value_clip_eps: value clip (0 = off).
       vf_coef: value-loss weight when the critic shares the policy trunk.
       discount: GAE discount γ.
@@ -68,8 +72,8 @@ class PPOHParams:
         on the token sampled there, so in the reward it only credits earlier tokens; its direct
         gradient at its own position is added to the loss (the decomposition is exact).
       kl_in_loss: put β·KL in the loss instead of the reward (``rlhf_jax.losses.ppo.kl_loss``):
-        ``""`` (default: off), ``k2`` or ``exact`` (``k1``/``k3`` allowed for experiments; GRPO's
-        preset uses ``k3``). These two fields are the library's KL defaults; the KL functions
+        ``""`` (default: off), ``k2``, ``exact`` or ``iw_k3`` (k3 weighted by π/π_old: the exact
+        gradient on π_old's samples; ``k1``/``k3`` allowed for experiments; GRPO uses ``k3``). These two fields are the library's KL defaults; the KL functions
         themselves have none.
       adaptive_kl: Ziegler et al.'s controller on β.
       kl_target: target per-sequence KL (nats) of the controller.
@@ -88,7 +92,12 @@ class PPOHParams:
       scale_rewards: divide scores by their running std (the mean is never shifted).
       advantage: advantage estimator (key of ``ADVANTAGES``).
       policy_loss: policy loss (key of ``POLICY_LOSSES``): ``clipped`` (PPO's surrogate) or
-        ``reinforce`` (−A·log π, no ratio; RLOO).
+        ``reinforce`` (−A·log π, no ratio; RLOO), ``gspo`` / ``gspo_token`` (the sequence-level
+        ratio, ``rlhf_jax.losses.gspo``).
+      keep_groups: DAPO's dynamic sampling (``rlhf_jax.rl.dynamic_sampling``): train on the first
+        this many of the ``prompts_per_iter`` sampled groups whose rewards differ (0 = off).
+      overlong_buffer: DAPO's soft overlong punishment over the last this many tokens of the
+        budget, added to the score (``rlhf_jax.rl.advantages.overlong_penalty``; 0 = off).
       loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
         ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see
@@ -138,16 +147,26 @@ class PPOHParams:
     loss_aggregation: str = "token"
     rescore_policy: bool = True
     tis_cap: float = 0.0
+    clip_eps_high: float = 0.0
+    keep_groups: int = 0
+    overlong_buffer: int = 0
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
                  "kl_target", "kl_horizon")
         non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
                      "ptx_coef", "no_eos_penalty", "tis_cap", "entropy_target", "entropy_kp",
-                     "entropy_ki", "entropy_coef_max")
+                     "entropy_ki", "entropy_coef_max", "clip_eps_high", "keep_groups",
+                     "overlong_buffer")
         check(not self.entropy_target or self.entropy_coef <= self.entropy_coef_max,
               "entropy_coef", f"the controller's initial coefficient {self.entropy_coef} exceeds "
               f"its bound entropy_coef_max={self.entropy_coef_max}")
+        check(not self.keep_groups or (self.keep_groups <= self.prompts_per_iter and
+                                       self.group_size >= 2 and
+                                       self.keep_groups * self.group_size % self.minibatches == 0),
+              "keep_groups", f"dynamic sampling keeps whole groups (group_size >= 2) of the "
+              f"{self.prompts_per_iter} sampled, in a multiple of minibatches={self.minibatches}"
+              f" rows; got {self.keep_groups} × {self.group_size}")
         check(0.0 <= self.discount <= 1.0, "discount", "must be in [0, 1]")
         check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "must be in [0, 1]")
         check(self.kl_estimator in ("k1", "exact"), "kl_estimator",
@@ -167,6 +186,8 @@ class PPOHParams:
               "truncated importance sampling weighs the sampler against the trainer's forward "
               "pass; with rescore_policy=False π_old is the sampler's own, so set "
               "rescore_policy=True or tis_cap=0")
+        check(self.policy_loss != "gspo" or self.loss_aggregation == "sequence",
+              "loss_aggregation", "GSPO averages over sequences: use 'sequence'")
         check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
         check(self.rollout_size % self.minibatches == 0, "minibatches",
               f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
@@ -273,8 +294,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
         loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask,
-                                 clip_eps=hs["clip_eps"], aggregation=hp.loss_aggregation,
-                                 weights=mb.get("tis_w"), axis_name=axis_name)
+                                 clip_eps=hs["clip_eps"], clip_eps_high=hp.clip_eps_high or None,
+                                 aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
+                                 axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
         ent_logits = logits if entropy_bonus else jax.lax.stop_gradient(logits)
         ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
@@ -287,7 +309,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             ref_logits = mb["ref_logits"] if loss_kl == "exact" else None
             kl = kl_loss(logp, mb["ref_logp"], mask, estimator=loss_kl,
                          aggregation=hp.loss_aggregation, logits=logits, ref_logits=ref_logits,
-                         axis_name=axis_name)
+                         old_logp=mb["logp"], axis_name=axis_name)
             loss = loss + kl_coef * kl / adv_scale
             m["kl_loss"] = kl
         if hp.critic == "shared":
@@ -335,7 +357,6 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                               eos_id=eos_id, pad_id=pad_id, shared_critic=hp.critic == "shared",
                               rescore_policy=hp.rescore_policy, keep_logits=keep_logits)
         mask = ro.mask.astype(jnp.float32)
-        n_seq = mask.shape[0]
         ent_mean = masked_mean(ro.entropy, mask, axis_name=axis_name)   # all devices' tokens
         ent_metrics = {}
         if hp.entropy_target:   # this rollout's entropy sets the coefficient of its updates
@@ -349,6 +370,11 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         # --- rewards --------------------------------------------------------------------
         rm_score = ro.scores * rm_gain + rm_bias
         score = rm_score - hs["no_eos_penalty"] * ro.truncated
+        shaping = {}
+        if hp.overlong_buffer:   # DAPO's soft overlong punishment
+            pen = overlong_penalty(jnp.sum(mask, -1), max_length=max_new_tokens,
+                                   buffer=hp.overlong_buffer)
+            score, shaping = score + pen, {"rollout/overlong_penalty": _mean(pen, axis_name)}
         moments = state.reward_moments
         if hp.scale_rewards:
             moments = moments.update(score, axis_name=axis_name)
@@ -378,8 +404,13 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                        (data["tis_w"] >= hs["tis_cap"]).astype(jnp.float32), mask,
                        axis_name=axis_name)}
 
+        ids, dyn = batch["example_ids"], {}
+        if hp.keep_groups:   # DAPO: train on keep_groups groups with reward spread (global pick)
+            data, ids, dyn = select_groups(data, sequence_rewards(rewards, mask),
+                                           keep=hp.keep_groups, group_size=g, axis_name=axis_name)
+
         # --- E epochs × M minibatches ---------------------------------------------------
-        mb_size = n_seq // n_mb
+        mb_size = data["mask"].shape[0] // n_mb
 
         def update(carry, xs):
             pstate, vstate = carry
@@ -399,7 +430,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             return (pstate, vstate), pm
 
         perm_keys = jax.random.split(k_perm, hp.epochs)
-        idx = jax.vmap(lambda k: minibatch_indices(k, batch["example_ids"], n_mb))(
+        idx = jax.vmap(lambda k: minibatch_indices(k, ids, n_mb))(
             perm_keys).reshape(hp.epochs * n_mb, mb_size)
         ptx = batch.get("ptx") if hp.ptx_coef > 0 else None
         xs = (idx, ptx if ptx is not None else jnp.zeros((hp.epochs * n_mb,)))
@@ -429,6 +460,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             "rollout/truncated": _mean(ro.truncated.astype(jnp.float32), axis_name),
             "rollout/reward_length_corr": pearson(rm_score, length, axis_name),
             **logprob_mismatch(ro.sampler_logp, ro.logp, mask, axis_name=axis_name), **tis,
+            **dyn, **shaping,
             "rollout/value_explained_var": explained_variance(ro.values, returns, mask,
                                                               axis_name),
             "rollout/return_mean": masked_mean(returns, mask, axis_name=axis_name),

@@ -1,8 +1,9 @@
-"""Critic-free online presets on the compiled PPO iteration: GRPO, Dr. GRPO and RLOO.
+"""Critic-free online presets on the compiled PPO iteration: GRPO, Dr. GRPO, RLOO, DAPO, GSPO and
+REINFORCE++.
 
 Budget rule: every online method scores as many samples with the RM per iteration as PPO's default
-(64 prompts × 1 sample): here 16 prompts × G = 4 samples. No critic, no batch whitening of the
-advantages (the group baseline replaces both).
+(64 prompts × 1 sample): here 16 prompts × G = 4 samples (REINFORCE++: 64 × 1). No critic; no
+batch whitening of the advantages except REINFORCE++'s (the group baseline replaces both).
 
 * GRPO (Shao et al. 2024): group-normalised advantages, PPO's clipped ratio, per-sequence token
   means (``1/|o_i|``), β = 0.04 times k3 in the loss (k3 as a loss optimises the *forward* KL; see
@@ -11,6 +12,22 @@ advantages (the group baseline replaces both).
   ``1/(B·max_new_tokens)`` normaliser instead of ``1/|o_i|``.
 * RLOO (Ahmadian et al. 2024): leave-one-out baseline on the sequence reward score − β·Σ_t k1
   (β = 0.05, the KL on the reward side as in PPO), REINFORCE (no ratio), one update per rollout.
+* DAPO (Yu et al. 2025, "DAPO: an open-source LLM RL system at scale"): GRPO's group-normalised
+  advantages with (1) the decoupled clip ``clip(ρ, 1 − 0.2, 1 + 0.28)``, (2) the token mean over
+  every counted token of the (global) minibatch, ``Σ_{i,t} ℓ / Σ_i |o_i|`` (``aggregation =
+  "token"``), (3) dynamic sampling: 16 groups sampled and RM-scored, the first 8 with reward spread
+  trained on (oversampling factor 2; the discarded half counts against the budget), (4) the soft
+  overlong punishment over the last 2 tokens of the budget (DAPO's 4,096 of 20,480 is a fifth; it
+  does not fire on the facts world's short answers), and (5) *no KL term* (β = 0), as in the paper.
+* GSPO (Zheng et al. 2025): GRPO with the sequence-level ratio
+  ``s_i = exp(mean_t log π/π_old)`` clipped per sequence to ``[1 − 3e-4, 1 + 4e-4]``
+  (``rlhf_jax.losses.gspo``), mean over sequences; GRPO's β = 0.04 · k3 in the loss is kept.
+  ``gspo_token_hparams``: GSPO-token, the same gradient when advantages are per sequence.
+* REINFORCE++ (Hu 2025, "REINFORCE++: a simple and efficient approach for aligning large language
+  models"): one sample per prompt, per-token k1 KL in the reward (β = 0.05 as PPO), returns-to-go
+  with γ = 1 and no critic (GAE with λ = γ = 1 on zero values: A_t = Σ_{s ≥ t} r_s), normalised
+  over the global batch (``whiten``: sums and sums of squares psum-ed across devices), PPO's
+  clipped surrogate with PPO's 4 epochs × 4 minibatches.
 """
 
 from __future__ import annotations
@@ -30,16 +47,18 @@ def _make(base: dict, overrides: dict) -> PPOHParams:
     return PPOHParams(**{**_ONLINE, **base, **overrides})
 
 
+_GRPO = dict(advantage="grpo", policy_loss="clipped", loss_aggregation="sequence",
+             kl_in_loss="k3", kl_coef=0.04, epochs=2, minibatches=4)
+
+
 def grpo_hparams(**overrides) -> PPOHParams:
     """GRPO (Shao et al. 2024); keyword overrides of any ``PPOHParams`` field."""
-    return _make(dict(advantage="grpo", policy_loss="clipped", loss_aggregation="sequence",
-                      kl_in_loss="k3", kl_coef=0.04, epochs=2, minibatches=4), overrides)
+    return _make(_GRPO, overrides)
 
 
 def dr_grpo_hparams(**overrides) -> PPOHParams:
     """Dr. GRPO (Liu et al. 2025): no std normalisation, constant length normaliser."""
-    return _make(dict(advantage="dr_grpo", policy_loss="clipped", loss_aggregation="budget",
-                      kl_in_loss="k3", kl_coef=0.04, epochs=2, minibatches=4), overrides)
+    return _make(dict(_GRPO, advantage="dr_grpo", loss_aggregation="budget"), overrides)
 
 
 def rloo_hparams(**overrides) -> PPOHParams:
@@ -49,10 +68,37 @@ def rloo_hparams(**overrides) -> PPOHParams:
                  overrides)
 
 
+def dapo_hparams(**overrides) -> PPOHParams:
+    """DAPO (Yu et al. 2025): clip-higher, global token mean, dynamic sampling, overlong shaping,
+    no KL."""
+    return _make(dict(_GRPO, loss_aggregation="token", clip_eps=0.2, clip_eps_high=0.28,
+                      kl_in_loss="", kl_coef=0.0, keep_groups=8, overlong_buffer=2),
+                 overrides)
+
+
+def gspo_hparams(**overrides) -> PPOHParams:
+    """GSPO (Zheng et al. 2025): sequence-level clipped ratio, GRPO otherwise."""
+    return _make(dict(_GRPO, policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4), overrides)
+
+
+def gspo_token_hparams(**overrides) -> PPOHParams:
+    """GSPO-token (Zheng et al. 2025): GSPO's ratio value with per-token gradients."""
+    return gspo_hparams(**{"policy_loss": "gspo_token", **overrides})
+
+
+def reinforce_pp_hparams(**overrides) -> PPOHParams:
+    """REINFORCE++ (Hu 2025): k1 in the reward, γ = 1 returns-to-go, global batch
+    normalisation, clipped surrogate, no critic."""
+    return _make(dict(prompts_per_iter=64, group_size=1, advantage="gae", discount=1.0,
+                      gae_lambda=1.0, whiten_advantages=True, kl_estimator="k1", kl_in_loss="",
+                      kl_coef=0.05, policy_loss="clipped", loss_aggregation="token"), overrides)
+
+
 def ppo_hparams(**overrides) -> PPOHParams:
     """PPO's defaults (``PPOHParams()``), for a uniform interface."""
     return PPOHParams(**overrides)
 
 
 PRESETS = {"ppo": ppo_hparams, "grpo": grpo_hparams, "dr_grpo": dr_grpo_hparams,
-           "rloo": rloo_hparams}
+           "rloo": rloo_hparams, "dapo": dapo_hparams, "gspo": gspo_hparams,
+           "gspo_token": gspo_token_hparams, "reinforce_pp": reinforce_pp_hparams}

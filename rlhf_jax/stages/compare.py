@@ -1,4 +1,5 @@
-"""PPO, DPO, IPO, SimPO, GRPO and RLOO side by side on one task, from one SFT model and one budget.
+"""The loss zoo side by side on one task, from one SFT model and one budget: PPO, DPO, IPO, SimPO,
+GRPO and RLOO by default; ``zoo2`` = DAPO, GSPO, REINFORCE++, KTO and ORPO; ``all`` = every one.
 
 One upstream (pretrain → SFT → simulated preferences → RM) is shared by every method and seed:
 the offline methods train on exactly the labelled comparisons the RM was trained on, the online
@@ -30,21 +31,38 @@ from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages import compare_report as report
 from rlhf_jax.stages.common import read_config, upstream_run
-from rlhf_jax.stages.offline import OfflineConfig
+from rlhf_jax.stages.offline import STARTS_FROM_BASE, OfflineConfig
 from rlhf_jax.stages.online import METHODS as ONLINE, online_config
 from rlhf_jax.stages.ppo import PPOConfig
 from rlhf_jax.stages.reward import RewardConfig
 from rlhf_jax.sweep import Cell
 from rlhf_jax.tasks import build_task
 
-OFFLINE = ("dpo", "ipo", "simpo")
+OFFLINE = ("dpo", "ipo", "simpo", "kto", "orpo")
+DEFAULT = ("ppo", "dpo", "ipo", "simpo", "grpo", "rloo")
+GROUPS = {"zoo2": ("dapo", "gspo", "reinforce_pp", "kto", "orpo"),
+          # every method; GSPO-token is left out (GSPO's gradient, tested equal)
+          "all": DEFAULT + ("dr_grpo", "dapo", "gspo", "reinforce_pp", "kto", "orpo")}
+# offline learning rates other than the template's: ORPO trains the base model (SFT's own rate
+# scale; at 5e-5 it does not learn the answer format in 400 steps)
+OFFLINE_LEARNING_RATES = {"orpo": 1e-3}
+
+
+def expand_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """``methods`` with each group name (``zoo2``, ``all``) replaced by its methods, in order."""
+    out: list[str] = []
+    for m in methods:
+        out += [x for x in GROUPS.get(m, (m,)) if x not in out]
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
 class CompareConfig:
     """Attributes:
-      methods: online (``ppo``, ``grpo``, ``dr_grpo``, ``rloo``) and offline (``dpo``, ``ipo``,
-        ``simpo``) methods, each with its defaults.
+      methods: online (``ppo``, ``grpo``, ``dr_grpo``, ``rloo``, ``dapo``, ``gspo``,
+        ``gspo_token``, ``reinforce_pp``) and offline (``dpo``, ``ipo``, ``simpo``, ``kto``,
+        ``orpo``) methods, each with its defaults, or the groups ``zoo2`` (DAPO, GSPO,
+        REINFORCE++, KTO, ORPO) and ``all``.
       seeds: the methods' seeds (sampling, data order, initialisation of new heads).
       reward_dir: the shared finished reward run (its SFT model and labelled comparisons); empty =
         run the default pretrain + SFT + RM (seed ``upstream_seed``) into ``<out>/reward``.
@@ -56,6 +74,7 @@ class CompareConfig:
       eval_points: held-out evaluations along each run, the final one included (≥ 1).
       samples_per_iter: RM-scored samples per online iteration for every online method (prompts
         per iteration = this ÷ the method's group size); 0 = each method's default (64 for all).
+      matched_kl: the KL (nats/seq) of the matched-KL table; 0 = the smallest final KL of any run.
     """
 
     methods: tuple[str, ...] = ("ppo", "dpo", "ipo", "simpo", "grpo", "rloo")
@@ -67,9 +86,12 @@ class CompareConfig:
     offline: OfflineConfig = OfflineConfig()
     eval_points: int = 8
     samples_per_iter: int = 0
+    matched_kl: float = 0.0
 
     def __post_init__(self):
         check_numbers(self)
+        object.__setattr__(self, "methods", expand_methods(tuple(self.methods)))
+        check(self.matched_kl >= 0, "matched_kl", "must be >= 0")
         positive(self, "eval_points")
         check(len(self.methods) > 0, "methods", "name at least one method")
         for m in self.methods:
@@ -101,13 +123,19 @@ def method_cell(cfg: CompareConfig, method: str, reward_dir: str) -> Cell:
     if method in OFFLINE:
         c = dataclasses.replace(cfg.offline, loss=method, seed=seed, reward_dir=reward_dir,
                                 eval_every=_every(cfg.offline.steps, cfg.eval_points))
+        if method in OFFLINE_LEARNING_RATES:
+            c = dataclasses.replace(c, optim=dataclasses.replace(
+                c.optim, learning_rate=OFFLINE_LEARNING_RATES[method]))
         return Cell(method, "dpo", c, {"method": method})
     template = dataclasses.replace(cfg.ppo, seed=seed, reward_dir=reward_dir,
                                    eval_every=_every(cfg.ppo.iterations, cfg.eval_points))
     # PPO keeps the template's algorithm settings; the others take their presets
     overrides = dataclasses.asdict(cfg.ppo.ppo) if method == "ppo" else {}
     if cfg.samples_per_iter:
-        overrides["prompts_per_iter"] = cfg.samples_per_iter // online_config(method).ppo.group_size
+        hp = online_config(method).ppo
+        overrides["prompts_per_iter"] = prompts = cfg.samples_per_iter // hp.group_size
+        if hp.keep_groups:   # dynamic sampling keeps its oversampling factor
+            overrides["keep_groups"] = max(prompts * hp.keep_groups // hp.prompts_per_iter, 1)
     return Cell(method, "ppo", online_config(method, ppo=template, **overrides),
                 {"method": method})
 
@@ -118,14 +146,18 @@ def _read_one(cell: Cell, seed: int, out: Path, task: Task) -> dict:
     if method in OFFLINE:
         name, total = method, c.steps
         n = RunDir(c.reward_dir).read_summary().get("preferences/train_prompts", "?")
-        budget = (f"the RM's {n} labelled prompts (K-wise), {c.steps} steps × "
-                  f"{c.batch_prompts} prompts")
+        data = ("one binary label per response of the RM's" if method == "kto" else
+                "the RM's")
+        budget = (f"{data} {n} labelled prompts (K-wise), {c.steps} steps × "
+                  f"{c.batch_prompts} prompts"
+                  + (", from the base model (not SFT)" if method in STARTS_FROM_BASE else ""))
     else:
         name, total = "rlhf", c.iterations
         budget = f"{c.iterations * c.ppo.rollout_size} RM-scored samples"
     s = RunDir(out).read_summary()
     along, metrics = task.headline[:2], task.headline + task.reported
-    curve = [(0.0, *[s[f"{m}/sft"] for m in along])]
+    # the trajectory starts at SFT (KL 0) — except for a method trained from the base model
+    curve = [] if method in STARTS_FROM_BASE else [(0.0, *[s[f"{m}/sft"] for m in along])]
     for row in read_metrics(out):
         if "heldout/gold" in row and row["step"] < total:
             curve.append((row["heldout/kl"], *[row[f"heldout/{m}"] for m in along]))
@@ -141,6 +173,7 @@ def _read_one(cell: Cell, seed: int, out: Path, task: Task) -> dict:
         "ties": s[f"ties/{name}_vs_sft"], "losses": s[f"losses/{name}_vs_sft"],
         "win_rate_ceiling": s["win_rate/ceiling"], "kl": kl, "curve": curve,
         "time_s": train_s, "timings": timings,
+        "start": "base" if method in STARTS_FROM_BASE else "sft",
         "sft": {m: s[f"{m}/sft"] for m in metrics},
     }
 
@@ -168,8 +201,10 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     cells = [method_cell(cfg, m, reward_dir) for m in cfg.methods]
     sweep.run_cells(cells, cfg.seeds, out, table=None, on_run=collect)
     sft = [next(iter(results.values()))[0]["sft"]]   # one SFT model, one evaluation seed
-    target = report.matched_kl(results)
-    table = report.markdown(results, sft, target, headline=task.headline)
+    target = cfg.matched_kl or report.matched_kl(results)
+    table = report.markdown(results, sft, target, headline=task.headline,
+                            target_source="given by matched_kl" if cfg.matched_kl else
+                            "the smallest final KL of any run")
     (out / "results.md").write_text(table)
     run.write_json("results.json", {"methods": list(cfg.methods), "matched_kl": target,
                                     "runs": results})

@@ -46,8 +46,17 @@ def at_kl(curve: Sequence[Sequence[float]], target: float) -> tuple[float, ...] 
 
 def matched_kl(results: dict[str, list[dict]]) -> float:
     """The KL every run reaches: the smallest final KL over all methods and seeds (each curve
-    starts at KL 0, so each crosses it)."""
-    return min(r["kl"] for runs in results.values() for r in runs)
+    starts at KL 0, so each crosses it); runs that start from the base model (ORPO), whose curve
+    does not start at SFT, are left out when any other run is present."""
+    runs = [r for rs in results.values() for r in rs]
+    from_sft = [r for r in runs if r.get("start", "sft") == "sft"] or runs
+    return min(r["kl"] for r in from_sft)
+
+
+def matched(run: dict, target: float) -> tuple[float, ...] | None:
+    """:func:`at_kl` of a run's curve; None for a run that started from the base model (its KL to
+    SFT does not start at 0, so "the first crossing" says nothing about KL spent)."""
+    return None if run.get("start", "sft") != "sft" else at_kl(run["curve"], target)
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -75,10 +84,10 @@ def aggregate(results: dict[str, list[dict]], target_kl: float, *, metrics: Sequ
         row = {}
         for key in (*metrics, "win_rate", "kl", "time_s"):
             row[key] = mean_std(r[key] for r in runs)
-        matched = [at_kl(r["curve"], target_kl) for r in runs]
-        if all(m is not None for m in matched):
+        found = [matched(r, target_kl) for r in runs]
+        if all(m is not None for m in found):
             for i, m in enumerate(curve):
-                row[f"{short(m)}_at_kl"] = mean_std(v[i] for v in matched)
+                row[f"{short(m)}_at_kl"] = mean_std(v[i] for v in found)
         row["seeds"] = len(runs)
         row["budget"] = runs[0].get("budget", "")
         out[method] = row
@@ -86,7 +95,8 @@ def aggregate(results: dict[str, list[dict]], target_kl: float, *, metrics: Sequ
 
 
 def markdown(results: dict[str, list[dict]], sft: list[dict], target_kl: float, *,
-             headline: Sequence[str]) -> str:
+             headline: Sequence[str], target_source: str = "the smallest final KL of any run"
+             ) -> str:
     """The results table (defaults; the task's ``headline`` metrics as columns) and the
     matched-KL table (the curve's metrics, ``headline[:2]``), mean ± std over seeds."""
     cols, curve = columns(headline), tuple(headline[:2])
@@ -100,15 +110,15 @@ def markdown(results: dict[str, list[dict]], sft: list[dict], target_kl: float, 
         t = f"{np.mean([r['time_s'] for r in runs]):.0f}"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {wtl} | {runs[0]['budget']} "
                      f"| {t} |")
-    lines += ["", f"At matched KL = {target_kl:.3f} nats/seq (the smallest final KL of any run; "
+    lines += ["", f"At matched KL = {target_kl:.3f} nats/seq ({target_source}; "
               "values interpolated along each run's held-out gold-vs-KL trajectory):", "",
               "| method | " + " | ".join(f"{short(m)} at matched KL" for m in curve) + " |",
               "|---" * (len(curve) + 1) + "|"]
     for method, runs in results.items():
-        matched = [at_kl(r["curve"], target_kl) for r in runs]
-        ok = all(m is not None for m in matched)
-        cells = [_fmt([m[i] for m in matched]) if ok else "not reached"
-                 for i in range(len(curve))]
+        found = [matched(r, target_kl) for r in runs]
+        ok = all(m is not None for m in found)
+        why = "from the base model" if runs[0].get("start", "sft") != "sft" else "not reached"
+        cells = [_fmt([m[i] for m in found]) if ok else why for i in range(len(curve))]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

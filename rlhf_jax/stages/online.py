@@ -1,4 +1,5 @@
-"""Online RL stage configs: PPO, GRPO, Dr. GRPO and RLOO, all run by ``experiments/ppo.py``'s ``run``
+"""Online RL stage configs: PPO and every critic-free preset (GRPO, Dr. GRPO, RLOO, DAPO, GSPO,
+GSPO-token, REINFORCE++), all run by ``experiments/ppo.py``'s ``run``
 (``rlhf_jax.scripts.load("ppo").run``).
 
 ``online_config(method)`` is a :class:`PPOConfig` whose ``ppo`` field is the method's preset
@@ -14,7 +15,7 @@ import dataclasses
 from rlhf_jax.rl.presets import PRESETS
 from rlhf_jax.stages.ppo import PPOConfig
 
-METHODS = ("ppo", "grpo", "dr_grpo", "rloo")
+METHODS = tuple(PRESETS)   # ppo, grpo, dr_grpo, rloo, dapo, gspo, gspo_token, reinforce_pp
 
 # policy learning rate per method (PPO's default otherwise): RLOO makes one update per
 # iteration (PPO 16, GRPO 8), so it takes larger steps
