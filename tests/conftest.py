@@ -7,9 +7,11 @@ the end-to-end tests start from.
   The experiment scripts build fresh jitted functions on every ``main`` call, so without it each
   end-to-end run of the same tiny config compiles everything again.
 * Every compile in the session (this process, xdist workers, subprocesses) runs with LLVM's
-  optimisation passes off (:data:`TEST_XLA_FLAGS`): the test programs are tiny, so compiling
-  them costs far more than running them (about 30% less CPU time for the suite). Numbers are
-  the same program's up to float rounding; benchmarks and experiments never see these flags.
+  optimisation passes off and XLA:CPU's fusion emitters of before 2025
+  (:data:`TEST_XLA_FLAGS`): the test programs are tiny, so compiling them costs far more than
+  running them (on one PPO-iteration test: 59 s of CPU by default, 40 s with LLVM's passes off,
+  25 s with the older emitters too). Numbers are the same programs' up to float rounding;
+  benchmarks and experiments never see these flags.
 * Session fixtures (:func:`sft_run`, :func:`pipeline_run`) are built once per session, also
   under xdist: the first worker that needs one builds it under a file lock in the session's
   shared temporary directory and the others reuse it. Tests must not write into them (copy first).
@@ -28,7 +30,8 @@ from filelock import FileLock
 from rlhf_jax.scripts import load
 
 CACHE_ENV = "RLHF_JAX_TEST_XLA_CACHE"
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                  "--xla_cpu_use_fusion_emitters=false")
 
 
 def xla_env(devices: int | None = None, **extra: str) -> dict:
