@@ -7,10 +7,10 @@ the end-to-end tests start from.
   The experiment scripts build fresh jitted functions on every ``main`` call, so without it each
   end-to-end run of the same tiny config compiles everything again.
 * Every compile in the session (this process, xdist workers, subprocesses) runs with LLVM's
-  optimisation passes off and XLA:CPU's fusion emitters of before 2025
-  (:data:`TEST_XLA_FLAGS`): the test programs are tiny, so compiling them costs far more than
-  running them (on one PPO-iteration test: 59 s of CPU by default, 40 s with LLVM's passes off,
-  25 s with the older emitters too). Numbers are the same programs' up to float rounding;
+  optimisation passes off and XLA:CPU's legacy fusion emitters (:data:`TEST_XLA_FLAGS`): the
+  test programs are tiny, so compiling them costs far more than running them. On one
+  PPO-iteration test, measured side by side: 59 → 40 s of CPU with LLVM's passes off, and
+  40 → 25 s with the legacy emitters too. Numbers are the same programs' up to float rounding;
   benchmarks and experiments never see these flags.
 * Session fixtures (:func:`sft_run`, :func:`pipeline_run`) are built once per session, also
   under xdist: the first worker that needs one builds it under a file lock in the session's
