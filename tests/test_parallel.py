@@ -151,6 +151,14 @@ def test_batches_that_do_not_split_over_devices_fail_at_config_time():
         check_ppo_sharding(PPOConfig(ppo=PPOHParams(prompts_per_iter=6, minibatches=2)), _mesh(4))
     with pytest.raises(ConfigError, match="ppo.minibatches"):
         check_ppo_sharding(PPOConfig(ppo=PPOHParams(prompts_per_iter=8, minibatches=4)), _mesh(4))
+    dapo = dict(prompts_per_iter=16, group_size=4, critic="none", whiten_advantages=False)
+    with pytest.raises(ConfigError, match="ppo.keep_groups.*6 does not divide over 4 devices"):
+        check_ppo_sharding(PPOConfig(ppo=PPOHParams(**dapo, keep_groups=6, minibatches=1)),
+                           _mesh(4))
+    with pytest.raises(ConfigError, match="ppo.minibatches"):   # 8 kept groups × 4 / 4 devices
+        check_ppo_sharding(PPOConfig(ppo=PPOHParams(**dapo, keep_groups=8, minibatches=16)),
+                           _mesh(4))
+    check_ppo_sharding(PPOConfig(ppo=PPOHParams(**dapo, keep_groups=8, minibatches=8)), _mesh(4))
 
 
 def test_fsdp_specs_split_the_largest_divisible_dim_and_keep_small_leaves_whole():
