@@ -129,8 +129,11 @@ def ppo_setup():
     rm, rm_params = create_model(CFG, jax.random.key(5), heads=("reward",))
     value, v_params = create_model(CFG, jax.random.key(6), heads=("value",))
     models = Models(policy=policy, ref=policy, rm=make_score_fn(rm, prompt_len=6), value=value)
+    # the entropy controller's target lies above the random policy's entropy (≈ 3.4 nats), so
+    # its coefficient c = I + K_p·(H* − H) is inside (0, c_max) and depends on the global mean H
     hp = PPOHParams(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1, ptx_coef=0.3,
-                    scale_rewards=True, adaptive_kl=True, kl_target=0.5, kl_horizon=100.0)
+                    scale_rewards=True, adaptive_kl=True, kl_target=0.5, kl_horizon=100.0,
+                    entropy_target=6.0, entropy_kp=0.01, entropy_ki=0.005, entropy_coef_max=0.2)
     rng = np.random.default_rng(2)
     lp = 6
     plen = rng.integers(1, lp + 1, 8)
@@ -143,7 +146,7 @@ def ppo_setup():
     state = PPOState(policy=TrainState.create(copy(p_params), opt),
                      value=TrainState.create(copy(v_params), opt),
                      kl_coef=jnp.asarray(0.1), reward_moments=RunningMoments.create(),
-                     step=jnp.zeros((), jnp.int32))
+                     step=jnp.zeros((), jnp.int32), entropy_coef=jnp.zeros((), jnp.float32))
     return models, hp, (state, Frozen(ref=copy(ref_params), rm=copy(rm_params))), batch
 
 
@@ -180,7 +183,11 @@ def compare_ppo(a, b):
 
 
 def check_ppo(mesh4, mesh1, save=None):
+    """PPO with ptx, reward scaling, adaptive KL and the adaptive entropy controller (its
+    coefficient is set from the global mean entropy; ``compare_ppo`` compares it)."""
     single = ppo_run(mesh1)
+    coefs = [m["entropy/coef"] for m in single[1]]
+    assert 0 < coefs[0] < coefs[1] < 0.2, coefs   # moving, inside its bounds
     compare_ppo(ppo_run(mesh4), single)
     if save:
         with open(save, "wb") as f:

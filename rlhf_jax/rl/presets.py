@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_jax.rl.ppo import PPOHParams
+from rlhf_jax.rl.hparams import PPOHParams
 
 _ONLINE = dict(prompts_per_iter=16, group_size=4, critic="none", whiten_advantages=False,
                scale_rewards=False)
