@@ -4,7 +4,8 @@ directory, one ``index.jsonl`` and one results table.
 A *cell* is one experiment script (``experiments/<script>.py``) with one config; each cell × seed
 runs into ``<out>/<cell>/seed<S>``: a finished run there (``summary.json``) is reused, an
 interrupted one resumes from its checkpoint (the scripts resume), so a killed sweep continues where
-it stopped. After every finished run ``index.jsonl`` is rewritten (one row per finished run, in
+it stopped — provided the directory was made for the same script and config (``sweep_cell.json``);
+a directory of another config is an error naming the fields, before any run starts. After every finished run ``index.jsonl`` is rewritten (one row per finished run, in
 sweep order: cell, overrides, seed, directory and the summary's headline numbers) and so is
 ``results.md`` (mean ± std over seeds per cell).
 
@@ -162,6 +163,26 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists()
 
 
+CELL_FILE = "sweep_cell.json"   # the script and config a cell's run directory was made for
+
+
+def _claim(cell: Cell, seed: int, run_dir: Path) -> dict:
+    """The record of what ``run_dir`` runs; a ``ConfigError`` naming the cell and the differing
+    fields if the directory already holds a run (finished or interrupted) of another script or
+    config — it is never reused for, resumed into or overwritten by a different one. (Run
+    directories from before this record existed carry none and are reused as they are.)"""
+    from rlhf_jax.runs import _differences, _jsonable
+
+    want = json.loads(json.dumps(_jsonable({"script": cell.script, "config": dataclasses.asdict(
+        dataclasses.replace(cell.config, seed=seed))}), default=str))
+    path = run_dir / CELL_FILE
+    if path.exists() and (diff := _differences(json.loads(path.read_text()), want)):
+        raise ConfigError(f"cell {cell.name!r} seed {seed}: {run_dir} holds a run of another "
+                          f"script or config (differing: {', '.join(diff)}); move it away or "
+                          "choose another --out")
+    return want
+
+
 def run_cells(cells: Sequence[Cell], seeds: Sequence[int], out: str | Path, *,
               metrics: Sequence[str] = DEFAULT_METRICS,
               table: Callable[[Sequence[dict]], str] | None = None,
@@ -182,10 +203,16 @@ def run_cells(cells: Sequence[Cell], seeds: Sequence[int], out: str | Path, *,
         launch.enable_compilation_cache()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    claims = {(cell.name, seed): _claim(cell, seed, out / cell.name / f"seed{seed}")
+              for cell in cells for seed in seeds}   # every cell checked before any work
     rows = []
     for cell in cells:
         for seed in seeds:
             run_dir = out / cell.name / f"seed{seed}"
+            if not (run_dir / CELL_FILE).exists():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / f".{CELL_FILE}.tmp").write_text(json.dumps(claims[cell.name, seed]))
+                (run_dir / f".{CELL_FILE}.tmp").replace(run_dir / CELL_FILE)
             if not _finished(run_dir):
                 scripts.load(cell.script).run(dataclasses.replace(cell.config, seed=seed), run_dir)
             summary = json.loads((run_dir / "summary.json").read_text())

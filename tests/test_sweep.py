@@ -78,6 +78,14 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
     (out / "beta=0.5" / "seed1" / "summary.json").unlink()
     scripts.load("sweep").main(argv)
     assert (out / "index.jsonl").read_text() == before
+    # the same cell directories asked for by a sweep of another config (as after a change of a
+    # default): refused before any run, naming the field, nothing overwritten
+    started.clear()
+    base = tuple(a if a != "2" else "3" for a in argv[argv.index("--") + 1:])
+    cells = sweep.sweep_cells(sweep.SweepConfig(script="dpo", grid=("beta=0.1,0.5",), base=base))
+    with pytest.raises(ConfigError, match=r"cell 'beta=0.1' seed 0: .*differing: config\.steps\)"):
+        sweep.run_cells(cells, [0, 1], out)
+    assert started == [] and (out / "index.jsonl").read_text() == before
     table = (out / "results.md").read_text()
     assert "| beta=0.1 | 2 |" in table and "| beta=0.5 | 2 |" in table
     # the reader: the index as arrays / a DataFrame, and each run
