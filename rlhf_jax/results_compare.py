@@ -175,4 +175,86 @@ def compare_table(results_dir: str | Path) -> str:
             means.append([float(np.mean([f[i] for f in found])) for i in range(2)])
     _bold(rows, means, [max, min])
     lines += [f"| {labels[m]} | " + " | ".join(row) + " |" for m, row in zip(runs, rows)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _diagnostics(results_dir, runs, labels, hp)) + "\n"
+
+
+def _seed_files(results_dir: Path, method: str, rs: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Each seed's (summary, metrics rows) of a method; rows empty for an offline run."""
+    out = []
+    for r in rs:
+        d = results_dir / method / f"seed{r['seed']}"
+        m = d / "metrics.jsonl"
+        out.append((read_json(d / "summary.json"),
+                    [json.loads(x) for x in m.read_text().splitlines() if x] if m.exists() else []))
+    return out
+
+
+def _per_seed(values: Sequence[float], digits: int = 2) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def _diagnostics(results_dir: Path, runs: dict, labels: dict, hp: dict) -> list[str]:
+    """The training diagnostics the README's prose reads, from the per-run files: held-out
+    malformed rate; for online runs the rollout entropy at the first and last iteration and the
+    clip fraction; DAPO's fill rate and overlong punishment; KTO's binary labels."""
+    if not all((results_dir / m / f"seed{rs[0]['seed']}").is_dir() for m, rs in runs.items()):
+        return []
+    seeds = " / ".join(str(r["seed"]) for r in next(iter(runs.values())))
+    lines = ["", f"Training diagnostics per run (values per seed {seeds}; from "
+             "`<method>/seed<S>/summary.json` and `metrics.jsonl`):", "",
+             "| method | malformed (held-out) | rollout entropy, first → last iteration "
+             "| clip fraction, mean over iterations | clip fraction, lowest – highest "
+             "iteration |",
+             "|---|---|---|---|---|"]
+    notes = []
+    for method, rs in runs.items():
+        files = _seed_files(results_dir, method, rs)
+        mal = [next((v for k, v in s.items() if k.startswith("malformed_rate/")
+                     and not k.endswith("/sft")), None) for s, _ in files]
+        cells = ["—" if None in mal else _per_seed(mal, 3), "—", "—", "—"]
+        if all(rows and "train/clip_frac" in rows[0] for _, rows in files):
+            clip = [[x["train/clip_frac"] for x in rows] for _, rows in files]
+            cells[1:] = [" / ".join(f"{rows[0]['rollout/entropy']:.2f} → "
+                                    f"{rows[-1]['rollout/entropy']:.2f}" for _, rows in files),
+                         _per_seed([np.mean(c) for c in clip]),
+                         f"{min(map(min, clip)):.2f} – {max(map(max, clip)):.2f}"]
+        lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")
+        if all(rows and "rollout/fill_rate" in rows[0] for _, rows in files):
+            notes.append(_fill_note(NAMES.get(method, method), [rows for _, rows in files],
+                                    hp.get(method, {})))
+        if all("binary_feedback/responses" in s for s, _ in files):
+            b = [s for s, _ in files]
+            notes.append(
+                f"{NAMES.get(method, method)}'s binary labels: "
+                f"{b[0]['binary_feedback/responses']:,} responses, "
+                f"{100 * b[0]['binary_feedback/gold_top_share']:.1f} % at the judge's top score "
+                "(desirable before noise); flipped with probability "
+                f"{b[0]['binary_feedback/flip']:g}: "
+                + " / ".join(f"{100 * x['binary_feedback/flipped_share']:.1f} %" for x in b)
+                + " flipped, " + " / ".join(f"{100 * x['binary_feedback/desirable_share']:.1f} %"
+                                           for x in b) + " desirable after noise.")
+    return lines + [x for n in notes for x in ("", n)]
+
+
+def _fill_note(label: str, runs: list[list[dict]], h: dict) -> str:
+    """DAPO's dynamic sampling: fill rate, groups with spread, overlong punishment, length."""
+    fill = [[x["rollout/fill_rate"] for x in rows] for rows in runs]
+    spread = [[x.get("rollout/groups_with_spread", np.nan) for x in rows] for rows in runs]
+    per_iter = (h.get("ppo.prompts_per_iter") or 0) * (h.get("ppo.group_size") or 1)
+    pen = [[x.get("rollout/overlong_penalty", 0.0) for x in rows] for rows in runs]
+    fired = sum(sum(p != 0 for p in ps) for ps in pen)
+    length = [x["rollout/length"] for rows in runs for x in rows if "rollout/length" in x]
+    text = (f"{label}'s fill rate (share of its {h.get('ppo.keep_groups', '?')} training slots "
+            f"filled with groups whose rewards differ): mean over the iterations "
+            f"{_per_seed([np.mean(f) for f in fill])}, over the first 10 "
+            f"{_per_seed([np.mean(f[:10]) for f in fill])}, over the last 10 "
+            f"{_per_seed([np.mean(f[-10:]) for f in fill])}; iterations with no such group: "
+            f"{sum(sum(v == 0 for v in f) for f in fill)} of {sum(map(len, fill))}. Share of the "
+            f"sampled groups with spread, first 10 → last 10 iterations: " + " / ".join(
+                f"{np.mean(s[:10]):.2f} → {np.mean(s[-10:]):.2f}" for s in spread) + ". ")
+    text += (f"The overlong punishment fired in {fired} of {sum(map(len, pen))} iterations, "
+             f"{cell([sum(map(sum, pen)) * per_iter], 1)} in total over "
+             f"{per_iter * sum(map(len, pen)):,} samples" if per_iter else "")
+    if length:
+        text += f"; mean response length {min(length):.1f}–{max(length):.1f} tokens per iteration"
+    return text + "."

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax import log_writers, results
+from rlhf_jax import log_writers, results, results_compare
 from rlhf_jax.runs import RunDir, load, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +211,21 @@ def test_compare_collect_and_render_by_hand(tmp_path):
     # DPO crosses KL 0.4 between (0.2, 0.1, 0.3) and (1.0, 0.5, 0.1): a quarter of the way
     assert "| DPO (β 0.3) | 0.200 ± 0.000 | 0.250 ± 0.000 |" in table
     assert "| GSPO (ε 3e-4 / 4e-4) | **0.500 ± 0.000** | **0.100 ± 0.000** |" in table
+    # the diagnostics: per seed, from the per-run files (offline runs: no training rollouts)
+    assert ("| GSPO (ε 3e-4 / 4e-4) | — | 0.20 → 0.20 / 0.20 → 0.20 | 0.50 / 0.50 "
+            "| 0.50 – 0.50 |") in table
+    assert "| DPO (β 0.3) | — | — | — | — |" in table
+    # DAPO's note: 2 seeds × 2 iterations, 16 prompts × 4 samples per iteration
+    rows = [[{"rollout/fill_rate": f, "rollout/groups_with_spread": g, "rollout/length": 8.0,
+              "rollout/overlong_penalty": p} for f, g, p in it] for it in
+            ([(1.0, 0.5, 0.0), (0.5, 0.25, -0.25)], [(0.75, 0.5, 0.0), (0.0, 0.0, 0.0)])]
+    note = results_compare._fill_note("DAPO", rows, {"ppo.keep_groups": 8,
+                                                     "ppo.prompts_per_iter": 16,
+                                                     "ppo.group_size": 4})
+    assert ("mean over the iterations 0.75 / 0.38" in note and "no such group: 1 of 4" in note
+            and "first 10 → last 10 iterations: 0.38 → 0.38 / 0.25 → 0.25" in note
+            and "fired in 1 of 4 iterations, −16.0 in total over 256 samples; mean response "
+            "length 8.0–8.0" in note)
     with pytest.raises(ValueError, match="one compare run"):
         results.collect([run, run], tmp_path / "res2" / "compare")
 
