@@ -22,8 +22,8 @@ FILES = ("results.json", "summary.json", "config.json", "meta.json", "results.md
 RUN_KEYS = ("step", "rollout/fill_rate", "rollout/groups_with_spread", "rollout/entropy",
             "rollout/length", "rollout/overlong_penalty", "train/clip_frac")
 HPARAMS = {  # method config → methods.json (dotted paths into the run's config.json)
-    "online": ("ppo.kl_coef", "ppo.kl_in_loss", "ppo.clip_eps", "ppo.clip_eps_high",
-               "ppo.group_size", "ppo.prompts_per_iter", "ppo.keep_groups",
+    "online": ("ppo.policy_loss", "ppo.kl_coef", "ppo.kl_in_loss", "ppo.clip_eps",
+               "ppo.clip_eps_high", "ppo.group_size", "ppo.prompts_per_iter", "ppo.keep_groups",
                "policy_optim.learning_rate"),
     "offline": ("loss", "beta", "ipo_tau", "simpo_beta", "simpo_margin", "orpo_lambda",
                 "kto_label_flip", "steps", "batch_prompts", "optim.learning_rate"),
@@ -214,10 +214,12 @@ def _diagnostics(results_dir: Path, runs: dict, labels: dict, hp: dict) -> list[
         cells = ["—" if None in mal else _per_seed(mal, 3), "—", "—", "—"]
         if all(rows and "train/clip_frac" in rows[0] for _, rows in files):
             clip = [[x["train/clip_frac"] for x in rows] for _, rows in files]
+            ratio = hp.get(method, {}).get("ppo.policy_loss") != "reinforce"
             cells[1:] = [" / ".join(f"{rows[0]['rollout/entropy']:.2f} → "
                                     f"{rows[-1]['rollout/entropy']:.2f}" for _, rows in files),
-                         _per_seed([np.mean(c) for c in clip]),
-                         f"{min(map(min, clip)):.2f} – {max(map(max, clip)):.2f}"]
+                         _per_seed([np.mean(c) for c in clip]) if ratio else "— (no ratio)",
+                         f"{min(map(min, clip)):.2f} – {max(map(max, clip)):.2f}" if ratio
+                         else "—"]
         lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")
         if all(rows and "rollout/fill_rate" in rows[0] for _, rows in files):
             notes.append(_fill_note(NAMES.get(method, method), [rows for _, rows in files],

@@ -61,7 +61,7 @@ def test_every_committed_set_is_checked_number_by_number(tmp_path):
     text = (ROOT / "README.md").read_text()
     found = results.blocks(text)
     committed = [n for n in results.SETS if results.present(ROOT / "results" / n)]
-    assert {"pipeline", "entropy", "bf16"} <= set(committed) <= set(found)
+    assert {"pipeline", "entropy", "bf16", "compare"} <= set(committed) <= set(found)
     for name in committed:
         block = found[name]
         i = next(i for i, ch in enumerate(block) if ch.isdigit() and i > block.index("|"))
