@@ -159,11 +159,15 @@ def sentiment_table(results_dir: str | Path) -> str:
     n = "/".join(str(k) for k in sorted(n))
 
     def get(key, digits=3):
-        return cell([r[key] for r in runs], digits) if all(key in r for r in runs) else "—"
+        values = [r.get(key) for r in runs]       # JSON null (a NaN) or absent: no number
+        ok = all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)
+        return cell(values, digits) if ok else "—"
+
+    bon_kl = {r.get("kl/best_of_n") for r in runs}    # analytic: one value for every seed
 
     rows = [("start (pretrained, `sft`)", "sft", "0"),
             (f"best-of-{n} (RM reranks start's samples)", "best_of_n",
-             get("kl/best_of_n") + " (analytic)"),
+             (cell([*bon_kl]) if len(bon_kl) == 1 else get("kl/best_of_n")) + " (analytic)"),
             ("**RLHF (PPO)**", "rlhf", f"**{get('kl/rlhf_vs_sft')}**")]
     lines = [_seeds_line(dirs, Path(results_dir)), "",
              "| policy | gold (mean compound) | positive rate | negative rate | KL to start "
@@ -177,7 +181,9 @@ def sentiment_table(results_dir: str | Path) -> str:
             cells[0] = f"**{cells[0]}**"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     met = sum(bool(r.get("bar/win_rate")) for r in runs)
-    lines += ["", "RLHF vs start, paired by prompt and sample: wins / ties / losses (mean) "
+    pairs = sum(runs[0][f"{k}/rlhf_vs_sft"] for k in ("wins", "ties", "losses"))
+    lines += ["", f"RLHF vs start, paired by prompt and sample ({pairs:,} pairs per seed): "
+              "wins / ties / losses (mean) "
               + " / ".join(f"{np.mean([r[f'{k}/rlhf_vs_sft'] for r in runs]):.0f}"
                            for k in ("wins", "ties", "losses"))
               + f"; **win rate {get('win_rate/rlhf_vs_sft')}** (bar 0.60: met in {met} of "
@@ -187,7 +193,8 @@ def sentiment_table(results_dir: str | Path) -> str:
               f"the start's in {sum(bool(r.get('bar/distinct_2')) for r in runs)} of {len(runs)}. "
               f"Best-of-{n} vs start: {get('win_rate/best_of_n_vs_sft')}. RM: "
               f"`rm/gold_agreement` {get('rm/gold_agreement')} (held-out start samples), "
-              f"`rm/noise_ceiling` {get('rm/noise_ceiling')}."]
+              f"`rm/noise_ceiling` {get('rm/noise_ceiling')}, agreement on the RLHF policy's "
+              f"held-out samples {get('rm/gold_agreement_on_policy')}."]
     return "\n".join(lines) + "\n"
 
 

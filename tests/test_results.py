@@ -78,12 +78,14 @@ def _sentiment_summary(seed: int, gold_rlhf: float) -> dict:
                                               "distinct_1", "distinct_2") for p in ("sft", "rlhf")}
     return {**s, "gold/rlhf": gold_rlhf, "gold/best_of_n": 0.3, "positive_rate/best_of_n": 0.4,
             "kl/best_of_n": 0.193, "kl/rlhf_vs_sft": 2.0 + seed, "kl/budget": 3.0,
-            "perplexity/sft_under_sft": 200.0 + 10 * seed, "perplexity/rlhf_under_sft": 250.0,
+            "perplexity/sft_under_sft": 200.0 + 10 * seed,
+            "perplexity/rlhf_under_sft": 250.0 if seed == 0 else None,   # a NaN, as JSON writes it
             "wins/rlhf_vs_sft": 400 + seed, "ties/rlhf_vs_sft": 300,
             "losses/rlhf_vs_sft": 324 - seed,
             "win_rate/rlhf_vs_sft": 0.5 + 0.1 * seed, "win_rate/best_of_n_vs_sft": 0.55,
             "bar/win_rate": seed == 1, "bar/kl": seed == 0, "bar/distinct_2": True,
-            "rm/gold_agreement": 0.6, "rm/noise_ceiling": 0.8}
+            "rm/gold_agreement": 0.6, "rm/noise_ceiling": 0.8,
+            "rm/gold_agreement_on_policy": 0.5 + 0.2 * seed}
 
 
 def test_sentiment_table_is_mean_and_std_over_seeds_and_skipped_until_it_exists(tmp_path):
@@ -101,13 +103,15 @@ def test_sentiment_table_is_mean_and_std_over_seeds_and_skipped_until_it_exists(
     block = results.blocks(readme.read_text())["sentiment"]
     sd = np.std([0.1, 0.2], ddof=1)                         # 0.0707
     assert f"| **RLHF (PPO)** | **0.150 ± {sd:.3f}** | 0.150 ± {sd:.3f} | 0.150 ± {sd:.3f} | " \
-           f"**2.500 ± {sd * 10:.3f}** | 0.150 ± {sd:.3f} | 0.150 ± {sd:.3f} | 250.0 ± 0.0 |" \
+           f"**2.500 ± {sd * 10:.3f}** | 0.150 ± {sd:.3f} | 0.150 ± {sd:.3f} | — |" \
            in block
     assert "| start (pretrained, `sft`) | 0.150 ± 0.071 | 0.150 ± 0.071 | 0.150 ± 0.071 | 0 | " \
            "0.150 ± 0.071 | 0.150 ± 0.071 | 205.0 ± 7.1 |" in block
+    # the analytic KL of best-of-n, equal on every seed: the value alone
     assert "| best-of-4 (RM reranks start's samples) | 0.300 ± 0.000 | 0.400 ± 0.000 | — | " \
-           "0.193 ± 0.000 (analytic) | — | — | — |" in block
-    assert "wins / ties / losses (mean) 400 / 300 / 324" in block     # 400.5 and 323.5 round even
+           "0.193 (analytic) | — | — | — |" in block
+    assert "(1,024 pairs per seed): wins / ties / losses (mean) 400 / 300 / 324" in block
+    assert "on the RLHF policy's held-out samples 0.600 ± 0.141." in block
     assert "win rate 0.550 ± 0.071** (bar 0.60: met in 1 of 2 seeds)" in block
     assert "budget of 3 nats/seq in 1 of 2" in block
 
