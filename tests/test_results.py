@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_jax import log_writers, results
+from rlhf_jax import log_writers, results, results_compare
 from rlhf_jax.runs import RunDir, load, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,195 @@ def test_collect_render_and_check_a_run_into_a_readme(tmp_path):
     text = readme.read_text().replace(f"{s['kl/rlhf_vs_sft']:.3f} |", "9.999 |")
     readme.write_text(text)
     assert results.check_readme(readme, tmp_path / "res")
+
+
+def _write(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _block(rendered: str, name: str) -> str:
+    return f"<!-- results:{name}:start -->\n{rendered}<!-- results:{name}:end -->\n"
+
+
+def test_every_committed_set_is_checked_number_by_number(tmp_path):
+    """Each committed set's README block is compared with its files: one changed digit in any
+    block is a problem naming that set, and a block naming no set is one too."""
+    text = (ROOT / "README.md").read_text()
+    found = results.blocks(text)
+    committed = [n for n in results.SETS if results.present(ROOT / "results" / n)]
+    assert {"pipeline", "entropy", "bf16", "compare"} <= set(committed) <= set(found)
+    for name in committed:
+        block = found[name]
+        i = next(i for i, ch in enumerate(block) if ch.isdigit() and i > block.index("|"))
+        bad = block[:i] + str((int(block[i]) + 1) % 10) + block[i + 1:]
+        (tmp_path / "R.md").write_text(text.replace(block, bad))
+        problems = results.check_readme(tmp_path / "R.md", ROOT / "results")
+        assert len(problems) == 1 and f"`{name}`" in problems[0]
+    (tmp_path / "R.md").write_text(text + _block("x\n", "nosuchset"))
+    assert "nosuchset" in results.check_readme(tmp_path / "R.md", ROOT / "results")[0]
+
+
+def _sentiment_summary(seed: int, gold_rlhf: float) -> dict:
+    s = {f"{k}/{p}": 0.1 * (seed + 1) for k in ("gold", "positive_rate", "negative_rate",
+                                              "distinct_1", "distinct_2") for p in ("sft", "rlhf")}
+    return {**s, "gold/rlhf": gold_rlhf, "gold/best_of_n": 0.3, "positive_rate/best_of_n": 0.4,
+            "kl/best_of_n": 0.193, "kl/rlhf_vs_sft": 2.0 + seed, "kl/budget": 3.0,
+            "perplexity/sft_under_sft": 200.0 + 10 * seed,
+            "perplexity/rlhf_under_sft": 250.0 if seed == 0 else None,   # a NaN, as JSON writes it
+            "wins/rlhf_vs_sft": 400 + seed, "ties/rlhf_vs_sft": 300,
+            "losses/rlhf_vs_sft": 324 - seed,
+            "win_rate/rlhf_vs_sft": 0.5 + 0.1 * seed, "win_rate/best_of_n_vs_sft": 0.55,
+            "bar/win_rate": seed == 1, "bar/kl": seed == 0, "bar/distinct_2": True,
+            "rm/gold_agreement": 0.6, "rm/noise_ceiling": 0.8,
+            "rm/gold_agreement_on_policy": 0.5 + 0.2 * seed}
+
+
+def test_sentiment_table_is_mean_and_std_over_seeds_and_skipped_until_it_exists(tmp_path):
+    res = tmp_path / "res"
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n" + _block("typed by hand\n", "sentiment"))
+    assert results.check_readme(readme, res) == []          # no results/sentiment yet: skipped
+    assert results.update_readme(readme, res) == []
+    for seed, gold in ((0, 0.1), (1, 0.2)):
+        _write(res / "sentiment" / f"seed{seed}" / "summary.json", _sentiment_summary(seed, gold))
+        _write(res / "sentiment" / f"seed{seed}" / "config.json", {"best_of_n": 4})
+    assert "sentiment" in results.check_readme(readme, res)[0]   # files now exist: must agree
+    assert results.update_readme(readme, res) == ["sentiment"]
+    assert results.check_readme(readme, res) == []
+    block = results.blocks(readme.read_text())["sentiment"]
+    sd = np.std([0.1, 0.2], ddof=1)                         # 0.0707
+    assert f"| **RLHF (PPO)** | **0.150 ± {sd:.3f}** | 0.150 ± {sd:.3f} | 0.150 ± {sd:.3f} | " \
+           f"**2.500 ± {sd * 10:.3f}** | 0.150 ± {sd:.3f} | 0.150 ± {sd:.3f} | — |" \
+           in block
+    assert "| start (pretrained, `sft`) | 0.150 ± 0.071 | 0.150 ± 0.071 | 0.150 ± 0.071 | 0 | " \
+           "0.150 ± 0.071 | 0.150 ± 0.071 | 205.0 ± 7.1 |" in block
+    # the analytic KL of best-of-n, equal on every seed: the value alone
+    assert "| best-of-4 (RM reranks start's samples) | 0.300 ± 0.000 | 0.400 ± 0.000 | — | " \
+           "0.193 (analytic) | — | — | — |" in block
+    assert "(1,024 pairs per seed): wins / ties / losses (mean) 400 / 300 / 324" in block
+    assert "on the RLHF policy's held-out samples 0.600 ± 0.141." in block
+    assert "win rate 0.550 ± 0.071** (bar 0.60: met in 1 of 2 seeds)" in block
+    assert "budget of 3 nats/seq in 1 of 2" in block
+
+
+def test_entropy_and_bf16_tables_against_a_loop_over_the_committed_files():
+    """Independent re-computation (plain loops) of every number of one entropy row and one bf16
+    row from the committed files, against the rendered README blocks."""
+    found = results.blocks((ROOT / "README.md").read_text())
+    cell = ROOT / "results" / "entropy" / "target0.15"
+    ent, coef, late_max, late_min = [], [], [], []
+    gold = []
+    for seed in (0, 1, 2):
+        text = (cell / f"seed{seed}" / "metrics.jsonl").read_text()
+        rows = [json.loads(x) for x in text.splitlines()]
+        assert len(rows) == 40
+        ent.append(sum(r["rollout/entropy"] for r in rows[30:]) / 10)
+        coef.append(sum(r["entropy/coef"] for r in rows[30:]) / 10)
+        late_max.append(max(r["rollout/entropy"] for r in rows[10:]))
+        late_min.append(min(r["rollout/rm_score"] for r in rows[10:]))
+        gold.append(json.loads((cell / f"seed{seed}" / "summary.json").read_text())["gold/rlhf"])
+
+    def ms(v):
+        m = sum(v) / len(v)
+        return f"{m:.3f} ± {math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.3f}"
+
+    row = next(x for x in found["entropy"].splitlines() if x.startswith("| 0.15 |"))
+    assert row.startswith(f"| 0.15 | {ms(ent)} | {ms(coef)} | {ms(gold)} |")
+    assert row.endswith(f"| {min(late_max):.2f} to {max(late_max):.2f} | "
+                        f"{min(late_min):.2f} to {max(late_min):.2f} |".replace("-", "−"))
+    s = json.loads((ROOT / "results" / "bf16" / "bf16" / "seed1" / "summary.json").read_text())
+    row = next(x for x in found["bf16"].splitlines() if x.startswith("| bf16 | 1 |"))
+    want = "{:.1e} / {:.1e}".format(s["final/rollout/logprob_mean_diff"],
+                                     s["max/rollout/logprob_mean_diff"]).replace("e-0", "e-")
+    assert row.endswith(f"| {want} |") and f"| {s['gold/rlhf']:.3f} |" in row
+
+
+def test_sci_and_bf16_mean_line_by_hand(tmp_path):
+    from rlhf_jax import results_tables as rt
+
+    assert rt.sci(1.14e-6) == "1.1e-6" and rt.sci(0.0424) == "4.2e-2" and rt.sci(3.0) == "3.0e0"
+    keys = ("gold/sft", "win_rate/rlhf_vs_sft", "fabrication_rate/rlhf", "accuracy/rlhf",
+            "kl/rlhf_vs_sft", "final/rollout/logprob_max_diff", "max/rollout/logprob_max_diff",
+            "final/rollout/logprob_mean_diff", "max/rollout/logprob_mean_diff")
+    for prec, golds in (("float32", (0.70, 0.72)), ("bf16", (0.71, 0.75))):
+        for seed, g in enumerate(golds):
+            _write(tmp_path / prec / f"seed{seed}" / "summary.json",
+                   {**dict.fromkeys(keys, 1e-3), "gold/rlhf": g})
+    table = rt.bf16_table(tmp_path)
+    assert table.index("| float32 | 0 |") < table.index("| float32 | 1 |") < table.index("| bf16 |")
+    # pooled std: sqrt((0.0002 + 0.0008) / 2) = 0.02236; 2 * 0.02236 / sqrt(2) = 0.0316
+    assert ("float32 0.710, bf16 0.730; |Δ| = 0.020 against 2 × pooled std / √2 = 0.032 "
+            "(pooled std 0.022)") in table
+
+
+def _fake_compare(out: Path) -> Path:
+    """A compare run directory as experiments/compare.py writes it: two methods × two seeds."""
+    sft = {"gold": -0.1, "fabrication_rate": 0.4, "accuracy": 0.6, "unknown_rate": 0.2}
+
+    def run(method, seed, kl, curve, start="sft"):
+        base = {"gold": 0.5 + 0.1 * seed, "fabrication_rate": 0.05, "accuracy": 0.8 + 0.1 * seed,
+                "win_rate": 0.7, "wins": 10, "ties": 5, "losses": 1, "time_s": 100.0 + seed,
+                "budget": "b", "seed": seed, "method": method, "start": start, "sft": sft,
+                "win_rate_ceiling": 0.77, "kl": kl, "curve": curve, "unknown_rate": 0.4}
+        d = out / method / f"seed{seed}"
+        _write(d / "summary.json", {"gold/rlhf": base["gold"]})
+        online = {"ppo": {"kl_coef": 0.0, "clip_eps": 3e-4, "clip_eps_high": 4e-4}}
+        offline = {"loss": "dpo", "beta": 0.3, "optim": {"learning_rate": 5e-5}}
+        _write(d / "config.json", online if method != "dpo" else offline)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(
+            {"step": i, "rollout/entropy": 0.2, "train/clip_frac": 0.5, "x": 1}) + "\n"
+            for i in (1, 2)) if method != "dpo" else json.dumps({"step": 1, "dpo/loss": 1}) + "\n")
+        return base
+
+    runs = {"gspo": [run("gspo", s, 0.4, [[0, -0.1, 0.4], [0.4, 0.5, 0.1]]) for s in (0, 1)],
+            "dpo": [run("dpo", s, 1.0, [[0, -0.1, 0.4], [0.2, 0.1, 0.3], [1.0, 0.5, 0.1]])
+                    for s in (0, 1)]}
+    _write(out / "results.json", {"methods": ["gspo", "dpo"], "matched_kl": 0.4, "runs": runs})
+    _write(out / "config.json", {"matched_kl": 0.0, "eval_points": 3})
+    for name in ("summary.json", "meta.json"):
+        _write(out / name, {})
+    (out / "results.md").write_text("| table |\n")
+    return out
+
+
+def test_compare_collect_and_render_by_hand(tmp_path):
+    run = _fake_compare(tmp_path / "run")
+    (dest,) = results.collect([run], tmp_path / "res" / "compare")
+    assert (dest / "gspo" / "seed1" / "metrics.jsonl").read_text().splitlines()[0] == json.dumps(
+        {"step": 1, "rollout/entropy": 0.2, "train/clip_frac": 0.5})      # the excerpt's keys
+    assert not (dest / "dpo" / "seed0" / "metrics.jsonl").exists()       # offline: no excerpt
+    table = results.compare_table(dest)
+    # method order of results.json; the label's hyperparameters from the seed-0 config
+    assert table.index("| GSPO (ε 3e-4 / 4e-4) |") < table.index("| DPO (β 0.3) |")
+    assert "| SFT | −0.100 | 0.400 | 0.600 | — | 0 | — | — |" in table
+    # best of a column in bold (equal rounded means both bold); W / T / L and time: means
+    assert ("| GSPO (ε 3e-4 / 4e-4) | **0.550 ± 0.071** | **0.050 ± 0.000** "
+            "| **0.850 ± 0.071** | **0.700 ± 0.000** | 0.400 ± 0.000 | 10 / 5 / 1 | 100 |"
+            ) in table
+    assert "over 16 paired held-out samples" in table and "the 2 intermediate" in table
+    assert "0.400 nats/seq, the smallest final KL of any run that starts from SFT (GSPO" in table
+    # DPO crosses KL 0.4 between (0.2, 0.1, 0.3) and (1.0, 0.5, 0.1): a quarter of the way
+    assert "| DPO (β 0.3) | 0.200 ± 0.000 | 0.250 ± 0.000 |" in table
+    assert "| GSPO (ε 3e-4 / 4e-4) | **0.500 ± 0.000** | **0.100 ± 0.000** |" in table
+    # the diagnostics: per seed, from the per-run files (offline runs: no training rollouts)
+    assert ("| GSPO (ε 3e-4 / 4e-4) | — | 0.20 → 0.20 / 0.20 → 0.20 | 0.50 / 0.50 "
+            "| 0.50 – 0.50 |") in table
+    assert "| DPO (β 0.3) | — | — | — | — |" in table
+    # DAPO's note: 2 seeds × 2 iterations, 16 prompts × 4 samples per iteration
+    rows = [[{"rollout/fill_rate": f, "rollout/groups_with_spread": g, "rollout/length": 8.0,
+              "rollout/overlong_penalty": p} for f, g, p in it] for it in
+            ([(1.0, 0.5, 0.0), (0.5, 0.25, -0.25)], [(0.75, 0.5, 0.0), (0.0, 0.0, 0.0)])]
+    note = results_compare._fill_note("DAPO", rows, {"ppo.keep_groups": 8,
+                                                     "ppo.prompts_per_iter": 16,
+                                                     "ppo.group_size": 4})
+    assert ("mean over the iterations 0.75 / 0.38" in note and "no such group: 1 of 4" in note
+            and "first 10 → last 10 iterations: 0.38 → 0.38 / 0.25 → 0.25" in note
+            and "fired in 1 of 4 iterations, −16.0 in total over 256 samples; mean response "
+            "length 8.0–8.0" in note)
+    with pytest.raises(ValueError, match="one compare run"):
+        results.collect([run, run], tmp_path / "res2" / "compare")
 
 
 def test_run_reader_round_trips_what_a_run_writes(tmp_path):
