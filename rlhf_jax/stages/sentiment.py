@@ -44,7 +44,7 @@ PIPELINE = PipelineConfig(
     reward=RewardConfig(labeler=LabelerConfig(k=4, tau=0.25), steps=400, lm_readout=False,
                         freeze_trunk=False, readout="last"),
     ppo=PPOConfig(ppo=PPOHParams(no_eos_penalty=0.0, kl_coef=0.1, adaptive_kl=True,
-                                 kl_target=1.5, kl_horizon=2000.0),
+                                 kl_target=1.75, kl_horizon=2000.0),
                   iterations=40))
 
 
