@@ -1,8 +1,10 @@
-"""Reading a scalar head where a sequence ends: the reward model's score, beside the model."""
+"""Reading a scalar head out of a sequence: at its last token (the reward model's classic score), or
+pooled over a span of tokens (summed or averaged under the mask), beside the model."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from rlhf_jax.ops import last_token_index
 
@@ -18,3 +20,17 @@ def last_token_rewards(model, params, tokens: jax.Array, mask: jax.Array, *,
     out = model.apply(params, tokens, attention_mask=mask, compute_logits=False,
                       output_positions=last_token_index(mask)[:, None])
     return out.scalars[head][:, 0]
+
+
+def pooled_rewards(model, params, tokens: jax.Array, mask: jax.Array, *, start: int,
+                   mean: bool = False, head: str = "reward") -> jax.Array:
+    """Scalar head ``head`` at every position from ``start`` on (e.g. a response's tokens after a
+    fixed-length prompt), summed over the positions where ``mask`` is 1 — or averaged over them
+    with ``mean`` (0 for a row with none) — ``[N]``. Padding (mask 0) never counts, and under a
+    causal model it cannot change the real positions' values, so a padded row scores as unpadded.
+    """
+    out = model.apply(params, tokens, attention_mask=mask, compute_logits=False,
+                      output_positions=slice(start, None))
+    m = mask[:, start:].astype(jnp.float32)
+    total = jnp.sum(out.scalars[head] * m, axis=-1)
+    return total / jnp.maximum(jnp.sum(m, axis=-1), 1.0) if mean else total

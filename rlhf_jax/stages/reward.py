@@ -35,13 +35,14 @@ from rlhf_jax.models.hf import load_config
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import STREAM_INIT, load_stage, read_config, stage_key, train_stage
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward_model import (init_lm_coef, kwise_rm_loss_fn, rm_heads, rm_score_fn,
-                                          with_frozen)
+from rlhf_jax.stages.reward_model import (READOUTS, init_lm_coef, kwise_rm_loss_fn, rm_heads,
+                                          rm_score_fn, with_frozen)
 from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
 
 DataSource = Literal["simulated", "hh-rlhf", "summarize"]
+Readout = Literal["last", "sum", "mean"]   # reward_model.READOUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,9 @@ class RewardConfig:
         learns); otherwise c is one learned scalar (its kernel stays zero), which cannot turn
         negative on unusual responses.
       freeze_trunk: train only the scalar heads; the trunk keeps the SFT weights.
+      readout: where the reward head is read: ``last`` (the last response token, InstructGPT),
+        ``sum`` or ``mean`` (a per-token value summed / averaged over the response tokens under
+        their mask; not with ``lm_readout``).
       train_prompts: train on only the first this many labelled training prompts (0 = all), e.g.
         a weaker RM from a share of an earlier run's comparisons (``preferences_dir``).
       fsdp: split parameters and optimizer state over the devices (FSDP) instead of replicating.
@@ -111,6 +115,7 @@ class RewardConfig:
     lm_stop_grad: bool = False
     lm_coef_gated: bool = False
     freeze_trunk: bool = True
+    readout: Readout = "last"
     train_prompts: int = 0
     fsdp: bool = False
 
@@ -122,6 +127,11 @@ class RewardConfig:
         check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.train_prompts >= 0, "train_prompts", "must be >= 0 (0 = all)")
+        check(self.readout in READOUTS, "readout", f"must be one of {READOUTS}, got "
+              f"{self.readout!r}")
+        check(self.readout == "last" or not self.lm_readout, "readout",
+              f"{self.readout!r} pools a per-token head; the LM-likelihood readout adds to a "
+              "last-token head: add --no-lm-readout")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
         if self.data == "simulated":
@@ -151,6 +161,8 @@ class RewardConfig:
               f"{self.max_response_tokens} exceeds the checkpoint's context {max_len}")
         check(not (self.export_hf and self.lm_readout), "export_hf",
               "no Hugging Face head holds the LM-likelihood readout: add --no-lm-readout")
+        check(not (self.export_hf and self.readout != "last"), "export_hf",
+              "a Hugging Face sequence classifier reads the last token: use --readout last")
 
 
 def check_task_reward(reward_cfg: RewardConfig, field: str) -> None:

@@ -1,7 +1,8 @@
 """The reward model as one score function, built beside the model: ``score(params, tokens, mask)``.
 
 The reward model is the policy's trunk with a scalar head read at the last response token
-(InstructGPT §3.5), optionally plus the LM-likelihood readout. Everything that scores a response —
+(InstructGPT §3.5), optionally plus the LM-likelihood readout, or a per-token head summed or averaged
+over the response tokens (``readout``). Everything that scores a response —
 the RM's own loss, the PPO rollout (``rlhf_jax.rl.rollout.collect``), best-of-N and the RM's
 evaluation (``rlhf_jax.evaluate``) — calls the function :func:`make_score_fn` returns, so the
 readout options live here only and ``rlhf_jax.losses`` keeps only the math.
@@ -13,12 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.reward import kwise_bradley_terry_loss
-from rlhf_jax.models.readout import last_token_rewards
-from rlhf_jax.ops import last_token_index
 from rlhf_jax.models.functional import Model
-from rlhf_jax.ops import AxisName, sequence_logprob
+from rlhf_jax.models.readout import last_token_rewards, pooled_rewards
+from rlhf_jax.ops import AxisName, last_token_index, sequence_logprob
 
 LM_COEF = "reward_lm_coef"
+READOUTS = ("last", "sum", "mean")   # where the reward head is read (``make_score_fn``'s readout)
 
 
 def rm_heads(lm_readout: bool) -> tuple[str, ...]:
@@ -27,10 +28,15 @@ def rm_heads(lm_readout: bool) -> tuple[str, ...]:
 
 
 def make_score_fn(model: Model, *, prompt_len: int, head: str = "reward",
-                  lm_coef_head: str | None = None, lm_stop_grad: bool = False):
+                  lm_coef_head: str | None = None, lm_stop_grad: bool = False,
+                  readout: str = "last"):
     """``score(params, tokens [B, T], mask [B, T]) -> [B]``: the scalar head ``head`` read at each
     ``[prompt | response]`` row's last real token; prompts are left-padded to ``prompt_len``,
     responses right-padded after them.
+
+    ``readout`` ``"sum"`` / ``"mean"`` instead reads the head at every response token (positions
+    from ``prompt_len`` on, under ``mask``) and sums / averages it: a reward that is a sum of
+    per-token terms (e.g. word valences) need not be reconstructed at one position.
 
     With ``lm_coef_head`` (the LM-likelihood readout), the score adds ``c · log p(response)``: the
     trunk's own (tied-embedding) LM log-likelihood of the response tokens (``mask`` after
@@ -40,9 +46,17 @@ def make_score_fn(model: Model, *, prompt_len: int, head: str = "reward",
     stated value), which a readout at the last token alone cannot compare with the stated value.
     ``lm_stop_grad`` keeps the likelihood term from training the trunk (only the coefficient
     learns from it)."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if readout != "last" and lm_coef_head is not None:
+        raise ValueError(f"the LM-likelihood readout adds to a last-token head, not to readout "
+                         f"{readout!r}")
     p = prompt_len
 
     def score(params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        if readout != "last":
+            return pooled_rewards(model, params, tokens, mask, start=p, mean=readout == "mean",
+                                  head=head)
         if lm_coef_head is None:
             return last_token_rewards(model, params, tokens, mask, head=head)
         # outputs from the last prompt token on (the model's last block runs only there): logits
@@ -102,4 +116,4 @@ def rm_score_fn(cfg, model: Model, prompt_len: int):
     applied), unjitted."""
     return make_score_fn(model, prompt_len=prompt_len,
                          lm_coef_head=LM_COEF if cfg.lm_readout else None,
-                         lm_stop_grad=cfg.lm_stop_grad)
+                         lm_stop_grad=cfg.lm_stop_grad, readout=cfg.readout)
