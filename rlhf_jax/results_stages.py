@@ -132,6 +132,12 @@ def collect_sweep(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Path
                              dest / r["cell"] / f"seed{r['seed']}") for r in rows)]
 
 
+def _short(x: float) -> str:
+    """``5e-5`` rather than ``5e-05``."""
+    m, _, e = f"{x:g}".partition("e")
+    return f"{m}e{int(e)}" if e else m
+
+
 def dpo_beta_table(results_dir: str | Path) -> str:
     """DPO's β dependence: one row per β of a sweep (held-out gold, fabrication, accuracy,
     malformed, win rate and exact KL against SFT; mean ± std over the cell's seeds), the SFT they
@@ -155,10 +161,10 @@ def dpo_beta_table(results_dir: str | Path) -> str:
     seeds = sorted({d.name[4:] for c in cells for d in seed_dirs(c)}, key=int)
     default = OfflineConfig().beta
     budget = {(c["steps"], c["batch_prompts"], c["optim"]["learning_rate"]) for c in cfgs}
-    budget = "; ".join(f"{s} steps of {b} prompts, lr {lr:g}" for s, b, lr in sorted(budget))
+    budget = "; ".join(f"{s} steps of {b} prompts, lr {_short(lr)}" for s, b, lr in sorted(budget))
     first = next(iter(runs.values()))[0][0]
     lines = [f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} of one `sweep.py "
-             f"--script {loss}` run ({budget}; mean ± std over seeds where there are several; "
+             f"--script {loss}` run ({budget}{'; mean ± std' if len(seeds) > 1 else ''}; "
              f"files in `{where(results_dir)}/`; rendered by "
              "`python -m rlhf_jax.results update-readme`):", "",
              "| β | " + " | ".join(h for _, h in OFFLINE_COLUMNS)

@@ -61,7 +61,8 @@ def test_every_committed_set_is_checked_number_by_number(tmp_path):
     text = (ROOT / "README.md").read_text()
     found = results.blocks(text)
     committed = [n for n in results.SETS if results.present(ROOT / "results" / n)]
-    assert {"pipeline", "entropy", "bf16", "compare", "reward"} <= set(committed) <= set(found)
+    assert {"pipeline", "entropy", "bf16", "compare", "reward", "dpo_beta"} <= set(committed) \
+        <= set(found)
     for name in committed:
         block = found[name]     # a digit of the first table row under the header
         i = next(i for i, ch in enumerate(block) if ch.isdigit() and i > block.index("|---"))
@@ -121,6 +122,68 @@ def test_reward_collect_from_a_pipeline_directory(tmp_path):
     assert "(points, seed 7): 5.0." in table and "`rm/spearman`" not in table
     assert ("probe 0.500 after pretraining, 0.625 after SFT; fabrication rate 0.250 against "
             "the demonstrator's 0.125.") in table
+
+
+def _fake_sweep(out: Path, betas=(0.5, 0.3), seeds=(0, 1)) -> Path:
+    """A sweep.py run directory over DPO's β: index.jsonl and <cell>/seed<S>/ run files."""
+    rows = []
+    for beta in betas:
+        for seed in seeds:
+            d = out / f"beta={beta}" / f"seed{seed}"
+            s = {"gold/dpo": beta + 0.1 * seed, "fabrication_rate/dpo": 0.05,
+                 "accuracy/dpo": 0.8, "malformed_rate/dpo": 0.1 * seed,
+                 "win_rate/dpo_vs_sft": 0.7, "kl/dpo_vs_sft": 2 * beta, "win_rate/ceiling": 0.77,
+                 "gold/sft": -0.1, "fabrication_rate/sft": 0.4, "accuracy/sft": 0.6,
+                 "malformed_rate/sft": 0.04}
+            _write(d / "summary.json", s)
+            _write(d / "config.json", {"loss": "dpo", "beta": beta, "steps": 400,
+                                       "batch_prompts": 16, "optim": {"learning_rate": 5e-5}})
+            _write(d / "meta.json", {"seed": seed})
+            (d / "params").mkdir()                       # not collected
+            rows.append({"cell": f"beta={beta}", "seed": seed})
+    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("config.json", "meta.json"):
+        _write(out / name, {})
+    (out / "results.md").write_text("| table |\n")
+    return out
+
+
+def test_dpo_beta_collect_and_render_by_hand(tmp_path):
+    run = _fake_sweep(tmp_path / "sweep")
+    dest, *cells = results.collect([run], tmp_path / "res" / "dpo_beta")
+    assert len(cells) == 4 and not (dest / "beta=0.3" / "seed0" / "params").exists()
+    table = results.SETS["dpo_beta"].render(dest)
+    assert "Seeds 0, 1 of one `sweep.py --script dpo` run (400 steps of 16 prompts, lr 5e-5;" \
+        in table
+    assert "| β | gold | fabrication | accuracy | malformed | win rate vs SFT (ceiling 0.770) " \
+        "| KL to SFT (nats/seq) |" in table
+    assert "| SFT | −0.100 | 0.400 | 0.600 | 0.040 | — | 0 |" in table
+    # rows by β, the default marked; mean ± std over the cell's seeds
+    assert table.index("| 0.3 (default) | 0.350 ± 0.071 | 0.050 ± 0.000 | 0.800 ± 0.000 | "
+                       "0.050 ± 0.071 | 0.700 ± 0.000 | 0.600 ± 0.000 |") < table.index("| 0.5 |")
+    summary = json.loads((dest / "beta=0.5" / "seed1" / "summary.json").read_text())
+    _write(dest / "beta=0.5" / "seed1" / "summary.json", {**summary, "gold/sft": 0.0})
+    with pytest.raises(ValueError, match="2 SFT models"):
+        results.SETS["dpo_beta"].render(dest)
+    with pytest.raises(ValueError, match="one sweep run"):
+        results.collect([run, run], tmp_path / "res2" / "dpo_beta")
+
+
+def test_dpo_beta_rows_from_the_committed_files_and_beta_0_3_is_compares_dpo_seed_0():
+    """Each β row recomputed from its committed summary; the default-β cell ran the compare set's
+    DPO seed-0 config from the same reward run, so its summary equals that one but for times."""
+    block = results.blocks((ROOT / "README.md").read_text())["dpo_beta"]
+    res = ROOT / "results" / "dpo_beta"
+    for beta in ("0.1", "0.2", "0.3", "0.5"):
+        s = json.loads((res / f"beta={beta}" / "seed0" / "summary.json").read_text())
+        want = [s[k] for k in ("gold/dpo", "fabrication_rate/dpo", "accuracy/dpo",
+                               "malformed_rate/dpo", "win_rate/dpo_vs_sft", "kl/dpo_vs_sft")]
+        row = next(x for x in block.splitlines() if x.startswith(f"| {beta}"))
+        assert row.endswith(" | ".join(f"{v:.3f}" for v in want) + " |")
+    same = json.loads((res / "beta=0.3" / "seed0" / "summary.json").read_text())
+    dpo = json.loads((ROOT / "results" / "compare" / "dpo" / "seed0" / "summary.json").read_text())
+    assert {k: v for k, v in same.items() if not k.startswith("time_s/offline")} == \
+        {k: v for k, v in dpo.items() if not k.startswith("time_s/offline")}
 
 
 def _sentiment_summary(seed: int, gold_rlhf: float) -> dict:
