@@ -3,13 +3,16 @@ small excerpts (trimmed samples, metrics columns) of the runs a README table rep
 table between ``<!-- results:<set>:start -->`` and ``<!-- results:<set>:end -->`` is rendered
 from them (never typed by hand); ``tests/test_results.py`` checks they agree. One renderer and one
 collector per set (``SETS``): ``pipeline``, ``sentiment``, ``entropy``, ``bf16``
-(:mod:`rlhf_jax.results_tables`) and ``compare`` (:mod:`rlhf_jax.results_compare`). A set whose
+(:mod:`rlhf_jax.results_tables`), ``compare`` (:mod:`rlhf_jax.results_compare`), ``reward`` and
+``dpo_beta`` (:mod:`rlhf_jax.results_stages`). A set whose
 ``results/<set>/`` directory does not exist yet is skipped (its README block, if any, is left
 as it is).
 
     python -m rlhf_jax.results collect /work/runs/s2-pipe-seed0 /work/runs/s2-pipe-seed1 \
         /work/runs/s2-pipe-seed2 --dest results/pipeline       # the set is the --dest's name
     python -m rlhf_jax.results collect runs/compare --dest results/compare
+    python -m rlhf_jax.results collect /work/runs/s2-pipe-seed{0,1,2} --dest results/reward
+    python -m rlhf_jax.results collect runs/dpo-beta --dest results/dpo_beta   # a sweep.py run
     python -m rlhf_jax.results update-readme      # re-render every marked table in README.md
 """
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from rlhf_jax.results_compare import collect_compare, compare_table
+from rlhf_jax.results_stages import collect_reward, collect_sweep, dpo_beta_table, reward_table
 from rlhf_jax.results_tables import (PROMPTS_KEPT, ROOT, bf16_table, collect_entropy,  # noqa: F401
                                      collect_precision, collect_seeds, entropy_table,
                                      pipeline_table, sentiment_table)
@@ -39,6 +43,8 @@ SETS = {
     "entropy": TableSet(entropy_table, collect_entropy),
     "bf16": TableSet(bf16_table, collect_precision),
     "sentiment": TableSet(sentiment_table, collect_seeds),
+    "reward": TableSet(reward_table, collect_reward),
+    "dpo_beta": TableSet(dpo_beta_table, collect_sweep),
 }
 
 

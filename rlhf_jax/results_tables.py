@@ -81,7 +81,7 @@ def _finished(run: Path) -> Path:
     return run
 
 
-def _copy_run(run: Path, target: Path, samples: int | None = None,
+def copy_run(run: Path, target: Path, samples: int | None = None,
               metrics: Sequence[str] = ()) -> Path:
     """Copy a run's summary (the run's own), its stage's config and meta, the samples of the first
     ``samples`` held-out prompts (uid order) and a ``metrics.jsonl`` excerpt of ``metrics``."""
@@ -105,7 +105,7 @@ def _copy_run(run: Path, target: Path, samples: int | None = None,
     return target
 
 
-def _seed(run: Path) -> int:
+def run_seed(run: Path) -> int:
     return int(read_json(_stage(run) / "meta.json")["seed"])
 
 
@@ -115,7 +115,7 @@ def collect_seeds(run_dirs: Sequence[str | Path], dest: str | Path,
     """Copy each run's summary, config, meta and the samples of its first ``prompts`` held-out
     prompts (uid order) into ``dest/seed<S>`` (S = the run's seed). A pipeline directory's
     samples and config are read from its ``ppo/`` stage (pipeline and sentiment sets)."""
-    return [_copy_run(Path(r), Path(dest) / f"seed{_seed(Path(r))}", prompts) for r in run_dirs]
+    return [copy_run(Path(r), Path(dest) / f"seed{run_seed(Path(r))}", prompts) for r in run_dirs]
 
 
 def _runs(results_dir: Path) -> tuple[list[Path], list[dict]]:
@@ -211,7 +211,7 @@ def collect_entropy(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Pa
     out = []
     for run in map(Path, run_dirs):
         name = _entropy_cell(read_json(_stage(_finished(run)) / "config.json"))
-        out.append(_copy_run(run, Path(dest) / name / f"seed{_seed(run)}",
+        out.append(copy_run(run, Path(dest) / name / f"seed{run_seed(run)}",
                              metrics=ENTROPY_KEYS))
     return out
 
@@ -269,7 +269,7 @@ def collect_precision(run_dirs: Sequence[str | Path], dest: str | Path) -> list[
     out = []
     for run in map(Path, run_dirs):
         name = _precision_cell(read_json(_stage(_finished(run)) / "config.json"))
-        out.append(_copy_run(run, Path(dest) / name / f"seed{_seed(run)}"))
+        out.append(copy_run(run, Path(dest) / name / f"seed{run_seed(run)}"))
     return out
 
 

@@ -61,16 +61,129 @@ def test_every_committed_set_is_checked_number_by_number(tmp_path):
     text = (ROOT / "README.md").read_text()
     found = results.blocks(text)
     committed = [n for n in results.SETS if results.present(ROOT / "results" / n)]
-    assert {"pipeline", "entropy", "bf16", "compare"} <= set(committed) <= set(found)
+    assert {"pipeline", "entropy", "bf16", "compare", "reward", "dpo_beta"} <= set(committed) \
+        <= set(found)
     for name in committed:
-        block = found[name]
-        i = next(i for i, ch in enumerate(block) if ch.isdigit() and i > block.index("|"))
+        block = found[name]     # a digit of the first table row under the header
+        i = next(i for i, ch in enumerate(block) if ch.isdigit() and i > block.index("|---"))
         bad = block[:i] + str((int(block[i]) + 1) % 10) + block[i + 1:]
         (tmp_path / "R.md").write_text(text.replace(block, bad))
         problems = results.check_readme(tmp_path / "R.md", ROOT / "results")
         assert len(problems) == 1 and f"`{name}`" in problems[0]
     (tmp_path / "R.md").write_text(text + _block("x\n", "nosuchset"))
     assert "nosuchset" in results.check_readme(tmp_path / "R.md", ROOT / "results")[0]
+
+
+def test_reward_table_against_a_loop_over_the_committed_files():
+    """Every seed's cells of the reward block, the mean ± std column, the weakest pair kind and
+    the SFT line, recomputed with plain loops from results/reward/seed*/."""
+    block = results.blocks((ROOT / "README.md").read_text())["reward"]
+    runs = [json.loads((ROOT / "results" / "reward" / f"seed{s}" / "summary.json").read_text())
+            for s in (0, 1, 2)]
+    pairs = ["correct_vs_fabricated", "correct_vs_unknown", "unknown_vs_fabricated",
+             "fabricated_vs_malformed", "correct_vs_malformed", "unknown_vs_malformed"]
+    for p in pairs:
+        v = [r[f"rm/gold_agreement/{p}"] for r in runs]
+        m = sum(v) / 3
+        sd = math.sqrt(sum((x - m) ** 2 for x in v) / 2)
+        assert (f"| {p.replace('_vs_', ' vs ')} | " + " | ".join(
+            f"{x:.3f} ({r[f'rm/pairs/{p}']:,})" for x, r in zip(v, runs))
+            + f" | {m:.3f} ± {sd:.3f} |") in block
+    for key in ("rm/spearman", "rm/accuracy", "rm/noise_ceiling", "rm/gold_label_accuracy"):
+        assert f"`{key}` " in block and " | ".join(f"{r[key]:.3f}" for r in runs) in block
+    worst = min((r[f"rm/gold_agreement/{p}"], s, p) for s, r in enumerate(runs) for p in pairs)
+    assert (f"Weakest pair kind: {worst[2].replace('_vs_', ' vs ')}, seed {worst[1]}: "
+            f"{worst[0]:.3f} on {runs[worst[1]][f'rm/pairs/{worst[2]}']} pairs.") in block
+    sft = [json.loads((ROOT / "results" / "reward" / f"seed{s}" / "sft_summary.json")
+                      .read_text()) for s in (0, 1, 2)]
+    assert " / ".join(f"{x['knowledge/sft']:.3f}" for x in sft) + " after SFT" in block
+
+
+def test_reward_collect_from_a_pipeline_directory(tmp_path):
+    run = tmp_path / "pipe"
+    summary = {"rm/gold_agreement": 0.9, "rm/gold_agreement/correct_vs_unknown": 0.5,
+               "rm/gold_agreement/new_vs_old": 0.25, "rm/pairs/new_vs_old": 4,
+               "rm/accuracy": 0.7, "rm/gold_label_accuracy": 0.75}
+    _write(run / "reward" / "summary.json", summary)
+    _write(run / "reward" / "config.json", {"steps": 400})
+    _write(run / "reward" / "meta.json", {"seed": 7})
+    _write(run / "sft" / "summary.json", {"knowledge/base": 0.5, "knowledge/sft": 0.625,
+                                           "fabrication_rate/sft": 0.25,
+                                           "demonstrator/fabrication_rate": 0.125})
+    _write(run / "summary.json", {"gold/rlhf": 1.0})       # the pipeline's own: not this set's
+    (d,) = results.collect([run], tmp_path / "res" / "reward")
+    assert d.name == "seed7" and json.loads((d / "summary.json").read_text()) == summary
+    table = results.SETS["reward"].render(d.parent)
+    # known pair kinds first, others after; pair counts only where every seed has them
+    assert table.index("| correct vs unknown | 0.500 | 0.500 |") < table.index(
+        "| new vs old | 0.250 (4) | 0.250 |")
+    assert "| `rm/accuracy` (vs the noisy labels) | 0.700 | 0.700 |" in table
+    assert "Weakest pair kind: new vs old, seed 7: 0.250 on 4 pairs." in table
+    assert "(points, seed 7): 5.0." in table and "`rm/spearman`" not in table
+    assert ("probe 0.500 after pretraining, 0.625 after SFT; fabrication rate 0.250 against "
+            "the demonstrator's 0.125.") in table
+
+
+def _fake_sweep(out: Path, betas=(0.5, 0.3), seeds=(0, 1)) -> Path:
+    """A sweep.py run directory over DPO's β: index.jsonl and <cell>/seed<S>/ run files."""
+    rows = []
+    for beta in betas:
+        for seed in seeds:
+            d = out / f"beta={beta}" / f"seed{seed}"
+            s = {"gold/dpo": beta + 0.1 * seed, "fabrication_rate/dpo": 0.05,
+                 "accuracy/dpo": 0.8, "malformed_rate/dpo": 0.1 * seed,
+                 "win_rate/dpo_vs_sft": 0.7, "kl/dpo_vs_sft": 2 * beta, "win_rate/ceiling": 0.77,
+                 "gold/sft": -0.1, "fabrication_rate/sft": 0.4, "accuracy/sft": 0.6,
+                 "malformed_rate/sft": 0.04}
+            _write(d / "summary.json", s)
+            _write(d / "config.json", {"loss": "dpo", "beta": beta, "steps": 400,
+                                       "batch_prompts": 16, "optim": {"learning_rate": 5e-5}})
+            _write(d / "meta.json", {"seed": seed})
+            (d / "params").mkdir()                       # not collected
+            rows.append({"cell": f"beta={beta}", "seed": seed})
+    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("config.json", "meta.json"):
+        _write(out / name, {})
+    (out / "results.md").write_text("| table |\n")
+    return out
+
+
+def test_dpo_beta_collect_and_render_by_hand(tmp_path):
+    run = _fake_sweep(tmp_path / "sweep")
+    dest, *cells = results.collect([run], tmp_path / "res" / "dpo_beta")
+    assert len(cells) == 4 and not (dest / "beta=0.3" / "seed0" / "params").exists()
+    table = results.SETS["dpo_beta"].render(dest)
+    assert "Seeds 0, 1 of one `sweep.py --script dpo` run (400 steps of 16 prompts, lr 5e-5;" \
+        in table
+    assert "| β | gold | fabrication | accuracy | malformed | win rate vs SFT (ceiling 0.770) " \
+        "| KL to SFT (nats/seq) |" in table
+    assert "| SFT | −0.100 | 0.400 | 0.600 | 0.040 | — | 0 |" in table
+    # rows by β, the default marked; mean ± std over the cell's seeds
+    assert table.index("| 0.3 (default) | 0.350 ± 0.071 | 0.050 ± 0.000 | 0.800 ± 0.000 | "
+                       "0.050 ± 0.071 | 0.700 ± 0.000 | 0.600 ± 0.000 |") < table.index("| 0.5 |")
+    summary = json.loads((dest / "beta=0.5" / "seed1" / "summary.json").read_text())
+    _write(dest / "beta=0.5" / "seed1" / "summary.json", {**summary, "gold/sft": 0.0})
+    with pytest.raises(ValueError, match="2 SFT models"):
+        results.SETS["dpo_beta"].render(dest)
+    with pytest.raises(ValueError, match="one sweep run"):
+        results.collect([run, run], tmp_path / "res2" / "dpo_beta")
+
+
+def test_dpo_beta_rows_from_the_committed_files_and_beta_0_3_is_compares_dpo_seed_0():
+    """Each β row recomputed from its committed summary; the default-β cell ran the compare set's
+    DPO seed-0 config from the same reward run, so its summary equals that one but for times."""
+    block = results.blocks((ROOT / "README.md").read_text())["dpo_beta"]
+    res = ROOT / "results" / "dpo_beta"
+    for beta in ("0.1", "0.2", "0.3", "0.5"):
+        s = json.loads((res / f"beta={beta}" / "seed0" / "summary.json").read_text())
+        want = [s[k] for k in ("gold/dpo", "fabrication_rate/dpo", "accuracy/dpo",
+                               "malformed_rate/dpo", "win_rate/dpo_vs_sft", "kl/dpo_vs_sft")]
+        row = next(x for x in block.splitlines() if x.startswith(f"| {beta}"))
+        assert row.endswith(" | ".join(f"{v:.3f}" for v in want) + " |")
+    same = json.loads((res / "beta=0.3" / "seed0" / "summary.json").read_text())
+    dpo = json.loads((ROOT / "results" / "compare" / "dpo" / "seed0" / "summary.json").read_text())
+    assert {k: v for k, v in same.items() if not k.startswith("time_s/offline")} == \
+        {k: v for k, v in dpo.items() if not k.startswith("time_s/offline")}
 
 
 def _sentiment_summary(seed: int, gold_rlhf: float) -> dict:
