@@ -49,8 +49,8 @@ class OfflineConfig:
         ``rlhf_jax.losses.preference``. ORPO replaces SFT: it starts from the pretrained model
         (the SFT run's base), and is evaluated paired with SFT like the others.
       beta: DPO's and KTO's β (KL strength: the implicit reward is β·log π/π_ref). On the embedded task
-        (seed 0, 400 steps) β = 0.1 / 0.2 / 0.3 / 0.5 gave held-out gold 0.54 / 0.65 / 0.67 /
-        0.61 (β = 0.1 drifts to KL 1.16 and 12 % malformed answers).
+        β = 0.3 has the highest held-out gold of 0.1 / 0.2 / 0.3 / 0.5 (README's DPO β table,
+        ``results/dpo_beta/``); β = 0.1 drifts furthest and answers most often malformed.
       label_smoothing: conservative DPO's label-flip probability ε (0 = plain DPO).
       ipo_tau: IPO's τ (target log-ratio margin 1/(2τ)).
       ipo_average_length: IPO on per-token (length-averaged) log-ratios.
