@@ -9,7 +9,8 @@ code paths as the reference workload (``run.bench_sft``, ``run.bench_gen``, ``ru
   ppo   one iteration of ``rl.ppo.make_iteration``: 32 rollouts, prompt 64, response 48 (all
         generated), separate policy / reference / value / reward models, 1 epoch × 4
         minibatches of 8, π_old from a policy forward pass (``rescore_policy=True``, the
-        library default, which bf16 requires)                                   -> s/iteration
+        library default, which bf16 requires); one iteration timed right after the
+        ahead-of-time compile, no phase split (``gen`` times the sampler alone) -> s/iteration
 
 Every (workload, precision) pair runs in its own process (``run.py --workload gpt2-small --only W
 --precision P``), so ``peak_rss_mb`` is that workload's own peak resident set; the pairs run
@@ -31,8 +32,9 @@ from pathlib import Path
 WORKLOADS = ("sft", "gen", "ppo")
 PRECISIONS = ("float32", "bf16")
 RSS_LIMIT_MB = 16 * 1024
-ITERS = {"sft": (1, 3), "gen": (1, 3), "ppo": (1, 2)}     # (warm-up, timed)
-ITERS_QUICK = {"sft": (1, 1), "gen": (1, 1), "ppo": (1, 1)}
+# (warm-up, timed); PPO: one iteration after the ahead-of-time compile (no warm-up iteration)
+ITERS = {"sft": (1, 3), "gen": (1, 3), "ppo": (0, 1)}
+ITERS_QUICK = {"sft": (1, 1), "gen": (1, 1), "ppo": (0, 1)}
 
 
 def shapes(bench, tiny: bool):
@@ -61,7 +63,7 @@ def measure(bench, workload: str, precision: str, *, tiny: bool, quick: bool) ->
     elif workload == "gen":
         r = bench.bench_gen(sh, iters, mesh)
     else:
-        r = bench.bench_ppo(sh, iters, peak, mesh, critic="separate", phases=not quick)
+        r = bench.bench_ppo(sh, iters, peak, mesh, critic="separate", phases=False)
     return {"workload": workload, "precision": precision, **r,
             "matmul_peak_gflops": round(peak / 1e9, 1),
             "matmul_peak_kind": "bf16 x bf16 -> f32" if precision == "bf16" else "f32 x f32 -> f32"}

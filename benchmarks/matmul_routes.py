@@ -20,6 +20,10 @@ dtype cases: ``f32`` (f32 × f32 → f32), ``bf16_f32`` (bf16 × bf16 → f32 vi
 
     python benchmarks/matmul_routes.py --out /work/runs/routes.json        # all routes, 3 rounds
     python benchmarks/matmul_routes.py --routes default,xnn_dot --rounds 1 --quick
+    python benchmarks/matmul_routes.py --steps --routes default,ynn_off   # SFT step per route
+
+``--steps`` times one training step of the reference workload instead (``run.py --workload
+reference --only sft``, both precisions) under each route, in rounds, each in its own process.
 """
 
 from __future__ import annotations
@@ -63,11 +67,13 @@ SHAPES = {
     "cube_1024": (1, 1024, 1024, 1024, "nn"),
     "ref_mlp_up": (1, 2048, 256, 1024, "nn"),
     "ref_mlp_wgrad": (1, 256, 2048, 1024, "tn"),
+    "ref_mlp_wgrad_nn": (1, 256, 2048, 1024, "nn"),    # the same with xᵀ materialised
     "ref_mlp_dgrad": (1, 2048, 1024, 256, "nt"),
     "ref_lm_head": (1, 2048, 256, 512, "nn"),
     "ref_attn_scores": (64, 128, 64, 128, "nn"),
     "gpt2_mlp_up": (1, 512, 768, 3072, "nn"),
     "gpt2_mlp_wgrad": (1, 768, 512, 3072, "tn"),
+    "gpt2_mlp_wgrad_nn": (1, 768, 512, 3072, "nn"),
     "gpt2_lm_head": (1, 512, 768, 50257, "nn"),
 }
 QUICK_SHAPES = ("cube_1024", "ref_mlp_up", "gpt2_mlp_up")
@@ -197,6 +203,37 @@ def summarise(runs: list[dict]) -> dict:
             "xla_flags": ok[0]["xla_flags"]}
 
 
+def run_step_child(route: str, precision: str, quick: bool) -> dict:
+    """``run.py --workload reference --only sft --precision P`` under ``route``'s XLA_FLAGS."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {ROUTES[route]}".strip()
+    cmd = [sys.executable, str(Path(__file__).with_name("run.py")), "--workload", "reference",
+           "--only", "sft", "--precision", precision] + ["--quick"] * quick
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        return {"error": p.stderr.strip()[-1500:]}
+    d = json.loads(p.stdout.strip().splitlines()[-1])["detail"]["sft"]
+    return {k: d[k] for k in ("median_step_s", "min_step_s", "max_step_s", "tokens_per_s",
+                              "compile_s", "other_cpu_load")}
+
+
+def steps(routes, rounds: int, quick: bool) -> dict:
+    """SFT step time of the reference workload per route and precision, routes alternating."""
+    runs = {(r, p): [] for r in routes for p in ("float32", "bf16")}
+    for i in range(rounds):
+        for (r, p), out in runs.items():
+            out.append(run_step_child(r, p, quick))
+            print(f"[routes] steps round {i + 1}/{rounds} {r} {p}: {out[-1]} (load {load_avg()})",
+                  file=sys.stderr, flush=True)
+    table = {}
+    for (r, p), out in runs.items():
+        med = [o["median_step_s"] for o in out if "median_step_s" in o]
+        table.setdefault(r, {})[p] = {
+            "median_step_s": round(statistics.median(med), 4) if med else None,
+            "rounds_min_max": [min(med), max(med)] if med else None, "runs": out}
+    return table
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +244,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds of timed calls per case")
     ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, 1 round")
     ap.add_argument("--out", default="", help="write the JSON here too")
+    ap.add_argument("--steps", action="store_true",
+                    help="time the reference SFT step per route instead of bare matmuls")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     shapes = list(QUICK_SHAPES) if a.quick else [s for s in a.shapes.split(",") if s]
@@ -223,8 +262,12 @@ def main(argv=None) -> dict:
     head = {"bench": "matmul_routes", "cpu": cpu_record(), "load_avg_start": load_avg(),
             "shapes": {s: SHAPES[s] for s in shapes}, "cases": cases, "rounds": rounds,
             "min_time_s": a.min_time, "nice": os.nice(0), "started": time.strftime("%FT%TZ", time.gmtime())}
-    runs: dict[str, list[dict]] = {r: [] for r in routes}
     t0 = time.perf_counter()
+    if a.steps:
+        res = {**head, "bench": "matmul_routes --steps", "steps": steps(routes, a.rounds, a.quick),
+               "load_avg_end": load_avg(), "wall_s": round(time.perf_counter() - t0, 1)}
+        return _emit(res, a.out)
+    runs: dict[str, list[dict]] = {r: [] for r in routes}
     for i in range(rounds):
         for r in routes:
             runs[r].append(run_child(r, shapes, cases, a.min_time))
@@ -234,9 +277,13 @@ def main(argv=None) -> dict:
                   flush=True)
     res = {**head, "load_avg_end": load_avg(), "wall_s": round(time.perf_counter() - t0, 1),
            "routes": {r: {"flags": ROUTES[r], **summarise(runs[r])} for r in routes}}
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    return _emit(res, a.out)
+
+
+def _emit(res: dict, out: str) -> dict:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res), flush=True)
     return res
 

@@ -205,3 +205,34 @@ def test_run_py_gpt2_small_tiny_row_in_process(capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["row"] == row
     with pytest.raises(SystemExit):
         run.main(["--workload", "gpt2-small", "--only", "rm"])
+
+
+def test_matmul_routes_reads_the_route_from_hlo_and_summarises_rounds():
+    mr = _load("matmul_routes")
+    hlo = ('%f = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config='
+           '{"fusion_backend_config":{"kind":"__ynn_fusion"}}\n'
+           '  %d = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n'
+           '%e = f32[8,8] custom-call(%a), custom_call_target="__onednn$matmul"\n')
+    assert mr.hlo_route(hlo) == {"custom_calls": ["__onednn$matmul"],
+                                 "fusion_kinds": ["__ynn_fusion"], "plain_dots": 1}
+    route = {"custom_calls": [], "fusion_kinds": [], "plain_dots": 1}
+    runs = [{"xla_flags": "--x", "warnings": ["W deprecated"],
+             "results": {"cube_1024/f32": {"gflops": g, "route": route}}} for g in (10.0, 30.0, 20.0)]
+    s = mr.summarise(runs + [{"error": "crash"}])
+    assert s["results"]["cube_1024/f32"]["gflops"] == 20.0
+    assert s["results"]["cube_1024/f32"]["rounds_min_max"] == [10.0, 30.0]
+    assert (s["rounds"], s["warnings"]) == (3, ["W deprecated"])
+    assert mr.summarise([{"error": "Unknown flag", "warnings": []}])["error"] == "Unknown flag"
+    # the dot_general of every layout computes x·w of the shape it names
+    import numpy as np
+    import jax
+    for name in ("ref_mlp_wgrad", "ref_mlp_dgrad", "ref_attn_scores"):
+        b, m, k, n, _ = mr.SHAPES[name]
+        x, y = mr._operands((b, 4, 3, 5, mr.SHAPES[name][4]), "f32", jax.random.key(0))
+        out = np.asarray(mr._matmul_fn(mr.SHAPES[name], "f32")(x, y))
+        x, y = np.asarray(x), np.asarray(y)
+        lay = mr.SHAPES[name][4]
+        ref = {"nn": lambda: x @ y, "tn": lambda: np.swapaxes(x, -1, -2) @ y,
+               "nt": lambda: x @ np.swapaxes(y, -1, -2)}[lay]()
+        assert out.shape == ((b,) if b > 1 else ()) + (4, 5)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
