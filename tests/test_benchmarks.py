@@ -236,3 +236,17 @@ def test_matmul_routes_reads_the_route_from_hlo_and_summarises_rounds():
                "nt": lambda: x @ np.swapaxes(y, -1, -2)}[lay]()
         assert out.shape == ((b,) if b > 1 else ()) + (4, 5)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_record_reads_model_and_simd_flags(tmp_path):
+    from rlhf_jax import launch
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                    "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    rec = launch.cpu_record(str(info))
+    assert rec["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert rec["simd_flags"] == ["amx_bf16", "amx_tile", "avx", "avx2", "avx512_bf16", "avx512f",
+                                 "fma"]
+    assert launch.cpu_record(str(tmp_path / "missing")) == {
+        "model": "", "simd_flags": [], "cpu_count": rec["cpu_count"]}
