@@ -38,6 +38,7 @@ The process re-executes itself under the experiments' glibc allocator settings
     python benchmarks/run.py --workload reference            # about 3-5 minutes on 2 cores
     python benchmarks/run.py --workload reference --quick --only sft,gen
     python benchmarks/run.py --workload default --quick
+    python benchmarks/run.py --workload gpt2-small           # 124M GPT-2: benchmarks/gpt2_small.py
 """
 
 from __future__ import annotations
