@@ -38,6 +38,7 @@ The process re-executes itself under the experiments' glibc allocator settings
     python benchmarks/run.py --workload reference            # about 3-5 minutes on 2 cores
     python benchmarks/run.py --workload reference --quick --only sft,gen
     python benchmarks/run.py --workload default --quick
+    python benchmarks/run.py --workload gpt2-small           # 124M GPT-2: benchmarks/gpt2_small.py
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Shapes:
     learning_rate: float = 1e-5   # the TRL benches' learning rate
     dpo_beta: float = 0.1
     precision: str = "float32"    # the model config's precision (--precision)
+    ppo_rescore: bool = False     # PPOHParams.rescore_policy (False: TRL's way; bf16 needs True)
 
 
 REFERENCE = Shapes()
@@ -164,12 +166,14 @@ def aot(fn, *args):
     return compiled, round(time.perf_counter() - t0, 3)
 
 
-def matmul_peak_flops(n: int = 1024, reps: int = 20) -> float:
-    """Median FLOP/s of a jitted n×n×n float32 matmul (2·n³ FLOPs)."""
+def matmul_peak_flops(n: int = 1024, reps: int = 20, precision: str = "float32") -> float:
+    """Median FLOP/s of a jitted n×n×n matmul (2·n³ FLOPs): f32 × f32 → f32, or for ``bf16``
+    bf16 × bf16 → f32 (``preferred_element_type``, as the bf16 models' matmuls)."""
+    dt = jnp.bfloat16 if precision == "bf16" else jnp.float32
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), jnp.float32)
-    b = jax.random.normal(k2, (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
+    a = jax.random.normal(k1, (n, n), dt)
+    b = jax.random.normal(k2, (n, n), dt)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     jax.block_until_ready(f(a, b))
     times = []
     for _ in range(reps + 3):
@@ -404,7 +408,7 @@ def _ppo_setup(sh: Shapes, critic: str, mesh):
                       if critic == "separate" else (None, None))
     hp = PPOHParams(prompts_per_iter=sh.ppo_prompts, temperature=1.0, epochs=sh.ppo_epochs,
                     minibatches=sh.ppo_minibatches, no_eos_penalty=0.0, kl_coef=0.05,
-                    critic=critic, rescore_policy=False)   # TRL's PPO scores with gen. logits
+                    critic=critic, rescore_policy=sh.ppo_rescore)  # False: as TRL, gen. logits
     steps = 10 ** 4
     state = PPOState(policy=new_train_state(pparams, steps),
                      value=None if vparams is None else new_train_state(vparams, steps),
@@ -658,7 +662,8 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=("reference", "default"), default="reference")
+    ap.add_argument("--workload", choices=("reference", "default", "gpt2-small"),
+                    default="reference", help="gpt2-small: benchmarks/gpt2_small.py")
     ap.add_argument("--quick", action="store_true", help="few timed steps (smoke run)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny shapes and the 'test' model preset (for the smoke test)")
@@ -667,11 +672,15 @@ def main(argv=None) -> dict:
                     help="a real-size model preset (smollm2-135m, qwen2.5-0.5b, gpt2, ...) with "
                          "random weights, run at the small SCALE shapes with one timed step each; "
                          "run one workload per process (--only) for its own peak RSS")
-    ap.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+    ap.add_argument("--precision", choices=("float32", "bf16"), default=None,
                     help="the models' precision (bf16: bf16 matmul inputs, float32 accumulation; "
-                         "mfu stays relative to the float32 matmul peak)")
+                         "mfu stays relative to the float32 matmul peak); default float32, and "
+                         "for gpt2-small both")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
+    if a.workload == "gpt2-small":
+        return _main_gpt2_small(a, only, ap)
+    a.precision = a.precision or "float32"
     bad = [s for s in only if s not in WORKLOADS]
     if bad:
         ap.error(f"--only: unknown workload(s) {bad}; choose from {WORKLOADS}")
@@ -698,6 +707,36 @@ def main(argv=None) -> dict:
             res = {"stages": bench_default(a.quick)}
     res = {**head, **res,
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _main_gpt2_small(a, only, ap) -> dict:
+    """``--workload gpt2-small``: one (workload, precision) in this process when both are given
+    (``--only W --precision P``), else every pair, each in its own process."""
+    if str(Path(__file__).resolve().parent) not in sys.path:   # loaded by path (tests)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpt2_small
+
+    from rlhf_jax import launch
+
+    bad = [s for s in only if s not in gpt2_small.WORKLOADS]
+    if bad:
+        ap.error(f"--only: unknown gpt2-small workload(s) {bad}; choose from {gpt2_small.WORKLOADS}")
+    head = {"bench": "rlhf_jax", "workload": "gpt2-small", "quick": a.quick, "tiny": a.tiny,
+            "cpu": launch.cpu_record(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "versions": {"python": platform.python_version(), "jax": jax.__version__}}
+    if len(only) == 1 and a.precision:
+        launch.enable_compilation_cache()
+        with contextlib.redirect_stdout(sys.stderr):
+            row = gpt2_small.measure(sys.modules[__name__], only[0], a.precision, tiny=a.tiny,
+                                     quick=a.quick)
+        res = {**head, "row": {**row, "cpu": head["cpu"]},
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    else:
+        precisions = [a.precision] if a.precision else list(gpt2_small.PRECISIONS)
+        res = {**head, **gpt2_small.run_all(precisions, only or list(gpt2_small.WORKLOADS),
+                                            tiny=a.tiny, quick=a.quick)}
     print(json.dumps(res), flush=True)
     return res
 

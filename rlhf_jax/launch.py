@@ -48,6 +48,22 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
+def cpu_record(path: str = "/proc/cpuinfo") -> dict:
+    """The CPU a benchmark ran on, for its JSON: model name, SIMD / AMX feature flags, cores."""
+    from rlhf_jax.precision import cpu_flags
+
+    model = ""
+    try:
+        with open(path) as f:
+            model = next((ln.partition(":")[2].strip() for ln in f
+                          if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    flags = cpu_flags(path) or frozenset()
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    return {"model": model, "simd_flags": simd, "cpu_count": os.cpu_count()}
+
+
 def setup() -> None:
     """Call first thing in an experiment script's ``__main__``: allocator re-exec + compile cache."""
     reexec_with_allocator_env()

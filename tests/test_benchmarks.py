@@ -153,3 +153,100 @@ def test_last_json_line_skips_noise():
     assert sbs.last_json_line('x\n{"a": 1}\n{broken\n') == {"a": 1}
     with pytest.raises(ValueError):
         sbs.last_json_line("no json here")
+
+
+def test_gpt2_small_is_gpt2_small_at_the_issues_shapes():
+    run, g = _load("run"), _load("gpt2_small")
+    import jax
+    from rlhf_jax.models import create_model
+    from rlhf_jax.models.config import preset
+    from rlhf_jax.models.functional import count_params
+
+    sh = g.shapes(run, tiny=False)
+    cfg = preset(sh.model)
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads) == (50257, 768, 12, 12)
+    assert cfg.max_len >= sh.ppo_prompt_len + sh.ppo_new == 112
+    n = count_params(jax.eval_shape(lambda: create_model(cfg, jax.random.key(0))[1]))
+    assert abs(n - 124.4e6) < 0.1e6, n                       # GPT-2 small, tied embeddings
+    assert (sh.ppo_prompts, sh.ppo_prompt_len, sh.ppo_new, sh.ppo_rescore) == (32, 64, 48, True)
+    assert sh.ppo_prompts % sh.ppo_minibatches == 0
+
+
+def test_gpt2_small_alternates_precisions_and_flags_rss_over_16gb():
+    g = _load("gpt2_small")
+    calls = []
+    heads = {"sft": "tokens_per_s", "gen": "new_tokens_per_s", "ppo": "iter_s"}
+
+    def fake(w, p):
+        calls.append((w, p))
+        rss = 17000.0 if (w, p) == ("ppo", "bf16") else 900.0
+        return {"workload": w, "precision": p, heads[w]: 2.0, "compile_s": 1.0,
+                "peak_rss_mb": rss, "mfu": 0.5}
+
+    res = g.run_all(["float32", "bf16"], list(g.WORKLOADS), tiny=True, quick=True, runner=fake)
+    assert calls == [(w, p) for w in ("sft", "gen", "ppo") for p in ("float32", "bf16")]
+    assert res["rss_over_limit"] == ["ppo/bf16"]
+    assert res["table"]["ppo"]["bf16"] == {"iter_s": 2.0, "compile_s": 1.0, "peak_rss_mb": 17000.0,
+                                           "mfu": 0.5}
+    err = g.table([{"workload": "sft", "precision": "bf16", "error": "boom"}])
+    assert err == {"sft": {"bf16": {"error": "boom"}}}
+
+
+def test_run_py_gpt2_small_tiny_row_in_process(capsys):
+    # the in-process path a gpt2-small child runs: one workload, one precision, one JSON line
+    run = _load("run")
+    res = run.main(["--workload", "gpt2-small", "--tiny", "--quick", "--only", "sft",
+                    "--precision", "float32"])
+    row = res["row"]
+    assert (row["workload"], row["precision"], row["n_timed"]) == ("sft", "float32", 1)
+    assert row["tokens_per_s"] > 0 and row["compile_s"] > 0 and res["peak_rss_mb"] > 0
+    assert row["matmul_peak_kind"] == "f32 x f32 -> f32" and row["matmul_peak_gflops"] > 0
+    assert row["cpu"]["cpu_count"] >= 1 and "simd_flags" in row["cpu"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["row"] == row
+    with pytest.raises(SystemExit):
+        run.main(["--workload", "gpt2-small", "--only", "rm"])
+
+
+def test_matmul_routes_reads_the_route_from_hlo_and_summarises_rounds():
+    mr = _load("matmul_routes")
+    hlo = ('%f = f32[8,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config='
+           '{"fusion_backend_config":{"kind":"__ynn_fusion"}}\n'
+           '  %d = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n'
+           '%e = f32[8,8] custom-call(%a), custom_call_target="__onednn$matmul"\n')
+    assert mr.hlo_route(hlo) == {"custom_calls": ["__onednn$matmul"],
+                                 "fusion_kinds": ["__ynn_fusion"], "plain_dots": 1}
+    route = {"custom_calls": [], "fusion_kinds": [], "plain_dots": 1}
+    runs = [{"xla_flags": "--x", "warnings": ["W deprecated"],
+             "results": {"cube_1024/f32": {"gflops": g, "route": route}}} for g in (10.0, 30.0, 20.0)]
+    s = mr.summarise(runs + [{"error": "crash"}])
+    assert s["results"]["cube_1024/f32"]["gflops"] == 20.0
+    assert s["results"]["cube_1024/f32"]["rounds_min_max"] == [10.0, 30.0]
+    assert (s["rounds"], s["warnings"]) == (3, ["W deprecated"])
+    assert mr.summarise([{"error": "Unknown flag", "warnings": []}])["error"] == "Unknown flag"
+    # the dot_general of every layout computes x·w of the shape it names
+    import numpy as np
+    import jax
+    for name in ("ref_mlp_wgrad", "ref_mlp_dgrad", "ref_attn_scores"):
+        b, m, k, n, _ = mr.SHAPES[name]
+        x, y = mr._operands((b, 4, 3, 5, mr.SHAPES[name][4]), "f32", jax.random.key(0))
+        out = np.asarray(mr._matmul_fn(mr.SHAPES[name], "f32")(x, y))
+        x, y = np.asarray(x), np.asarray(y)
+        lay = mr.SHAPES[name][4]
+        ref = {"nn": lambda: x @ y, "tn": lambda: np.swapaxes(x, -1, -2) @ y,
+               "nt": lambda: x @ np.swapaxes(y, -1, -2)}[lay]()
+        assert out.shape == ((b,) if b > 1 else ()) + (4, 5)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_record_reads_model_and_simd_flags(tmp_path):
+    from rlhf_jax import launch
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+                    "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    rec = launch.cpu_record(str(info))
+    assert rec["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert rec["simd_flags"] == ["amx_bf16", "amx_tile", "avx", "avx2", "avx512_bf16", "avx512f",
+                                 "fma"]
+    assert launch.cpu_record(str(tmp_path / "missing")) == {
+        "model": "", "simd_flags": [], "cpu_count": rec["cpu_count"]}
