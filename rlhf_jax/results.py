@@ -4,7 +4,8 @@ table between ``<!-- results:<set>:start -->`` and ``<!-- results:<set>:end -->`
 from them (never typed by hand); ``tests/test_results.py`` checks they agree. One renderer and one
 collector per set (``SETS``): ``pipeline``, ``sentiment``, ``entropy``, ``bf16``
 (:mod:`rlhf_jax.results_tables`), ``compare`` (:mod:`rlhf_jax.results_compare`), ``reward`` and
-``dpo_beta`` (:mod:`rlhf_jax.results_stages`). A set whose
+``dpo_beta`` (:mod:`rlhf_jax.results_stages`), ``sentiment_rm`` and ``sentiment_ppo`` (the
+sentiment task's exploration runs, :mod:`rlhf_jax.results_sentiment`). A set whose
 ``results/<set>/`` directory does not exist yet is skipped (its README block, if any, is left
 as it is).
 
@@ -13,6 +14,8 @@ as it is).
     python -m rlhf_jax.results collect runs/compare --dest results/compare
     python -m rlhf_jax.results collect /work/runs/s2-pipe-seed{0,1,2} --dest results/reward
     python -m rlhf_jax.results collect runs/dpo-beta --dest results/dpo_beta   # a sweep.py run
+    python -m rlhf_jax.results collect /work/runs/s4-sent-seed0/reward /work/runs/s4-sent-rm-last-200 \
+        --dest results/sentiment_rm                  # also: sentiment_ppo from pipeline runs
     python -m rlhf_jax.results update-readme      # re-render every marked table in README.md
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from rlhf_jax.results_compare import collect_compare, compare_table
+from rlhf_jax.results_sentiment import collect_explore, sentiment_ppo_table, sentiment_rm_table
 from rlhf_jax.results_stages import collect_reward, collect_sweep, dpo_beta_table, reward_table
 from rlhf_jax.results_tables import (PROMPTS_KEPT, ROOT, bf16_table, collect_entropy,  # noqa: F401
                                      collect_precision, collect_seeds, entropy_table,
@@ -45,6 +49,8 @@ SETS = {
     "sentiment": TableSet(sentiment_table, collect_seeds),
     "reward": TableSet(reward_table, collect_reward),
     "dpo_beta": TableSet(dpo_beta_table, collect_sweep),
+    "sentiment_rm": TableSet(sentiment_rm_table, collect_explore),
+    "sentiment_ppo": TableSet(sentiment_ppo_table, collect_explore),
 }
 
 

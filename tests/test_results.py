@@ -61,8 +61,8 @@ def test_every_committed_set_is_checked_number_by_number(tmp_path):
     text = (ROOT / "README.md").read_text()
     found = results.blocks(text)
     committed = [n for n in results.SETS if results.present(ROOT / "results" / n)]
-    assert {"pipeline", "entropy", "bf16", "compare", "reward", "dpo_beta"} <= set(committed) \
-        <= set(found)
+    assert {"pipeline", "entropy", "bf16", "compare", "reward", "dpo_beta", "sentiment_rm",
+            "sentiment_ppo"} <= set(committed) <= set(found)
     for name in committed:
         block = found[name]     # a digit of the first table row under the header
         i = next(i for i, ch in enumerate(block) if ch.isdigit() and i > block.index("|---"))
@@ -184,6 +184,63 @@ def test_dpo_beta_rows_from_the_committed_files_and_beta_0_3_is_compares_dpo_see
     dpo = json.loads((ROOT / "results" / "compare" / "dpo" / "seed0" / "summary.json").read_text())
     assert {k: v for k, v in same.items() if not k.startswith("time_s/offline")} == \
         {k: v for k, v in dpo.items() if not k.startswith("time_s/offline")}
+
+
+def test_sentiment_exploration_rows_against_a_loop_over_the_committed_files():
+    """One row of each sentiment exploration table recomputed by hand from its committed files:
+    the 200-step last-token RM and the PPO run adaptive to 2.5 nats with horizon 500."""
+    found = results.blocks((ROOT / "README.md").read_text())
+    d = ROOT / "results" / "sentiment_rm" / "s4-sent-rm-last-200"
+    s, c = (json.loads((d / f).read_text()) for f in ("summary.json", "config.json"))
+    assert (c["readout"], c["steps"], c["optim"]["learning_rate"]) == ("last", 200, 5e-4)
+    assert (f"| last-token head | 200 | 5e-4 | {s['rm/gold_agreement']:.3f} | "
+            f"{s['rm/gold_agreement/positive_vs_negative']:.3f} | `s4-sent-rm-last-200` |"
+            ) in found["sentiment_rm"].splitlines()
+    rows = [json.loads(p.read_text()) for p in (ROOT / "results" / "sentiment_rm").rglob(
+        "summary.json")]
+    assert len(rows) == 6 and f"**{max(r['rm/gold_agreement'] for r in rows):.3f}**" in \
+        found["sentiment_rm"]
+    d = ROOT / "results" / "sentiment_ppo" / "s4-sent-ppo-t2.5h500"
+    s, c = (json.loads((d / f).read_text()) for f in ("summary.json", "config.json"))
+    h = c["ppo"]
+    kl = f"{s['kl/rlhf_vs_sft']:.2f}"
+    row = (f"| β {h['kl_coef']} (final {s['final/kl/coef']:.3f}), adaptive to {h['kl_target']}, "
+           f"horizon {int(h['kl_horizon'])} | {s['gold/sft']:.3f} → {s['gold/rlhf']:.3f} | "
+           f"{s['positive_rate/sft']:.3f} → {s['positive_rate/rlhf']:.3f} | "
+           f"{s['win_rate/rlhf_vs_sft']:.3f} | " + (f"**{kl}**" if s["kl/rlhf_vs_sft"] <= 3 else kl)
+           + f" | {s['distinct_2/sft']:.3f} / {s['distinct_2/rlhf']:.3f} | "
+           f"{s['rm/gold_agreement_on_policy']:.3f} | `s4-sent-ppo-t2.5h500` |")
+    assert row in found["sentiment_ppo"].splitlines()
+
+
+def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_path):
+    """A pipeline's reward stage is stored under the pipeline's name (read through a symlink);
+    a PPO run's config comes from its ppo/ stage; runs on different data are refused."""
+    base = tmp_path / "base" / "reward"
+    _write(base / "summary.json", {"preferences/train_prompts": 8, "rm/gold_pairs": 10,
+                                   "rm/noise_ceiling": 0.8, "rm/gold_agreement": 0.6,
+                                   "rm/gold_agreement/positive_vs_negative": 0.7})
+    _write(base / "config.json", {"labeler": {"k": 4}, "steps": 400, "freeze_trunk": False,
+                                  "lm_readout": False, "optim": {"learning_rate": 5e-4}})
+    _write(base / "meta.json", {"seed": 0})
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "reward").symlink_to(base)
+    other = tmp_path / "rm-sum"
+    shutil.copytree(base, other)
+    _write(other / "config.json", {**json.loads((base / "config.json").read_text()),
+                                   "readout": "sum", "optim": {"learning_rate": 1.5e-4}})
+    dest = tmp_path / "res" / "sentiment_rm"
+    assert [p.relative_to(dest).as_posix() for p in results.collect(
+        [tmp_path / "pipe" / "reward", other], dest)] == ["pipe/reward", "rm-sum"]
+    table = results.SETS["sentiment_rm"].render(dest)
+    assert "Seed 0 in every row, the same 8 × 4 labelled samples" in table
+    assert "| **last-token head** (`readout last`, default) | 400 | 5e-4 | **0.600** | 0.700 " \
+        "| `pipe/reward` |" in table
+    assert "| per-token head, sum over response tokens (`readout sum`) | 400 | 1.5e-4 | " \
+        "**0.600** | 0.700 | `rm-sum` |" in table
+    _write(dest / "rm-sum" / "meta.json", {"seed": 1})
+    with pytest.raises(ValueError, match="differ in seed"):
+        results.SETS["sentiment_rm"].render(dest)
 
 
 def _sentiment_summary(seed: int, gold_rlhf: float) -> dict:

@@ -1,0 +1,160 @@
+"""The sentiment task's exploration tables (README, "A real-text task"), each rendered from
+committed KB-sized files under ``results/<set>/<run>/`` (summary, config, meta; ``<run>`` is the
+run directory's name, ``<pipeline>/reward`` for a pipeline's reward stage) and one collector for
+both:
+
+* ``sentiment_rm`` — reward runs on the same seed's labelled samples: one row per RM readout ×
+  steps × learning rate, ``rm/gold_agreement`` overall and on positive-vs-negative pairs;
+* ``sentiment_ppo`` — sentiment pipelines (or PPO runs) from the same start and RM: one row per
+  PPO KL-control config (β, adaptive target, horizon), start → RLHF gold and positive rate, win
+  rate, exact KL, distinct-2, the RM's agreement on the RLHF policy's samples.
+
+The row marked default is the one whose config equals ``rlhf_jax.stages.sentiment.PIPELINE``'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from rlhf_jax.results_tables import cell, copy_run, read_json, where
+
+STAGES = ("reward", "ppo")          # a run given as a pipeline's stage keeps the pipeline's name
+READOUT_ORDER = ("last", "mean", "sum")
+READOUT_LABELS = {"last": "last-token head", "mean": "per-token head, mean over response tokens",
+                  "sum": "per-token head, sum over response tokens"}
+
+
+def collect_explore(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Path]:
+    """Copy each run's summary, config and meta (a pipeline's from its ``ppo/`` stage) into
+    ``dest/<run name>`` (``dest/<pipeline>/reward`` for a pipeline's reward stage); symlinked
+    stages are read through."""
+    out = []
+    for run in map(Path, run_dirs):
+        name = f"{run.parent.name}/{run.name}" if run.name in STAGES else run.name
+        out.append(copy_run(run, Path(dest) / name))
+    return out
+
+
+def _runs(results_dir: Path) -> list[tuple[str, dict, dict, dict]]:
+    """``(run name, summary, config, meta)`` of every ``<run>/summary.json`` under
+    ``results_dir``."""
+    dirs = sorted(p.parent for p in Path(results_dir).rglob("summary.json"))
+    if not dirs:
+        raise FileNotFoundError(f"{results_dir}: no <run>/summary.json to render")
+    return [(d.relative_to(results_dir).as_posix(), read_json(d / "summary.json"),
+             read_json(d / "config.json"), read_json(d / "meta.json")) for d in dirs]
+
+
+def _same(results_dir: Path, runs: list, what: str, get) -> object:
+    """The one value ``get(summary, config, meta)`` takes in every run, else a ValueError: the
+    rows of an exploration table compare one knob on the same data."""
+    values = {name: get(s, c, m) for name, s, c, m in runs}
+    if len(set(map(str, values.values()))) != 1:
+        raise ValueError(f"{results_dir}: the runs differ in {what} ({values}); an exploration "
+                         "table compares runs on the same data")
+    return next(iter(values.values()))
+
+
+def _lead(results_dir: Path, seed: object, text: str) -> str:
+    return (f"Files in `{where(results_dir)}/` (rendered by `python -m rlhf_jax.results "
+            f"update-readme`). Seed {seed} in every row, {text}:")
+
+
+def _lr(x: float) -> str:
+    """``5e-4``, ``1.5e-4``: a learning rate as the README writes it."""
+    m, e = f"{x:e}".split("e")
+    return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+
+
+# ----------------------------------------------------------------------------- sentiment_rm
+def _rm_key(cfg: dict) -> tuple:
+    """What a reward run's row varies: readout, steps, learning rate, frozen trunk, LM readout
+    (a config without ``readout`` predates the option: a last-token head)."""
+    return (cfg.get("readout", "last"), cfg["steps"], cfg["optim"]["learning_rate"],
+            cfg["freeze_trunk"], cfg["lm_readout"])
+
+
+def sentiment_rm_table(results_dir: str | Path) -> str:
+    """One row per reward run: readout (the default's in bold), steps, learning rate, held-out
+    ``rm/gold_agreement`` (the highest in bold) and on positive-vs-negative pairs; the runs must
+    share the seed, the labelled samples and the held-out pairs."""
+    from rlhf_jax.stages.sentiment import PIPELINE
+
+    results_dir = Path(results_dir)
+    runs = _runs(results_dir)
+    seed = _same(results_dir, runs, "seed", lambda s, c, m: m["seed"])
+    prompts = _same(results_dir, runs, "train prompts", lambda s, c, m: s[
+        "preferences/train_prompts"])
+    k = _same(results_dir, runs, "samples per prompt", lambda s, c, m: c["labeler"]["k"])
+    pairs = _same(results_dir, runs, "held-out pairs", lambda s, c, m: s["rm/gold_pairs"])
+    ceiling = _same(results_dir, runs, "noise ceiling", lambda s, c, m: s["rm/noise_ceiling"])
+    r = PIPELINE.reward
+    default = (r.readout, r.steps, r.optim.learning_rate, r.freeze_trunk, r.lm_readout)
+    runs.sort(key=lambda x: (READOUT_ORDER.index(_rm_key(x[2])[0]), _rm_key(x[2]) != default,
+                             x[2]["steps"], -x[2]["optim"]["learning_rate"]))
+    best = max(s["rm/gold_agreement"] for _, s, _, _ in runs)
+    lines = [_lead(results_dir, seed, f"the same {prompts:,} × {k} labelled samples, "
+                   "`rm/gold_agreement` on held-out starting-policy samples "
+                   f"({pairs:,} pairs with different compounds; label noise ceiling "
+                   f"{ceiling:.3f})"), "",
+             "| RM readout (`--pipeline.reward.…`) | steps | lr | `rm/gold_agreement` "
+             "| positive vs negative pairs | run |", "|---|---|---|---|---|---|"]
+    shown = set()
+    for name, s, c, _ in runs:
+        readout, steps, lr, frozen, lm = key = _rm_key(c)
+        label = READOUT_LABELS[readout] + (", frozen trunk" if frozen else "") + (
+            " + LM-likelihood readout" if lm else "")
+        label = f"**{label}**" if key == default else label
+        if readout not in shown or key == default:
+            label += f" (`readout {readout}`" + (", default" if key == default else "") + ")"
+        shown.add(readout)
+        agree = cell([s["rm/gold_agreement"]])
+        agree = f"**{agree}**" if agree == cell([best]) else agree
+        lines.append(f"| {label} | {steps} | {_lr(lr)} | {agree} | "
+                     f"{cell([s['rm/gold_agreement/positive_vs_negative']])} | `{name}` |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- sentiment_ppo
+def _ppo_label(h: dict, summary: dict) -> str:
+    """``β 0.1 (final 0.092), adaptive to 1.75, horizon 2,000`` from the run's PPO hparams."""
+    if not h["adaptive_kl"]:
+        return f"β {h['kl_coef']:g} (fixed)"
+    return (f"β {h['kl_coef']:g} (final {summary['final/kl/coef']:.3f}), adaptive to "
+            f"{h['kl_target']:g}, horizon {h['kl_horizon']:,.0f}")
+
+
+def sentiment_ppo_table(results_dir: str | Path) -> str:
+    """One row per PPO run from the same start and RM, by adaptive KL target then horizon: held-out
+    gold and positive rate start → RLHF, win rate and exact KL vs the start (bold where the run's
+    ``bar/win_rate`` / ``bar/kl`` is met), distinct-2 start / RLHF, the RM's agreement with the
+    judge on the RLHF policy's samples."""
+    from rlhf_jax.stages.sentiment import PIPELINE
+
+    results_dir = Path(results_dir)
+    runs = _runs(results_dir)
+    seed = _same(results_dir, runs, "seed", lambda s, c, m: m["seed"])
+    for key in ("gold/sft", "rm/gold_agreement"):
+        _same(results_dir, runs, f"`{key}`", lambda s, c, m: s[key])
+    budget = _same(results_dir, runs, "`kl/budget`", lambda s, c, m: s["kl/budget"])
+    knobs = ("kl_coef", "adaptive_kl", "kl_target", "kl_horizon")
+    default = {k: getattr(PIPELINE.ppo.ppo, k) for k in knobs}
+    runs.sort(key=lambda x: (x[2]["ppo"]["kl_target"], x[2]["ppo"]["kl_horizon"]))
+    lines = [_lead(results_dir, seed, "one run each from the same start and RM; in bold: the "
+                   f"win-rate bar (0.60) or the KL budget ({budget:g} nats/seq) met"), "",
+             "| PPO config | gold start → RLHF | positive rate start → RLHF | win rate "
+             "| KL (nats/seq, exact) | distinct-2 start / RLHF | RM agreement on RLHF samples "
+             "| run |", "|---" * 8 + "|"]
+    for name, s, c, _ in runs:
+        h = c["ppo"]
+        label = ("**default**: " if {k: h[k] for k in knobs} == default else "") + _ppo_label(h, s)
+        win, kl = cell([s["win_rate/rlhf_vs_sft"]]), cell([s["kl/rlhf_vs_sft"]], 2)
+        win = f"**{win}**" if s.get("bar/win_rate") else win
+        kl = f"**{kl}**" if s.get("bar/kl") else kl
+        lines.append(" | ".join([
+            f"| {label}", *(f"{cell([s[f'{m}/sft']])} → {cell([s[f'{m}/rlhf']])}"
+                            for m in ("gold", "positive_rate")), win, kl,
+            f"{cell([s['distinct_2/sft']])} / {cell([s['distinct_2/rlhf']])}",
+            cell([s["rm/gold_agreement_on_policy"]]), f"`{name}` |"]))
+    return "\n".join(lines) + "\n"
