@@ -14,8 +14,8 @@ as it is).
     python -m rlhf_jax.results collect runs/compare --dest results/compare
     python -m rlhf_jax.results collect /work/runs/s2-pipe-seed{0,1,2} --dest results/reward
     python -m rlhf_jax.results collect runs/dpo-beta --dest results/dpo_beta   # a sweep.py run
-    python -m rlhf_jax.results collect /work/runs/s4-sent-seed0/reward /work/runs/s4-sent-rm-last-200 \
-        --dest results/sentiment_rm                  # also: sentiment_ppo from pipeline runs
+    python -m rlhf_jax.results collect /work/runs/s4-sent-seed0/reward \
+        /work/runs/s4-sent-rm-last-200 --dest results/sentiment_rm   # sentiment_ppo: pipelines
     python -m rlhf_jax.results update-readme      # re-render every marked table in README.md
 """
 
