@@ -454,3 +454,32 @@ def test_tensorboard_and_wandb_mirror_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv(log_writers.ENV, "tensorbored")
     with pytest.raises(ValueError, match="tensorbored"):
         log_writers.enabled()
+
+
+def test_sentiment_sample_pairs_in_readme_are_seed_0s_committed_samples():
+    """The README's three sample pairs (start → RLHF, same prompt and sample index) are rows of
+    ``results/sentiment/seed0/samples_{sft,rlhf}.jsonl``, texts and VADER compounds alike."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    head = "| prompt | sample | start | RLHF |\n|---|---|---|---|\n"
+    assert readme.count(head) == 1
+    rows = readme.split(head)[1].split("\n\n")[0].splitlines()
+    runs = ROOT / "results" / "sentiment" / "seed0"
+    load = {p: [json.loads(ln) for ln in (runs / f"samples_{p}.jsonl").read_text().splitlines()]
+            for p in ("sft", "rlhf")}
+    assert len(rows) == 3
+    for row in rows:
+        _, k, start, rlhf = [c.strip() for c in row.strip("|").split(" | ")]
+        cells = {}
+        for name, cell in (("sft", start), ("rlhf", rlhf)):
+            m = re.fullmatch(r"(.*) \(([+−]?[0-9.]+)\)", cell)
+            assert m, cell
+            cells[name] = (m.group(1), float(m.group(2).replace("−", "-")))
+        text, score = cells["sft"]
+        match = [r for r in load["sft"] if r["sample"] == int(k) and r["response"].strip() == text]
+        assert len(match) == 1, row
+        assert abs(match[0]["score"] - score) <= 5e-4 + 1e-9, row
+        other = [r for r in load["rlhf"] if r["uid"] == match[0]["uid"] and r["sample"] == int(k)]
+        assert len(other) == 1 and other[0]["response"].strip() == cells["rlhf"][0], row
+        assert abs(other[0]["score"] - cells["rlhf"][1]) <= 5e-4 + 1e-9, row
