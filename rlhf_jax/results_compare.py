@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.results_tables import cell, read_json, where
+from rlhf_jax.results_tables import (cell, read_json, unpad_exponent, where,
+                                      write_metrics_excerpt)
 from rlhf_jax.stages.compare_report import matched, matched_kl
 
 FILES = ("results.json", "summary.json", "config.json", "meta.json", "results.md")
@@ -62,10 +63,9 @@ def collect_compare(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Pa
             target = dest / method / f"seed{r['seed']}"
             target.mkdir(parents=True)
             shutil.copy(src / "summary.json", target / "summary.json")
-            rows = [json.loads(x) for x in (src / "metrics.jsonl").read_text().splitlines() if x]
-            if rows and "rollout/entropy" in rows[-1]:
-                (target / "metrics.jsonl").write_text("".join(
-                    json.dumps({k: x[k] for k in RUN_KEYS if k in x}) + "\n" for x in rows))
+            rows = (src / "metrics.jsonl").read_text().splitlines()
+            if rows and "rollout/entropy" in json.loads(rows[-1]):   # online runs
+                write_metrics_excerpt(src / "metrics.jsonl", target / "metrics.jsonl", RUN_KEYS)
         cfg = read_json(run / method / f"seed{runs[0]['seed']}" / "config.json")
         kind = "online" if "ppo" in cfg else "offline"
         methods[method] = {"kind": kind, **{k: _get(cfg, k) for k in HPARAMS[kind]}}
@@ -75,8 +75,7 @@ def collect_compare(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Pa
 
 def _num(x: float) -> str:
     if x and abs(x) < 1e-2:
-        m, e = f"{x:.0e}".split("e")
-        return f"{m}e{int(e)}"
+        return unpad_exponent(f"{x:.0e}")
     return f"{x:g}"
 
 

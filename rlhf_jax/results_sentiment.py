@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_jax.results_tables import cell, copy_run, read_json, where
+from rlhf_jax.results_tables import cell, copy_run, read_json, unpad_exponent, where
 
 STAGES = ("reward", "ppo")          # a run given as a pipeline's stage keeps the pipeline's name
 READOUT_ORDER = ("last", "mean", "sum")
@@ -63,8 +63,8 @@ def _lead(results_dir: Path, seed: object, text: str) -> str:
 
 def _lr(x: float) -> str:
     """``5e-4``, ``1.5e-4``: a learning rate as the README writes it."""
-    m, e = f"{x:e}".split("e")
-    return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+    m, _, e = f"{x:e}".partition("e")
+    return unpad_exponent(f"{m.rstrip('0').rstrip('.')}e{e}")
 
 
 # ----------------------------------------------------------------------------- sentiment_rm

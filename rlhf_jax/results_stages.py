@@ -15,9 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from rlhf_jax.results_tables import cell, copy_run, read_json, run_seed, seed_dirs, where
+from rlhf_jax.results_tables import (cell, copy_run, read_json, run_seed, seed_dirs, stage_dir,
+                                      unpad_exponent, where)
 
 # answer kinds compared by rm/gold_agreement/<a>_vs_<b>, in the README's order (others follow)
 PAIR_ORDER = ("correct_vs_fabricated", "correct_vs_unknown", "unknown_vs_fabricated",
@@ -35,18 +34,13 @@ SWEEP_FILES = ("config.json", "meta.json", "index.jsonl", "results.md")
 
 
 # ----------------------------------------------------------------------------- reward
-def _reward_stage(run: Path) -> Path:
-    """A pipeline directory's reward stage, or the run itself."""
-    return run / "reward" if (run / "reward" / "summary.json").exists() else run
-
-
 def collect_reward(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Path]:
     """Copy each run's reward stage (a pipeline's ``reward/`` or a reward run) summary, config and
     meta into ``dest/seed<S>`` (S = the stage's seed), and a pipeline's SFT stage summary (its
     knowledge probe and fabrication rate) as ``sft_summary.json``."""
     out = []
     for run in map(Path, run_dirs):
-        stage = _reward_stage(run)
+        stage = stage_dir(run, "reward")
         out.append(copy_run(stage, Path(dest) / f"seed{run_seed(stage)}"))
         if (run / "sft" / "summary.json").exists():
             shutil.copy(run / "sft" / "summary.json", out[-1] / "sft_summary.json")
@@ -134,8 +128,7 @@ def collect_sweep(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Path
 
 def _short(x: float) -> str:
     """``5e-5`` rather than ``5e-05``."""
-    m, _, e = f"{x:g}".partition("e")
-    return f"{m}e{int(e)}" if e else m
+    return unpad_exponent(f"{x:g}")
 
 
 def dpo_beta_table(results_dir: str | Path) -> str:

@@ -53,10 +53,16 @@ def cell(values: Sequence[float], digits: int = 3) -> str:
     return text.replace("-", "−")
 
 
+def unpad_exponent(text: str) -> str:
+    """``5e-05`` → ``5e-5``, ``1e+03`` → ``1e3``: a formatted number's exponent as the README
+    writes it (text without an exponent unchanged)."""
+    m, sep, e = text.partition("e")
+    return f"{m}e{int(e)}" if sep else text
+
+
 def sci(x: float) -> str:
     """``1.1e-6`` style: one decimal, no zero padding in the exponent."""
-    m, e = f"{x:.1e}".split("e")
-    return f"{m}e{int(e)}"
+    return unpad_exponent(f"{x:.1e}")
 
 
 def where(results_dir: Path) -> str:
@@ -70,9 +76,16 @@ def _seeds_line(dirs: Sequence[Path], results_dir: Path) -> str:
             "rendered by `python -m rlhf_jax.results update-readme`):")
 
 
-def _stage(run: Path) -> Path:
-    """A pipeline directory's PPO stage, or the run itself."""
-    return run / "ppo" if (run / "ppo" / "summary.json").exists() else run
+def stage_dir(run: Path, stage: str = "ppo") -> Path:
+    """A pipeline directory's ``stage`` (finished), or the run itself."""
+    return run / stage if (run / stage / "summary.json").exists() else run
+
+
+def write_metrics_excerpt(src: Path, target: Path, keys: Sequence[str]) -> None:
+    """``target``: the rows of the ``metrics.jsonl`` ``src``, each cut to ``keys``."""
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line]
+    target.write_text("".join(json.dumps({k: r[k] for k in keys if k in r}) + "\n"
+                              for r in rows))
 
 
 def _finished(run: Path) -> Path:
@@ -85,7 +98,7 @@ def copy_run(run: Path, target: Path, samples: int | None = None,
               metrics: Sequence[str] = ()) -> Path:
     """Copy a run's summary (the run's own), its stage's config and meta, the samples of the first
     ``samples`` held-out prompts (uid order) and a ``metrics.jsonl`` excerpt of ``metrics``."""
-    stage = _stage(_finished(run))
+    stage = stage_dir(_finished(run))
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "summary.json", target / "summary.json")
     for name in ("config.json", "meta.json"):
@@ -98,15 +111,12 @@ def copy_run(run: Path, target: Path, samples: int | None = None,
             (target / src.name).write_text("".join(
                 json.dumps(r, sort_keys=True) + "\n" for r in rows if r["uid"] in keep))
     if metrics:
-        rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
-                if line]
-        (target / "metrics.jsonl").write_text("".join(
-            json.dumps({k: r[k] for k in metrics if k in r}) + "\n" for r in rows))
+        write_metrics_excerpt(stage / "metrics.jsonl", target / "metrics.jsonl", metrics)
     return target
 
 
 def run_seed(run: Path) -> int:
-    return int(read_json(_stage(run) / "meta.json")["seed"])
+    return int(read_json(stage_dir(run) / "meta.json")["seed"])
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -210,7 +220,7 @@ def collect_entropy(run_dirs: Sequence[str | Path], dest: str | Path) -> list[Pa
     per-iteration rollout entropy, coefficient and RM score (``ENTROPY_KEYS``)."""
     out = []
     for run in map(Path, run_dirs):
-        name = _entropy_cell(read_json(_stage(_finished(run)) / "config.json"))
+        name = _entropy_cell(read_json(stage_dir(_finished(run)) / "config.json"))
         out.append(copy_run(run, Path(dest) / name / f"seed{run_seed(run)}",
                              metrics=ENTROPY_KEYS))
     return out
@@ -268,7 +278,7 @@ def collect_precision(run_dirs: Sequence[str | Path], dest: str | Path) -> list[
     """Copy each PPO run into ``dest/<precision>[-tis<C>]/seed<S>`` (summary, config, meta)."""
     out = []
     for run in map(Path, run_dirs):
-        name = _precision_cell(read_json(_stage(_finished(run)) / "config.json"))
+        name = _precision_cell(read_json(stage_dir(_finished(run)) / "config.json"))
         out.append(copy_run(run, Path(dest) / name / f"seed{run_seed(run)}"))
     return out
 

@@ -4,9 +4,8 @@ pooled over a span of tokens (summed or averaged under the mask), beside the mod
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from rlhf_jax.ops import last_token_index
+from rlhf_jax.ops import last_token_index, masked_mean, masked_sum_and_count
 
 
 def last_token_rewards(model, params, tokens: jax.Array, mask: jax.Array, *,
@@ -31,6 +30,5 @@ def pooled_rewards(model, params, tokens: jax.Array, mask: jax.Array, *, start: 
     """
     out = model.apply(params, tokens, attention_mask=mask, compute_logits=False,
                       output_positions=slice(start, None))
-    m = mask[:, start:].astype(jnp.float32)
-    total = jnp.sum(out.scalars[head] * m, axis=-1)
-    return total / jnp.maximum(jnp.sum(m, axis=-1), 1.0) if mean else total
+    x, m = out.scalars[head], mask[:, start:]
+    return masked_mean(x, m, axis=-1) if mean else masked_sum_and_count(x, m, axis=-1)[0]
