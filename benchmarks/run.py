@@ -22,7 +22,8 @@ functions the experiment scripts run, never a benchmark-only fast path:
 Every step time is a median over repeated steps after warm-up, with ``block_until_ready`` before
 every clock read. ``compile_s`` is the ahead-of-time ``lower().compile()`` time (JAX's persistent
 compilation cache is on, so a second run mostly reads the cache). ``mfu`` = achieved FLOP/s ÷ the
-f32 matmul peak measured in the same run (median of a jitted 1024³ matmul), with FLOPs pinned at
+matmul peak of the run's precision measured in the same run (median of a jitted 1024³ matmul,
+f32 × f32 or bf16 × bf16 → f32; ``matmul_peak_gflops``, ``precision``), with FLOPs pinned at
 6·N + 12·L·d·T per trained token (N = parameters of the trained model, T = its sequence length);
 forward-only work (reference/RM passes, sampling) is not counted. ``peak_rss_mb`` is the process's
 maximum resident set (``resource.getrusage``).
@@ -360,6 +361,9 @@ def bench_dpo(sh: Shapes, iters, peak, mesh):
                         params, [dict(b, ref_params=ref_params) for b in batches], iters=iters,
                         units=n, unit="pairs_per_s", flops_per_step=flops, peak=peak, mesh=mesh,
                         batch_spec=spec)
+    # the pinned formula counts the trained (policy) tokens only; the step also runs the
+    # reference's forward pass over the same tokens, a third of a trained token's FLOPs
+    r["mfu_with_reference_forward"] = round(r["mfu"] * 4 / 3, 4)
     # precomputed: one reference pass over the data set before training, as a separate program
     ref_fn = jax.jit(functools.partial(_dpo_logps, model, prompt_len=p))
     pre = [dict(b, ref_logp=np.asarray(ref_fn(ref_params, b["tokens"], b["mask"])))
@@ -602,9 +606,10 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
     mesh = make_mesh(jax.devices()[:1])
     t0 = time.perf_counter()
     n_mm, reps = (256 if sh.model == TINY.model else 1024), (5 if quick else 20)
-    peak = matmul_peak_flops(n_mm, reps=reps)
-    res: dict = {"matmul_peak_gflops": round(peak / 1e9, 1), "compile_s": {}, "mfu": {}}
-    log(f"[run] f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    peak = matmul_peak_flops(n_mm, reps=reps, precision=sh.precision)
+    res: dict = {"precision": sh.precision, "matmul_peak_precision": sh.precision,
+                 "matmul_peak_gflops": round(peak / 1e9, 1), "compile_s": {}, "mfu": {}}
+    log(f"[run] {sh.precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
     want = lambda w: not only or w in only  # noqa: E731
     detail = {}
     if want("sft"):
@@ -638,6 +643,7 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
             r, r2 = bench_dpo(sh, iters["dpo"], peak, mesh)
             res["dpo_pairs_per_s"], res["compile_s"]["dpo"], res["mfu"]["dpo"] = (
                 r["pairs_per_s"], r["compile_s"], r["mfu"])
+            res["mfu"]["dpo_with_reference_forward"] = r["mfu_with_reference_forward"]
             res["dpo_pairs_per_s_precomputed"] = r2["pairs_per_s"]
             res["compile_s"]["dpo_precomputed"] = r2["compile_s"]
             res["mfu"]["dpo_precomputed"] = r2["mfu"]
@@ -645,14 +651,15 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
         else:
             res["dpo_error"] = "rlhf_jax.losses.preference.dpo_loss not available"
     # the peak is measured again at the end; MFU uses the larger (a busy machine lowers both)
-    peak_end = matmul_peak_flops(n_mm, reps=reps)
+    peak_end = matmul_peak_flops(n_mm, reps=reps, precision=sh.precision)
     res["matmul_peak_gflops_start_end"] = [round(peak / 1e9, 1), round(peak_end / 1e9, 1)]
     if peak_end > peak:
         scale = peak / peak_end
         res["mfu"] = {k: round(v * scale, 4) for k, v in res["mfu"].items()}
         for d in detail.values():
-            if "mfu" in d:
-                d["mfu"] = round(d["mfu"] * scale, 4)
+            for k in ("mfu", "mfu_with_reference_forward"):
+                if k in d:
+                    d[k] = round(d[k] * scale, 4)
         res["matmul_peak_gflops"] = round(peak_end / 1e9, 1)
     res["detail"] = detail
     res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
@@ -674,7 +681,8 @@ def main(argv=None) -> dict:
                          "run one workload per process (--only) for its own peak RSS")
     ap.add_argument("--precision", choices=("float32", "bf16"), default=None,
                     help="the models' precision (bf16: bf16 matmul inputs, float32 accumulation; "
-                         "mfu stays relative to the float32 matmul peak); default float32, and "
+                         "mfu is relative to the same-run peak of a matmul of that precision, "
+                         "bf16 x bf16 -> f32 for bf16); default float32, and "
                          "for gpt2-small both")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]

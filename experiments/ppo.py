@@ -18,6 +18,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import jax
+
 from rlhf_jax import cli
 from rlhf_jax.checkpoint import Checkpointer, save_params
 from rlhf_jax.configs import to_dict
@@ -63,6 +65,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
                 finite_key="train/finite", all_finite=True,
                 on_log=ppo.judge_rollout(up.task, batches, run),
                 on_step=ppo.heldout_every(cfg, models, frozen, up),
+                stop=ppo.kl_stop_rule(cfg, run),
                 show={"rm": "rollout/rm_score", "gold": "rollout/gold", "kl": "kl/per_sequence"})
     ckpt.close()
     save_params(run.path / "params", state.policy.params)
@@ -72,6 +75,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
     t_eval = time.perf_counter()
     summary = ppo.final_evaluation(cfg, run, models, state.policy.params, up,
                                    times={"time_s/ppo": train_s})
+    summary["ppo/iterations_run"] = int(jax.device_get(state.step))   # < iterations: kl_stop
     summary["time_s/ppo_eval"] = time.perf_counter() - t_eval
     run.write_summary(summary)
     return summary

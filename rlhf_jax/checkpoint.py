@@ -52,6 +52,15 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
         return out["state"], dict(out["extra"] or {})
 
+    def extra(self, step: int | None = None) -> dict:
+        """The JSON side-car of ``step`` (default the latest; ``{}`` when there is none), without
+        restoring the state."""
+        step = self._mgr.latest_step() if step is None else step
+        if step is None:
+            return {}
+        out = self._mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        return dict(out["extra"] or {})
+
     def wait(self) -> None:
         self._mgr.wait_until_finished()
 

@@ -87,7 +87,8 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
         on_step: Callable[[int, Any], dict[str, float] | None] | None = None,
         on_log: Callable[[int, dict[str, float], Any], dict[str, float] | None] | None = None,
         key_prefix: str | None = None, finite_key: str = "finite", all_finite: bool = False,
-        show: dict[str, str] | None = None) -> Any:
+        show: dict[str, str] | None = None,
+        stop: Callable[[int, dict[str, float]], bool] | None = None) -> Any:
     """Run ``step_fn(state, batch_at(s), fold_in(key, s))`` for ``s`` from ``state.step`` to
     ``steps``; log metrics under ``prefix/`` every ``log_every`` steps and at the end; save a
     checkpoint (state + ``{"next_step", "key"}``) every ``checkpoint_every`` steps and at the end.
@@ -102,6 +103,11 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
       metrics as floats, keys as logged); a dict it returns joins the row (e.g. judging the
       samples in ``aux``).
 
+    * ``stop(done, row)`` runs on every logged row (hooks' keys included); when it returns True
+      the loop ends after that step: its checkpoint is saved with ``"stopped": True`` in the
+      side-car, and a run resumed from that checkpoint does not train further (an early stop,
+      e.g. at a KL budget, is as final as the last step).
+
     ``key_prefix``: prefix of the logged metric keys (default ``prefix/``; ``""`` for metrics that
     carry their own namespaces). The step counts as non-finite when ``metrics[finite_key] < 1``
     or, with ``all_finite``, any metric is not finite (see the module docstring). ``show``:
@@ -114,7 +120,12 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
     show = {"loss": f"{kp}loss"} if show is None else show
     watch = _FiniteWatch(prefix, on_nonfinite, run, finite_key, all_finite)
     t0 = time.perf_counter()
+    if ckpt is not None and start and ckpt.latest_step() == start and \
+            ckpt.extra(start).get("stopped"):
+        progress.message(f"{prefix}: stopped early at step {start} (checkpoint); not resumed")
+        return state
     bar = progress.Progress(desc or prefix, steps, start)
+    s = start - 1
     for s in range(start, steps):
         state, metrics, *aux = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
         watch.push(s, metrics)
@@ -131,14 +142,22 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
             row.update(extra or {})
             run.log_metrics(done, row)
             shown = {k: row[v] for k, v in show.items() if v in row}
-        if ckpt is not None and (done == steps or (checkpoint_every and done % checkpoint_every == 0)):
+            stopped = stop is not None and bool(stop(done, row))
+        else:
+            stopped = False
+        if ckpt is not None and (stopped or done == steps
+                                 or (checkpoint_every and done % checkpoint_every == 0)):
             watch.flush()
-            ckpt.save(done, state, extra={"next_step": done, "key": key_data(key)})
+            ckpt.save(done, state, extra={"next_step": done, "key": key_data(key),
+                                          **({"stopped": True} if stopped else {})})
         bar.update(done, **shown)
+        if stopped:
+            progress.message(f"{prefix}: stopped early after step {done} of {steps}")
+            break
     watch.flush()
     jax.block_until_ready(state)
     bar.close()
-    run.log_timing(stage=prefix, steps=steps - start, seconds=time.perf_counter() - t0)
+    run.log_timing(stage=prefix, steps=s + 1 - start, seconds=time.perf_counter() - t0)
     if ckpt is not None:
         ckpt.wait()
     return state

@@ -25,16 +25,19 @@ def _load(name: str):
 # a canned trl_baseline.py result line (shape of its real output, made-up round numbers)
 TRL_LINE = {
     "bench": "trl_baseline", "quick": False,
-    "sft_trl": {"tokens_per_s": 6000.0}, "sft_torch": {"tokens_per_s": 7000.0},
-    "rm_trl": {"pairs_per_s": 30.0}, "rm_torch": {"pairs_per_s": 32.0},
-    "dpo_trl": {"pairs_per_s": 20.0}, "dpo_torch": {"pairs_per_s": 22.0},
+    "sft_trl": {"tokens_per_s": 6000.0}, "rm_trl": {"pairs_per_s": 30.0},
+    "dpo_trl": {"pairs_per_s": 20.0},
     "ppo_trl": {"median_iter_s": 5.0, "gen_s": 0.3, "rollout_scoring_s": 0.5,
                 "train_and_rest_s": 4.2},
     "gen": {"new_tokens_per_s": 7000.0},
-    "sft_trl_defaults": {"tokens_per_s": 12000.0}, "rm_trl_defaults": {"pairs_per_s": 55.0},
-    "dpo_trl_defaults": {"error": "TypeError: something"},
+    "sft_trl_bf16": {"tokens_per_s": 9000.0}, "rm_trl_bf16": {"pairs_per_s": 25.0},
+    "dpo_trl_bf16": {"error": "TypeError: something"},
+    "ppo_trl_bf16": {"median_iter_s": 4.0, "gen_s": 0.3, "rollout_scoring_s": 0.4,
+                     "train_and_rest_s": 3.3},
+    "gen_bf16": {"new_tokens_per_s": 6000.0},
 }
 OURS_LINE = {
+    "precision": "float32",
     "sft_tokens_per_s": 12000.0, "rm_pairs_per_s": 60.0, "dpo_pairs_per_s": 40.0,
     "dpo_pairs_per_s_precomputed": 50.0, "gen_new_tokens_per_s": 14000.0, "ppo_iter_s": 2.5,
     "ppo_phases_s": {"gen_s": 0.15, "scoring_s": 0.25, "update_s": 2.1},
@@ -59,6 +62,8 @@ def test_run_py_tiny_reference_prints_one_json_line():
     assert res["allocator_env"] == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                                     "MALLOC_TRIM_THRESHOLD_": "17179869184"}
     assert res["model"]["d_model"] == 32 and res["dtype"] == "float32"
+    # the peak MFU is taken against is a matmul of the run's own precision
+    assert res["precision"] == res["matmul_peak_precision"] == "float32"
     for key in ("sft_tokens_per_s", "rm_pairs_per_s", "gen_new_tokens_per_s", "ppo_iter_s",
                 "matmul_peak_gflops", "peak_rss_mb"):
         assert res[key] > 0, key
@@ -107,45 +112,72 @@ def test_side_by_side_table_from_canned_lines(tmp_path):
     ours = tmp_path / "ours.json"
     t2 = json.loads(json.dumps(TRL_LINE))
     t2["sft_trl"]["tokens_per_s"] = 4000.0
+    t2["sft_trl_bf16"]["tokens_per_s"] = 11000.0
     trl.write_text("progress noise\n" + json.dumps(TRL_LINE) + "\n" + json.dumps(t2) + "\n")
     o2 = dict(OURS_LINE, sft_tokens_per_s=10000.0)
-    ours.write_text(json.dumps(OURS_LINE) + "\n" + json.dumps(o2) + "\n")
+    b1 = dict(OURS_LINE, precision="bf16", sft_tokens_per_s=16000.0, ppo_iter_s=3.0,
+              matmul_peak_gflops=900.0, mfu={"sft": 0.6})
+    b2 = dict(b1, sft_tokens_per_s=9000.0)
+    ours.write_text("\n".join(json.dumps(x) for x in (OURS_LINE, b1, o2, b2)) + "\n")
     res = sbs.main(["--pairs", "2", "--out", str(tmp_path / "out"), "--trl-json", str(trl),
                     "--ours-json", str(ours)])
     rows = {r["workload"]: r for r in res["rows"]}
     sft = rows["sft"]
-    assert sft["ours"] == {"median": 11000.0, "min": 10000.0, "max": 12000.0, "n": 2}
-    assert sft["trl"]["median"] == 5000.0
-    assert sft["ratio_trl"] == pytest.approx(11000 / 5000)
-    # per-pair ratios: 12000/6000 = 2.0 and 10000/4000 = 2.5
-    assert (sft["ratio_trl_pairs"]["min"], sft["ratio_trl_pairs"]["max"]) == (2.0, 2.5)
-    assert sft["ratio_torch"] == pytest.approx(11000 / 7000)
-    assert sft["ratio_trl_bf16"] == pytest.approx(11000 / 12000)
-    # times: ratio = TRL / ours
-    assert rows["ppo iteration"]["ratio_trl"] == pytest.approx(5.0 / 2.5)
-    assert rows["  ppo: updates"]["ratio_trl"] == pytest.approx(4.2 / 2.1)
-    assert rows["ppo iteration, shared value trunk (ours)"]["ratio_trl"] == pytest.approx(4.0)
-    assert rows["generation"]["ratio_trl"] == pytest.approx(2.0)
-    assert rows["dpo"]["trl_bf16"] is None and rows["dpo"]["ratio_trl_bf16"] is None  # error entry
+    assert sft["ours_float32"] == {"median": 11000.0, "min": 10000.0, "max": 12000.0, "n": 2}
+    assert sft["ours_bf16"]["median"] == 12500.0
+    assert sft["trl_float32"]["median"] == 5000.0 and sft["trl_bf16"]["median"] == 10000.0
+    # best vs best: our bf16 median (12,500) against TRL's bf16 median (10,000)
+    assert (sft["best_ours"], sft["best_trl"]) == ("bf16", "bf16")
+    assert sft["ratio_best"] == pytest.approx(1.25)
+    # per round, each side's fastest: max(12000, 16000) / max(6000, 9000) and
+    # max(10000, 9000) / max(4000, 11000)
+    assert sft["ratio_best_pairs"]["max"] == pytest.approx(16000 / 9000)
+    assert sft["ratio_best_pairs"]["min"] == pytest.approx(10000 / 11000)
+    assert sft["ratio_float32"] == pytest.approx(11000 / 5000)
+    assert (sft["ratio_float32_pairs"]["min"], sft["ratio_float32_pairs"]["max"]) == (2.0, 2.5)
+    assert sft["ratio_bf16"] == pytest.approx(12500 / 10000)
+    # times: ratio = TRL / ours, the fastest being the smallest time
+    ppo = rows["ppo iteration"]
+    assert (ppo["best_ours"], ppo["best_trl"]) == ("float32", "bf16")
+    assert ppo["ratio_best"] == pytest.approx(4.0 / 2.5)
+    assert ppo["ratio_float32"] == pytest.approx(5.0 / 2.5)
+    assert ppo["ratio_bf16"] == pytest.approx(4.0 / 3.0)
+    assert rows["  ppo: updates"]["ratio_float32"] == pytest.approx(4.2 / 2.1)
+    assert rows["ppo iteration, shared value trunk (ours)"]["ratio_float32"] == pytest.approx(4.0)
+    assert rows["generation"]["ratio_float32"] == pytest.approx(2.0)
+    # an error entry is no number: DPO's best is TRL f32
+    dpo = rows["dpo"]
+    assert dpo["trl_bf16"] is None and dpo["ratio_bf16"] is None and dpo["best_trl"] == "float32"
     md = (tmp_path / "out" / "side_by_side.md").read_text()
-    assert "| sft | tokens/s | 11,000 (10,000–12,000) | 5,000 (4,000–6,000) | 2.20× (2.00–2.50) |" in md
-    assert "sft MFU" in md
+    assert ("| sft | tokens/s | 11,000 (10,000–12,000) | 12,500 (9,000–16,000) | "
+            "5,000 (4,000–6,000) | 10,000 (9,000–11,000) | **1.25× (0.91–1.78)** [bf16 / bf16] | "
+            "2.20× (2.00–2.50) | 1.25× (0.82–1.78) |") in md
+    assert "bf16 sft MFU" in md and "float32 sft MFU" in md
     saved = json.loads((tmp_path / "out" / "side_by_side.json").read_text())
     assert saved["pairs"] == 2 and len(saved["trl_runs"]) == 2
+    assert len(saved["ours_runs"]["bf16"]) == 2
 
 
-def test_trl_bf16_defaults_left_out_where_bf16_is_emulated():
+def test_trl_and_our_precisions_follow_the_cpus_bf16_instructions():
     sbs = _load("side_by_side")
-    only = ["--only", sbs.TRL_F32_BENCHES]
+    f32 = ["--only", sbs.TRL_F32_BENCHES]
+    both = ["--only", sbs.TRL_F32_BENCHES + "," + sbs.TRL_BF16_BENCHES, "--bf16"]
     cmd = lambda args, mode, simd: sbs.trl_command("py", "trl.py", [], args, mode,  # noqa: E731
                                                    {"simd": simd})
-    assert cmd("", "auto", "avx2 fma") == ["py", "trl.py", *only]
-    assert cmd("", "auto", "avx2 fma avx512f avx512_bf16") == ["py", "trl.py"]
-    assert cmd("", "auto", "avx2 amx_bf16") == ["py", "trl.py"]
-    assert cmd("", "yes", "avx2") == ["py", "trl.py"]
-    assert cmd("", "no", "avx512_bf16") == ["py", "trl.py", *only]
+    assert cmd("", "auto", "avx2 fma") == ["py", "trl.py", *f32]
+    assert cmd("", "auto", "avx2 fma avx512f avx512_bf16") == ["py", "trl.py", *both]
+    assert cmd("", "auto", "avx2 amx_bf16") == ["py", "trl.py", *both]
+    assert cmd("", "yes", "avx2") == ["py", "trl.py", *both]
+    assert cmd("", "no", "avx512_bf16") == ["py", "trl.py", *f32]
     assert cmd("--only sft_trl", "auto", "avx2") == ["py", "trl.py", "--only", "sft_trl"]
-    assert "sft_trl_defaults" not in sbs.TRL_F32_BENCHES.split(",")
+    # neither TRL's defaults with gradient checkpointing nor the bare PyTorch loops
+    assert not any(b.endswith(("_defaults", "_torch"))
+                   for b in (sbs.TRL_F32_BENCHES + "," + sbs.TRL_BF16_BENCHES).split(","))
+    assert sbs.our_precisions("auto", {"simd": "avx2 fma"}) == ["float32"]
+    assert sbs.our_precisions("auto", {"simd": "avx512f avx512_bf16"}) == ["float32", "bf16"]
+    assert sbs.our_precisions("bf16", {"simd": "avx2"}) == ["bf16"]
+    with pytest.raises(ValueError, match="fp16"):
+        sbs.our_precisions("float32,fp16", {})
 
 
 def test_last_json_line_skips_noise():

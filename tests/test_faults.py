@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from rlhf_jax.checkpoint import FAULT_KILL_AT_SAVE, Checkpointer
-from rlhf_jax.loop import NonFiniteError, fit, resume, truncate_metrics
+from rlhf_jax.loop import NonFiniteError, fit, key_data, resume, truncate_metrics
 from rlhf_jax.runs import RunDir
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
@@ -182,6 +182,41 @@ def test_resume_refuses_a_checkpoint_written_under_another_key(tmp_path):
     with pytest.raises(ValueError, match="another PRNG key"):
         resume(_toy_state(optim), ckpt, run, jax.random.key(1))
     ckpt.close()
+
+
+# --------------------------------------------------------------------------- early stop
+def test_early_stop_saves_a_final_checkpoint_that_a_rerun_does_not_train_past(tmp_path):
+    """``stop`` ends the loop after the step it fires on; the checkpoint of that step says so,
+    and running the same loop again on the run directory trains no further step."""
+    optim = OptimConfig(learning_rate=0.2, warmup_steps=0)
+    calls = []
+
+    def go():
+        run = RunDir(tmp_path)
+        ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+        step = jax.jit(make_train_step(_toy_loss), donate_argnums=0)
+
+        def counted(st, b, k):
+            calls.append(1)
+            return step(st, b, k)
+        state = fit(resume(_toy_state(optim), ckpt, run, jax.random.key(0)), counted,
+                    lambda s: {"scale": jnp.float32(1.0)}, steps=8, key=jax.random.key(0),
+                    run=run, prefix="toy", log_every=1, ckpt=ckpt,
+                    stop=lambda done, row: row["toy/loss"] < 1.0)
+        ckpt.close()
+        return state, ckpt, run
+
+    state, ckpt, run = go()
+    rows = [json.loads(r) for r in (run.path / "metrics.jsonl").read_text().splitlines()]
+    # loss (w - 2)^2 * 4 from w = 1: it falls below 1 at some step before the 8th
+    first = next(r["step"] for r in rows if r["toy/loss"] < 1.0)
+    assert first < 8 and rows[-1]["step"] == first == int(state.step) == len(calls)
+    assert ckpt.latest_step() == first and Checkpointer(tmp_path / "checkpoints").extra() == {
+        "next_step": first, "key": key_data(jax.random.key(0)), "stopped": True}
+    calls.clear()
+    state2, _, _ = go()
+    assert calls == [] and int(state2.step) == first
+    np.testing.assert_array_equal(np.asarray(state2.params["w"]), np.asarray(state.params["w"]))
 
 
 # --------------------------------------------------------------------------- async save vs donation

@@ -299,3 +299,23 @@ def test_one_step_bandit_reaches_the_kl_regularised_optimum(kl_estimator, kl_in_
     target = kl_regularised_optimum(pi_ref, table, beta)
     assert tv(pi, target) < 0.05, (pi.round(3), target.round(3))
     assert tv(pi_ref, target) > 0.2   # the test is not passed by standing still
+
+
+def test_kl_stop_rule_averages_the_last_rollouts_and_seeds_a_resumed_window(tmp_path):
+    from rlhf_jax.configs import ConfigError
+    from rlhf_jax.runs import RunDir
+    from rlhf_jax.stages.ppo import PPOConfig, kl_stop_rule
+
+    assert kl_stop_rule(PPOConfig(), RunDir(tmp_path / "off")) is None
+    cfg = PPOConfig(kl_stop=2.0, kl_stop_window=2)
+    kls = [1.0, 2.5, 1.4, 2.7, 9.0]      # means of the last two: -, 1.75, 1.95, 2.05
+    rule = kl_stop_rule(cfg, RunDir(tmp_path / "a"))
+    fired = [rule(i + 1, {"kl/exact_per_sequence": k}) for i, k in enumerate(kls[:4])]
+    assert fired == [False, False, False, True]
+    # a run resumed after iteration 3 reads the rows it logged: it fires at the same iteration
+    run = RunDir(tmp_path / "b")
+    for i, k in enumerate(kls[:3]):
+        run.log_metrics(i + 1, {"kl/exact_per_sequence": k})
+    assert kl_stop_rule(cfg, run)(4, {"kl/exact_per_sequence": kls[3]}) is True
+    with pytest.raises(ConfigError, match="log_every"):
+        PPOConfig(kl_stop=2.0, log_every=2)

@@ -68,6 +68,11 @@ class PPOConfig:
         (pinned protocol) and its exact KL to SFT, logged as ``heldout/<metric>`` for the task's
         headline metrics (facts world: ``gold``, ``fabrication_rate``, ``accuracy``) and
         ``heldout/kl`` (0 = off).
+      kl_stop: stop PPO early once the exact KL to SFT of the rollouts (``kl/exact_per_sequence``,
+        nats per sequence, the policy that sampled them on training prompts) averaged over the last
+        ``kl_stop_window`` iterations reaches this (0 = off; needs ``log_every = 1``). A KL
+        budget for the final policy: the held-out KL lands near it (one iteration's drift above).
+      kl_stop_window: iterations averaged by ``kl_stop`` (the KL of 64 rollouts is noisy).
       precision: the precision of every model this stage builds (policy, reference, value model,
         RM; ``rlhf_jax.precision``): ``""`` (default) inherits the pretraining run's model
         config, ``"float32"`` or ``"bf16"`` overrides it, e.g. PPO in bf16 from float32 SFT and
@@ -89,6 +94,8 @@ class PPOConfig:
     log_every: int = 1
     checkpoint_every: int = 20
     eval_every: int = 0
+    kl_stop: float = 0.0
+    kl_stop_window: int = 2
     precision: str = ""
 
     def __post_init__(self):
@@ -99,6 +106,10 @@ class PPOConfig:
         positive(self, "iterations", "ptx_rows", "best_of_n", "log_every")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.eval_every >= 0, "eval_every", "must be >= 0")
+        check(self.kl_stop >= 0, "kl_stop", "must be >= 0 (0 = off)")
+        check(self.kl_stop_window >= 1, "kl_stop_window", "must be >= 1")
+        check(not self.kl_stop or self.log_every == 1, "log_every",
+              "kl_stop reads every iteration's rollout KL; set log_every 1")
         updates = self.iterations * self.ppo.epochs * self.ppo.minibatches
         for name in ("policy_optim",) + (("value_optim",) if self.ppo.critic == "separate" else ()):
             check(getattr(self, name).warmup_steps <= updates, f"{name}.warmup_steps",
@@ -340,6 +351,25 @@ def heldout_every(cfg: PPOConfig, models: Models, frozen: Frozen, up: Upstream):
                                    up.task, up.pretrain.task, eval_key(up.pretrain.seed))
         return None
     return on_step
+
+
+def kl_stop_rule(cfg: PPOConfig, run: RunDir):
+    """``loop.fit``'s ``stop`` hook of ``cfg.kl_stop`` (None when off): True once the mean
+    ``kl/exact_per_sequence`` of the last ``kl_stop_window`` logged iterations reaches
+    ``kl_stop``. A resumed run seeds the window from the rows already logged (``metrics.jsonl``,
+    truncated to the checkpoint by ``loop.resume``), so it stops where an uninterrupted run
+    would."""
+    if not cfg.kl_stop:
+        return None
+    key = "kl/exact_per_sequence"
+    logged = read_metrics(run.path) if (run.path / "metrics.jsonl").exists() else []
+    window = [r[key] for r in logged if key in r][-cfg.kl_stop_window:]
+
+    def stop(done: int, row: dict) -> bool:
+        window.append(row[key])
+        del window[:-cfg.kl_stop_window]
+        return len(window) == cfg.kl_stop_window and float(np.mean(window)) >= cfg.kl_stop
+    return stop
 
 
 def final_evaluation(cfg: PPOConfig, run: RunDir, models: Models, policy_params, up: Upstream,
