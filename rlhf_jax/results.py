@@ -5,7 +5,8 @@ from them (never typed by hand); ``tests/test_results.py`` checks they agree. On
 collector per set (``SETS``): ``pipeline``, ``sentiment``, ``entropy``, ``bf16``
 (:mod:`rlhf_jax.results_tables`), ``compare`` (:mod:`rlhf_jax.results_compare`), ``reward`` and
 ``dpo_beta`` (:mod:`rlhf_jax.results_stages`), ``sentiment_rm`` and ``sentiment_ppo`` (the
-sentiment task's exploration runs, :mod:`rlhf_jax.results_sentiment`). A set whose
+sentiment task's exploration runs, :mod:`rlhf_jax.results_sentiment`); ``sentiment_all`` and
+``sentiment_ppo_all`` render the same tables of the runs labelled on every train prompt. A set whose
 ``results/<set>/`` directory does not exist yet is skipped (its README block, if any, is left
 as it is).
 
@@ -51,6 +52,9 @@ SETS = {
     "dpo_beta": TableSet(dpo_beta_table, collect_sweep),
     "sentiment_rm": TableSet(sentiment_rm_table, collect_explore),
     "sentiment_ppo": TableSet(sentiment_ppo_table, collect_explore),
+    # the same renderers over the runs labelled on all 5,925 train prompts (README: "all prompts")
+    "sentiment_all": TableSet(sentiment_table, collect_seeds),
+    "sentiment_ppo_all": TableSet(sentiment_ppo_table, collect_explore),
 }
 
 

@@ -117,12 +117,29 @@ def sentiment_rm_table(results_dir: str | Path) -> str:
 
 
 # ----------------------------------------------------------------------------- sentiment_ppo
-def _ppo_label(h: dict, summary: dict) -> str:
-    """``β 0.1 (final 0.092), adaptive to 1.75, horizon 2,000`` from the run's PPO hparams."""
+def _ppo_label(cfg: dict, summary: dict) -> str:
+    """``β 0.1 (final 0.092), adaptive to 1.75, horizon 2,000`` from the run's PPO config, then
+    the KL stop and the iterations run (``…, stop at KL 2.5: 31 of 60 iterations``)."""
+    h = cfg["ppo"]
     if not h["adaptive_kl"]:
-        return f"β {h['kl_coef']:g} (fixed)"
-    return (f"β {h['kl_coef']:g} (final {summary['final/kl/coef']:.3f}), adaptive to "
-            f"{h['kl_target']:g}, horizon {h['kl_horizon']:,.0f}")
+        label = f"β {h['kl_coef']:g} (fixed)"
+    else:
+        label = (f"β {h['kl_coef']:g} (final {summary['final/kl/coef']:.3f}), adaptive to "
+                 f"{h['kl_target']:g}, horizon {h['kl_horizon']:,.0f}")
+    if h.get("advantage", "gae") != "gae":
+        label += (f", {h['advantage']} advantage over {h['group_size']} samples per prompt, "
+                  f"critic {h['critic']}")
+    elif h.get("gae_lambda", 0.95) != 0.95:
+        label += f", GAE λ {h['gae_lambda']:g}"
+    lr = cfg.get("policy_optim", {}).get("learning_rate")
+    if lr is not None and lr != 5e-5:
+        label += f", policy lr {_lr(lr)}"
+    if h.get("length_debias"):
+        label += ", length-debiased reward"
+    if cfg.get("kl_stop"):
+        label += (f", stop at KL {cfg['kl_stop']:g}: {summary.get('ppo/iterations_run', '?')} of "
+                  f"{cfg['iterations']} iterations")
+    return label
 
 
 def sentiment_ppo_table(results_dir: str | Path) -> str:
@@ -139,7 +156,9 @@ def sentiment_ppo_table(results_dir: str | Path) -> str:
         _same(results_dir, runs, f"`{key}`", lambda s, c, m: s[key])
     budget = _same(results_dir, runs, "`kl/budget`", lambda s, c, m: s["kl/budget"])
     knobs = ("kl_coef", "adaptive_kl", "kl_target", "kl_horizon")
-    default = {k: getattr(PIPELINE.ppo.ppo, k) for k in knobs}
+    outer = ("kl_stop", "iterations")
+    default = {**{k: getattr(PIPELINE.ppo.ppo, k) for k in knobs},
+               **{k: getattr(PIPELINE.ppo, k) for k in outer}}
     runs.sort(key=lambda x: (x[2]["ppo"]["kl_target"], x[2]["ppo"]["kl_horizon"]))
     lines = [_lead(results_dir, seed, "one run each from the same start and RM; in bold: the "
                    f"win-rate bar (0.60) or the KL budget ({budget:g} nats/seq) met"), "",
@@ -148,7 +167,8 @@ def sentiment_ppo_table(results_dir: str | Path) -> str:
              "| run |", "|---" * 8 + "|"]
     for name, s, c, _ in runs:
         h = c["ppo"]
-        label = ("**default**: " if {k: h[k] for k in knobs} == default else "") + _ppo_label(h, s)
+        mine = {**{k: h[k] for k in knobs}, **{k: c.get(k, 0.0) for k in outer}}
+        label = ("**default**: " if mine == default else "") + _ppo_label(c, s)
         win, kl = cell([s["win_rate/rlhf_vs_sft"]]), cell([s["kl/rlhf_vs_sft"]], 2)
         win = f"**{win}**" if s.get("bar/win_rate") else win
         kl = f"**{kl}**" if s.get("bar/kl") else kl

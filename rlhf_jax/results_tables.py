@@ -205,7 +205,23 @@ def sentiment_table(results_dir: str | Path) -> str:
               f"`rm/gold_agreement` {get('rm/gold_agreement')} (held-out start samples), "
               f"`rm/noise_ceiling` {get('rm/noise_ceiling')}, agreement on the RLHF policy's "
               f"held-out samples {get('rm/gold_agreement_on_policy')}."]
+    lines += ["", "Per seed (win rate / exact KL / distinct-2 as a share of the start's"
+              + (" / PPO iterations run, of the configured" if any(
+                  "ppo/iterations_run" in r for r in runs) else "") + "): "
+              + "; ".join(_seed_cell(d, r) for d, r in zip(dirs, runs)) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _seed_cell(run_dir: Path, r: dict) -> str:
+    """One seed of the sentiment table: win rate, KL, distinct-2 share, iterations run."""
+    cells = [f"{r['win_rate/rlhf_vs_sft']:.3f}", f"{r['kl/rlhf_vs_sft']:.2f}",
+             f"{r['distinct_2/rlhf'] / r['distinct_2/sft']:.2f}"]
+    if "ppo/iterations_run" in r:
+        cfg = read_json(run_dir / "config.json")
+        cells.append(f"{r['ppo/iterations_run']} of {cfg.get('iterations', '?')}")
+    met = all(r.get(f"bar/{k}") for k in ("win_rate", "kl", "distinct_2"))
+    return f"{run_dir.name.replace('seed', 'seed ')} " + " / ".join(cells) + (
+        " (**bar met**)" if met else "")
 
 
 # ----------------------------------------------------------------------------- entropy

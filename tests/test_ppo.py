@@ -319,3 +319,19 @@ def test_kl_stop_rule_averages_the_last_rollouts_and_seeds_a_resumed_window(tmp_
     assert kl_stop_rule(cfg, run)(4, {"kl/exact_per_sequence": kls[3]}) is True
     with pytest.raises(ConfigError, match="log_every"):
         PPOConfig(kl_stop=2.0, log_every=2)
+
+
+def test_length_residual_is_the_least_squares_residual_on_length():
+    from rlhf_jax.rl.advantages import length_residual
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 25, size=32)
+    scores = 0.1 * lengths + rng.normal(size=32)
+    out, slope = length_residual(jnp.asarray(scores, jnp.float32), jnp.asarray(lengths))
+    b, a = np.polyfit(lengths.astype(np.float64), scores, 1)        # NumPy's least squares
+    np.testing.assert_allclose(float(slope), b, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out), scores - b * (lengths - lengths.mean()),
+                               atol=1e-5)
+    assert abs(np.corrcoef(np.asarray(out), lengths)[0, 1]) < 1e-5   # no length left
+    same, slope = length_residual(jnp.asarray(scores, jnp.float32), jnp.full((32,), 7))
+    assert float(slope) == 0.0 and np.allclose(np.asarray(same), scores)

@@ -13,6 +13,7 @@ import pytest
 
 from rlhf_jax import log_writers, results, results_compare
 from rlhf_jax.runs import RunDir, load, load_run
+from rlhf_jax.stages.sentiment import PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,10 +219,11 @@ def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_p
     """A pipeline's reward stage is stored under the pipeline's name (read through a symlink);
     a PPO run's config comes from its ppo/ stage; runs on different data are refused."""
     base = tmp_path / "base" / "reward"
+    steps = PIPELINE.reward.steps
     _write(base / "summary.json", {"preferences/train_prompts": 8, "rm/gold_pairs": 10,
                                    "rm/noise_ceiling": 0.8, "rm/gold_agreement": 0.6,
                                    "rm/gold_agreement/positive_vs_negative": 0.7})
-    _write(base / "config.json", {"labeler": {"k": 4}, "steps": 400, "freeze_trunk": False,
+    _write(base / "config.json", {"labeler": {"k": 4}, "steps": steps, "freeze_trunk": False,
                                   "lm_readout": False, "optim": {"learning_rate": 5e-4}})
     _write(base / "meta.json", {"seed": 0})
     (tmp_path / "pipe").mkdir()
@@ -235,9 +237,9 @@ def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_p
         [tmp_path / "pipe" / "reward", other], dest)] == ["pipe/reward", "rm-sum"]
     table = results.SETS["sentiment_rm"].render(dest)
     assert "Seed 0 in every row, the same 8 × 4 labelled samples" in table
-    assert "| **last-token head** (`readout last`, default) | 400 | 5e-4 | **0.600** | 0.700 " \
+    assert f"| **last-token head** (`readout last`, default) | {steps} | 5e-4 | **0.600** | 0.700 " \
         "| `pipe/reward` |" in table
-    assert "| per-token head, sum over response tokens (`readout sum`) | 400 | 1.5e-4 | " \
+    assert f"| per-token head, sum over response tokens (`readout sum`) | {steps} | 1.5e-4 | " \
         "**0.600** | 0.700 | `rm-sum` |" in table
     _write(dest / "rm-sum" / "meta.json", {"seed": 1})
     with pytest.raises(ValueError, match="differ in seed"):
@@ -285,6 +287,8 @@ def test_sentiment_table_is_mean_and_std_over_seeds_and_skipped_until_it_exists(
     assert "on the RLHF policy's held-out samples 0.600 ± 0.141." in block
     assert "win rate 0.550 ± 0.071** (bar 0.60: met in 1 of 2 seeds)" in block
     assert "budget of 3 nats/seq in 1 of 2" in block
+    assert ("Per seed (win rate / exact KL / distinct-2 as a share of the start's): seed 0 "
+            "0.500 / 2.00 / 1.00; seed 1 0.600 / 3.00 / 1.00.") in block
 
 
 def test_entropy_and_bf16_tables_against_a_loop_over_the_committed_files():

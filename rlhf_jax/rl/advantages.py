@@ -31,6 +31,25 @@ def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, *,
     return (-kl_coef * kl) * mask + scores[:, None] * at_last
 
 
+def length_residual(scores: jax.Array, lengths: jax.Array, *, axis_name: str | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """``(scores − b·(L − L̄), b)``: the scores with their least-squares linear dependence on the
+    response length removed over the batch (b = cov(score, L) / var(L), 0 when every length is
+    equal), so a policy gains nothing by lengthening or shortening its responses for a reward
+    model that rewards length (the length bias of RMs, Singhal et al. 2023). Moments are over all
+    devices' sequences under ``axis_name``. ``scores`` and ``lengths`` are ``[B]``."""
+    lengths = lengths.astype(jnp.float32)
+
+    def mean(x):
+        m = jnp.mean(x)
+        return m if axis_name is None else jax.lax.pmean(m, axis_name)
+
+    dl = lengths - mean(lengths)
+    var = mean(dl * dl)
+    slope = jnp.where(var > 1e-6, mean(dl * (scores - mean(scores))) / jnp.maximum(var, 1e-6), 0.0)
+    return scores - slope * dl, slope
+
+
 def overlong_penalty(lengths: jax.Array, *, max_length: int, buffer: int) -> jax.Array:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: with
     ``L_max = max_length`` and the window ``L_cache = buffer``,

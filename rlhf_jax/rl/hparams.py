@@ -72,6 +72,9 @@ class PPOHParams:
         this many of the ``prompts_per_iter`` sampled groups whose rewards differ (0 = off).
       overlong_buffer: DAPO's soft overlong punishment over the last this many tokens of the
         budget, added to the score (``rlhf_jax.rl.advantages.overlong_penalty``; 0 = off).
+      length_debias: remove the RM score's linear dependence on response length over each
+        rollout batch before the KL and the advantages (``rlhf_jax.rl.advantages.length_residual``):
+        no reward for lengthening (or shortening) a response as such.
       loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
         ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see
@@ -124,6 +127,7 @@ class PPOHParams:
     clip_eps_high: float = 0.0
     keep_groups: int = 0
     overlong_buffer: int = 0
+    length_debias: bool = False
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",

@@ -31,7 +31,8 @@ from rlhf_jax.losses.ppo import clipped_value_loss, kl_loss
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import (AxisName, entropy_from_logits, kl_per_token, masked_mean, masked_var,
                           token_logprobs)
-from rlhf_jax.rl.advantages import ADVANTAGES, overlong_penalty, token_rewards, whiten
+from rlhf_jax.rl.advantages import (ADVANTAGES, length_residual, overlong_penalty, token_rewards,
+                                    whiten)
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
 from rlhf_jax.rl.dynamic_sampling import select_groups
 from rlhf_jax.rl.entropy_control import entropy_control
@@ -199,12 +200,18 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
 
         # --- rewards --------------------------------------------------------------------
         rm_score = ro.scores * rm_gain + rm_bias
-        score = rm_score - hs["no_eos_penalty"] * ro.truncated
         shaping = {}
+        if hp.length_debias:      # no reward for length as such (rollout/rm_score stays raw)
+            debiased, slope = length_residual(rm_score, jnp.sum(mask, -1), axis_name=axis_name)
+            score = debiased - hs["no_eos_penalty"] * ro.truncated
+            shaping = {"rollout/length_slope": slope}
+        else:
+            score = rm_score - hs["no_eos_penalty"] * ro.truncated
         if hp.overlong_buffer:   # DAPO's soft overlong punishment
             pen = overlong_penalty(jnp.sum(mask, -1), max_length=max_new_tokens,
                                    buffer=hp.overlong_buffer)
-            score, shaping = score + pen, {"rollout/overlong_penalty": _mean(pen, axis_name)}
+            score = score + pen
+            shaping["rollout/overlong_penalty"] = _mean(pen, axis_name)
         moments = state.reward_moments
         if hp.scale_rewards:
             moments = moments.update(score, axis_name=axis_name)

@@ -111,7 +111,8 @@ def report(out: str | Path, *, kl_budget: float, shown_prompts: int) -> dict:
                 for n in (1, 2)}
     summary = {**RunDir(out).read_summary(), **ppl, **distinct,
                "kl/budget": kl_budget, "rm/noise_ceiling": reward["rm/noise_ceiling"],
-               "rm/gold_agreement": reward["rm/gold_agreement"]}
+               "rm/gold_agreement": reward["rm/gold_agreement"],
+               "preferences/train_prompts": reward.get("preferences/train_prompts")}
     summary["bar/win_rate"] = summary["win_rate/rlhf_vs_sft"] >= 0.6
     summary["bar/kl"] = ppo["kl/rlhf_vs_sft"] <= kl_budget
     summary["bar/distinct_2"] = distinct["distinct_2/rlhf"] >= 0.8 * distinct["distinct_2/sft"]
