@@ -91,9 +91,9 @@ def test_sft_rm_ppo_steps_on_4_devices_equal_one_device(multidevice):
 
 def test_llama_steps_on_4_devices_equal_one_device(multidevice):
     """The same for a Llama-family model (grouped-query attention, q/k norms, biases): SFT
-    replicated and FSDP, the RM step and a PPO iteration."""
+    replicated and FSDP (the split of its own parameter shapes) and the RM step."""
     lines = multidevice[0].splitlines()
-    assert lines[5:] == [f"llama {c} ok" for c in ("check_sft", "check_rm", "check_ppo")]
+    assert lines[5:] == [f"llama {c} ok" for c in ("check_sft", "check_rm")]
 
 
 def test_sft_command_on_two_devices_with_fsdp_ends_at_the_same_numbers(sft_run, tmp_path):

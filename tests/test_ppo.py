@@ -66,11 +66,12 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
     pol, val = state.policy, state.value
     shared = hp.critic == "shared"
     t = hp.temperature
-    ro = collect(models.policy, pol.params, models.ref, frozen.ref, models.rm, frozen.rm,
-                 None if shared else models.value, None if shared else val.params,
-                 batch["prompts"], batch["prompt_mask"], k_sample, batch["example_ids"],
-                 sampling=SamplingConfig(max_new_tokens=n_new, temperature=t),
-                 eos_id=eos, pad_id=pad, rescore_policy=hp.rescore_policy, shared_critic=shared)
+    ro = jax.jit(lambda: collect(   # compiled as a whole: eager op-by-op costs 10 s
+        models.policy, pol.params, models.ref, frozen.ref, models.rm, frozen.rm,
+        None if shared else models.value, None if shared else val.params,
+        batch["prompts"], batch["prompt_mask"], k_sample, batch["example_ids"],
+        sampling=SamplingConfig(max_new_tokens=n_new, temperature=t),
+        eos_id=eos, pad_id=pad, rescore_policy=hp.rescore_policy, shared_critic=shared))()
     mask = ro.mask.astype(jnp.float32)
     score = ro.scores * gain + bias - hp.no_eos_penalty * ro.truncated
     beta = 0.0 if hp.kl_in_loss else hp.kl_coef
@@ -87,6 +88,43 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
     mb = n // hp.minibatches
     big = hp.minibatches   # rows go to minibatches in blocks of consecutive example ids
     ids = np.asarray(batch["example_ids"])
+    def pl(params, i, u):
+        logits, out = response_logits(models.policy, params, batch["prompts"][i],
+                                      batch["prompt_mask"][i], ro.responses[i], ro.mask[i])
+        logits = logits / t
+        logp = token_logprobs(logits, ro.responses[i])
+        loss = clipped_policy_loss(logp, ro.logp[i], adv[i], mask[i], clip_eps=hp.clip_eps,
+                                   weights=None if tis is None else tis[i])[0]
+        lp = jax.nn.log_softmax(logits)
+        loss -= hp.entropy_coef * _masked_mean(-jnp.sum(jnp.exp(lp) * lp, -1), mask[i])
+        if hp.kl_in_loss == "k2":
+            kl = 0.5 * jnp.square(ro.ref_logp[i] - logp)
+        elif hp.kl_in_loss == "exact":
+            lq = jax.nn.log_softmax(ref_logits[i])
+            kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+        if hp.kl_in_loss:
+            loss += hp.kl_coef * _masked_mean(kl, mask[i]) / adv_scale
+        if shared:
+            loss += hp.vf_coef * clipped_value_loss(
+                out.scalars["value"], ro.values[i], ret[i], mask[i],
+                clip_eps=hp.value_clip_eps)[0]
+        if hp.ptx_coef:
+            rows = {k: v[u] for k, v in batch["ptx"].items()}
+            o = models.policy.apply(params, rows["tokens"], attention_mask=rows["attention_mask"])
+            nll = -token_logprobs(o.logits[:, :-1], rows["tokens"][:, 1:])
+            loss += hp.ptx_coef * _masked_mean(nll, rows["loss_mask"][:, 1:])
+        return loss
+
+    def vl(params, i):
+        _, out = response_logits(models.value, params, batch["prompts"][i],
+                                 batch["prompt_mask"][i], ro.responses[i], ro.mask[i],
+                                 compute_logits=False)
+        return clipped_value_loss(out.scalars["value"], ro.values[i], ret[i], mask[i],
+                                  clip_eps=hp.value_clip_eps)[0]
+
+    # one optimiser step per minibatch, each compiled once (jit changes no number here)
+    policy_step = jax.jit(lambda s, i, u: s.apply_gradients(jax.grad(pl)(s.params, i, u)))
+    value_step = jax.jit(lambda s, i: s.apply_gradients(jax.grad(vl)(s.params, i)))
     u = 0
     for ek in jax.random.split(k_perm, hp.epochs):
         assign = np.array([int(jax.random.permutation(jax.random.fold_in(ek, int(r) // big),
@@ -94,47 +132,9 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
         for m in range(hp.minibatches):
             i = np.flatnonzero(assign == m)
             assert len(i) == mb
-
-            def pl(params, i=i, u=u):
-                logits, out = response_logits(models.policy, params, batch["prompts"][i],
-                                              batch["prompt_mask"][i], ro.responses[i],
-                                              ro.mask[i])
-                logits = logits / t
-                logp = token_logprobs(logits, ro.responses[i])
-                loss = clipped_policy_loss(logp, ro.logp[i], adv[i], mask[i],
-                                           clip_eps=hp.clip_eps,
-                                           weights=None if tis is None else tis[i])[0]
-                lp = jax.nn.log_softmax(logits)
-                loss -= hp.entropy_coef * _masked_mean(-jnp.sum(jnp.exp(lp) * lp, -1), mask[i])
-                if hp.kl_in_loss == "k2":
-                    kl = 0.5 * jnp.square(ro.ref_logp[i] - logp)
-                elif hp.kl_in_loss == "exact":
-                    lq = jax.nn.log_softmax(ref_logits[i])
-                    kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
-                if hp.kl_in_loss:
-                    loss += hp.kl_coef * _masked_mean(kl, mask[i]) / adv_scale
-                if shared:
-                    loss += hp.vf_coef * clipped_value_loss(
-                        out.scalars["value"], ro.values[i], ret[i], mask[i],
-                        clip_eps=hp.value_clip_eps)[0]
-                if hp.ptx_coef:
-                    rows = {k: v[u] for k, v in batch["ptx"].items()}
-                    o = models.policy.apply(params, rows["tokens"],
-                                            attention_mask=rows["attention_mask"])
-                    nll = -token_logprobs(o.logits[:, :-1], rows["tokens"][:, 1:])
-                    loss += hp.ptx_coef * _masked_mean(nll, rows["loss_mask"][:, 1:])
-                return loss
-
-            def vl(params, i=i):
-                _, out = response_logits(models.value, params, batch["prompts"][i],
-                                         batch["prompt_mask"][i], ro.responses[i], ro.mask[i],
-                                         compute_logits=False)
-                return clipped_value_loss(out.scalars["value"], ro.values[i], ret[i],
-                                          mask[i], clip_eps=hp.value_clip_eps)[0]
-
-            pol = pol.apply_gradients(jax.grad(pl)(pol.params))
+            pol = policy_step(pol, i, u)
             if not shared:
-                val = val.apply_gradients(jax.grad(vl)(val.params))
+                val = value_step(val, i)
             u += 1
     return pol, val, ro
 

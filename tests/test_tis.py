@@ -130,7 +130,7 @@ def test_bf16_kl_is_exactly_zero_at_iteration_0(bf16_setup, kl_estimator, kl_in_
     copy = lambda t: jax.tree.map(lambda x: x.copy(), t)  # noqa: E731
     state = PPOState(policy=TrainState.create(copy(params), make_optimizer(optim, 1)),
                      value=TrainState.create(copy(v_params), make_optimizer(optim, 1)),
-                     kl_coef=jnp.asarray(0.1), reward_moments=RunningMoments.create(),
+                     kl_coef=jnp.asarray(0.1, jnp.float32), reward_moments=RunningMoments.create(),
                      step=jnp.zeros((), jnp.int32))
     it = jax.jit(make_iteration(models, hp, max_new_tokens=6, eos_id=2, pad_id=0))
     batch = {"prompts": prompts, "prompt_mask": jnp.ones_like(prompts),
