@@ -136,6 +136,8 @@ def _ppo_label(cfg: dict, summary: dict) -> str:
         label += f", policy lr {_lr(lr)}"
     if h.get("length_debias"):
         label += ", length-debiased reward"
+    if h.get("no_eos_penalty"):
+        label += f", {h['no_eos_penalty']:g} off a response without EOS"
     if cfg.get("kl_stop"):
         label += (f", stop at KL {cfg['kl_stop']:g}: {summary.get('ppo/iterations_run', '?')} of "
                   f"{cfg['iterations']} iterations")

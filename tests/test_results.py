@@ -213,6 +213,13 @@ def test_sentiment_exploration_rows_against_a_loop_over_the_committed_files():
            f"{s['distinct_2/sft']:.3f} / {s['distinct_2/rlhf']:.3f} | "
            f"{s['rm/gold_agreement_on_policy']:.3f} | `s4-sent-ppo-t2.5h500` |")
     assert row in found["sentiment_ppo"].splitlines()
+    # a fixed β and a penalty on responses without EOS are named in the label
+    c = json.loads((ROOT / "results" / "sentiment_ppo_all" / "s0-b1.0-eos1" / "config.json"
+                    ).read_text())
+    assert (c["ppo"]["adaptive_kl"], c["ppo"]["kl_coef"], c["ppo"]["no_eos_penalty"]) == (
+        False, 1.0, 1.0)
+    assert any(r.startswith("| β 1 (fixed), 1 off a response without EOS, stop at KL 2.5: ") and
+               r.endswith("| `s0-b1.0-eos1` |") for r in found["sentiment_ppo_all"].splitlines())
 
 
 def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_path):
