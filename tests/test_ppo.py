@@ -88,6 +88,7 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
     mb = n // hp.minibatches
     big = hp.minibatches   # rows go to minibatches in blocks of consecutive example ids
     ids = np.asarray(batch["example_ids"])
+
     def pl(params, i, u):
         logits, out = response_logits(models.policy, params, batch["prompts"][i],
                                       batch["prompt_mask"][i], ro.responses[i], ro.mask[i])
@@ -122,7 +123,8 @@ def _pieces(models, hp, state, frozen, batch, key, *, n_new, eos, pad, gain, bia
         return clipped_value_loss(out.scalars["value"], ro.values[i], ret[i], mask[i],
                                   clip_eps=hp.value_clip_eps)[0]
 
-    # one optimiser step per minibatch, each compiled once (jit changes no number here)
+    # one optimiser step per minibatch, each compiled once (the same steps as eager, up to
+    # float rounding)
     policy_step = jax.jit(lambda s, i, u: s.apply_gradients(jax.grad(pl)(s.params, i, u)))
     value_step = jax.jit(lambda s, i: s.apply_gradients(jax.grad(vl)(s.params, i)))
     u = 0
