@@ -2,8 +2,8 @@
 2024: G = 4 samples per prompt, group-normalised advantages (R_i − mean_g R)/std_g R, PPO's clipped
 ratio averaged per sequence (1/|o_i|), β·k3 to the SFT policy in the loss; no critic), or with
 ``--method`` any preset of ``rlhf_jax.rl.presets``: ``dr_grpo``, ``rloo``, ``dapo``, ``gspo``,
-``gspo_token``, ``reinforce_pp`` (``ppo`` too). Same RM, SFT start, iterations, RM-scored samples
-per iteration and held-out evaluation as experiments/ppo.py (summary keys gold/rlhf etc.).
+``gspo_token``, ``reinforce_pp``, ``raft`` (``ppo`` too). Same RM, SFT start, iterations, RM-scored
+samples per iteration and held-out evaluation as experiments/ppo.py (summary keys gold/rlhf etc.).
 
 Every ``--ppo.*`` flag overrides the preset; e.g. ``--ppo.advantage dr_grpo
 --ppo.loss-aggregation budget`` is Dr. GRPO (Liu et al. 2025). ``--method`` must come first.
@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from rlhf_jax import cli, scripts
-from rlhf_jax.stages.online import METHODS, online_config
+from rlhf_jax.stages import online
+from rlhf_jax.stages.online import online_config
 from rlhf_jax.stages.ppo import PPOConfig
 
 
@@ -34,11 +35,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
 
 def split_method(argv: list[str], default: str = "grpo") -> tuple[str, list[str]]:
     """``(method, the other flags)`` from a leading ``--method NAME``."""
-    if argv[:1] != ["--method"]:
-        return default, argv
-    if len(argv) < 2 or argv[1] not in METHODS:
-        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}")
-    return argv[1], argv[2:]
+    return online.split_method(argv, default)
 
 
 def main(argv=None, method: str = "grpo", runner=run, description: str = __doc__) -> dict:

@@ -1,11 +1,13 @@
 """Positive-sentiment continuations of real text (Ziegler et al. 2019) through the same stages:
 pretrain a small LM on Debian's fortunes (the starting policy — there are no demonstrations, so
 SFT runs 0 steps), simulated preferences from the hidden VADER judge, reward model, PPO, and the
-held-out evaluation; writes the task's summary keys and ``samples.md``.
+held-out evaluation; writes the task's summary keys and ``samples.md``. A leading ``--method NAME``
+runs another online method of ``rlhf_jax.rl.presets`` (GRPO, RLOO, RAFT, …) in the PPO stage.
 
     apt-get install fortunes                                  # the texts (once)
     python experiments/sentiment.py --out runs/sentiment      # default config
     python experiments/sentiment.py --out runs/s1 --pipeline.seed 1
+    python experiments/sentiment.py --method raft --out runs/raft   # another online method
     python experiments/sentiment.py --help                    # every option
 """
 
@@ -14,10 +16,12 @@ from rlhf_jax import launch
 if __name__ == "__main__":
     launch.setup()   # before JAX loads: allocator settings and the compile cache (launch.py)
 
+import sys
 from pathlib import Path
 
 from rlhf_jax import cli, scripts
-from rlhf_jax.stages.sentiment import SentimentConfig, report
+from rlhf_jax.stages.online import split_method
+from rlhf_jax.stages.sentiment import SentimentConfig, method_config, report
 
 
 def run(cfg: SentimentConfig, out: str | Path) -> dict:
@@ -28,7 +32,9 @@ def run(cfg: SentimentConfig, out: str | Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    return cli.main(SentimentConfig, run, argv, description=__doc__)
+    method, argv = split_method(list(sys.argv[1:] if argv is None else argv), "ppo")
+    return cli.main(SentimentConfig, run, argv, description=__doc__,
+                    default=method_config(method))
 
 
 if __name__ == "__main__":

@@ -121,12 +121,17 @@ def _ppo_label(cfg: dict, summary: dict) -> str:
     """``β 0.1 (final 0.092), adaptive to 1.75, horizon 2,000`` from the run's PPO config, then
     the KL stop and the iterations run (``…, stop at KL 2.5: 31 of 60 iterations``)."""
     h = cfg["ppo"]
-    if not h["adaptive_kl"]:
+    if h.get("advantage") == "best":   # RAFT: β only ranks (score − β·Σ k1), no KL controller
+        epochs = f"{h['epochs']} epoch" + "s" * (h["epochs"] > 1)
+        label = (f"RAFT: SFT on the RM's best of {h['group_size']} samples per prompt, "
+                 f"{h['prompts_per_iter']} prompts × {epochs} per iteration, ranked by "
+                 + (f"score − {h['kl_coef']:g}·KL" if h["kl_coef"] else "the RM score alone"))
+    elif not h["adaptive_kl"]:
         label = f"β {h['kl_coef']:g} (fixed)"
     else:
         label = (f"β {h['kl_coef']:g} (final {summary['final/kl/coef']:.3f}), adaptive to "
                  f"{h['kl_target']:g}, horizon {h['kl_horizon']:,.0f}")
-    if h.get("advantage", "gae") != "gae":
+    if h.get("advantage", "gae") not in ("gae", "best"):
         label += (f", {h['advantage']} advantage over {h['group_size']} samples per prompt, "
                   f"critic {h['critic']}")
     elif h.get("gae_lambda", 0.95) != 0.95:

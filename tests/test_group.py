@@ -3,22 +3,26 @@ and the whole compiled iteration on a one-step bandit against its (exactly compu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ppo import kl_regularised_optimum, run_bandit, tv
+from test_ppo import _masked_mean, _setup, _state, kl_regularised_optimum, run_bandit, tv
 
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.losses.policy_gradient import reinforce_loss
 from rlhf_jax.losses.ppo import clipped_policy_loss, kl_loss
 from rlhf_jax.ops import AGGREGATIONS, aggregate
 from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards
-from rlhf_jax.rl.group import GRPO_EPS
-from rlhf_jax.rl.ppo import POLICY_LOSSES, PPOHParams
-from rlhf_jax.rl.presets import PRESETS, dr_grpo_hparams, grpo_hparams, rloo_hparams
+from rlhf_jax.rl.group import GRPO_EPS, best_rows
+from rlhf_jax.rl.ppo import POLICY_LOSSES, PPOHParams, make_iteration
+from rlhf_jax.rl.presets import PRESETS, dr_grpo_hparams, grpo_hparams, raft_hparams, rloo_hparams
+from rlhf_jax.sampling import response_logits
+from rlhf_jax.ops import token_logprobs
+from rlhf_jax.train import OptimConfig
 from rlhf_jax.stages.online import METHODS, online_config
 
 G, PROMPTS, N = 4, 3, 7
@@ -49,15 +53,17 @@ def _group_advantage_loops(rewards, mask, kind):
                 a = (members[i] - mean) / (std + GRPO_EPS)
             elif kind == "dr_grpo":
                 a = members[i] - mean
-            else:
+            elif kind == "rloo":
                 a = members[i] - sum(members[j] for j in range(G) if j != i) / (G - 1)
+            else:   # best: 1 on the first of the largest
+                a = float(i == max(range(G), key=lambda j: (members[j], -j)))
             for t in range(N):
                 if mask[g * G + i, t]:
                     out[g * G + i, t] = a
     return out
 
 
-GROUP_KINDS = ("grpo", "dr_grpo", "rloo")        # each checked against its loop reference here
+GROUP_KINDS = ("grpo", "dr_grpo", "rloo", "best")   # each checked against its loop reference here
 # each checked against its loops below (GSPO's two in test_zoo2.py)
 TESTED_POLICY_LOSSES = ("clipped", "reinforce", "gspo", "gspo_token")
 
@@ -85,7 +91,7 @@ def test_group_advantages_match_loops(kind, seed):
     np.testing.assert_allclose(ret, want, rtol=1e-5, atol=1e-5)
     assert np.all(adv[mask == 0] == 0)
     per_seq = want.sum(1) / mask.sum(1)
-    if kind != "grpo":   # baselines: group sums of Dr. GRPO's and RLOO's advantages are 0
+    if kind in ("dr_grpo", "rloo"):   # baselines: their group sums are 0
         np.testing.assert_allclose(per_seq.reshape(PROMPTS, G).sum(1), 0, atol=1e-5)
 
 
@@ -110,6 +116,19 @@ def test_group_advantage_identities_and_hand_worked():
     r = np.array([1.0 - 2.0, 2.0, 3.0, 6.0])
     np.testing.assert_allclose(lo_kl[:, 0], [r[i] - (r.sum() - r[i]) / 3 for i in range(4)],
                                rtol=1e-6)
+    # best: the 6, unless β·Σk1 on the reward side outweighs its lead; ties go to the first
+    def best(r):
+        zeros, ones = jnp.zeros(r.shape), jnp.ones(r.shape)
+        return np.asarray(ADVANTAGES["best"](r, zeros, ones, **kw)[0])[:, 0]
+
+    np.testing.assert_array_equal(best(rewards), [0, 0, 0, 1])
+    kl6 = jnp.zeros((4, 2)).at[3].set(1.0)   # Σk1 = 2 on the 6: R = 6 − 2β
+    np.testing.assert_array_equal(best(token_rewards(scores, kl6, jnp.ones((4, 2)), kl_coef=1.0)),
+                                  [0, 0, 0, 1])   # 4 > 3
+    np.testing.assert_array_equal(best(token_rewards(scores, kl6, jnp.ones((4, 2)), kl_coef=2.0)),
+                                  [0, 0, 1, 0])   # 2 < 3
+    tie = token_rewards(jnp.array([5.0, 6.0, 1.0, 6.0]), jnp.zeros((4, 1)), mask, kl_coef=0.0)
+    np.testing.assert_array_equal(best(tie), [0, 1, 0, 0])
     # a group of identical rewards has zero advantage under every estimator (no NaN from std 0)
     same = token_rewards(jnp.full((4,), 0.7), jnp.zeros((4, 1)), mask, kl_coef=0.0)
     for kind in ("grpo", "dr_grpo", "rloo"):
@@ -129,6 +148,69 @@ def test_groups_are_consecutive_rows_and_local():
         parts = [np.asarray(fn(*map(jnp.asarray, (rewards[s], values[s], mask[s]))))
                  for s in (slice(0, h), slice(h, B))]
         np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-6)
+
+
+def test_best_rows_are_each_groups_winner_and_local():
+    """``best_rows`` keeps the row :func:`best_of_group` marks in each group, with its global
+    group id; two halves of the batch (two devices) give the whole batch's rows and ids."""
+    rewards, values, mask, _ = _padded_batch(4)
+    seq = jnp.asarray((rewards * mask).sum(1))
+    data = {"x": jnp.arange(B * 3).reshape(B, 3), "mask": jnp.asarray(mask)}
+    ids = jnp.arange(B)
+    out, gid = best_rows(data, seq, ids, group_size=G)
+    adv = np.asarray(ADVANTAGES["best"](jnp.asarray(rewards), jnp.asarray(values),
+                                        jnp.asarray(mask), discount=1.0, gae_lambda=1.0,
+                                        group_size=G)[0]).max(1)
+    np.testing.assert_array_equal(np.asarray(out["x"])[:, 0] // 3, np.flatnonzero(adv))
+    np.testing.assert_array_equal(gid, np.arange(PROMPTS))
+    h = 2 * G   # the first two groups on one device, the third on another
+    parts = [best_rows(jax.tree.map(lambda x: x[s], data), seq[s], ids[s], group_size=G)
+             for s in (slice(0, h), slice(h, B))]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p[0]["x"]) for p in parts]),
+                                  out["x"])
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p[1]) for p in parts]), gid)
+
+
+def test_raft_iteration_is_sft_on_each_prompts_best_sample():
+    """RAFT's compiled iteration (G = 4, ranking by score − β·Σk1, 2 epochs of one minibatch)
+    equals a written-out reference on the rollout it returns: the log-probs of policy and
+    reference by a forward pass, each group's winner picked by a loop, then two optimiser steps on
+    the mean negative log-likelihood of the winners' response tokens."""
+    models, p_params, ref_params, rm_params, _, prompts, pmask = _setup()
+    models = dataclasses.replace(models, value=None)
+    hp = raft_hparams(prompts_per_iter=8, group_size=4, epochs=2, minibatches=1, kl_coef=0.3,
+                      no_eos_penalty=0.0)
+    optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
+    state, frozen = _state(models, p_params, None, ref_params, rm_params, hp, optim, 4)
+    pol = state.policy
+    it = jax.jit(make_iteration(models, hp, max_new_tokens=6, eos_id=2, pad_id=0))
+    got, metrics, ro = it(state, frozen, {"prompts": prompts, "prompt_mask": pmask,
+                                          "example_ids": jnp.arange(32)}, jax.random.key(7))
+    rows_p, rows_m = jnp.repeat(prompts, 4, axis=0), jnp.repeat(pmask, 4, axis=0)
+
+    def logp(params, rows):
+        logits, _ = response_logits(models.policy, params, rows_p[rows], rows_m[rows],
+                                    ro["responses"][rows], ro["mask"][rows])
+        return token_logprobs(logits, ro["responses"][rows])
+
+    m = np.asarray(ro["mask"], np.float64)
+    every = jnp.arange(32)
+    k1 = np.asarray(logp(pol.params, every), np.float64) - np.asarray(
+        logp(frozen.ref, every), np.float64)
+    r = np.asarray(ro["rm_score"], np.float64) - 0.3 * (k1 * m).sum(1)
+    win = np.array([4 * g + int(np.argmax(r[4 * g:4 * g + 4])) for g in range(8)])
+    assert len(set(win % 4)) > 1   # the winners are not all the first sample
+    nll = lambda params, rows: -_masked_mean(logp(params, rows), ro["mask"][rows])  # noqa: E731
+    step = jax.jit(lambda s, rows: s.apply_gradients(jax.grad(nll)(s.params, rows)))
+    want = step(step(pol, win), win)
+    # Adam's steps are ~1e-2 per parameter; 1e-4 absorbs its amplified rounding on gradients ~0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+                 got.policy.params, want.params)
+    # SFT on the first sample of each group instead lands elsewhere: the test can fail
+    first = win - win % 4
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3 for a, b in zip(
+        jax.tree.leaves(got.policy.params), jax.tree.leaves(step(step(pol, first), first).params)))
+    assert float(metrics["train/policy_loss"]) > 0   # the NLL of the winners
 
 
 # --------------------------------------------------------------------------- aggregations

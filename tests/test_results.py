@@ -220,6 +220,14 @@ def test_sentiment_exploration_rows_against_a_loop_over_the_committed_files():
         False, 1.0, 1.0)
     assert any(r.startswith("| β 1 (fixed), 1 off a response without EOS, stop at KL 2.5: ") and
                r.endswith("| `s0-b1.0-eos1` |") for r in found["sentiment_ppo_all"].splitlines())
+    # RAFT's row names its group, batch and ranking instead of a KL controller
+    c = json.loads((ROOT / "results" / "sentiment_ppo_all" / "s0-raft-b0.5" / "config.json"
+                    ).read_text())
+    assert (c["ppo"]["advantage"], c["ppo"]["group_size"], c["ppo"]["kl_coef"]) == ("best", 16, 0.5)
+    assert any(r.startswith("| RAFT: SFT on the RM's best of 16 samples per prompt, 32 prompts × "
+                            "2 epochs per iteration, ranked by score − 0.5·KL, policy lr 1e-4, ")
+               and r.endswith("| `s0-raft-b0.5` |")
+               for r in found["sentiment_ppo_all"].splitlines())
 
 
 def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_path):

@@ -215,3 +215,25 @@ def test_builder_on_the_installed_fortunes(tmp_path):
     assert n > 10000 and 0.07 < len(split["heldout"]) / n < 0.13
     assert not set(split["train"]) & set(split["heldout"])
     assert not any(t.endswith("-- Mark Twain") for s in split.values() for t in s)
+
+
+def test_method_flag_puts_the_online_preset_in_the_ppo_stage():
+    """``experiments/sentiment.py --method raft``: RAFT's preset (best of G = 16, 32 prompts,
+    β 0.5) and learning rate in the PPO stage, every other stage and the iteration count the
+    task's; later flags override the preset; ``ppo`` is the default config itself."""
+    from rlhf_jax import cli
+    from rlhf_jax.rl.presets import raft_hparams
+    from rlhf_jax.stages.online import split_method
+    from rlhf_jax.stages.sentiment import PIPELINE, SentimentConfig, method_config
+
+    assert method_config("ppo") == SentimentConfig()
+    raft = method_config("raft").pipeline
+    assert raft.ppo.ppo == raft_hparams(group_size=16, prompts_per_iter=32, kl_coef=0.5,
+                                        no_eos_penalty=0.0)
+    assert raft.ppo.policy_optim.learning_rate == 1e-4
+    assert (raft.pretrain, raft.reward, raft.ppo.iterations) == (
+        PIPELINE.pretrain, PIPELINE.reward, PIPELINE.ppo.iterations)
+    method, argv = split_method(["--method", "raft", "--out", "x",
+                                 "--pipeline.ppo.ppo.kl-coef", "0"], "ppo")
+    _, cfg = cli.parse(SentimentConfig, argv, default=method_config(method))
+    assert (cfg.pipeline.ppo.ppo.advantage, cfg.pipeline.ppo.ppo.kl_coef) == ("best", 0.0)

@@ -22,6 +22,11 @@ and the advantage ``A_i`` is broadcast over the counted tokens of response ``i``
 * ``rloo`` (Ahmadian et al. 2024, "Back to basics"; Kool et al. 2019):  A_i = R_i − 1/(G−1)·Σ_{j≠i}
   R_j, the leave-one-out baseline: E[A_i ∇log π(y_i)] = ∇E[R] exactly, with the KL on the reward
   side (k1 per token, summed), so REINFORCE on it ascends E[score] − β·KL(π ‖ π_SFT).
+* ``best`` (rejection sampling: RAFT, Dong et al. 2023; Llama 2's rejection-sampling fine-tuning,
+  Touvron et al. 2023; ReST-EM, Singh et al. 2023):  A_i = 1 for the member of each group with the
+  highest R (the first on a tie), 0 for the others. With REINFORCE's −A·log π this is the SFT loss
+  on each prompt's best-of-G sample, and the iteration trains on those rows only
+  (:func:`best_rows`): one per prompt, so the token means count the winners' tokens alone.
 
 Advantage whitening over the batch is *off* for these (``whiten_advantages=False`` in the presets).
 """
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.rl.advantages import ADVANTAGES
 
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "best")
 GRPO_EPS = 1e-4
 
 
@@ -83,8 +88,30 @@ def leave_one_out(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, dis
     return _broadcast(r - others, values, mask)
 
 
+def best_of_group(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, discount: float,
+                  gae_lambda: float, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """Rejection sampling's advantage: 1 on each group's highest sequence reward (the first of
+    equal ones), 0 elsewhere, broadcast over each response's tokens; ``returns = A + V``."""
+    del discount, gae_lambda
+    r = _grouped(sequence_rewards(rewards, mask), group_size)
+    return _broadcast(jax.nn.one_hot(jnp.argmax(r, axis=1), group_size, dtype=r.dtype), values,
+                      mask)
+
+
+def best_rows(data: dict, seq_rewards: jax.Array, example_ids: jax.Array, *, group_size: int
+              ) -> tuple[dict, jax.Array]:
+    """Each local group's winner (:func:`best_of_group`'s choice): ``data``'s leaves ``[R, ...]``
+    cut to ``[R/G, ...]``, and the winners' group ids (``example_ids // G``: global prompt
+    indices, so the minibatch split is the same on 1 or N devices). Groups never straddle
+    devices, so no collective is needed."""
+    r = _grouped(seq_rewards, group_size)
+    rows = jnp.arange(r.shape[0]) * group_size + jnp.argmax(r, axis=1)
+    return jax.tree.map(lambda x: x[rows], data), example_ids[rows] // group_size
+
+
 ADVANTAGES.update({
     "grpo": group_relative,
     "dr_grpo": functools.partial(group_relative, scale_std=False),
     "rloo": leave_one_out,
+    "best": best_of_group,
 })

@@ -167,13 +167,27 @@ class PPOHParams:
         check(self.policy_loss != "gspo" or self.loss_aggregation == "sequence",
               "loss_aggregation", "GSPO averages over sequences: use 'sequence'")
         check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
+        check(self.advantage != "best" or not (self.keep_groups or self.whiten_advantages),
+              "advantage", "'best' trains on each group's winner (advantage 1): it takes neither "
+              "keep_groups nor whiten_advantages (whitening equal advantages zeroes them)")
         check(self.rollout_size % self.minibatches == 0, "minibatches",
               f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
               f"not divide into {self.minibatches} minibatches")
+        check(self.train_rows % self.minibatches == 0, "minibatches",
+              f"the {self.train_rows} trained sequences per iteration do not divide into "
+              f"{self.minibatches} minibatches")
 
     @property
     def rollout_size(self) -> int:
         return self.prompts_per_iter * self.group_size
+
+    @property
+    def train_rows(self) -> int:
+        """Sequences trained on per iteration: DAPO's kept groups, ``best``'s one winner per
+        prompt, or the whole rollout."""
+        if self.keep_groups:
+            return self.keep_groups * self.group_size
+        return self.prompts_per_iter if self.advantage == "best" else self.rollout_size
 
     def scalars(self) -> dict[str, jax.Array]:
         """The :data:`TRACED` fields as float32 arrays (``PPOState.hparams``)."""

@@ -36,7 +36,7 @@ from rlhf_jax.rl.advantages import (ADVANTAGES, length_residual, overlong_penalt
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
 from rlhf_jax.rl.dynamic_sampling import select_groups
 from rlhf_jax.rl.entropy_control import entropy_control
-from rlhf_jax.rl.group import sequence_rewards
+from rlhf_jax.rl.group import best_rows, sequence_rewards
 # re-exported: the iteration's settings live in rl/hparams.py
 from rlhf_jax.rl.hparams import CRITICS, POLICY_LOSSES, TRACED, PPOHParams  # noqa: F401
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
@@ -245,6 +245,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         if hp.keep_groups:   # DAPO: train on keep_groups groups with reward spread (global pick)
             data, ids, dyn = select_groups(data, sequence_rewards(rewards, mask),
                                            keep=hp.keep_groups, group_size=g, axis_name=axis_name)
+        elif hp.advantage == "best":   # rejection sampling: train on each group's winner only
+            data, ids = best_rows(data, sequence_rewards(rewards, mask), ids, group_size=g)
 
         # --- E epochs × M minibatches ---------------------------------------------------
         mb_size = data["mask"].shape[0] // n_mb

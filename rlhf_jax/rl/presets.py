@@ -1,5 +1,5 @@
-"""Critic-free online presets on the compiled PPO iteration: GRPO, Dr. GRPO, RLOO, DAPO, GSPO and
-REINFORCE++.
+"""Critic-free online presets on the compiled PPO iteration: GRPO, Dr. GRPO, RLOO, DAPO, GSPO,
+REINFORCE++ and RAFT.
 
 Budget rule: every online method scores as many samples with the RM per iteration as PPO's default
 (64 prompts × 1 sample): here 16 prompts × G = 4 samples (REINFORCE++: 64 × 1). No critic; no
@@ -28,6 +28,13 @@ batch whitening of the advantages except REINFORCE++'s (the group baseline repla
   with γ = 1 and no critic (GAE with λ = γ = 1 on zero values: A_t = Σ_{s ≥ t} r_s), normalised
   over the global batch (``whiten``: sums and sums of squares psum-ed across devices), PPO's
   clipped surrogate with PPO's 4 epochs × 4 minibatches.
+* RAFT (Dong et al. 2023, "RAFT: reward ranked finetuning"; online rejection-sampling fine-tuning,
+  as Llama 2's, Touvron et al. 2023, and ReST-EM's, Singh et al. 2023): each iteration samples G
+  responses per prompt from the current policy, keeps each prompt's best by the RM
+  (``advantage="best"``) and takes SFT steps on the kept ones (REINFORCE with advantage 1: the
+  token-mean negative log-likelihood), 2 epochs × 2 minibatches. No KL term by default (β = 0, as
+  RAFT); a reward-side β ranks by score − β·Σ_t k1 instead. Every update imitates a sample the
+  policy itself drew, so it moves only where the RM's choice among the policy's own samples leads.
 """
 
 from __future__ import annotations
@@ -94,6 +101,14 @@ def reinforce_pp_hparams(**overrides) -> PPOHParams:
                       kl_coef=0.05, policy_loss="clipped", loss_aggregation="token"), overrides)
 
 
+def raft_hparams(**overrides) -> PPOHParams:
+    """RAFT / online rejection-sampling fine-tuning (Dong et al. 2023): SFT on each prompt's
+    best-of-G sample by the RM."""
+    return _make(dict(advantage="best", policy_loss="reinforce", loss_aggregation="token",
+                      kl_estimator="k1", kl_in_loss="", kl_coef=0.0, epochs=2, minibatches=2),
+                 overrides)
+
+
 def ppo_hparams(**overrides) -> PPOHParams:
     """PPO's defaults (``PPOHParams()``), for a uniform interface."""
     return PPOHParams(**overrides)
@@ -101,4 +116,5 @@ def ppo_hparams(**overrides) -> PPOHParams:
 
 PRESETS = {"ppo": ppo_hparams, "grpo": grpo_hparams, "dr_grpo": dr_grpo_hparams,
            "rloo": rloo_hparams, "dapo": dapo_hparams, "gspo": gspo_hparams,
-           "gspo_token": gspo_token_hparams, "reinforce_pp": reinforce_pp_hparams}
+           "gspo_token": gspo_token_hparams, "reinforce_pp": reinforce_pp_hparams,
+           "raft": raft_hparams}

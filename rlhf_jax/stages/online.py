@@ -15,7 +15,7 @@ import dataclasses
 from rlhf_jax.rl.presets import PRESETS
 from rlhf_jax.stages.ppo import PPOConfig
 
-METHODS = tuple(PRESETS)   # ppo, grpo, dr_grpo, rloo, dapo, gspo, gspo_token, reinforce_pp
+METHODS = tuple(PRESETS)   # ppo, grpo, dr_grpo, rloo, dapo, gspo, gspo_token, reinforce_pp, raft
 
 # policy learning rate per method (PPO's default otherwise): RLOO makes one update per
 # iteration (PPO 16, GRPO 8), so it takes larger steps
@@ -40,4 +40,13 @@ def online_config(method: str, ppo: PPOConfig = PPOConfig(), **overrides) -> PPO
                                    warmup_steps=min(ppo.value_optim.warmup_steps, updates)))
 
 
-__all__ = ["METHODS", "online_config"]
+def split_method(argv: list[str], default: str) -> tuple[str, list[str]]:
+    """``(method, the other flags)`` from a leading ``--method NAME`` of a script's flags."""
+    if argv[:1] != ["--method"]:
+        return default, argv
+    if len(argv) < 2 or argv[1] not in METHODS:
+        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}")
+    return argv[1], argv[2:]
+
+
+__all__ = ["METHODS", "online_config", "split_method"]

@@ -122,10 +122,9 @@ def check_ppo_sharding(cfg: PPOConfig, mesh) -> None:
     hp = cfg.ppo
     n = mesh.shape[AXIS]
     check_divisible(hp.prompts_per_iter, mesh, "ppo.prompts_per_iter", "prompts per iteration")
-    rows = hp.rollout_size
-    if hp.keep_groups:   # DAPO trains on keep_groups whole groups, split over the devices
+    rows = hp.train_rows   # DAPO's kept groups, or 'best''s winners, split over the devices
+    if hp.keep_groups:
         check_divisible(hp.keep_groups, mesh, "ppo.keep_groups", "groups kept per iteration")
-        rows = hp.keep_groups * hp.group_size
     check((rows // n) % hp.minibatches == 0, "ppo.minibatches",
           f"each of {n} devices trains on {rows // n} sequences, which do not divide "
           f"into {hp.minibatches} minibatches")
