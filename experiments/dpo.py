@@ -75,7 +75,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
                                           flip=cfg.kto_label_flip, seed=cfg.seed)
         prefs = store_and_reload({"train": prefs}, out / "data", task,
                                  name=feedback_name(task.name), version=FEEDBACK_VERSION)["train"]
-    data = preference_arrays(task.tokenizer, prefs, tcfg)
+    data = preference_arrays(task.tokenizer, prefs, tcfg, max_len=model_config(pre).max_len)
     check_tokens(data, vocab_size=model_config(pre).vocab_size, source="offline: train preferences")
     data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
     if name == "kto":

@@ -20,6 +20,7 @@ if __name__ == "__main__":
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from rlhf_jax import cli, progress, scripts
 from rlhf_jax.configs import to_dict
@@ -27,25 +28,29 @@ from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.pipeline import PipelineConfig
 
 
-def run(cfg: PipelineConfig, out: str | Path) -> dict:
+def run(cfg: PipelineConfig, out: str | Path, final: tuple[str, str, Any] | None = None
+        ) -> dict:
     """Every stage into ``out/<stage>`` (finished ones reused), each seeded ``cfg.seed`` and
-    started from the previous stage's directory; returns the PPO summary + the wall time."""
+    started from the previous stage's directory; returns the last stage's summary + the wall
+    time. ``final``: ``(directory, script, config)`` of a last stage run from the reward run in
+    place of PPO (e.g. ``("dpo", "dpo", OfflineConfig(...))``)."""
     out, t0 = Path(out), time.perf_counter()
     run = RunDir(out)
     run.write_config(to_dict(cfg))
     run.write_meta(seed=cfg.seed)
-    stages = (  # (script, its config with the seed and the previous stage's directory set)
-        ("pretrain", cfg.pretrain),
-        ("sft", dataclasses.replace(cfg.sft, pretrain_dir=str(out / "pretrain"))),
-        ("reward", dataclasses.replace(cfg.reward, sft_dir=str(out / "sft"))),
-        ("ppo", dataclasses.replace(cfg.ppo, reward_dir=str(out / "reward"))),
+    last, script, last_cfg = final or ("ppo", "ppo", cfg.ppo)
+    stages = (  # (directory, script, its config with the previous stage's directory set)
+        ("pretrain", "pretrain", cfg.pretrain),
+        ("sft", "sft", dataclasses.replace(cfg.sft, pretrain_dir=str(out / "pretrain"))),
+        ("reward", "reward", dataclasses.replace(cfg.reward, sft_dir=str(out / "sft"))),
+        (last, script, dataclasses.replace(last_cfg, reward_dir=str(out / "reward"))),
     )
-    for name, stage_cfg in stages:
+    for name, script, stage_cfg in stages:
         if (out / name / "summary.json").exists():
             progress.reused(name, out / name)
         else:
-            scripts.run(name, dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
-    summary = dict(RunDir(out / "ppo").read_summary())
+            scripts.run(script, dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
+    summary = dict(RunDir(out / last).read_summary())
     summary["time_s/pipeline"] = time.perf_counter() - t0
     run.write_summary(summary)
     return summary

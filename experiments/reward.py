@@ -85,14 +85,16 @@ def run(cfg: RewardConfig, out: str | Path) -> dict:
     collect_s = time.perf_counter() - t0
 
     # the RM: the SFT trunk + a scalar head, K-wise Bradley–Terry loss, then normalised
-    data = preference_arrays(task.tokenizer, train_prefs, tcfg)
+    max_len = model_config(pre).max_len
+    data = preference_arrays(task.tokenizer, train_prefs, tcfg, max_len=max_len)
     check_tokens(data, vocab_size=model_config(pre).vocab_size, source="reward: train preferences")
     _, rm_params, score_jit, (gain, bias) = fit_reward_model(
         cfg, model_config(pre), sft_params, data, prompt_len=tcfg.prompt_len, run=run)
 
     # held-out: accuracy against the noisy labels and agreement with the gold judge
     test_rewards = score_groups(score_jit, rm_params,
-                                preference_arrays(task.tokenizer, test_prefs, tcfg))
+                                preference_arrays(task.tokenizer, test_prefs, tcfg,
+                                                  max_len=max_len))
     summary = rm_metrics(test_rewards, test_prefs, cfg.labeler.tau, kinds=task.kinds)
     summary.update({
         "rm/noise_ceiling_train": noise_ceiling(train_prefs.gold, cfg.labeler.tau),

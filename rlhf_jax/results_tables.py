@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ("sft", "rlhf", "best_of_n")
+SAMPLES = ("sft", "rlhf", "best_of_n", "dpo")
 PROMPTS_KEPT = 48   # held-out prompts whose samples are committed (all their samples)
 LAST = 10           # the entropy table averages the last LAST iterations' rollouts
 POLICIES = (  # (row label, summary name, KL cell)
@@ -76,9 +76,17 @@ def _seeds_line(dirs: Sequence[Path], results_dir: Path) -> str:
             "rendered by `python -m rlhf_jax.results update-readme`):")
 
 
-def stage_dir(run: Path, stage: str = "ppo") -> Path:
-    """A pipeline directory's ``stage`` (finished), or the run itself."""
-    return run / stage if (run / stage / "summary.json").exists() else run
+# a pipeline's last stage: PPO, or an offline loss in its place (``sentiment.py --method dpo``)
+LAST_STAGES = ("ppo", "dpo", "ipo", "simpo", "kto", "orpo")
+
+
+def stage_dir(run: Path, stage: str | None = None) -> Path:
+    """A pipeline directory's ``stage`` (finished; default its last stage, one of
+    ``LAST_STAGES``), or the run itself."""
+    for s in (stage,) if stage else LAST_STAGES:
+        if (run / s / "summary.json").exists():
+            return run / s
+    return run
 
 
 def write_metrics_excerpt(src: Path, target: Path, keys: Sequence[str]) -> None:
@@ -124,7 +132,8 @@ def collect_seeds(run_dirs: Sequence[str | Path], dest: str | Path,
                   prompts: int = PROMPTS_KEPT) -> list[Path]:
     """Copy each run's summary, config, meta and the samples of its first ``prompts`` held-out
     prompts (uid order) into ``dest/seed<S>`` (S = the run's seed). A pipeline directory's
-    samples and config are read from its ``ppo/`` stage (pipeline and sentiment sets)."""
+    samples and config are read from its last stage, ``ppo/`` or an offline loss's (pipeline and
+    sentiment sets)."""
     return [copy_run(Path(r), Path(dest) / f"seed{run_seed(Path(r))}", prompts) for r in run_dirs]
 
 
@@ -174,11 +183,15 @@ def sentiment_table(results_dir: str | Path) -> str:
         return cell(values, digits) if ok else "—"
 
     bon_kl = {r.get("kl/best_of_n") for r in runs}    # analytic: one value for every seed
+    has_bon = all("gold/best_of_n" in r for r in runs)   # an offline last stage has none
+    losses = {read_json(d / "config.json").get("loss", "ppo") for d in dirs}
+    method = "/".join(sorted(m.upper() for m in losses))
 
     rows = [("start (pretrained, `sft`)", "sft", "0"),
-            (f"best-of-{n} (RM reranks start's samples)", "best_of_n",
-             (cell([*bon_kl]) if len(bon_kl) == 1 else get("kl/best_of_n")) + " (analytic)"),
-            ("**RLHF (PPO)**", "rlhf", f"**{get('kl/rlhf_vs_sft')}**")]
+            *[(f"best-of-{n} (RM reranks start's samples)", "best_of_n",
+               (cell([*bon_kl]) if len(bon_kl) == 1 else get("kl/best_of_n")) + " (analytic)")
+              ] * has_bon,
+            (f"**RLHF ({method})**", "rlhf", f"**{get('kl/rlhf_vs_sft')}**")]
     lines = [_seeds_line(dirs, Path(results_dir)), "",
              "| policy | gold (mean compound) | positive rate | negative rate | KL to start "
              "(nats/seq, exact) | distinct-1 | distinct-2 | perplexity under start |",
@@ -201,10 +214,11 @@ def sentiment_table(results_dir: str | Path) -> str:
               f"{'/'.join(f'{b:g}' for b in sorted({r['kl/budget'] for r in runs}))} nats/seq in "
               f"{sum(bool(r.get('bar/kl')) for r in runs)} of {len(runs)}; distinct-2 ≥ 0.8 × "
               f"the start's in {sum(bool(r.get('bar/distinct_2')) for r in runs)} of {len(runs)}. "
-              f"Best-of-{n} vs start: {get('win_rate/best_of_n_vs_sft')}. RM: "
-              f"`rm/gold_agreement` {get('rm/gold_agreement')} (held-out start samples), "
-              f"`rm/noise_ceiling` {get('rm/noise_ceiling')}, agreement on the RLHF policy's "
-              f"held-out samples {get('rm/gold_agreement_on_policy')}."]
+              + (f"Best-of-{n} vs start: {get('win_rate/best_of_n_vs_sft')}. " if has_bon else "")
+              + f"RM: `rm/gold_agreement` {get('rm/gold_agreement')} (held-out start samples), "
+              f"`rm/noise_ceiling` {get('rm/noise_ceiling')}"
+              + (f", agreement on the RLHF policy's held-out samples "
+                 f"{get('rm/gold_agreement_on_policy')}." if has_bon else ".")]
     lines += ["", "Per seed (win rate / exact KL / distinct-2 as a share of the start's"
               + (" / PPO iterations run, of the configured" if any(
                   "ppo/iterations_run" in r for r in runs) else "") + "): "

@@ -20,7 +20,7 @@ from rlhf_jax.rl.advantages import ADVANTAGES, token_rewards
 from rlhf_jax.rl.group import GRPO_EPS, best_rows
 from rlhf_jax.rl.ppo import POLICY_LOSSES, PPOHParams, make_iteration
 from rlhf_jax.rl.presets import PRESETS, dr_grpo_hparams, grpo_hparams, raft_hparams, rloo_hparams
-from rlhf_jax.sampling import response_logits
+from rlhf_jax.sampling import SamplingConfig, response_logits, sample
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.train import OptimConfig
 from rlhf_jax.stages.online import METHODS, online_config
@@ -171,15 +171,17 @@ def test_best_rows_are_each_groups_winner_and_local():
     np.testing.assert_array_equal(np.concatenate([np.asarray(p[1]) for p in parts]), gid)
 
 
-def test_raft_iteration_is_sft_on_each_prompts_best_sample():
+@pytest.mark.parametrize("sample_from", ["policy", "reference"])
+def test_raft_iteration_is_sft_on_each_prompts_best_sample(sample_from):
     """RAFT's compiled iteration (G = 4, ranking by score − β·Σk1, 2 epochs of one minibatch)
     equals a written-out reference on the rollout it returns: the log-probs of policy and
     reference by a forward pass, each group's winner picked by a loop, then two optimiser steps on
-    the mean negative log-likelihood of the winners' response tokens."""
+    the mean negative log-likelihood of the winners' response tokens. With ``sample_from=
+    "reference"`` the rollout is the reference's own samples (best-of-G distillation)."""
     models, p_params, ref_params, rm_params, _, prompts, pmask = _setup()
     models = dataclasses.replace(models, value=None)
     hp = raft_hparams(prompts_per_iter=8, group_size=4, epochs=2, minibatches=1, kl_coef=0.3,
-                      no_eos_penalty=0.0)
+                      no_eos_penalty=0.0, sample_from=sample_from)
     optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
     state, frozen = _state(models, p_params, None, ref_params, rm_params, hp, optim, 4)
     pol = state.policy
@@ -187,6 +189,12 @@ def test_raft_iteration_is_sft_on_each_prompts_best_sample():
     got, metrics, ro = it(state, frozen, {"prompts": prompts, "prompt_mask": pmask,
                                           "example_ids": jnp.arange(32)}, jax.random.key(7))
     rows_p, rows_m = jnp.repeat(prompts, 4, axis=0), jnp.repeat(pmask, 4, axis=0)
+    sampler = {"policy": p_params, "reference": ref_params}[sample_from]
+    drawn = jax.jit(lambda p: sample(models.policy, p, rows_p, rows_m,
+                                     jax.random.split(jax.random.key(7))[0],
+                                     cfg=SamplingConfig(max_new_tokens=6), eos_id=2, pad_id=0,
+                                     example_ids=jnp.arange(32)).tokens)(sampler)
+    np.testing.assert_array_equal(ro["responses"], drawn)
 
     def logp(params, rows):
         logits, _ = response_logits(models.policy, params, rows_p[rows], rows_m[rows],
@@ -334,6 +342,14 @@ def test_presets_and_validation():
         PPOHParams(loss_aggregation="mean")
     with pytest.raises(ConfigError, match="group_size"):
         PPOHParams(advantage="rloo", critic="none")
+    # the reference's samples are off-policy: only RAFT's SFT on the winners takes them
+    with pytest.raises(ConfigError, match="sample_from"):
+        PPOHParams(sample_from="reference")
+    with pytest.raises(ConfigError, match="sample_from"):
+        raft_hparams(sample_from="reference", rescore_policy=False)
+    with pytest.raises(ConfigError, match="whiten"):
+        raft_hparams(whiten_advantages=True)
+    assert raft_hparams(sample_from="reference").train_rows == 16
     for m in METHODS:
         cfg = online_config(m)
         assert cfg.ppo == PRESETS[m]() and cfg.iterations == 40

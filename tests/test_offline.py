@@ -122,7 +122,8 @@ def test_recomputed_reference_equals_precomputed(reward_run):
     sft_cfg, model, params = load_stage(rcfg.sft_dir, SFTConfig, config_of=lambda c: c.pretrain)
     world = build_task(sft_cfg.pretrain.task)
     prefs = read_preferences(reward_run / "data", "train", world)
-    data = preference_arrays(world.tokenizer, prefs, sft_cfg.pretrain.task)
+    data = preference_arrays(world.tokenizer, prefs, sft_cfg.pretrain.task,
+                             max_len=sft_cfg.pretrain.model.max_len)
     data = {k: v[:6] for k, v in data.items()}
     data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
     data["ref_logps"] = precompute_logps(model, params, data, batch=4)   # padded last batch

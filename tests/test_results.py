@@ -475,18 +475,23 @@ def test_tensorboard_and_wandb_mirror_the_metrics(tmp_path, monkeypatch):
         log_writers.enabled()
 
 
-def test_sentiment_sample_pairs_in_readme_are_seed_0s_committed_samples():
-    """The README's three sample pairs (start → RLHF, same prompt and sample index) are rows of
-    ``results/sentiment/seed0/samples_{sft,rlhf}.jsonl``, texts and VADER compounds alike."""
+@pytest.mark.parametrize("column, results_set, policy", [("RLHF", "sentiment", "rlhf"),
+                                                         ("DPO", "sentiment_dpo", "dpo")])
+def test_sentiment_sample_pairs_in_readme_are_seed_0s_committed_samples(column, results_set,
+                                                                         policy):
+    """The README's three sample pairs (start → RLHF, and start → DPO; same prompt and sample
+    index) are rows of ``results/<set>/seed0/samples_{sft,<policy>}.jsonl``, texts and VADER
+    compounds alike."""
     import re
 
     readme = (ROOT / "README.md").read_text()
-    head = "| prompt | sample | start | RLHF |\n|---|---|---|---|\n"
+    head = f"| prompt | sample | start | {column} |\n|---|---|---|---|\n"
     assert readme.count(head) == 1
     rows = readme.split(head)[1].split("\n\n")[0].splitlines()
-    runs = ROOT / "results" / "sentiment" / "seed0"
+    runs = ROOT / "results" / results_set / "seed0"
     load = {p: [json.loads(ln) for ln in (runs / f"samples_{p}.jsonl").read_text().splitlines()]
-            for p in ("sft", "rlhf")}
+            for p in ("sft", policy)}
+    load["rlhf"] = load[policy]
     assert len(rows) == 3
     for row in rows:
         _, k, start, rlhf = [c.strip() for c in row.strip("|").split(" | ")]
@@ -502,3 +507,18 @@ def test_sentiment_sample_pairs_in_readme_are_seed_0s_committed_samples():
         other = [r for r in load["rlhf"] if r["uid"] == match[0]["uid"] and r["sample"] == int(k)]
         assert len(other) == 1 and other[0]["response"].strip() == cells["rlhf"][0], row
         assert abs(other[0]["score"] - cells["rlhf"][1]) <= 5e-4 + 1e-9, row
+
+
+def test_sentiment_dpo_table_names_the_method_and_has_no_best_of_n_row():
+    """The sentiment table over ``sentiment.py --method dpo`` runs: the policy row names DPO
+    (from the committed stage configs), there is no best-of-N row or RM-on-policy figure (DPO
+    evaluates none), and every seed's win rate and KL are its summary's."""
+    d = ROOT / "results" / "sentiment_dpo"
+    table = results.SETS["sentiment_dpo"].render(d)
+    assert "| **RLHF (DPO)** |" in table and "best-of" not in table.lower()
+    assert "agreement on the RLHF policy" not in table
+    for seed in sorted(d.glob("seed*")):
+        s = json.loads((seed / "summary.json").read_text())
+        assert json.loads((seed / "config.json").read_text())["loss"] == "dpo"
+        assert (f"{seed.name.replace('seed', 'seed ')} {s['win_rate/rlhf_vs_sft']:.3f} / "
+                f"{s['kl/rlhf_vs_sft']:.2f} / ") in table

@@ -203,3 +203,36 @@ def test_lm_readout_adds_coef_times_response_loglik_and_ignores_padding():
     padded = sequence_rewards(model, params, p2, (jnp.arange(6) >= 2)[None].astype(jnp.int32),
                               r2, jnp.array([[1, 1, 1, 0, 0]]), **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(padded), atol=1e-4)
+
+
+def test_preference_arrays_widen_to_stored_texts_that_encode_past_the_budget():
+    """A stored text can encode to more ids than the policy sampled (a BPE's canonical
+    segmentation of a sampled text); the arrays widen to the longest response, nothing is cut,
+    and one that would run past the model's context is an error naming it."""
+    from rlhf_jax.data.task import Prompt
+    from rlhf_jax.labeler import Preferences
+    from rlhf_jax.stages.reward import preference_arrays
+    from rlhf_jax.tasks import TaskConfig
+
+    class Chars:   # one id per character
+        bos_id, eos_id, pad_id = 1, 2, 0
+
+        def encode(self, text):
+            return [3 + ord(c) - ord("a") for c in text]
+
+    def prefs(responses):
+        return Preferences([Prompt("p0", "ab", True)], [responses],
+                           np.array([[1.0, 0.0]], np.float32), np.zeros((1, 2), np.float32),
+                           [["x", "x"]])
+
+    shapes = TaskConfig(prompt_len=4, max_new_tokens=3)
+    d = preference_arrays(Chars(), prefs(["abcdef", "a"]), shapes, max_len=16)
+    assert d["responses"].shape == (1, 2, 7)
+    np.testing.assert_array_equal(d["responses"][0, 0], [3, 4, 5, 6, 7, 8, 2])
+    np.testing.assert_array_equal(d["response_mask"][0, 1], [1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(d["prompts"][0], [0, 1, 3, 4])
+    # within the budget: the budget's width (max_new_tokens + EOS)
+    assert preference_arrays(Chars(), prefs(["ab", "a"]), shapes,
+                             max_len=16)["responses"].shape == (1, 2, 4)
+    with pytest.raises(ValueError, match="6 tokens.*context of 10"):
+        preference_arrays(Chars(), prefs(["abcdef", "a"]), shapes, max_len=10)

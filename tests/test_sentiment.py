@@ -206,6 +206,27 @@ def test_sentiment_script_end_to_end_on_the_fixture(tmp_path):
         scripts.load("sft").run(SFTConfig(steps=25, pretrain_dir=str(out / "pretrain")),
                                 tmp_path / "sft25")
 
+    # --method dpo: DPO from the same reward run in place of PPO, reported in the task's keys
+    dpo_out = tmp_path / "dpo_run"
+    dpo_out.mkdir()
+    for stage in ("pretrain", "sft", "reward"):
+        (dpo_out / stage).symlink_to(out / stage)
+    dpo = scripts.load("sentiment").main(
+        ["--method", "dpo", "--out", str(dpo_out), "--pipeline.pretrain.task.options", *options,
+         *TINY, "--offline.steps", "3", "--offline.batch-prompts", "4",
+         "--offline.optim.warmup-steps", "1"])
+    for k in KEYS:
+        assert np.isfinite(dpo[k]), k
+    assert not any("/dpo" in k for k in dpo)   # DPO's keys renamed to the task's
+    assert dpo["gold/sft"] == summary["gold/sft"]   # the same start, prompts and samples
+    stage = json.loads((dpo_out / "dpo" / "summary.json").read_text())
+    assert dpo["win_rate/rlhf_vs_sft"] == stage["win_rate/dpo_vs_sft"]
+    assert dpo["kl/rlhf_vs_sft"] == stage["kl/dpo_vs_sft"]
+    rows = [json.loads(x) for x in (dpo_out / "dpo" / "samples_dpo.jsonl").read_text().split(
+        "\n") if x]
+    assert dpo["distinct_2/rlhf"] == distinct_n([r["response"] for r in rows], 2)
+    assert not (dpo_out / "ppo").exists()
+
 
 @pytest.mark.skipif(not Path(fortunes.DEFAULT_DIR).is_dir(),
                     reason="Debian's fortunes are not installed (apt-get install fortunes)")

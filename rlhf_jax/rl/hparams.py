@@ -75,6 +75,11 @@ class PPOHParams:
       length_debias: remove the RM score's linear dependence on response length over each
         rollout batch before the KL and the advantages (``rlhf_jax.rl.advantages.length_residual``):
         no reward for lengthening (or shortening) a response as such.
+      sample_from: who samples the rollouts: ``policy`` (default; on-policy) or ``reference``
+        (the frozen SFT policy; only with ``advantage="best"``: each iteration then fine-tunes on
+        fresh best-of-G samples of the starting policy, i.e. distils a fixed best-of-G
+        distribution instead of iterating on the policy's own samples; ``rollout/logprob_*_diff``
+        then measure the policy's distance from the reference on those samples).
       loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
         ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see
@@ -128,6 +133,7 @@ class PPOHParams:
     keep_groups: int = 0
     overlong_buffer: int = 0
     length_debias: bool = False
+    sample_from: str = "policy"
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
@@ -170,6 +176,11 @@ class PPOHParams:
         check(self.advantage != "best" or not (self.keep_groups or self.whiten_advantages),
               "advantage", "'best' trains on each group's winner (advantage 1): it takes neither "
               "keep_groups nor whiten_advantages (whitening equal advantages zeroes them)")
+        check(self.sample_from in ("policy", "reference"), "sample_from",
+              f"must be 'policy' or 'reference', got {self.sample_from!r}")
+        check(self.sample_from == "policy" or (self.advantage == "best" and self.rescore_policy),
+              "sample_from", "the reference's samples are off-policy: only the 'best' advantage "
+              "(SFT on the winners, no ratio) trains on them, with rescore_policy=True")
         check(self.rollout_size % self.minibatches == 0, "minibatches",
               f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
               f"not divide into {self.minibatches} minibatches")

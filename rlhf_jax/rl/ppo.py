@@ -186,7 +186,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                               models.rm, frozen.rm, value_model, value_params, prompts,
                               prompt_mask, k_sample, batch["example_ids"], sampling=sampling,
                               eos_id=eos_id, pad_id=pad_id, shared_critic=hp.critic == "shared",
-                              rescore_policy=hp.rescore_policy, keep_logits=keep_logits)
+                              rescore_policy=hp.rescore_policy, keep_logits=keep_logits,
+                              sample_from_reference=hp.sample_from == "reference")
         mask = ro.mask.astype(jnp.float32)
         ent_mean = masked_mean(ro.entropy, mask, axis_name=axis_name)   # all devices' tokens
         ent_metrics = {}

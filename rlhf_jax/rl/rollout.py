@@ -63,7 +63,7 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn
             prompt_mask: jax.Array, key: jax.Array, example_ids: jax.Array, *,
             sampling: SamplingConfig, eos_id: int | tuple[int, ...], pad_id: int, shared_critic: bool = False,
             value_head: str = "value", rescore_policy: bool = True,
-            keep_logits: bool = False) -> Rollout:
+            keep_logits: bool = False, sample_from_reference: bool = False) -> Rollout:
     """Sample from ``policy`` and score: policy/reference log-probs, values, RM scores
     (``score(score_params, [prompts | responses], mask)``, see the module docstring).
 
@@ -71,10 +71,17 @@ def collect(policy: Model, policy_params, ref: Model, ref_params, score: ScoreFn
     ``shared_critic`` the value head of the policy's own pass (the rescoring forward pass, or the
     sampler's decoding with ``rescore_policy=False``; ``value`` must then be None); neither: no
     critic, values 0. ``keep_logits``: also return the tempered logits of both models (for an
-    exact KL in the reward or the loss)."""
+    exact KL in the reward or the loss). ``sample_from_reference``: the responses are the
+    reference's samples (best-of-N distillation); the policy still scores them (``logp``), and
+    ``sampler_logp`` is then the reference's."""
     if shared_critic and value is not None:
         raise ValueError("shared_critic reads the policy's value head; pass value=None")
-    out = sample(policy, policy_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
+    if sample_from_reference and not rescore_policy:
+        raise ValueError("sampling from the reference needs rescore_policy=True: the policy's "
+                         "log-probs come from its own forward pass")
+    sampler, sampler_params = (ref, ref_params) if sample_from_reference else (policy,
+                                                                               policy_params)
+    out = sample(sampler, sampler_params, prompts, prompt_mask, key, cfg=sampling, eos_id=eos_id,
                  pad_id=pad_id, example_ids=example_ids, keep_outputs=not rescore_policy)
     responses, mask = out.tokens, out.mask
     t = sampling.temperature

@@ -40,12 +40,13 @@ def online_config(method: str, ppo: PPOConfig = PPOConfig(), **overrides) -> PPO
                                    warmup_steps=min(ppo.value_optim.warmup_steps, updates)))
 
 
-def split_method(argv: list[str], default: str) -> tuple[str, list[str]]:
+def split_method(argv: list[str], default: str, choices: tuple[str, ...] = METHODS
+                 ) -> tuple[str, list[str]]:
     """``(method, the other flags)`` from a leading ``--method NAME`` of a script's flags."""
     if argv[:1] != ["--method"]:
         return default, argv
-    if len(argv) < 2 or argv[1] not in METHODS:
-        raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}")
+    if len(argv) < 2 or argv[1] not in choices:
+        raise SystemExit(f"error: --method must be one of {', '.join(choices)}")
     return argv[1], argv[2:]
 
 

@@ -194,11 +194,25 @@ def first_prompts(prefs: Preferences, n: int) -> Preferences:
                        prefs.kinds[:n])
 
 
-def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig) -> dict[str, np.ndarray]:
+def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig, *, max_len: int
+                      ) -> dict[str, np.ndarray]:
     """Token arrays of K-wise preferences: prompts ``[N, Lp]``, responses ``[N, K, Lr]``, and
-    the ``ranking [N, K]``."""
+    the ``ranking [N, K]``.
+
+    ``Lr`` is the sampling budget plus EOS, or more when a stored text encodes to more ids than
+    were sampled: a BPE's canonical segmentation of a sampled text can be longer than the ids
+    the policy drew (the task's tokenizer gives back the sampled ids only for texts it decoded in
+    this process). ``max_len``, the model's context, bounds ``Lp + Lr``: an error names the
+    longest response rather than letting positions run past the model's table."""
+    budget = shapes.max_new_tokens + 1
+    longest = max((len(tok.encode(r)) + 1 for row in prefs.responses for r in row), default=0)
+    response_len = max(budget, longest)
+    if shapes.prompt_len + response_len > max_len:
+        raise ValueError(f"a stored response encodes to {longest - 1} tokens: with the prompt's "
+                         f"{shapes.prompt_len} and EOS that exceeds the model's context of "
+                         f"{max_len} positions")
     return {**encode_groups(tok, prefs.prompts, prefs.responses, prompt_len=shapes.prompt_len,
-                            response_len=shapes.max_new_tokens + 1),
+                            response_len=response_len),
             "ranking": prefs.ranking.astype(np.float32)}
 
 

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
 from rlhf_jax.configs import check, check_numbers
 from rlhf_jax.labeler import LabelerConfig
+from rlhf_jax.losses.preference import PREFERENCE_LOSSES
 from rlhf_jax.models import GPTConfig
 from rlhf_jax.rl.ppo import PPOHParams
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import load_stage, pipeline_task
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
-from rlhf_jax.stages.online import online_config
+from rlhf_jax.stages.offline import OfflineConfig
+from rlhf_jax.stages.online import METHODS, online_config
 from rlhf_jax.stages.pipeline import PipelineConfig
 from rlhf_jax.stages.ppo import PPOConfig
 from rlhf_jax.stages.reward import RewardConfig
@@ -56,38 +59,66 @@ PIPELINE = PipelineConfig(
 # budget in 13 iterations), policy learning rate 1e-4 (3e-5 and 3e-4 were worse)
 METHOD_OVERRIDES = {"raft": dict(group_size=16, prompts_per_iter=32, kl_coef=0.5)}
 METHOD_LEARNING_RATES = {"raft": 1e-4}
+# ``--method dpo`` (or another offline loss): in place of PPO, from the same reward run's labelled
+# comparisons. β 0.1, learning rate 2e-4, 500 steps of 16 prompts (≈ 1.35 epochs of 5,925), by
+# measurement on seed 0 (README): the library's offline defaults (β 0.3 or 0.1, 5e-5, 400 steps)
+# barely move (0.12–0.28 nats), 800 steps pass the KL budget
+OFFLINE = OfflineConfig(loss="dpo", beta=0.1, steps=500,
+                        optim=OptimConfig(learning_rate=2e-4, warmup_steps=20, weight_decay=0.0))
+OFFLINE_METHODS = tuple(PREFERENCE_LOSSES)
 
 
 def method_config(method: str) -> "SentimentConfig":
-    """The default config with ``method``'s online preset (``rlhf_jax.stages.online``) in the
-    PPO stage, with the task's penalty for a response without EOS (none); ``"ppo"`` is the
-    default config itself (its PPO settings are this task's)."""
+    """The default config with ``method`` in the last stage: an online preset
+    (``rlhf_jax.stages.online``) in the PPO stage, with the task's penalty for a response without
+    EOS (none), or an offline loss (``dpo``, …) in place of PPO; ``"ppo"`` is the default config
+    itself (its PPO settings are this task's)."""
     if method == "ppo":
         return SentimentConfig()
+    if method in OFFLINE_METHODS:
+        return SentimentConfig(method=method, offline=dataclasses.replace(OFFLINE, loss=method))
     ppo = online_config(method, PIPELINE.ppo, **{
         "no_eos_penalty": PIPELINE.ppo.ppo.no_eos_penalty, **METHOD_OVERRIDES.get(method, {})})
     if method in METHOD_LEARNING_RATES:
         ppo = dataclasses.replace(ppo, policy_optim=dataclasses.replace(
             ppo.policy_optim, learning_rate=METHOD_LEARNING_RATES[method]))
-    return SentimentConfig(pipeline=dataclasses.replace(PIPELINE, ppo=ppo))
+    return SentimentConfig(method=method, pipeline=dataclasses.replace(PIPELINE, ppo=ppo))
 
 
 @dataclasses.dataclass(frozen=True)
 class SentimentConfig:
     """Attributes:
+      method: the last stage's method (``--method`` before the other flags sets it with its
+        defaults): ``ppo`` or another online preset of ``rlhf_jax.rl.presets`` (in the PPO
+        stage, ``<out>/ppo``), or an offline loss (``dpo``, ``ipo``, …; ``<out>/<method>``,
+        configured by ``offline``, from the reward run's comparisons).
       pipeline: the stages (``--pipeline.seed S`` for another seed; every stage's options are
         under ``--pipeline.<stage>.``); the defaults are this task's config.
+      offline: the offline stage when ``method`` is an offline loss (its ``loss`` is the
+        method).
       kl_budget: the exact KL to the starting policy (nats per sequence) the RLHF policy must stay
         within; reported as ``kl/budget`` beside ``kl/rlhf_vs_sft``.
       shown_prompts: held-out prompts whose paired samples ``samples.md`` shows.
     """
 
+    method: str = "ppo"
     pipeline: PipelineConfig = PIPELINE
+    offline: OfflineConfig = OFFLINE
     kl_budget: float = 3.0
     shown_prompts: int = 8
 
     def __post_init__(self):
         check_numbers(self)
+        check(self.method in METHODS + OFFLINE_METHODS, "method",
+              f"unknown {self.method!r}; choose one of {METHODS + OFFLINE_METHODS}")
+        check(self.method not in OFFLINE_METHODS or self.offline.loss == self.method,
+              "offline.loss", f"the offline stage runs --method {self.method}, not "
+              f"{self.offline.loss!r}")
+
+    @property
+    def last_stage(self) -> str:
+        """The directory (and sample name) of the last stage: ``ppo`` or the offline loss."""
+        return self.method if self.method in OFFLINE_METHODS else "ppo"
         check(self.kl_budget > 0, "kl_budget", "must be > 0")
         check(self.shown_prompts >= 0, "shown_prompts", "must be >= 0")
 
@@ -115,14 +146,26 @@ def samples_markdown(sft: list[dict], rlhf: list[dict], prompts: dict[str, str],
     return "\n".join(lines)
 
 
-def report(out: str | Path, *, kl_budget: float, shown_prompts: int) -> dict:
+def as_rlhf(summary: dict, name: str) -> dict:
+    """An offline stage's summary keys in the task's names: ``gold/dpo`` → ``gold/rlhf``,
+    ``win_rate/dpo_vs_sft`` → ``win_rate/rlhf_vs_sft``, ``final/dpo/loss`` → ``final/rlhf/loss``
+    (``name`` = ``rlhf`` changes nothing)."""
+    return {re.sub(rf"(?<=/){re.escape(name)}(?=$|/|_vs_)", "rlhf", k): v
+            for k, v in summary.items()}
+
+
+def report(out: str | Path, *, kl_budget: float, shown_prompts: int, stage: str = "ppo"
+           ) -> dict:
     """The task's summary of a finished pipeline run in ``out`` (written as its
-    ``summary.json``) and ``samples.md``."""
+    ``summary.json``) and ``samples.md``; ``stage``: the last stage (``ppo`` or an offline
+    loss, whose keys are renamed to the task's: :func:`as_rlhf`)."""
     t0 = time.perf_counter()
     out = Path(out)
-    ppo, reward = RunDir(out / "ppo").read_summary(), RunDir(out / "reward").read_summary()
-    sft_rec = read_jsonl(out / "ppo" / "samples_sft.jsonl")
-    rlhf_rec = read_jsonl(out / "ppo" / "samples_rlhf.jsonl")
+    name = "rlhf" if stage == "ppo" else stage
+    ppo = as_rlhf(RunDir(out / stage).read_summary(), name)
+    reward = RunDir(out / "reward").read_summary()
+    sft_rec = read_jsonl(out / stage / "samples_sft.jsonl")
+    rlhf_rec = read_jsonl(out / stage / f"samples_{name}.jsonl")
     sft_cfg, model, params = load_stage(out / "sft", SFTConfig, config_of=lambda c: c.pretrain)
     tcfg = sft_cfg.pretrain.task
     task = pipeline_task(sft_cfg.pretrain)
@@ -133,7 +176,7 @@ def report(out: str | Path, *, kl_budget: float, shown_prompts: int) -> dict:
     texts = {"sft": [r["response"] for r in sft_rec], "rlhf": [r["response"] for r in rlhf_rec]}
     distinct = {f"distinct_{n}/{name}": distinct_n(t, n) for name, t in texts.items()
                 for n in (1, 2)}
-    summary = {**RunDir(out).read_summary(), **ppl, **distinct,
+    summary = {**as_rlhf(RunDir(out).read_summary(), name), **ppl, **distinct,
                "kl/budget": kl_budget, "rm/noise_ceiling": reward["rm/noise_ceiling"],
                "rm/gold_agreement": reward["rm/gold_agreement"],
                "preferences/train_prompts": reward.get("preferences/train_prompts")}
