@@ -337,3 +337,19 @@ def test_length_residual_is_the_least_squares_residual_on_length():
     assert abs(np.corrcoef(np.asarray(out), lengths)[0, 1]) < 1e-5   # no length left
     same, slope = length_residual(jnp.asarray(scores, jnp.float32), jnp.full((32,), 7))
     assert float(slope) == 0.0 and np.allclose(np.asarray(same), scores)
+
+
+def test_a_weak_typed_state_scalar_is_refused_before_compiling():
+    """``jnp.asarray(0.1)`` in the state would recompile the iteration on its second call (its
+    output is strongly typed): the iteration refuses it while tracing, naming the field."""
+    models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
+    hp = PPOHParams(prompts_per_iter=8, epochs=1, minibatches=1)
+    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
+    state, frozen = _state(models, p_params, v_params, ref_params, rm_params, hp, optim, 1)
+    it = jax.jit(make_iteration(models, hp, max_new_tokens=4, eos_id=2, pad_id=0))
+    batch = {"prompts": prompts, "prompt_mask": pmask, "example_ids": jnp.arange(8)}
+    with pytest.raises(TypeError, match="PPOState.kl_coef is weak-typed"):
+        it(state.replace(kl_coef=jnp.asarray(0.1)), frozen, batch, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"PPOState.hparams\['clip_eps'\] is weak-typed"):
+        it(state.replace(hparams={"clip_eps": jnp.asarray(0.2)}), frozen, batch,
+           jax.random.key(0))

@@ -171,6 +171,7 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         return g, m
 
     def iteration(state: PPOState, frozen: Frozen, batch: dict, key: jax.Array):
+        check_strong_types(state)
         k_sample, k_perm = jax.random.split(key)
         hs = state.hparams if state.hparams is not None else {k: getattr(hp, k) for k in TRACED}
         if hp.entropy_target and state.entropy_coef is None:
@@ -314,6 +315,19 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         return state, metrics, rollout
 
     return iteration
+
+
+def check_strong_types(state: PPOState) -> None:
+    """Refuse weak-typed scalars in the state (``jnp.asarray(0.1)`` of a Python float): the
+    iteration returns them strongly typed, so the next call would trace and compile the whole
+    iteration again. ``jnp.asarray(x, jnp.float32)`` (as ``stages.ppo.init_state``) is right."""
+    named = {"kl_coef": state.kl_coef, "entropy_coef": state.entropy_coef, "step": state.step,
+             **{f"hparams[{k!r}]": v for k, v in (state.hparams or {}).items()}}
+    weak = [k for k, v in named.items() if v is not None and jax.typeof(v).weak_type]
+    if weak:
+        raise TypeError(f"PPOState.{weak[0]} is weak-typed (an array of a Python scalar); build "
+                        "it with an explicit dtype, e.g. jnp.asarray(x, jnp.float32), or every "
+                        "second iteration compiles again")
 
 
 def _mean(x, axis_name):
