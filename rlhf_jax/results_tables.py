@@ -21,7 +21,6 @@ from typing import Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ("sft", "rlhf", "best_of_n", "dpo")
 PROMPTS_KEPT = 48   # held-out prompts whose samples are committed (all their samples)
 LAST = 10           # the entropy table averages the last LAST iterations' rollouts
 POLICIES = (  # (row label, summary name, KL cell)
@@ -78,6 +77,7 @@ def _seeds_line(dirs: Sequence[Path], results_dir: Path) -> str:
 
 # a pipeline's last stage: PPO, or an offline loss in its place (``sentiment.py --method dpo``)
 LAST_STAGES = ("ppo", "dpo", "ipo", "simpo", "kto", "orpo")
+SAMPLES = ("sft", "rlhf", "best_of_n", *LAST_STAGES[1:])   # an offline stage's samples: its loss
 
 
 def stage_dir(run: Path, stage: str | None = None) -> Path:

@@ -258,3 +258,9 @@ def test_method_flag_puts_the_online_preset_in_the_ppo_stage():
                                  "--pipeline.ppo.ppo.kl-coef", "0"], "ppo")
     _, cfg = cli.parse(SentimentConfig, argv, default=method_config(method))
     assert (cfg.pipeline.ppo.ppo.advantage, cfg.pipeline.ppo.ppo.kl_coef) == ("best", 0.0)
+    # bad values name their field
+    for bad, field in ((dict(kl_budget=0.0), "kl_budget"), (dict(shown_prompts=-1),
+                       "shown_prompts"), (dict(method="nope"), "method"),
+                       (dict(method="ipo"), "offline.loss")):
+        with pytest.raises(ConfigError, match=field):
+            SentimentConfig(**bad)

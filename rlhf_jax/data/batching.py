@@ -51,21 +51,26 @@ def encode_prompts(tok: Tokenizer, prompts: Sequence[Prompt], length: int
                     what="prompt")
 
 
-def encode_responses(tok: Tokenizer, responses: Sequence[str], length: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """``encode(text) + [eos]``, right-padded to ``length``."""
-    return pad_right([tok.encode(r) + [tok.eos_id] for r in responses], length, tok.pad_id,
-                     what="response")
+def encode_responses(tok: Tokenizer, responses: Sequence[str], length: int, *,
+                     widen: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``encode(text) + [eos]``, right-padded to ``length`` (``widen``: to the longest row when
+    that is more, instead of an error)."""
+    rows = [tok.encode(r) + [tok.eos_id] for r in responses]
+    if widen:
+        length = max([length, *map(len, rows)])
+    return pad_right(rows, length, tok.pad_id, what="response")
 
 
 def encode_groups(tok: Tokenizer, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]],
-                  *, prompt_len: int, response_len: int) -> dict[str, np.ndarray]:
+                  *, prompt_len: int, response_len: int, widen: bool = False
+                  ) -> dict[str, np.ndarray]:
     """K responses per prompt (``responses[i][j]`` answers ``prompts[i]``, K equal for all):
     ``prompts [N, Lp]`` / ``prompt_mask`` left-padded, ``responses [N, K, Lr]`` /
     ``response_mask`` right-padded with EOS."""
     n, k = len(responses), len(responses[0]) if responses else 0
     p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
-    r_ids, r_mask = encode_responses(tok, [r for row in responses for r in row], response_len)
+    r_ids, r_mask = encode_responses(tok, [r for row in responses for r in row], response_len,
+                                     widen=widen)
     return {"prompts": p_ids, "prompt_mask": p_mask,
             "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1)}
 

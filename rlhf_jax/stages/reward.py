@@ -204,16 +204,14 @@ def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig, *, max_len: i
     the policy drew (the task's tokenizer gives back the sampled ids only for texts it decoded in
     this process). ``max_len``, the model's context, bounds ``Lp + Lr``: an error names the
     longest response rather than letting positions run past the model's table."""
-    budget = shapes.max_new_tokens + 1
-    longest = max((len(tok.encode(r)) + 1 for row in prefs.responses for r in row), default=0)
-    response_len = max(budget, longest)
-    if shapes.prompt_len + response_len > max_len:
-        raise ValueError(f"a stored response encodes to {longest - 1} tokens: with the prompt's "
+    arrays = encode_groups(tok, prefs.prompts, prefs.responses, prompt_len=shapes.prompt_len,
+                           response_len=shapes.max_new_tokens + 1, widen=True)
+    width = arrays["responses"].shape[-1]
+    if shapes.prompt_len + width > max_len:
+        raise ValueError(f"a stored response encodes to {width - 1} tokens: with the prompt's "
                          f"{shapes.prompt_len} and EOS that exceeds the model's context of "
                          f"{max_len} positions")
-    return {**encode_groups(tok, prefs.prompts, prefs.responses, prompt_len=shapes.prompt_len,
-                            response_len=response_len),
-            "ranking": prefs.ranking.astype(np.float32)}
+    return {**arrays, "ranking": prefs.ranking.astype(np.float32)}
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -114,13 +114,13 @@ class SentimentConfig:
         check(self.method not in OFFLINE_METHODS or self.offline.loss == self.method,
               "offline.loss", f"the offline stage runs --method {self.method}, not "
               f"{self.offline.loss!r}")
+        check(self.kl_budget > 0, "kl_budget", "must be > 0")
+        check(self.shown_prompts >= 0, "shown_prompts", "must be >= 0")
 
     @property
     def last_stage(self) -> str:
         """The directory (and sample name) of the last stage: ``ppo`` or the offline loss."""
         return self.method if self.method in OFFLINE_METHODS else "ppo"
-        check(self.kl_budget > 0, "kl_budget", "must be > 0")
-        check(self.shown_prompts >= 0, "shown_prompts", "must be >= 0")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -162,7 +162,7 @@ def report(out: str | Path, *, kl_budget: float, shown_prompts: int, stage: str 
     t0 = time.perf_counter()
     out = Path(out)
     name = "rlhf" if stage == "ppo" else stage
-    ppo = as_rlhf(RunDir(out / stage).read_summary(), name)
+    last = as_rlhf(RunDir(out / stage).read_summary(), name)
     reward = RunDir(out / "reward").read_summary()
     sft_rec = read_jsonl(out / stage / "samples_sft.jsonl")
     rlhf_rec = read_jsonl(out / stage / f"samples_{name}.jsonl")
@@ -181,7 +181,7 @@ def report(out: str | Path, *, kl_budget: float, shown_prompts: int, stage: str 
                "rm/gold_agreement": reward["rm/gold_agreement"],
                "preferences/train_prompts": reward.get("preferences/train_prompts")}
     summary["bar/win_rate"] = summary["win_rate/rlhf_vs_sft"] >= 0.6
-    summary["bar/kl"] = ppo["kl/rlhf_vs_sft"] <= kl_budget
+    summary["bar/kl"] = last["kl/rlhf_vs_sft"] <= kl_budget
     summary["bar/distinct_2"] = distinct["distinct_2/rlhf"] >= 0.8 * distinct["distinct_2/sft"]
     summary["time_s/report"] = time.perf_counter() - t0
     prompts = {p.uid: p.text for p in task.prompts("heldout")}
