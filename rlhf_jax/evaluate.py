@@ -25,7 +25,7 @@ import numpy as np
 from rlhf_jax.data.batching import (encode_groups, encode_prompts, encode_responses, pad_left,
                                     pad_rows)
 from rlhf_jax.data.task import Judgement, Prompt, Task
-from rlhf_jax.data.tokenizers import stop_ids
+from rlhf_jax.data.tokenizers import response_ids, stop_ids
 from rlhf_jax.losses.ppo import kl_per_token
 from rlhf_jax.models.functional import Model
 from rlhf_jax.parallel import single_device
@@ -48,10 +48,21 @@ def generate(model: Model, params, task: Task, prompts: Sequence[Prompt], key: j
              n_samples: int, sampling: SamplingConfig, prompt_len: int, batch_size: int = 256
              ) -> tuple[list[Prompt], list[str]]:
     """``n_samples`` responses per prompt (prompt-major order), decoded to text."""
+    flat, texts, _ = generate_ids(model, params, task, prompts, key, n_samples=n_samples,
+                                  sampling=sampling, prompt_len=prompt_len, batch_size=batch_size)
+    return flat, texts
+
+
+def generate_ids(model: Model, params, task: Task, prompts: Sequence[Prompt], key: jax.Array, *,
+                 n_samples: int, sampling: SamplingConfig, prompt_len: int, batch_size: int = 256
+                 ) -> tuple[list[Prompt], list[str], list[list[int]]]:
+    """:func:`generate`, and each response's sampled ids (its
+    :func:`~rlhf_jax.data.tokenizers.response_ids`: before EOS, without padding and BOS)."""
     tok = task.tokenizer
     flat = [p for p in prompts for _ in range(n_samples)]
     ids, mask = encode_prompts(tok, flat, prompt_len)
     texts: list[str] = []
+    sampled: list[list[int]] = []
     for start in range(0, len(flat), batch_size):
         sl = slice(start, start + batch_size)
         real = len(ids[sl])  # the last batch is padded so one compiled shape serves all
@@ -59,9 +70,10 @@ def generate(model: Model, params, task: Task, prompts: Sequence[Prompt], key: j
         ex = jnp.arange(start, start + batch_size)
         out = _sample_jit(model, params, jnp.asarray(b_ids), jnp.asarray(b_mask), key, ex,
                           cfg=sampling, eos_id=stop_ids(tok), pad_id=tok.pad_id)
-        toks = np.asarray(out.tokens)[:real]
-        texts.extend(tok.decode(row) for row in toks.tolist())
-    return flat, texts
+        toks = np.asarray(out.tokens)[:real].tolist()
+        texts.extend(tok.decode(row) for row in toks)
+        sampled.extend(response_ids(tok, row) for row in toks)
+    return flat, texts, sampled
 
 
 def judge_all(task: Task, prompts: Sequence[Prompt], texts: Sequence[str]) -> list[Judgement]:

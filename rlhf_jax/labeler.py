@@ -19,7 +19,7 @@ import numpy as np
 
 from rlhf_jax.configs import check
 from rlhf_jax.data.task import Prompt, Task
-from rlhf_jax.evaluate import generate
+from rlhf_jax.evaluate import generate_ids
 from rlhf_jax.sampling import SamplingConfig
 
 # Pinned: with the facts-world judge's score gaps this puts the noise ceiling on SFT-sample pairs
@@ -90,24 +90,32 @@ class Preferences:
     ranking: np.ndarray       # [N, K] noisy labels (higher = preferred; equal = tie)
     gold: np.ndarray          # [N, K] noise-free gold scores (evaluation only)
     kinds: list[list[str]]    # the task's kind of each judged response (evaluation only)
+    # response_ids[i][j]: the ids response j to prompts[i] was sampled as (None: not known, e.g.
+    # a data set stored without them; then its text is encoded)
+    response_ids: list[list[list[int]] | None] | None = None
 
     def records(self) -> list[dict]:
+        ids = self.response_ids or [None] * len(self.prompts)
         return [{"id": p.uid, "prompt": p.text, "responses": list(r), "ranking": rk.tolist(),
-                 "gold": g.tolist()} for p, r, rk, g in
-                zip(self.prompts, self.responses, self.ranking, self.gold)]
+                 "gold": g.tolist(), **({} if i is None else {"response_ids": i})}
+                for p, r, rk, g, i in
+                zip(self.prompts, self.responses, self.ranking, self.gold, ids, strict=True)]
 
 
 def collect_preferences(model, params, task: Task, prompts: Sequence[Prompt], key: jax.Array, *,
                         cfg: LabelerConfig, seed: int, max_new_tokens: int, prompt_len: int
                         ) -> Preferences:
-    """Sample ``cfg.k`` responses per prompt from the policy at T = 1 and label them."""
-    flat, texts = generate(model, params, task, prompts, key, n_samples=cfg.k,
-                           sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0),
-                           prompt_len=prompt_len)
+    """Sample ``cfg.k`` responses per prompt from the policy at T = 1 and label them (keeping
+    each response's sampled ids)."""
+    flat, texts, ids = generate_ids(
+        model, params, task, prompts, key, n_samples=cfg.k,
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0),
+        prompt_len=prompt_len)
     judgements = [task.judge(p, t) for p, t in zip(flat, texts)]
     n = len(prompts)
     gold = np.asarray([j.score for j in judgements], np.float32).reshape(n, cfg.k)
     responses = [texts[i * cfg.k:(i + 1) * cfg.k] for i in range(n)]
     kinds = [[task.kind(j) for j in judgements[i * cfg.k:(i + 1) * cfg.k]] for i in range(n)]
     ranking = plackett_luce_ranking(gold, cfg.tau, np.random.default_rng(seed))
-    return Preferences(list(prompts), responses, tie_identical(responses, ranking), gold, kinds)
+    return Preferences(list(prompts), responses, tie_identical(responses, ranking), gold, kinds,
+                       [ids[i * cfg.k:(i + 1) * cfg.k] for i in range(n)])

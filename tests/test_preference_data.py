@@ -234,6 +234,14 @@ def test_pair_to_record_and_ranked_pairs():
     ({"prompt": b"bytes"}, "prompt"),
     ({"id": ""}, "id"),
     ({"score": 1}, "score"),
+    ({"response_ids": [[5, 6]]}, "response_ids"),                   # one list for 2 responses
+    ({"response_ids": "5 6"}, "response_ids"),
+    ({"response_ids": [[5, 6], [7.5]]}, "response_ids[1]"),         # not an integer
+    ({"response_ids": [[5, 6], ["7"]]}, "response_ids[1]"),
+    ({"response_ids": [[5, True], [7]]}, "response_ids[0]"),
+    ({"response_ids": [[5, [6]], [7]]}, "response_ids[0]"),         # ragged
+    ({"response_ids": [[5, -1], [7]]}, "response_ids[0]"),
+    ({"response_ids": [[5], [2 ** 31]]}, "response_ids[1]"),        # past int32
 ])
 def test_invalid_records_name_the_field(change, field):
     record = {"id": "r", "prompt": "p", "responses": ["a", "b"], "ranking": [1.0, 0.0], **change}
@@ -273,6 +281,7 @@ def assert_records_equal(stored, expected):
             assert got["gold"] is None
         else:
             np.testing.assert_array_equal(got["gold"], want["gold"])
+        assert got["response_ids"] == want["response_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +326,45 @@ def test_simulated_builder_round_trips_kwise_records_with_ties_and_gold(data_dir
     assert raw["gold"].shape == (0,) and raw["ranking"].dtype == np.float32
     info = tfds.builder_from_directory(os.path.join(data_dir, "toy_prefs", "1.2.0")).info
     assert info.release_notes == {"1.2.0": "toy data for tests"}
+
+
+def test_simulated_builder_round_trips_response_ids(tmp_path):
+    """Sampled ids per response (ragged, one empty) beside a record without them; changed ids
+    are different inputs."""
+    with_ids = {"id": "s0", "prompt": "p", "responses": ["ab", "", "c"], "ranking": [2, 1, 0],
+                "response_ids": [[97, 98], [], np.array([7], np.int64)]}
+    split = [with_ids, {**SIMULATED["train"][0], "id": "s1"}]
+    prefs.build_preference_dataset({"train": split}, tmp_path, name="toy_ids")
+    source = prefs.load_preference_source(tmp_path, "toy_ids", "train")
+    assert_records_equal(source, split)
+    assert records.decode_record(source[0])["response_ids"] == [[97, 98], [], [7]]
+    assert records.decode_record(source[1])["response_ids"] is None
+    assert [a.dtype for a in source[0]["response_ids"]] == [np.int32] * 3
+    changed = [{**with_ids, "response_ids": [[97, 98], [], [8]]}, split[1]]
+    with pytest.raises(ValueError, match="built from different inputs"):
+        prefs.build_preference_dataset({"train": changed}, tmp_path, name="toy_ids")
+
+
+def test_a_data_set_stored_before_response_ids_reads_without_them(tmp_path, monkeypatch):
+    """A data set prepared with the schema before ``response_ids`` (as in existing run
+    directories) is read with its own features: records without ids, the same digest."""
+    def old_features():
+        spec = records.preference_features()
+        return tfds.features.FeaturesDict({k: spec[k] for k in spec.keys()
+                                           if k != "response_ids"})
+
+    with monkeypatch.context() as m:
+        m.setattr(prefs, "preference_features", old_features)
+        m.setattr(prefs, "to_example", lambda r: {
+            k: v for k, v in records.to_example(r).items() if k != "response_ids"})
+        prefs.build_preference_dataset(SIMULATED, tmp_path, name="toy_old")
+    features = json.loads((tmp_path / "toy_old" / "1.0.0" / "features.json").read_text())
+    assert "response_ids" not in json.dumps(features)
+    for split in ("train", "test"):
+        source = prefs.load_preference_source(tmp_path, "toy_old", split)
+        assert "response_ids" not in source[0]
+        assert_records_equal(source, SIMULATED[split])
+    prefs.build_preference_dataset(SIMULATED, tmp_path, name="toy_old")  # same inputs: reused
 
 
 def test_rebuilding_reuses_same_inputs_and_rejects_different_ones(data_dir):

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+from rlhf_jax.data.bpe import RoundTripTokenizer
 from rlhf_jax.data.task import Prompt
-from rlhf_jax.data.tokenizers import Tokenizer
+from rlhf_jax.data.tokenizers import Tokenizer, response_ids
 
 
 def pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int, *, what: str = "sequence"
@@ -51,26 +52,47 @@ def encode_prompts(tok: Tokenizer, prompts: Sequence[Prompt], length: int
                     what="prompt")
 
 
+def response_tokens(tok: Tokenizer, text: str, ids: Sequence[int] | None) -> list[int]:
+    """A stored response's tokens: its sampled ``ids`` when they are ids of ``tok`` that decode
+    to ``text`` exactly (and hold no EOS, padding or BOS), else ``tok.encode(text)`` (no ids
+    stored, or ids of another tokenizer).
+
+    Checking leaves a :class:`~rlhf_jax.data.bpe.RoundTripTokenizer`'s memory as it was."""
+    if (ids is not None and all(0 <= i < tok.vocab_size for i in ids)
+            and response_ids(tok, ids) == list(ids)):
+        quiet = {"remember": False} if isinstance(tok, RoundTripTokenizer) else {}
+        if tok.decode(ids, **quiet) == text:
+            return list(ids)
+    return tok.encode(text)
+
+
 def encode_responses(tok: Tokenizer, responses: Sequence[str], length: int, *,
-                     widen: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     widen: bool = False, ids: Sequence[Sequence[int] | None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """``encode(text) + [eos]``, right-padded to ``length`` (``widen``: to the longest row when
-    that is more, instead of an error)."""
-    rows = [tok.encode(r) + [tok.eos_id] for r in responses]
+    that is more, instead of an error). ``ids``: each response's stored sampled ids or ``None``,
+    used in place of ``encode`` where valid (:func:`response_tokens`)."""
+    ids = [None] * len(responses) if ids is None else ids
+    rows = [response_tokens(tok, r, i) + [tok.eos_id] for r, i in zip(responses, ids, strict=True)]
     if widen:
         length = max([length, *map(len, rows)])
     return pad_right(rows, length, tok.pad_id, what="response")
 
 
 def encode_groups(tok: Tokenizer, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]],
-                  *, prompt_len: int, response_len: int, widen: bool = False
+                  *, prompt_len: int, response_len: int, widen: bool = False,
+                  ids: Sequence[Sequence[Sequence[int]] | None] | None = None
                   ) -> dict[str, np.ndarray]:
     """K responses per prompt (``responses[i][j]`` answers ``prompts[i]``, K equal for all):
     ``prompts [N, Lp]`` / ``prompt_mask`` left-padded, ``responses [N, K, Lr]`` /
-    ``response_mask`` right-padded with EOS."""
+    ``response_mask`` right-padded with EOS. ``ids[i]``: the K responses' stored sampled ids, or
+    ``None`` (see :func:`encode_responses`)."""
     n, k = len(responses), len(responses[0]) if responses else 0
     p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
+    flat_ids = None if ids is None else [i for row, r in zip(ids, responses, strict=True)
+                                         for i in (row if row is not None else [None] * len(r))]
     r_ids, r_mask = encode_responses(tok, [r for row in responses for r in row], response_len,
-                                     widen=widen)
+                                     widen=widen, ids=flat_ids)
     return {"prompts": p_ids, "prompt_mask": p_mask,
             "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1)}
 

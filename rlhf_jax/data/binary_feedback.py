@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"   # 1.1.0: the responses' sampled ids (response_ids) kept, as in the K-wise set
 DEFAULT_FLIP = 0.2
 
 

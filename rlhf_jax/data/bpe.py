@@ -12,7 +12,11 @@ model writes "Ġa" "nd" as readily as "Ġand", or half of a multi-byte character
 encoding again can change the tokens, and even their number. The stages pass responses as text
 (preference records, evaluation records), so :class:`RoundTripTokenizer` remembers the ids of the
 texts it decoded: encoding such a text again gives back exactly the sampled tokens, and the reward
-model and the KL see what the policy wrote. Other texts get the canonical encoding.
+model and the KL see what the policy wrote. Other texts get the canonical encoding. That memory
+ends with the process; so preference records also store each response's sampled ids
+(``response_ids``), which the stages use whenever they decode to the stored text
+(:func:`rlhf_jax.data.batching.response_tokens`): a stage resumed in a new process trains on the
+same tokens as one run straight through.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
-from rlhf_jax.data.tokenizers import HFTokenizer
+from rlhf_jax.data.tokenizers import HFTokenizer, response_ids
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
@@ -52,22 +56,24 @@ def texts_digest(texts: Sequence[str]) -> str:
 class RoundTripTokenizer(HFTokenizer):
     """An :class:`HFTokenizer` whose ``encode`` of a text it decoded returns the decoded ids (the
     last ``memo_size`` texts; when two id sequences decode to one text, the later one's). The
-    ids remembered are the ones before EOS, without padding and BOS."""
+    ids remembered are :func:`~rlhf_jax.data.tokenizers.response_ids`: the ones before EOS,
+    without padding and BOS."""
 
     def __init__(self, tok, *, memo_size: int = 1 << 18, **kw):
         super().__init__(tok, **kw)
         self.memo_size = memo_size
         self._memo: OrderedDict[str, tuple[int, ...]] = OrderedDict()
 
-    def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids]
-        stop = next((n for n, i in enumerate(ids) if i in self.eos_ids), len(ids))
-        kept = [i for i in ids[:stop] if i not in (self.pad_id, self.bos_id)]
+    def decode(self, ids: Sequence[int], *, remember: bool = True) -> str:
+        """The text of ``ids`` (its :func:`response_ids`); ``remember=False`` leaves the memory
+        of decoded texts as it was."""
+        kept = response_ids(self, ids)
         text = super().decode(kept)
-        self._memo[text] = tuple(kept)
-        self._memo.move_to_end(text)
-        if len(self._memo) > self.memo_size:
-            self._memo.popitem(last=False)
+        if remember:
+            self._memo[text] = tuple(kept)
+            self._memo.move_to_end(text)
+            if len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
         return text
 
     def encode(self, text: str) -> list[int]:

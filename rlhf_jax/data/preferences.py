@@ -365,9 +365,11 @@ def load_preference_source(data_dir: PathLike, name: str, split: str, *,
                            version: str | None = None) -> Sequence[dict[str, Any]]:
     """``tfds.data_source`` over a prepared preference data set (latest version by default).
 
-    Elements are dicts with ``bytes`` texts, a list of ``bytes`` responses and ``float32``
-    ``ranking``/``gold`` arrays (``gold`` empty when absent); see :func:`decode_record`. Never
-    builds anything: a missing data set raises ``FileNotFoundError``.
+    Elements are dicts with ``bytes`` texts, a list of ``bytes`` responses, ``float32``
+    ``ranking``/``gold`` arrays (``gold`` empty when absent) and ``response_ids``, a list of
+    ``int32`` arrays (empty when absent; no such key in a data set stored before the field
+    existed); see :func:`decode_record`. Never builds anything: a missing data set raises
+    ``FileNotFoundError``.
     """
     spec = name if version is None else f"{name}:{version}"
     try:

@@ -35,6 +35,16 @@ def stop_ids(tok: Tokenizer) -> int | tuple[int, ...]:
     return ids if len(ids) > 1 else tok.eos_id
 
 
+def response_ids(tok: Tokenizer, ids: Sequence[int]) -> list[int]:
+    """The ids of a sampled row that make up its response: those before the first EOS (any of
+    ``tok.eos_ids``), without padding and BOS. What a preference record stores as a response's
+    ``response_ids``, and what :class:`rlhf_jax.data.bpe.RoundTripTokenizer` remembers."""
+    stops = set(getattr(tok, "eos_ids", (tok.eos_id,)))
+    ids = [int(i) for i in ids]
+    end = next((n for n, i in enumerate(ids) if i in stops), len(ids))
+    return [i for i in ids[:end] if i not in (tok.pad_id, tok.bos_id)]
+
+
 class GPT2Tokenizer:
     """GPT-2's byte-level BPE (50,257 ids) through HF ``tokenizers``, from files on disk.
 

@@ -173,6 +173,12 @@ def check_task_reward(reward_cfg: RewardConfig, field: str) -> None:
           "to start from; this stage needs a reward run on simulated preferences")
 
 
+# The stored preferences' version: 1.0.0 texts only; 1.1.0 each response's sampled ids
+# (response_ids) beside its text. A data set of 1.0.0 is still read (the latest version in a
+# directory is); a rerun on a directory holding one builds 1.1.0 beside it.
+VERSION = "1.1.0"
+
+
 def dataset_name(task: Task) -> str:
     """The TFDS name of a task's stored preferences."""
     return f"{task.name}_preferences"
@@ -191,7 +197,7 @@ def first_prompts(prefs: Preferences, n: int) -> Preferences:
     if not n:
         return prefs
     return Preferences(prefs.prompts[:n], prefs.responses[:n], prefs.ranking[:n], prefs.gold[:n],
-                       prefs.kinds[:n])
+                       prefs.kinds[:n], prefs.response_ids and prefs.response_ids[:n])
 
 
 def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig, *, max_len: int
@@ -199,13 +205,17 @@ def preference_arrays(tok, prefs: Preferences, shapes: TaskConfig, *, max_len: i
     """Token arrays of K-wise preferences: prompts ``[N, Lp]``, responses ``[N, K, Lr]``, and
     the ``ranking [N, K]``.
 
-    ``Lr`` is the sampling budget plus EOS, or more when a stored text encodes to more ids than
-    were sampled: a BPE's canonical segmentation of a sampled text can be longer than the ids
-    the policy drew (the task's tokenizer gives back the sampled ids only for texts it decoded in
-    this process). ``max_len``, the model's context, bounds ``Lp + Lr``: an error names the
-    longest response rather than letting positions run past the model's table."""
+    A response is its stored sampled ids (``prefs.response_ids``) when ``tok`` decodes them to
+    its text, else its text encoded (:func:`rlhf_jax.data.batching.response_tokens`): the same
+    tokens in any process, whether or not this one sampled them. ``Lr`` is the sampling budget
+    plus EOS, or more when an encoded text has more ids than were sampled: a BPE's canonical
+    segmentation of a sampled text can be longer than the ids the policy drew (a data set stored
+    without ids, or by another tokenizer). ``max_len``, the model's context, bounds ``Lp + Lr``:
+    an error names the longest response rather than letting positions run past the model's
+    table."""
     arrays = encode_groups(tok, prefs.prompts, prefs.responses, prompt_len=shapes.prompt_len,
-                           response_len=shapes.max_new_tokens + 1, widen=True)
+                           response_len=shapes.max_new_tokens + 1, widen=True,
+                           ids=prefs.response_ids)
     width = arrays["responses"].shape[-1]
     if shapes.prompt_len + width > max_len:
         raise ValueError(f"a stored response encodes to {width - 1} tokens: with the prompt's "
@@ -262,7 +272,7 @@ def rm_metrics(rewards: np.ndarray, prefs: Preferences, tau: float, *,
 
 
 def store_and_reload(prefs: dict[str, Preferences], data_dir: Path, task: Task,
-                     name: str | None = None, version: str = "1.0.0") -> dict[str, Preferences]:
+                     name: str | None = None, version: str = VERSION) -> dict[str, Preferences]:
     """Write the labelled splits as a versioned TFDS data set (``array_record``; ``name`` default
     the task's preferences) and read them back through ``tfds.data_source``, so training sees
     exactly what is stored."""
@@ -287,8 +297,10 @@ def read_preferences(data_dir: Path, split: str, task: Task, name: str | None = 
         prompts.append(by_uid[r["id"]])
     responses = [list(r["responses"]) for r in records]
     kinds = [[task.kind(task.judge(p, t)) for t in row] for p, row in zip(prompts, responses)]
+    ids = [r["response_ids"] for r in records]
     return Preferences(prompts, responses, np.asarray([r["ranking"] for r in records], np.float32),
-                       np.asarray([r["gold"] for r in records], np.float32), kinds)
+                       np.asarray([r["gold"] for r in records], np.float32), kinds,
+                       None if all(i is None for i in ids) else ids)
 
 
 def fit_reward_model(cfg: RewardConfig, model_cfg, trunk_params, data: dict[str, np.ndarray], *,

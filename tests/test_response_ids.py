@@ -1,0 +1,156 @@
+"""Stored sampled ids (``response_ids`` of a preference record): the arrays the RM and DPO train
+on are the ids the policy sampled, in this process or a new one, on the sentiment task's BPE
+(tests/fixtures/fortunes), where a sampled text's canonical encoding can differ from its ids."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from tokenizers import Tokenizer
+
+from rlhf_jax.data import bpe
+from rlhf_jax.data.batching import response_tokens
+from rlhf_jax.data.sentiment import SentimentConfig, SentimentTask
+from rlhf_jax.data.tokenizers import response_ids
+from rlhf_jax.labeler import Preferences
+from rlhf_jax.stages.reward import preference_arrays, read_preferences, store_and_reload
+from rlhf_jax.tasks import TaskConfig
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "fortunes"
+WORD = " wonderful"
+
+tfds.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return SentimentTask(SentimentConfig(fortunes_dir=str(FIXTURE), vocab_size=320,
+                                         data_dir=str(tmp_path_factory.mktemp("sentiment")),
+                                         heldout_every=5))
+
+
+def fresh(tok) -> bpe.RoundTripTokenizer:
+    """The same BPE with no memory of decoded texts: what a new process has."""
+    return bpe.wrap(Tokenizer.from_str(tok.to_json()))
+
+
+def spelled(tok, text: str) -> list[int]:
+    """A non-canonical spelling of ``text``: one BPE piece per character."""
+    return [i for ch in text for i in tok.encode(ch)]
+
+
+def test_response_ids_are_the_ids_before_eos_without_padding_and_bos(task):
+    tok = task.tokenizer
+    row = [tok.bos_id, 40, tok.pad_id, 41, tok.eos_id, 42, tok.pad_id]
+    assert response_ids(tok, row) == [40, 41]
+    assert response_ids(tok, [tok.eos_id, 40]) == [] and response_ids(tok, [40]) == [40]
+
+
+def test_stored_ids_give_the_sampled_tokens_in_a_new_process(task, tmp_path):
+    """Sampled rows (EOS, padding) decoded as the sampler does, stored, read back, and turned into
+    arrays by a tokenizer without memory: each response is exactly its sampled ids, also where
+    its text's canonical encoding differs (a spelled-out word; lead bytes of multi-byte characters,
+    whose text re-encodes longer; the same text sampled twice as different ids)."""
+    tok = task.tokenizer
+    canonical = tok.encode(WORD)
+    euro = tok.encode("\u20ac")                    # 3 byte-level pieces
+    half = canonical[:1] + euro[:1] * 4            # lead bytes alone: 4 replacement characters
+    sampled = [[spelled(tok, WORD), canonical],    # one text, two spellings
+               [half, tok.encode(" the day")]]
+    assert len(euro) == 3 and tok.decode(half, remember=False).endswith("\ufffd" * 4)
+    pad, eos = tok.pad_id, tok.eos_id
+    rows = [[ids + [eos] + [pad] * 3 for ids in group] for group in sampled]
+    texts = [[tok.decode(r) for r in group] for group in rows]         # as generate() does
+    ids = [[response_ids(tok, r) for r in group] for group in rows]
+    assert ids == sampled
+    new = fresh(tok)
+    assert new.encode(texts[0][0]) != sampled[0][0]                    # canonical differs
+    assert len(new.encode(texts[1][0])) > 10                          # past the budget
+
+    prompts = task.prompts("train")[:2]
+    prefs = Preferences(prompts, texts, np.array([[1.0, 0.0], [0.0, 1.0]], np.float32),
+                        np.zeros((2, 2), np.float32), [["x", "x"]] * 2, ids)
+    stored = store_and_reload({"train": prefs}, tmp_path / "data", task)["train"]
+    assert stored.response_ids == sampled and stored.responses == texts
+    shapes = TaskConfig(prompt_len=24, max_new_tokens=10)
+    got = preference_arrays(new, stored, shapes, max_len=64)
+    assert got["responses"].shape == (2, 2, 11)                       # the budget's width
+    for i, j in np.ndindex(2, 2):
+        n = len(sampled[i][j])
+        np.testing.assert_array_equal(got["responses"][i, j, :n + 1], sampled[i][j] + [eos])
+        np.testing.assert_array_equal(got["response_mask"][i, j], np.arange(11) < n + 1)
+    # the process that sampled them gets the same arrays, whatever its memory holds
+    same = preference_arrays(tok, read_preferences(tmp_path / "data", "train", task), shapes,
+                             max_len=64)
+    for k in got:
+        np.testing.assert_array_equal(same[k], got[k])
+    # without the ids (a data set stored before them), the text is encoded: canonical ids
+    old = preference_arrays(new, dataclasses.replace(stored, response_ids=None), shapes,
+                            max_len=64)
+    want = new.encode(texts[0][0]) + [eos]
+    np.testing.assert_array_equal(old["responses"][0, 0, :len(want)], want)
+    assert old["responses"].shape[-1] > 11                             # widened for the "\ufffd"s
+
+
+def test_ids_that_do_not_decode_to_the_text_are_ignored(task):
+    """Ids of another text, another tokenizer's (past the vocabulary) or holding EOS give the
+    text's encoding; checking leaves the tokenizer's memory as it was."""
+    new = fresh(task.tokenizer)
+    spelling = spelled(new, WORD)
+    assert response_tokens(new, WORD, spelling) == spelling
+    assert new.encode(WORD) == fresh(new).encode(WORD) != spelling    # nothing remembered
+    canonical = new.encode(WORD)
+    for ids in (new.encode(" awful"), spelling[:-1], [*spelling, new.vocab_size],
+                [*spelling, new.eos_id, 40], None):
+        assert response_tokens(new, WORD, ids) == canonical
+    prompts = task.prompts("train")[:1]
+    prefs = Preferences(prompts, [[WORD, WORD]], np.array([[1.0, 0.0]], np.float32),
+                        np.zeros((1, 2), np.float32), [["x", "x"]],
+                        [[new.encode(" awful"), spelling]])
+    arrays = preference_arrays(new, prefs, TaskConfig(prompt_len=24, max_new_tokens=12),
+                               max_len=64)
+    np.testing.assert_array_equal(arrays["responses"][0, 0, :len(canonical)], canonical)
+    np.testing.assert_array_equal(arrays["responses"][0, 1, :len(spelling)], spelling)
+
+
+@pytest.mark.slow
+def test_dpo_from_a_finished_reward_run_is_the_same_in_a_new_process(tmp_path, monkeypatch):
+    """The reward stage on the fixture task (a barely trained model: many sampled responses are
+    not their text's canonical encoding), then DPO from it twice: in the process that sampled
+    the comparisons, and with the tokenizers of a new process (no memory of decoded texts)."""
+    from rlhf_jax import scripts
+    from rlhf_jax.models import GPTConfig
+    from rlhf_jax.stages.common import pipeline_task
+    from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
+    from rlhf_jax.stages.offline import OfflineConfig
+    from rlhf_jax.stages.reward import RewardConfig
+    from rlhf_jax.train import OptimConfig
+
+    shapes = TaskConfig(name="sentiment", prompt_len=17, max_new_tokens=8, options={
+        "fortunes_dir": str(FIXTURE), "data_dir": str(tmp_path / "task"), "vocab_size": "320",
+        "heldout_every": "5"})
+    pre = PretrainConfig(task=shapes, model=GPTConfig(vocab_size=320, max_len=48, d_model=32,
+                                                      n_layers=1, n_heads=2),
+                         seq_len=32, batch_size=8, steps=10, log_every=5,
+                         optim=OptimConfig(learning_rate=3e-3, warmup_steps=2))
+    reward = RewardConfig(sft=SFTConfig(steps=0, pretrain=pre), steps=2, batch_prompts=4,
+                          lm_readout=False, log_every=1, optim=OptimConfig(warmup_steps=1))
+    scripts.run("reward", reward, tmp_path / "reward")
+    dpo = OfflineConfig(reward_dir=str(tmp_path / "reward"), beta=0.1, steps=3, batch_prompts=4,
+                        log_every=1, optim=OptimConfig(learning_rate=1e-3, warmup_steps=1))
+    same = scripts.run("dpo", dpo, tmp_path / "same")
+    sampler = pipeline_task(pre).tokenizer
+    monkeypatch.setattr(bpe, "_LOADED", {})              # what a new process has
+    new_task = pipeline_task(pre)
+    assert new_task.tokenizer is not sampler
+    prefs = read_preferences(tmp_path / "reward" / "data", "train", new_task)
+    flat = [(t, i) for row, ids in zip(prefs.responses, prefs.response_ids)
+            for t, i in zip(row, ids)]
+    assert any(new_task.tokenizer.encode(t) != i for t, i in flat)   # the test can fail
+    new = scripts.run("dpo", dpo, tmp_path / "new")
+    assert {k: v for k, v in new.items() if not k.startswith("time")} == {
+        k: v for k, v in same.items() if not k.startswith("time")}
