@@ -2,8 +2,9 @@
 2024: G = 4 samples per prompt, group-normalised advantages (R_i − mean_g R)/std_g R, PPO's clipped
 ratio averaged per sequence (1/|o_i|), β·k3 to the SFT policy in the loss; no critic), or with
 ``--method`` any preset of ``rlhf_jax.rl.presets``: ``dr_grpo``, ``rloo``, ``dapo``, ``gspo``,
-``gspo_token``, ``reinforce_pp``, ``raft`` (``ppo`` too). Same RM, SFT start, iterations, RM-scored
-samples per iteration and held-out evaluation as experiments/ppo.py (summary keys gold/rlhf etc.).
+``gspo_token``, ``reinforce_pp``, ``raft``, ``online_dpo`` (``ppo`` too). Same RM, SFT start,
+iterations, RM-scored samples per iteration and held-out evaluation as experiments/ppo.py (summary
+keys gold/rlhf etc.).
 
 Every ``--ppo.*`` flag overrides the preset; e.g. ``--ppo.advantage dr_grpo
 --ppo.loss-aggregation budget`` is Dr. GRPO (Liu et al. 2025). ``--method`` must come first.

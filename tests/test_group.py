@@ -1,5 +1,6 @@
-"""GRPO, Dr. GRPO and RLOO: group advantages, loss aggregations and REINFORCE against NumPy loops,
-and the whole compiled iteration on a one-step bandit against its (exactly computed) optimum."""
+"""GRPO, Dr. GRPO, RLOO, RAFT's best and online DPO's pair: group advantages, loss aggregations
+and REINFORCE against NumPy loops, and the whole compiled iteration on a one-step bandit against
+its (exactly computed) optimum."""
 
 from __future__ import annotations
 
@@ -55,15 +56,20 @@ def _group_advantage_loops(rewards, mask, kind):
                 a = members[i] - mean
             elif kind == "rloo":
                 a = members[i] - sum(members[j] for j in range(G) if j != i) / (G - 1)
-            else:   # best: 1 on the first of the largest
+            elif kind == "best":   # 1 on the first of the largest
                 a = float(i == max(range(G), key=lambda j: (members[j], -j)))
+            else:   # pair: +1 on the first of the largest, −1 on the first of the smallest
+                hi = max(range(G), key=lambda j: (members[j], -j))
+                lo = min(range(G), key=lambda j: (members[j], j))
+                a = 0.0 if members[hi] == members[lo] else float(i == hi) - float(i == lo)
             for t in range(N):
                 if mask[g * G + i, t]:
                     out[g * G + i, t] = a
     return out
 
 
-GROUP_KINDS = ("grpo", "dr_grpo", "rloo", "best")   # each checked against its loop reference here
+# each checked against its loop reference here
+GROUP_KINDS = ("grpo", "dr_grpo", "rloo", "best", "pair")
 # each checked against its loops below (GSPO's two in test_zoo2.py)
 TESTED_POLICY_LOSSES = ("clipped", "reinforce", "gspo", "gspo_token")
 
@@ -171,6 +177,30 @@ def test_best_rows_are_each_groups_winner_and_local():
     np.testing.assert_array_equal(np.concatenate([np.asarray(p[1]) for p in parts]), gid)
 
 
+def run_group_iteration(hp: PPOHParams, updates: int):
+    """One compiled iteration of ``hp`` (8 prompts × G = 4, 6 new tokens, no critic, Adam at
+    1e-2 scheduled over ``updates``) from fresh test models; its rollout checked against the
+    sampler's own draws from the policy or the reference (``hp.sample_from``). Returns the
+    models, the policy's state before, the frozen parameters, the state after, the metrics, the
+    rollout and the rollout's prompt rows and their mask."""
+    models, p_params, ref_params, rm_params, _, prompts, pmask = _setup()
+    models = dataclasses.replace(models, value=None)
+    optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
+    state, frozen = _state(models, p_params, None, ref_params, rm_params, hp, optim, updates)
+    pol = state.policy
+    it = jax.jit(make_iteration(models, hp, max_new_tokens=6, eos_id=2, pad_id=0))
+    got, metrics, ro = it(state, frozen, {"prompts": prompts, "prompt_mask": pmask,
+                                          "example_ids": jnp.arange(32)}, jax.random.key(7))
+    rows_p, rows_m = jnp.repeat(prompts, 4, axis=0), jnp.repeat(pmask, 4, axis=0)
+    sampler = {"policy": p_params, "reference": ref_params}[hp.sample_from]
+    drawn = jax.jit(lambda p: sample(models.policy, p, rows_p, rows_m,
+                                     jax.random.split(jax.random.key(7))[0],
+                                     cfg=SamplingConfig(max_new_tokens=6), eos_id=2, pad_id=0,
+                                     example_ids=jnp.arange(32)).tokens)(sampler)
+    np.testing.assert_array_equal(ro["responses"], drawn)
+    return models, pol, frozen, got, metrics, ro, rows_p, rows_m
+
+
 @pytest.mark.parametrize("sample_from", ["policy", "reference"])
 def test_raft_iteration_is_sft_on_each_prompts_best_sample(sample_from):
     """RAFT's compiled iteration (G = 4, ranking by score − β·Σk1, 2 epochs of one minibatch)
@@ -178,23 +208,9 @@ def test_raft_iteration_is_sft_on_each_prompts_best_sample(sample_from):
     reference by a forward pass, each group's winner picked by a loop, then two optimiser steps on
     the mean negative log-likelihood of the winners' response tokens. With ``sample_from=
     "reference"`` the rollout is the reference's own samples (best-of-G distillation)."""
-    models, p_params, ref_params, rm_params, _, prompts, pmask = _setup()
-    models = dataclasses.replace(models, value=None)
     hp = raft_hparams(prompts_per_iter=8, group_size=4, epochs=2, minibatches=1, kl_coef=0.3,
                       no_eos_penalty=0.0, sample_from=sample_from)
-    optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0)
-    state, frozen = _state(models, p_params, None, ref_params, rm_params, hp, optim, 4)
-    pol = state.policy
-    it = jax.jit(make_iteration(models, hp, max_new_tokens=6, eos_id=2, pad_id=0))
-    got, metrics, ro = it(state, frozen, {"prompts": prompts, "prompt_mask": pmask,
-                                          "example_ids": jnp.arange(32)}, jax.random.key(7))
-    rows_p, rows_m = jnp.repeat(prompts, 4, axis=0), jnp.repeat(pmask, 4, axis=0)
-    sampler = {"policy": p_params, "reference": ref_params}[sample_from]
-    drawn = jax.jit(lambda p: sample(models.policy, p, rows_p, rows_m,
-                                     jax.random.split(jax.random.key(7))[0],
-                                     cfg=SamplingConfig(max_new_tokens=6), eos_id=2, pad_id=0,
-                                     example_ids=jnp.arange(32)).tokens)(sampler)
-    np.testing.assert_array_equal(ro["responses"], drawn)
+    models, pol, frozen, got, metrics, ro, rows_p, rows_m = run_group_iteration(hp, 4)
 
     def logp(params, rows):
         logits, _ = response_logits(models.policy, params, rows_p[rows], rows_m[rows],

@@ -27,6 +27,11 @@ and the advantage ``A_i`` is broadcast over the counted tokens of response ``i``
   highest R (the first on a tie), 0 for the others. With REINFORCE's −A·log π this is the SFT loss
   on each prompt's best-of-G sample, and the iteration trains on those rows only
   (:func:`best_rows`): one per prompt, so the token means count the winners' tokens alone.
+* ``pair`` (online DPO: OAIF, Guo et al. 2024, with the RM as the annotator as in TRL's online
+  DPO; best vs worst of G as in Xiong et al. 2024's iterative DPO):  A_i = +1 for each group's
+  highest R, −1 for its lowest, 0 otherwise (the rollout's diagnostics only). The iteration trains
+  on each group's (best, worst) pair with the DPO loss against the frozen reference
+  (:func:`pair_rows`, ``policy_loss="dpo"``); a group whose R are all equal has no pair (weight 0).
 
 Advantage whitening over the batch is *off* for these (``whiten_advantages=False`` in the presets).
 """
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.rl.advantages import ADVANTAGES
 
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "best")
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "best", "pair")
 GRPO_EPS = 1e-4
 
 
@@ -109,9 +114,43 @@ def best_rows(data: dict, seq_rewards: jax.Array, example_ids: jax.Array, *, gro
     return jax.tree.map(lambda x: x[rows], data), example_ids[rows] // group_size
 
 
+def best_and_worst(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, discount: float,
+                   gae_lambda: float, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """Online DPO's pair as an advantage: +1 on each group's highest sequence reward, −1 on its
+    lowest (the first of equal ones; 0 for both when all are equal), 0 elsewhere, broadcast over
+    each response's tokens; ``returns = A + V``."""
+    del discount, gae_lambda
+    r = _grouped(sequence_rewards(rewards, mask), group_size)
+    best, worst, differ = _best_worst(r)
+    onehot = lambda i: jax.nn.one_hot(i, group_size, dtype=r.dtype)  # noqa: E731
+    return _broadcast((onehot(best) - onehot(worst)) * differ[:, None], values, mask)
+
+
+def _best_worst(r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per group ``[P, G]``: the index of the highest and of the lowest reward (the first of
+    equal ones), and 1.0 where they differ."""
+    return (jnp.argmax(r, axis=1), jnp.argmin(r, axis=1),
+            (jnp.max(r, axis=1) > jnp.min(r, axis=1)).astype(r.dtype))
+
+
+def pair_rows(data: dict, seq_rewards: jax.Array, example_ids: jax.Array, *, group_size: int
+              ) -> tuple[dict, jax.Array, jax.Array]:
+    """Each local group's (best, worst) pair (:func:`best_and_worst`'s choice): ``data``'s leaves
+    ``[R, ...]`` become ``[R/G, 2, ...]`` (chosen first), with the pairs' weights ``[R/G]`` (0 for
+    a group whose rewards are all equal) and group ids (global prompt indices, as
+    :func:`best_rows`)."""
+    r = _grouped(seq_rewards, group_size)
+    best, worst, differ = _best_worst(r)
+    base = jnp.arange(r.shape[0]) * group_size
+    rows = jnp.stack([base + best, base + worst], axis=1)
+    return (jax.tree.map(lambda x: x[rows], data), differ,
+            example_ids[base] // group_size)
+
+
 ADVANTAGES.update({
     "grpo": group_relative,
     "dr_grpo": functools.partial(group_relative, scale_std=False),
     "rloo": leave_one_out,
     "best": best_of_group,
+    "pair": best_and_worst,
 })

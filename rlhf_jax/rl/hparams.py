@@ -67,7 +67,11 @@ class PPOHParams:
       advantage: advantage estimator (key of ``ADVANTAGES``).
       policy_loss: policy loss (key of ``POLICY_LOSSES``): ``clipped`` (PPO's surrogate) or
         ``reinforce`` (−A·log π, no ratio; RLOO), ``gspo`` / ``gspo_token`` (the sequence-level
-        ratio, ``rlhf_jax.losses.gspo``).
+        ratio, ``rlhf_jax.losses.gspo``), or ``dpo`` (online DPO, only with ``advantage="pair"``:
+        ``rlhf_jax.losses.preference.dpo_loss`` on each group's best and worst sample against the
+        frozen reference, β = ``dpo_beta``).
+      dpo_beta: DPO's β for ``policy_loss="dpo"`` (``kl_coef`` then only ranks the samples by
+        score − β·Σk1, as for ``best``).
       keep_groups: DAPO's dynamic sampling (``rlhf_jax.rl.dynamic_sampling``): train on the first
         this many of the ``prompts_per_iter`` sampled groups whose rewards differ (0 = off).
       overlong_buffer: DAPO's soft overlong punishment over the last this many tokens of the
@@ -78,8 +82,9 @@ class PPOHParams:
       sample_from: who samples the rollouts: ``policy`` (default; on-policy) or ``reference``
         (the frozen SFT policy; only with ``advantage="best"``: each iteration then fine-tunes on
         fresh best-of-G samples of the starting policy, i.e. distils a fixed best-of-G
-        distribution instead of iterating on the policy's own samples; ``rollout/logprob_*_diff``
-        then measure the policy's distance from the reference on those samples).
+        distribution instead of iterating on the policy's own samples; or ``"pair"``: DPO on
+        the RM's best and worst of the start's G samples; ``rollout/logprob_*_diff`` then
+        measure the policy's distance from the reference on those samples).
       loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
         ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see
@@ -134,6 +139,7 @@ class PPOHParams:
     overlong_buffer: int = 0
     length_debias: bool = False
     sample_from: str = "policy"
+    dpo_beta: float = 0.1
 
     def __post_init__(self):
         positive(self, "prompts_per_iter", "group_size", "temperature", "epochs", "minibatches",
@@ -141,7 +147,7 @@ class PPOHParams:
         non_negative(self, "clip_eps", "value_clip_eps", "vf_coef", "kl_coef", "entropy_coef",
                      "ptx_coef", "no_eos_penalty", "tis_cap", "entropy_target", "entropy_kp",
                      "entropy_ki", "entropy_coef_max", "clip_eps_high", "keep_groups",
-                     "overlong_buffer")
+                     "overlong_buffer", "dpo_beta")
         check(not self.entropy_target or self.entropy_coef <= self.entropy_coef_max,
               "entropy_coef", f"the controller's initial coefficient {self.entropy_coef} exceeds "
               f"its bound entropy_coef_max={self.entropy_coef_max}")
@@ -159,8 +165,16 @@ class PPOHParams:
               f"must be '' or one of {KL_ESTIMATORS}, got {self.kl_in_loss!r}")
         check(self.advantage in ADVANTAGES, "advantage",
               f"unknown {self.advantage!r}; choose one of {sorted(ADVANTAGES)}")
-        check(self.policy_loss in POLICY_LOSSES, "policy_loss",
-              f"unknown {self.policy_loss!r}; choose one of {sorted(POLICY_LOSSES)}")
+        check(self.policy_loss in POLICY_LOSSES or self.policy_loss == "dpo", "policy_loss",
+              f"unknown {self.policy_loss!r}; choose one of {sorted(POLICY_LOSSES) + ['dpo']}")
+        check((self.advantage == "pair") == (self.policy_loss == "dpo"), "policy_loss",
+              "online DPO pairs each group's best and worst sample: advantage='pair' goes with "
+              f"policy_loss='dpo' and only with it, got {self.advantage!r} / "
+              f"{self.policy_loss!r}")
+        check(self.advantage != "pair" or (self.critic == "none" and not self.kl_in_loss and
+                                           self.dpo_beta > 0),
+              "advantage", "online DPO ('pair') learns from its pairs alone: critic='none', no "
+              "kl_in_loss (DPO's β regularises towards the reference) and dpo_beta > 0")
         check(self.loss_aggregation in AGGREGATIONS, "loss_aggregation",
               f"must be one of {AGGREGATIONS}, got {self.loss_aggregation!r}")
         check(self.advantage not in GROUP_ADVANTAGES or self.group_size >= 2, "group_size",
@@ -173,14 +187,17 @@ class PPOHParams:
         check(self.policy_loss != "gspo" or self.loss_aggregation == "sequence",
               "loss_aggregation", "GSPO averages over sequences: use 'sequence'")
         check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
-        check(self.advantage != "best" or not (self.keep_groups or self.whiten_advantages),
-              "advantage", "'best' trains on each group's winner (advantage 1): it takes neither "
-              "keep_groups nor whiten_advantages (whitening equal advantages zeroes them)")
+        check(self.advantage not in ("best", "pair") or not (self.keep_groups or
+                                                              self.whiten_advantages),
+              "advantage", f"{self.advantage!r} trains on chosen rows of each group: it takes "
+              "neither keep_groups nor whiten_advantages")
         check(self.sample_from in ("policy", "reference"), "sample_from",
               f"must be 'policy' or 'reference', got {self.sample_from!r}")
-        check(self.sample_from == "policy" or (self.advantage == "best" and self.rescore_policy),
+        check(self.sample_from == "policy" or (self.advantage in ("best", "pair") and
+                                               self.rescore_policy),
               "sample_from", "the reference's samples are off-policy: only the 'best' advantage "
-              "(SFT on the winners, no ratio) trains on them, with rescore_policy=True")
+              "(SFT on the winners) or 'pair' (DPO on best vs worst), neither with a ratio, "
+              "trains on them, with rescore_policy=True")
         check(self.rollout_size % self.minibatches == 0, "minibatches",
               f"the rollout's {self.rollout_size} sequences (prompts_per_iter × group_size) do "
               f"not divide into {self.minibatches} minibatches")
@@ -194,11 +211,12 @@ class PPOHParams:
 
     @property
     def train_rows(self) -> int:
-        """Sequences trained on per iteration: DAPO's kept groups, ``best``'s one winner per
-        prompt, or the whole rollout."""
+        """Rows trained on per iteration: DAPO's kept groups' sequences, ``best``'s one winner
+        per prompt, ``pair``'s one (best, worst) pair per prompt, or the whole rollout."""
         if self.keep_groups:
             return self.keep_groups * self.group_size
-        return self.prompts_per_iter if self.advantage == "best" else self.rollout_size
+        return (self.prompts_per_iter if self.advantage in ("best", "pair")
+                else self.rollout_size)
 
     def scalars(self) -> dict[str, jax.Array]:
         """The :data:`TRACED` fields as float32 arrays (``PPOState.hparams``)."""

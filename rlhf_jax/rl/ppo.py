@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax.losses.lm import next_token_loss
+from rlhf_jax.losses.preference import dpo_loss
 from rlhf_jax.losses.policy_gradient import tis_weights
 from rlhf_jax.losses.ppo import clipped_value_loss, kl_loss
 from rlhf_jax.models.functional import Model
@@ -36,7 +37,7 @@ from rlhf_jax.rl.advantages import (ADVANTAGES, length_residual, overlong_penalt
 from rlhf_jax.rl.diagnostics import explained_variance, logprob_mismatch, pearson
 from rlhf_jax.rl.dynamic_sampling import select_groups
 from rlhf_jax.rl.entropy_control import entropy_control
-from rlhf_jax.rl.group import best_rows, sequence_rewards
+from rlhf_jax.rl.group import best_rows, pair_rows, sequence_rewards
 # re-exported: the iteration's settings live in rl/hparams.py
 from rlhf_jax.rl.hparams import CRITICS, POLICY_LOSSES, TRACED, PPOHParams  # noqa: F401
 from rlhf_jax.rl.kl_control import RunningMoments, adaptive_kl_coef
@@ -111,7 +112,8 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
     policy_model = models.policy
     value_model = models.value if hp.critic == "separate" else None
     advantage_fn = ADVANTAGES[hp.advantage]
-    policy_loss_fn = POLICY_LOSSES[hp.policy_loss]
+    policy_loss_fn = POLICY_LOSSES.get(hp.policy_loss)   # None: online DPO's pair loss
+    pairs = hp.advantage == "pair"
     t = hp.temperature
     n_mb = hp.minibatches
     loss_kl = hp.kl_in_loss or ("exact" if hp.kl_estimator == "exact" else "")
@@ -124,10 +126,18 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
         logits = logits / t
         mask = mb["mask"]
         logp = token_logprobs(logits, mb["responses"])
-        loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask,
-                                 clip_eps=hs["clip_eps"], clip_eps_high=hp.clip_eps_high or None,
-                                 aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
-                                 axis_name=axis_name)
+        if pairs:   # rows alternate chosen, rejected: DPO on summed response log-probs
+            seq = lambda x: jnp.sum(x * mask, -1).reshape(-1, 2)  # noqa: E731
+            pol, ref = seq(logp), seq(mb["ref_logp"])
+            loss, m = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=hp.dpo_beta,
+                               mask=mb["pair_w"], axis_name=axis_name)
+            m = dict(m, policy_loss=loss)
+        else:
+            loss, m = policy_loss_fn(logp, mb["logp"], mb["advantages"], mask,
+                                     clip_eps=hs["clip_eps"],
+                                     clip_eps_high=hp.clip_eps_high or None,
+                                     aggregation=hp.loss_aggregation, weights=mb.get("tis_w"),
+                                     axis_name=axis_name)
         # without an entropy bonus the entropy is a diagnostic: no gradient through it
         ent_logits = logits if entropy_bonus else jax.lax.stop_gradient(logits)
         ent = masked_mean(entropy_from_logits(ent_logits), mask, axis_name=axis_name)
@@ -249,6 +259,10 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
                                            keep=hp.keep_groups, group_size=g, axis_name=axis_name)
         elif hp.advantage == "best":   # rejection sampling: train on each group's winner only
             data, ids = best_rows(data, sequence_rewards(rewards, mask), ids, group_size=g)
+        elif pairs:   # online DPO: each group's (best, worst) pair, [R/G, 2, ...]
+            data, pair_w, ids = pair_rows(data, sequence_rewards(rewards, mask), ids,
+                                          group_size=g)
+            dyn = {"rollout/pairs": _mean(pair_w, axis_name)}
 
         # --- E epochs × M minibatches ---------------------------------------------------
         mb_size = data["mask"].shape[0] // n_mb
@@ -257,6 +271,9 @@ def make_iteration(models: Models, hp: PPOHParams, *, max_new_tokens: int,
             pstate, vstate = carry
             idx, ptx = xs
             mb = jax.tree.map(lambda x: x[idx], data)
+            if pairs:   # [m, 2, ...] -> rows [2m, ...]: chosen, rejected, chosen, …
+                mb = dict(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mb),
+                          pair_w=pair_w[idx])
             pg, pm = grads_of(policy_terms, pstate.params, mb, ptx, state.kl_coef,
                               adv_scale, hs)
             # a non-finite gradient is never applied; `finite` reports the share applied

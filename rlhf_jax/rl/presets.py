@@ -1,5 +1,5 @@
 """Critic-free online presets on the compiled PPO iteration: GRPO, Dr. GRPO, RLOO, DAPO, GSPO,
-REINFORCE++ and RAFT.
+REINFORCE++, RAFT and online DPO.
 
 Budget rule: every online method scores as many samples with the RM per iteration as PPO's default
 (64 prompts × 1 sample): here 16 prompts × G = 4 samples (REINFORCE++: 64 × 1). No critic; no
@@ -35,6 +35,12 @@ batch whitening of the advantages except REINFORCE++'s (the group baseline repla
   token-mean negative log-likelihood), 2 epochs × 2 minibatches. No KL term by default (β = 0, as
   RAFT); a reward-side β ranks by score − β·Σ_t k1 instead. Every update imitates a sample the
   policy itself drew, so it moves only where the RM's choice among the policy's own samples leads.
+* Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback"; TRL's
+  online DPO trainer with a reward model as the annotator): 32 prompts × G = 2 fresh samples, the
+  RM's better one chosen (``advantage="pair"``; with G > 2 the best against the worst, as Xiong
+  et al. 2024's iterative DPO), one DPO step per rollout (β = ``dpo_beta`` 0.1) against the
+  frozen reference (``policy_loss="dpo"``). DPO's gradient ∇log π(y_w) − ∇log π(y_l) cancels what
+  the two samples share, where RAFT imitates all of the winner.
 """
 
 from __future__ import annotations
@@ -109,6 +115,16 @@ def raft_hparams(**overrides) -> PPOHParams:
                  overrides)
 
 
+def online_dpo_hparams(**overrides) -> PPOHParams:
+    """Online DPO (Guo et al. 2024, "Direct language model alignment from online AI feedback";
+    TRL's online DPO with a reward model): G = 2 fresh samples per prompt, the RM's better one
+    chosen, one DPO step (β 0.1) against the frozen reference per rollout; with G > 2 the pair is
+    the best and the worst of G (Xiong et al. 2024)."""
+    return _make(dict(prompts_per_iter=32, group_size=2, advantage="pair", policy_loss="dpo",
+                      dpo_beta=0.1, kl_estimator="k1", kl_in_loss="", kl_coef=0.0, epochs=1,
+                      minibatches=1), overrides)
+
+
 def ppo_hparams(**overrides) -> PPOHParams:
     """PPO's defaults (``PPOHParams()``), for a uniform interface."""
     return PPOHParams(**overrides)
@@ -117,4 +133,4 @@ def ppo_hparams(**overrides) -> PPOHParams:
 PRESETS = {"ppo": ppo_hparams, "grpo": grpo_hparams, "dr_grpo": dr_grpo_hparams,
            "rloo": rloo_hparams, "dapo": dapo_hparams, "gspo": gspo_hparams,
            "gspo_token": gspo_token_hparams, "reinforce_pp": reinforce_pp_hparams,
-           "raft": raft_hparams}
+           "raft": raft_hparams, "online_dpo": online_dpo_hparams}

@@ -1,5 +1,5 @@
 """Online RL stage configs: PPO and every critic-free preset (GRPO, Dr. GRPO, RLOO, DAPO, GSPO,
-GSPO-token, REINFORCE++), all run by ``experiments/ppo.py``'s ``run``
+GSPO-token, REINFORCE++, RAFT, online DPO), all run by ``experiments/ppo.py``'s ``run``
 (``rlhf_jax.scripts.load("ppo").run``).
 
 ``online_config(method)`` is a :class:`PPOConfig` whose ``ppo`` field is the method's preset
@@ -15,7 +15,7 @@ import dataclasses
 from rlhf_jax.rl.presets import PRESETS
 from rlhf_jax.stages.ppo import PPOConfig
 
-METHODS = tuple(PRESETS)   # ppo, grpo, dr_grpo, rloo, dapo, gspo, gspo_token, reinforce_pp, raft
+METHODS = tuple(PRESETS)   # ppo, grpo, …, reinforce_pp, raft, online_dpo
 
 # policy learning rate per method (PPO's default otherwise): RLOO makes one update per
 # iteration (PPO 16, GRPO 8), so it takes larger steps
