@@ -6,8 +6,10 @@ collector per set (``SETS``): ``pipeline``, ``sentiment``, ``entropy``, ``bf16``
 (:mod:`rlhf_jax.results_tables`), ``compare`` (:mod:`rlhf_jax.results_compare`), ``reward`` and
 ``dpo_beta`` (:mod:`rlhf_jax.results_stages`), ``sentiment_rm`` and ``sentiment_ppo`` (the
 sentiment task's exploration runs, :mod:`rlhf_jax.results_sentiment`); ``sentiment_all`` and
-``sentiment_ppo_all`` render the same tables of the runs labelled on every train prompt, and
-``sentiment_dpo`` the sentiment table of ``sentiment.py --method dpo`` runs. A set whose
+``sentiment_ppo_all`` render the same tables of the PPO runs labelled on every train prompt
+(``sentiment.py --method ppo``), and ``sentiment_dpo`` the sentiment table of the default
+``sentiment.py`` runs (DPO last; ``sentiment`` holds the task's first default, PPO on 2,048
+labelled prompts). A set whose
 ``results/<set>/`` directory does not exist yet is skipped (its README block, if any, is left
 as it is).
 
@@ -53,10 +55,10 @@ SETS = {
     "dpo_beta": TableSet(dpo_beta_table, collect_sweep),
     "sentiment_rm": TableSet(sentiment_rm_table, collect_explore),
     "sentiment_ppo": TableSet(sentiment_ppo_table, collect_explore),
-    # the same renderers over the runs labelled on all 5,925 train prompts (README: "all prompts")
+    # the same renderers over the PPO runs labelled on all 5,925 train prompts (``--method ppo``)
     "sentiment_all": TableSet(sentiment_table, collect_seeds),
     "sentiment_ppo_all": TableSet(sentiment_ppo_table, collect_explore),
-    # the same task with DPO in place of PPO (``sentiment.py --method dpo``), all train prompts
+    # the sentiment experiment's default: DPO in place of PPO, all train prompts
     "sentiment_dpo": TableSet(sentiment_table, collect_seeds),
 }
 

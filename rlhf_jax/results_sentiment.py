@@ -9,11 +9,13 @@ both:
   PPO KL-control config (β, adaptive target, horizon), start → RLHF gold and positive rate, win
   rate, exact KL, distinct-2, the RM's agreement on the RLHF policy's samples.
 
-The row marked default is the one whose config equals ``rlhf_jax.stages.sentiment.PIPELINE``'s.
+Marked: the RM these runs chose (``RM_CHOSEN``), and the task's own PPO (``--method ppo``,
+``rlhf_jax.stages.sentiment.PIPELINE.ppo``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +70,10 @@ def _lr(x: float) -> str:
 
 
 # ----------------------------------------------------------------------------- sentiment_rm
+# The row these runs chose (2,048 labelled prompts): a last-token head on the trained trunk, 400
+# steps at 5e-4. On every train prompt (the default now) the same readout trains 800 steps.
+RM_CHOSEN = ("last", 400, 5e-4, False, False)
+
 def _rm_key(cfg: dict) -> tuple:
     """What a reward run's row varies: readout, steps, learning rate, frozen trunk, LM readout
     (a config without ``readout`` predates the option: a last-token head)."""
@@ -76,11 +82,9 @@ def _rm_key(cfg: dict) -> tuple:
 
 
 def sentiment_rm_table(results_dir: str | Path) -> str:
-    """One row per reward run: readout (the default's in bold), steps, learning rate, held-out
+    """One row per reward run: readout (the chosen one's in bold), steps, learning rate, held-out
     ``rm/gold_agreement`` (the highest in bold) and on positive-vs-negative pairs; the runs must
     share the seed, the labelled samples and the held-out pairs."""
-    from rlhf_jax.stages.sentiment import PIPELINE
-
     results_dir = Path(results_dir)
     runs = _runs(results_dir)
     seed = _same(results_dir, runs, "seed", lambda s, c, m: m["seed"])
@@ -89,9 +93,7 @@ def sentiment_rm_table(results_dir: str | Path) -> str:
     k = _same(results_dir, runs, "samples per prompt", lambda s, c, m: c["labeler"]["k"])
     pairs = _same(results_dir, runs, "held-out pairs", lambda s, c, m: s["rm/gold_pairs"])
     ceiling = _same(results_dir, runs, "noise ceiling", lambda s, c, m: s["rm/noise_ceiling"])
-    r = PIPELINE.reward
-    default = (r.readout, r.steps, r.optim.learning_rate, r.freeze_trunk, r.lm_readout)
-    runs.sort(key=lambda x: (READOUT_ORDER.index(_rm_key(x[2])[0]), _rm_key(x[2]) != default,
+    runs.sort(key=lambda x: (READOUT_ORDER.index(_rm_key(x[2])[0]), _rm_key(x[2]) != RM_CHOSEN,
                              x[2]["steps"], -x[2]["optim"]["learning_rate"]))
     best = max(s["rm/gold_agreement"] for _, s, _, _ in runs)
     lines = [_lead(results_dir, seed, f"the same {prompts:,} × {k} labelled samples, "
@@ -105,9 +107,9 @@ def sentiment_rm_table(results_dir: str | Path) -> str:
         readout, steps, lr, frozen, lm = key = _rm_key(c)
         label = READOUT_LABELS[readout] + (", frozen trunk" if frozen else "") + (
             " + LM-likelihood readout" if lm else "")
-        label = f"**{label}**" if key == default else label
-        if readout not in shown or key == default:
-            label += f" (`readout {readout}`" + (", default" if key == default else "") + ")"
+        label = f"**{label}**" if key == RM_CHOSEN else label
+        if readout not in shown or key == RM_CHOSEN:
+            label += f" (`readout {readout}`" + (", chosen" if key == RM_CHOSEN else "") + ")"
         shown.add(readout)
         agree = cell([s["rm/gold_agreement"]])
         agree = f"**{agree}**" if agree == cell([best]) else agree
@@ -121,17 +123,24 @@ def _ppo_label(cfg: dict, summary: dict) -> str:
     """``β 0.1 (final 0.092), adaptive to 1.75, horizon 2,000`` from the run's PPO config, then
     the KL stop and the iterations run (``…, stop at KL 2.5: 31 of 60 iterations``)."""
     h = cfg["ppo"]
-    if h.get("advantage") == "best":   # RAFT: β only ranks (score − β·Σ k1), no KL controller
+    if h.get("advantage") in ("best", "pair"):   # RAFT, online DPO: β only ranks (score − β·Σk1)
         epochs = f"{h['epochs']} epoch" + "s" * (h["epochs"] > 1)
-        label = (f"RAFT: SFT on the RM's best of {h['group_size']} samples per prompt, "
-                 f"{h['prompts_per_iter']} prompts × {epochs} per iteration, ranked by "
-                 + (f"score − {h['kl_coef']:g}·KL" if h["kl_coef"] else "the RM score alone"))
+        if h["minibatches"] > 1:
+            epochs += f" × {h['minibatches']} minibatches"
+        whose = "the start's" if h.get("sample_from") == "reference" else "the policy's"
+        label = (f"RAFT: SFT on the RM's best of {h['group_size']} samples per prompt"
+                 if h["advantage"] == "best" else
+                 f"online DPO (β {h['dpo_beta']:g}): the RM's best vs worst of "
+                 f"{h['group_size']} samples per prompt")
+        label += (f" ({whose}), {h['prompts_per_iter']} prompts × {epochs} per iteration, "
+                  "ranked by " + (f"score − {h['kl_coef']:g}·KL" if h["kl_coef"] else
+                                  "the RM score alone"))
     elif not h["adaptive_kl"]:
         label = f"β {h['kl_coef']:g} (fixed)"
     else:
         label = (f"β {h['kl_coef']:g} (final {summary['final/kl/coef']:.3f}), adaptive to "
                  f"{h['kl_target']:g}, horizon {h['kl_horizon']:,.0f}")
-    if h.get("advantage", "gae") not in ("gae", "best"):
+    if h.get("advantage", "gae") not in ("gae", "best", "pair"):
         label += (f", {h['advantage']} advantage over {h['group_size']} samples per prompt, "
                   f"critic {h['critic']}")
     elif h.get("gae_lambda", 0.95) != 0.95:
@@ -149,8 +158,19 @@ def _ppo_label(cfg: dict, summary: dict) -> str:
     return label
 
 
+def _is_task_ppo(cfg: dict, ppo) -> bool:
+    """The run's PPO stage is the task's own (``ppo``, ``PIPELINE.ppo``: ``sentiment.py --method
+    ppo``): every algorithm field (absent from an older config = the field's default), the
+    iterations, the KL stop and the policy's learning rate."""
+    want = dataclasses.asdict(ppo.ppo)
+    return (all(cfg["ppo"].get(k, v) == v for k, v in want.items())
+            and (cfg["iterations"], cfg.get("kl_stop", 0.0)) == (ppo.iterations, ppo.kl_stop)
+            and cfg["policy_optim"]["learning_rate"] == ppo.policy_optim.learning_rate)
+
+
 def sentiment_ppo_table(results_dir: str | Path) -> str:
-    """One row per PPO run from the same start and RM, by adaptive KL target then horizon: held-out
+    """One row per PPO run from the same start and RM (the task's own PPO, ``--method ppo``,
+    marked), by adaptive KL target then horizon: held-out
     gold and positive rate start → RLHF, win rate and exact KL vs the start (bold where the run's
     ``bar/win_rate`` / ``bar/kl`` is met), distinct-2 start / RLHF, the RM's agreement with the
     judge on the RLHF policy's samples."""
@@ -162,10 +182,6 @@ def sentiment_ppo_table(results_dir: str | Path) -> str:
     for key in ("gold/sft", "rm/gold_agreement"):
         _same(results_dir, runs, f"`{key}`", lambda s, c, m: s[key])
     budget = _same(results_dir, runs, "`kl/budget`", lambda s, c, m: s["kl/budget"])
-    knobs = ("kl_coef", "adaptive_kl", "kl_target", "kl_horizon")
-    outer = ("kl_stop", "iterations")
-    default = {**{k: getattr(PIPELINE.ppo.ppo, k) for k in knobs},
-               **{k: getattr(PIPELINE.ppo, k) for k in outer}}
     runs.sort(key=lambda x: (x[2]["ppo"]["kl_target"], x[2]["ppo"]["kl_horizon"]))
     lines = [_lead(results_dir, seed, "one run each from the same start and RM; in bold: the "
                    f"win-rate bar (0.60) or the KL budget ({budget:g} nats/seq) met"), "",
@@ -173,9 +189,8 @@ def sentiment_ppo_table(results_dir: str | Path) -> str:
              "| KL (nats/seq, exact) | distinct-2 start / RLHF | RM agreement on RLHF samples "
              "| run |", "|---" * 8 + "|"]
     for name, s, c, _ in runs:
-        h = c["ppo"]
-        mine = {**{k: h[k] for k in knobs}, **{k: c.get(k, 0.0) for k in outer}}
-        label = ("**default**: " if mine == default else "") + _ppo_label(c, s)
+        label = ("**`--method ppo`**: " if _is_task_ppo(c, PIPELINE.ppo) else "") + _ppo_label(
+            c, s)
         win, kl = cell([s["win_rate/rlhf_vs_sft"]]), cell([s["kl/rlhf_vs_sft"]], 2)
         win = f"**{win}**" if s.get("bar/win_rate") else win
         kl = f"**{kl}**" if s.get("bar/kl") else kl

@@ -75,7 +75,7 @@ def _seeds_line(dirs: Sequence[Path], results_dir: Path) -> str:
             "rendered by `python -m rlhf_jax.results update-readme`):")
 
 
-# a pipeline's last stage: PPO, or an offline loss in its place (``sentiment.py --method dpo``)
+# a pipeline's last stage: PPO, or an offline loss in its place (``sentiment.py``'s default DPO)
 LAST_STAGES = ("ppo", "dpo", "ipo", "simpo", "kto", "orpo")
 SAMPLES = ("sft", "rlhf", "best_of_n", *LAST_STAGES[1:])   # an offline stage's samples: its loss
 

@@ -13,7 +13,6 @@ import pytest
 
 from rlhf_jax import log_writers, results, results_compare
 from rlhf_jax.runs import RunDir, load, load_run
-from rlhf_jax.stages.sentiment import PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,9 +223,20 @@ def test_sentiment_exploration_rows_against_a_loop_over_the_committed_files():
     c = json.loads((ROOT / "results" / "sentiment_ppo_all" / "s0-raft-b0.5" / "config.json"
                     ).read_text())
     assert (c["ppo"]["advantage"], c["ppo"]["group_size"], c["ppo"]["kl_coef"]) == ("best", 16, 0.5)
-    assert any(r.startswith("| RAFT: SFT on the RM's best of 16 samples per prompt, 32 prompts × "
-                            "2 epochs per iteration, ranked by score − 0.5·KL, policy lr 1e-4, ")
+    assert any(r.startswith("| RAFT: SFT on the RM's best of 16 samples per prompt (the "
+                            "policy's), 32 prompts × 2 epochs × 2 minibatches per iteration, "
+                            "ranked by score − 0.5·KL, policy lr 1e-4, ")
                and r.endswith("| `s0-raft-b0.5` |")
+               for r in found["sentiment_ppo_all"].splitlines())
+    # online DPO's rows name its β, its pair, whose samples and its batch
+    c = json.loads((ROOT / "results" / "sentiment_ppo_all" / "s0-odpo-ref-lr1e-4" / "config.json"
+                    ).read_text())
+    assert (c["ppo"]["advantage"], c["ppo"]["sample_from"], c["ppo"]["minibatches"]) == (
+        "pair", "reference", 2)
+    assert any(r.startswith("| online DPO (β 0.1): the RM's best vs worst of 4 samples per "
+                            "prompt (the start's), 32 prompts × 1 epoch × 2 minibatches per "
+                            "iteration, ranked by the RM score alone, policy lr 1e-4, ")
+               and r.endswith("| `s0-odpo-ref-lr1e-4` |")
                for r in found["sentiment_ppo_all"].splitlines())
 
 
@@ -234,7 +244,9 @@ def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_p
     """A pipeline's reward stage is stored under the pipeline's name (read through a symlink);
     a PPO run's config comes from its ppo/ stage; runs on different data are refused."""
     base = tmp_path / "base" / "reward"
-    steps = PIPELINE.reward.steps
+    from rlhf_jax.results_sentiment import RM_CHOSEN
+
+    steps = RM_CHOSEN[1]
     _write(base / "summary.json", {"preferences/train_prompts": 8, "rm/gold_pairs": 10,
                                    "rm/noise_ceiling": 0.8, "rm/gold_agreement": 0.6,
                                    "rm/gold_agreement/positive_vs_negative": 0.7})
@@ -252,7 +264,7 @@ def test_sentiment_exploration_collect_names_stages_and_refuses_mixed_data(tmp_p
         [tmp_path / "pipe" / "reward", other], dest)] == ["pipe/reward", "rm-sum"]
     table = results.SETS["sentiment_rm"].render(dest)
     assert "Seed 0 in every row, the same 8 × 4 labelled samples" in table
-    assert f"| **last-token head** (`readout last`, default) | {steps} | 5e-4 | **0.600** | 0.700 " \
+    assert f"| **last-token head** (`readout last`, chosen) | {steps} | 5e-4 | **0.600** | 0.700 " \
         "| `pipe/reward` |" in table
     assert f"| per-token head, sum over response tokens (`readout sum`) | {steps} | 1.5e-4 | " \
         "**0.600** | 0.700 | `rm-sum` |" in table
@@ -510,7 +522,7 @@ def test_sentiment_sample_pairs_in_readme_are_seed_0s_committed_samples(column, 
 
 
 def test_sentiment_dpo_table_names_the_method_and_has_no_best_of_n_row():
-    """The sentiment table over ``sentiment.py --method dpo`` runs: the policy row names DPO
+    """The sentiment table over default ``sentiment.py`` runs (DPO last): the policy row names DPO
     (from the committed stage configs), there is no best-of-N row or RM-on-policy figure (DPO
     evaluates none), and every seed's win rate and KL are its summary's."""
     d = ROOT / "results" / "sentiment_dpo"

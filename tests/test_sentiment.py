@@ -184,7 +184,8 @@ def test_sentiment_script_end_to_end_on_the_fixture(tmp_path):
     options = ["fortunes_dir", str(FIXTURE), "data_dir", str(tmp_path / "data"),
                "vocab_size", "320", "heldout_every", "5"]
     summary = scripts.load("sentiment").main(
-        ["--out", str(out), "--pipeline.pretrain.task.options", *options, *TINY])
+        ["--method", "ppo", "--out", str(out), "--pipeline.pretrain.task.options", *options,
+         *TINY])
     for k in KEYS:
         assert np.isfinite(summary[k]), k
     assert summary["kl/budget"] == 3.0
@@ -206,13 +207,14 @@ def test_sentiment_script_end_to_end_on_the_fixture(tmp_path):
         scripts.load("sft").run(SFTConfig(steps=25, pretrain_dir=str(out / "pretrain")),
                                 tmp_path / "sft25")
 
-    # --method dpo: DPO from the same reward run in place of PPO, reported in the task's keys
+    # the default (--method dpo): DPO from the same reward run in place of PPO, reported in the
+    # task's keys
     dpo_out = tmp_path / "dpo_run"
     dpo_out.mkdir()
     for stage in ("pretrain", "sft", "reward"):
         (dpo_out / stage).symlink_to(out / stage)
     dpo = scripts.load("sentiment").main(
-        ["--method", "dpo", "--out", str(dpo_out), "--pipeline.pretrain.task.options", *options,
+        ["--out", str(dpo_out), "--pipeline.pretrain.task.options", *options,
          *TINY, "--offline.steps", "3", "--offline.batch-prompts", "4",
          "--offline.optim.warmup-steps", "1"])
     for k in KEYS:
@@ -241,13 +243,16 @@ def test_builder_on_the_installed_fortunes(tmp_path):
 def test_method_flag_puts_the_online_preset_in_the_ppo_stage():
     """``experiments/sentiment.py --method raft``: RAFT's preset (best of G = 16, 32 prompts,
     β 0.5) and learning rate in the PPO stage, every other stage and the iteration count the
-    task's; later flags override the preset; ``ppo`` is the default config itself."""
+    task's; later flags override the preset; ``dpo`` is the default config itself and ``ppo``
+    the task's PPO settings."""
     from rlhf_jax import cli
     from rlhf_jax.rl.presets import raft_hparams
     from rlhf_jax.stages.online import split_method
     from rlhf_jax.stages.sentiment import PIPELINE, SentimentConfig, method_config
 
-    assert method_config("ppo") == SentimentConfig()
+    assert method_config("dpo") == SentimentConfig() and SentimentConfig().last_stage == "dpo"
+    assert method_config("ppo") == SentimentConfig(method="ppo")
+    assert method_config("ppo").pipeline == PIPELINE and method_config("ppo").last_stage == "ppo"
     raft = method_config("raft").pipeline
     assert raft.ppo.ppo == raft_hparams(group_size=16, prompts_per_iter=32, kl_coef=0.5,
                                         no_eos_penalty=0.0)
@@ -255,7 +260,7 @@ def test_method_flag_puts_the_online_preset_in_the_ppo_stage():
     assert (raft.pretrain, raft.reward, raft.ppo.iterations) == (
         PIPELINE.pretrain, PIPELINE.reward, PIPELINE.ppo.iterations)
     method, argv = split_method(["--method", "raft", "--out", "x",
-                                 "--pipeline.ppo.ppo.kl-coef", "0"], "ppo")
+                                 "--pipeline.ppo.ppo.kl-coef", "0"], "dpo")
     _, cfg = cli.parse(SentimentConfig, argv, default=method_config(method))
     assert (cfg.pipeline.ppo.ppo.advantage, cfg.pipeline.ppo.ppo.kl_coef) == ("best", 0.0)
     # bad values name their field

@@ -68,7 +68,7 @@ class SentimentConfig:
     min_prompt_tokens: int = 8
     max_prompt_tokens: int = 16
     heldout_prompts: int = 256
-    train_prompts: int = 2048
+    train_prompts: int = 0
 
     def __post_init__(self):
         check(self.vocab_size >= 260, "vocab_size", "a byte-level BPE needs >= 260 ids")
