@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.evaluate import generate, judge_all, score_groups
+from rlhf_jax.evaluate import generate_ids, judge_all, score_groups
 from rlhf_jax.sampling import SamplingConfig
 
 
@@ -104,7 +104,9 @@ def pool_curve(texts: Sequence[Sequence[str]], proxy: np.ndarray, gold: np.ndarr
 def sample_pool(policy, params, task, shapes, key, *, size: int, chunk: int = 16) -> dict:
     """``size`` samples (T = 1) of ``policy`` for every held-out prompt, judged, ``chunk``
     prompts at a time (chunk c with key ``fold_in(key, c)``), progress shown:
-    ``{"uids", "texts" [N][M], "gold" [N][M]}`` (JSON-ready lists)."""
+    ``{"uids", "texts" [N][M], "ids" [N][M][·], "gold" [N][M]}`` (JSON-ready lists; ``ids``:
+    each response's sampled ids, which :func:`score_pool` scores instead of re-encoding the
+    text)."""
     import jax
 
     from rlhf_jax.progress import Progress
@@ -113,26 +115,33 @@ def sample_pool(policy, params, task, shapes, key, *, size: int, chunk: int = 16
     sampling = SamplingConfig(max_new_tokens=shapes.max_new_tokens)
     bar = Progress("best-of-n pool", len(prompts))
     texts: list[list[str]] = []
+    ids: list[list[list[int]]] = []
     gold: list[list[float]] = []
     for c, start in enumerate(range(0, len(prompts), chunk)):
         part = prompts[start:start + chunk]
-        flat, out = generate(policy, params, task, part, jax.random.fold_in(key, c),
-                             n_samples=size, sampling=sampling, prompt_len=shapes.prompt_len)
+        flat, out, out_ids = generate_ids(policy, params, task, part, jax.random.fold_in(key, c),
+                                          n_samples=size, sampling=sampling,
+                                          prompt_len=shapes.prompt_len)
         scores = [j.score for j in judge_all(task, flat, out)]
-        texts += [out[i * size:(i + 1) * size] for i in range(len(part))]
-        gold += [scores[i * size:(i + 1) * size] for i in range(len(part))]
+        rows = [slice(i * size, (i + 1) * size) for i in range(len(part))]
+        texts += [out[r] for r in rows]
+        ids += [out_ids[r] for r in rows]
+        gold += [scores[r] for r in rows]
         bar.update(start + len(part))
     bar.close()
-    return {"uids": [p.uid for p in prompts], "texts": texts, "gold": gold}
+    return {"uids": [p.uid for p in prompts], "texts": texts, "ids": ids, "gold": gold}
 
 
 def score_pool(pool: dict, task, shapes, score, rm_params, *, gain: float = 1.0,
                bias: float = 0.0) -> np.ndarray:
     """The reward model's (normalised: ``gain · r + bias``) score of every pool response,
-    ``[N, M]``."""
+    ``[N, M]``: of its sampled ids where the pool has them and they decode to its text
+    (:func:`rlhf_jax.data.batching.response_tokens`), else of its text encoded (a pool stored
+    before ids were)."""
     from rlhf_jax.data.batching import encode_groups
 
     by_uid = {p.uid: p for p in task.prompts("heldout")}
     arrays = encode_groups(task.tokenizer, [by_uid[u] for u in pool["uids"]], pool["texts"],
-                           prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens + 1)
+                           prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens + 1,
+                           ids=pool.get("ids"))
     return gain * score_groups(score, rm_params, arrays) + bias

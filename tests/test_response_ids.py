@@ -5,6 +5,7 @@ on are the ids the policy sampled, in this process or a new one, on the sentimen
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,28 @@ def test_ids_that_do_not_decode_to_the_text_are_ignored(task):
                                max_len=64)
     np.testing.assert_array_equal(arrays["responses"][0, 0, :len(canonical)], canonical)
     np.testing.assert_array_equal(arrays["responses"][0, 1, :len(spelling)], spelling)
+
+
+def test_best_of_n_pool_scores_the_sampled_ids(task):
+    """``score_pool`` scores each pool response's stored ids, not its text's canonical encoding:
+    with an RM that sums the tokens it reads, a spelled-out response scores Σ(spelled ids) −
+    Σ(canonical ids) more than it does from a pool without ids (one stored before them); a
+    canonical response the same either way."""
+    from rlhf_jax.best_of_n import score_pool
+
+    new = fresh(task.tokenizer)
+    spelling, canonical = spelled(new, WORD), new.encode(WORD)
+    assert spelling != canonical and new.decode(spelling, remember=False) == WORD
+    prompt = task.prompts("heldout")[0]
+    pool = {"uids": [prompt.uid], "texts": [[WORD, WORD]], "ids": [[spelling, canonical]],
+            "gold": [[0.0, 0.0]]}
+    shapes = TaskConfig(prompt_len=24, max_new_tokens=12)
+    rm_sum = lambda params, tokens, mask: (tokens * mask).sum(-1).astype(np.float32)  # noqa: E731
+    in_new_process = types.SimpleNamespace(tokenizer=new, prompts=task.prompts)   # no memory
+    with_ids = score_pool(pool, in_new_process, shapes, rm_sum, None)
+    without = score_pool({k: v for k, v in pool.items() if k != "ids"}, in_new_process, shapes,
+                         rm_sum, None)
+    np.testing.assert_allclose(with_ids[0] - without[0], [sum(spelling) - sum(canonical), 0])
 
 
 @pytest.mark.slow
