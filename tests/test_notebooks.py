@@ -11,10 +11,11 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("01_quickstart.ipynb", "02_explore_run.ipynb", "03_overoptimisation.ipynb",
-         "04_new_loss.ipynb")
+         "04_new_loss.ipynb", "05_sentiment.ipynb")
 # the committed README result a notebook reads when present (otherwise a tiny run, announced)
 COMMITTED = {"01_quickstart.ipynb": "pipeline/seed0",
-             "03_overoptimisation.ipynb": "overoptimisation"}
+             "03_overoptimisation.ipynb": "overoptimisation",
+             "05_sentiment.ipynb": "sentiment_dpo/seed0"}
 
 
 def _read(name):
