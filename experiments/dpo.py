@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_jax import cli
-from rlhf_jax.configs import to_dict
 from rlhf_jax.data.batching import EpochOrder, check_tokens
 from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
 from rlhf_jax.losses.preference import REFERENCE_FREE
@@ -63,7 +62,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
 
     t0 = time.perf_counter()
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     # data: the reward run's stored train comparisons (KTO: one noisy binary label per response,
     # stored as its own TFDS data set); the reference's log-probs once, up front

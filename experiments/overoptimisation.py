@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_jax import best_of_n as bon, cli, overoptimisation as oo, progress, sweep
-from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.configs import check, check_numbers, positive
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages import ppo
 from rlhf_jax.stages.common import STREAM_EVAL, read_config, stage_key, upstream_run
@@ -191,7 +191,7 @@ def summarise(per_rm: dict[str, dict]) -> dict:
 def run(cfg: OveroptConfig, out: str | Path) -> dict:
     out, t0 = Path(out), time.perf_counter()
     run_dir = RunDir(out)
-    run_dir.write_config(to_dict(cfg))
+    run_dir.write_config(cfg)
     run_dir.write_meta(seed=cfg.seed)
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", "reward",
                               dataclasses.replace(cfg.reward, seed=cfg.upstream_seed),

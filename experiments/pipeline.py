@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jax import cli, progress, scripts
-from rlhf_jax.configs import to_dict
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.pipeline import PipelineConfig
 
@@ -36,7 +35,7 @@ def run(cfg: PipelineConfig, out: str | Path, final: tuple[str, str, Any] | None
     place of PPO (e.g. ``("dpo", "dpo", OfflineConfig(...))``)."""
     out, t0 = Path(out), time.perf_counter()
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     last, script, last_cfg = final or ("ppo", "ppo", cfg.ppo)
     stages = (  # (directory, script, its config with the previous stage's directory set)

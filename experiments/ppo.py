@@ -22,7 +22,6 @@ import jax
 
 from rlhf_jax import cli
 from rlhf_jax.checkpoint import Checkpointer, save_params
-from rlhf_jax.configs import to_dict
 from rlhf_jax.loop import fit, resume
 from rlhf_jax.parallel import make_mesh, replicate
 from rlhf_jax.runs import RunDir
@@ -43,7 +42,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
     up = ppo.load_upstream(reward_dir, cfg.normalize_rm, cfg.precision)
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=up.reward_cfg)
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
 
     # models: policy (and value) from SFT and the RM; reference and RM frozen, never donated

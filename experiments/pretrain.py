@@ -17,7 +17,6 @@ from pathlib import Path
 
 from rlhf_jax import cli
 from rlhf_jax.checkpoint import save_params
-from rlhf_jax.configs import to_dict
 from rlhf_jax.data.batching import pack_documents
 from rlhf_jax.evaluate import evaluate_heldout
 from rlhf_jax.models.functional import count_params
@@ -34,7 +33,7 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict:
     task = pipeline_task(cfg)
     cfg, model, params, meta = base_model(cfg, task)    # random init, or cfg.init_from
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed, extra=meta)
     run.write_json("tokenizer.json", task.tokenizer.to_json())
 

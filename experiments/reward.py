@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 
 from rlhf_jax import cli
-from rlhf_jax.configs import to_dict
 from rlhf_jax.data.batching import check_tokens
 from rlhf_jax.data.tokenizers import HFTokenizer
 from rlhf_jax.evaluate import score_groups
@@ -66,7 +65,7 @@ def run(cfg: RewardConfig, out: str | Path) -> dict:
 
     t0 = time.perf_counter()
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     # comparisons: K SFT samples per prompt ranked by the simulated labeller, stored as TFDS
     if cfg.preferences_dir:
@@ -116,7 +115,7 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
     out, ckpt = Path(out), cfg.sft.pretrain.init_from
     t0 = time.perf_counter()
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed, extra={"init_from": {
         "path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)}})
     # the files → a versioned TFDS data set → token pairs in the checkpoint's tokenizer

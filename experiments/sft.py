@@ -19,7 +19,7 @@ import numpy as np
 
 from rlhf_jax import cli
 from rlhf_jax.checkpoint import save_params
-from rlhf_jax.configs import check, to_dict
+from rlhf_jax.configs import check
 from rlhf_jax.data.batching import pack_documents, sft_examples
 from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout
 from rlhf_jax.parallel import check_divisible, make_mesh
@@ -44,7 +44,7 @@ def run(cfg: SFTConfig, out: str | Path) -> dict:
     t0 = time.perf_counter()
     task = pipeline_task(pre_cfg)
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     check(cfg.steps == 0 or task.demonstrations, "steps",
           f"task {task.name!r} has no demonstrations; its starting policy is the pretrained "

@@ -18,7 +18,6 @@ import dataclasses
 from pathlib import Path
 
 from rlhf_jax import cli
-from rlhf_jax.configs import to_dict
 from rlhf_jax.runs import RunDir
 from rlhf_jax.sweep import SweepConfig, results_table, run_cells, sweep_cells
 
@@ -28,7 +27,7 @@ def run(cfg: SweepConfig, out: str | Path) -> dict:
     number of runs and the index."""
     cells = sweep_cells(cfg)          # a bad override fails here, before any run
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=min(cfg.seeds))
     rows = run_cells(cells, cfg.seeds, out, metrics=cfg.metrics, table=results_table)
     summary = {"runs": len(rows), "cells": [c.name for c in cells], "index": str(Path(out) /

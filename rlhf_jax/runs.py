@@ -51,21 +51,54 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """A git command's output in the package's checkout (None outside one)."""
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
     except Exception:
         return None
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the fields that differ between two JSON trees."""
+def _git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from ``git_commit`` (the run's code is not that commit's)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+_NO_DEFAULT = object()
+
+
+def _field_default(obj: Any, key: str) -> Any:
+    """The JSON form of dataclass ``obj``'s field ``key``'s default (``_NO_DEFAULT`` without
+    one, or when ``obj`` is not a dataclass)."""
+    if not dataclasses.is_dataclass(obj):
+        return _NO_DEFAULT
+    f = {f.name: f for f in dataclasses.fields(obj)}.get(key)
+    if f is None or (f.default is dataclasses.MISSING and
+                     f.default_factory is dataclasses.MISSING):
+        return _NO_DEFAULT
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return json.loads(json.dumps(_jsonable(value), default=str))
+
+
+def _differences(a: Any, b: Any, prefix: str = "", config: Any = None) -> list[str]:
+    """Dotted names of the fields that differ between two JSON trees (``a`` stored, ``b`` new).
+    With ``config``, the dataclass ``b`` was written from, a field absent from ``a`` whose new
+    value is the field's default is no difference: the run predates the field."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b))
-                for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k not in a and k in b and _field_default(config, k) == b[k]:
+                continue
+            child = getattr(config, k, None) if dataclasses.is_dataclass(config) else None
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.", child)
+        return out
     return [] if a == b else [prefix.rstrip(".") or "<root>"]
 
 
@@ -90,14 +123,19 @@ class RunDir:
             with open(self.path / name, "a") as f:
                 f.write(json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False) + "\n")
 
-    def write_config(self, config: Mapping[str, Any]) -> None:
-        """Write ``config.json``; resuming a run directory under a different config is refused
-        (with the differing fields named) before anything is overwritten."""
+    def write_config(self, config: Any) -> None:
+        """Write ``config.json`` (a config dataclass, or a mapping); resuming a run directory
+        under a different config is refused (with the differing fields named) before anything
+        is overwritten. A field the dataclass gained after the run was written is no difference
+        at its default."""
+        cfg = config if dataclasses.is_dataclass(config) else None
+        if cfg is not None:
+            config = dataclasses.asdict(cfg)
         path = self.path / "config.json"
         if path.exists():
             old = json.loads(path.read_text())
             new = json.loads(json.dumps(_jsonable(config), default=str))
-            diff = _differences(old, new)
+            diff = _differences(old, new, config=cfg)
             if diff:
                 raise ConfigError(
                     f"{path} holds a different config; differing fields: {', '.join(diff[:10])}"
@@ -109,6 +147,7 @@ class RunDir:
             "rlhf_jax_version": rlhf_jax.__version__, "jax_version": jax.__version__,
             "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
             "python": platform.python_version(), "seed": seed, "git_commit": _git_commit(),
+            "git_dirty": _git_dirty(),
             "argv": sys.argv, **(extra or {})})
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -198,12 +198,14 @@ def check_ppo(mesh4, mesh1, save=None):
 
 
 def check_group(mesh4, mesh1):
-    """GRPO (std-normalised groups, per-sequence means, k3 in the loss) and RLOO (leave-one-out,
-    REINFORCE, budget normaliser): every group stays on one device, so 4 devices = 1 device."""
-    from rlhf_jax.rl.presets import grpo_hparams, rloo_hparams
+    """GRPO (std-normalised groups, per-sequence means, k3 in the loss), RLOO (leave-one-out,
+    REINFORCE, budget normaliser) and online DPO (each group's best and worst as a pair, the DPO
+    loss): every group stays on one device, so 4 devices = 1 device."""
+    from rlhf_jax.rl.presets import grpo_hparams, online_dpo_hparams, rloo_hparams
 
     for hp in (grpo_hparams(prompts_per_iter=8, minibatches=2),
-               rloo_hparams(prompts_per_iter=8, minibatches=2)):
+               rloo_hparams(prompts_per_iter=8, minibatches=2),
+               online_dpo_hparams(prompts_per_iter=8, group_size=4, minibatches=2)):
         setup = functools.partial(group_setup, hp)
         compare_ppo(ppo_run(mesh4, setup=setup), ppo_run(mesh1, setup=setup))
 

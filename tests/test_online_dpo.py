@@ -126,8 +126,8 @@ def test_online_dpo_iteration_is_dpo_on_each_groups_best_and_worst(sample_from):
 
 
 def test_online_dpo_config_errors_name_the_field():
-    """``pair`` and ``dpo`` come together, with no critic, no loss-side KL, no whitening and
-    β_DPO > 0; the preset is 32 prompts × G = 2 (PPO's 64 samples), one DPO step per rollout."""
+    """``pair`` and ``dpo`` come together, with no critic, no loss-side KL (nor an exact
+    reward-side one, which would add one), no whitening, no TIS weights and β_DPO > 0; the preset is 32 prompts × G = 2 (PPO's 64 samples), one DPO step per rollout."""
     hp = online_dpo_hparams()
     assert (hp.rollout_size, hp.train_rows, hp.epochs, hp.minibatches, hp.dpo_beta) == (
         64, 32, 1, 1, 0.1)
@@ -137,10 +137,14 @@ def test_online_dpo_config_errors_name_the_field():
                        (dict(dpo_beta=0.0), "advantage"),
                        (dict(whiten_advantages=True), "advantage"),
                        (dict(group_size=1), "group_size"),
+                       (dict(kl_estimator="exact"), "kl_estimator"),
+                       (dict(tis_cap=2.0), "tis_cap"),
                        (dict(dpo_beta=-1.0), "dpo_beta")):
         with pytest.raises(ConfigError, match=field):
             online_dpo_hparams(**bad)
     with pytest.raises(ConfigError, match="policy_loss"):
         raft_hparams(policy_loss="dpo")
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        raft_hparams(kl_estimator="exact")
     with pytest.raises(ConfigError, match="policy_loss"):
         PPOHParams(policy_loss="nope")

@@ -507,6 +507,24 @@ def test_loader_over_tfds_source_with_map_hook(data_dir):
         raw_batches[0]
 
 
+def test_loader_batches_stored_response_ids_as_they_are(tmp_path):
+    """A stored data set whose records hold sampled ids (ragged, one record without) streams
+    through the loader: ``response_ids`` is an object array of each record's lists (or None)."""
+    split = [{"id": "s0", "prompt": "p", "responses": ["ab", "c"], "ranking": [1, 0],
+              "response_ids": [[97, 98], [7]]},
+             {"id": "s1", "prompt": "q", "responses": ["d", ""], "ranking": [0, 1],
+              "response_ids": [[5], []]},
+             {"id": "s2", "prompt": "r", "responses": ["e", "f"], "ranking": [1, 0]}]
+    prefs.build_preference_dataset({"train": split}, tmp_path, name="toy_ids_loader")
+    source = prefs.load_preference_source(tmp_path, "toy_ids_loader", "train")
+    (batch,) = list(pb.preference_loader(
+        source, batch_size=3, seed=0, shuffle=False, num_epochs=1, read_options=SYNC,
+        map_fn=records.decode_record))
+    assert batch["response_ids"].shape == (3,) and batch["response_ids"].dtype == object
+    assert batch["response_ids"].tolist() == [[[97, 98], [7]], [[5], []], None]
+    assert pb.collate_records([records.decode_record(source[2])])["response_ids"] is None
+
+
 def test_collate_stacks_texts_as_objects():
     batch = pb.collate_records([RECORDS[0], RECORDS[1]])
     assert batch["responses"].shape == (2, 2) and batch["responses"].dtype == object

@@ -28,6 +28,7 @@ def _strict_json(text: str):
 # --------------------------------------------------------------------------- RunDir
 def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "_git_commit", lambda: "abc123")
+    monkeypatch.setattr(runs, "_git_dirty", lambda: True)
     run = RunDir(tmp_path / "run" / "nested")       # parents are created
     cfg = {"model": {"d_model": 32, "n_layers": 2}, "lr": 3e-4, "name": "x", "tags": [1, 2]}
     run.write_config(cfg)
@@ -36,6 +37,7 @@ def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
     assert _strict_json((run.path / "config.json").read_text()) == cfg
     meta = _strict_json((run.path / "meta.json").read_text())
     assert meta["seed"] == 7 and meta["stage"] == "sft" and meta["git_commit"] == "abc123"
+    assert meta["git_dirty"] is True
     assert meta["jax_version"] == jax.__version__
     assert meta["rlhf_jax_version"] == rlhf_jax.__version__
     assert meta["devices"] and meta["process_count"] == 1
@@ -43,6 +45,38 @@ def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
     run.write_summary({"gold": 1.0})                 # overwritten, not appended
     assert run.read_summary() == {"gold": 1.0}
     assert not list(run.path.glob(".*.tmp"))        # atomic writes leave no temp files
+
+
+def test_a_field_added_after_a_run_resumes_it_at_its_default(tmp_path):
+    """A stored config without a field the config class gained since is the same config when
+    the new field is at its default (so the run resumes), and a different one otherwise; other
+    differences are still named."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        a: int = 1
+        added: float = 0.1
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner = Inner()
+        steps: int = 5
+        tags: tuple = dataclasses.field(default_factory=tuple)
+
+    run = RunDir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"inner": {"a": 1}, "steps": 5}))
+    run.write_config(Outer())                                    # added, tags: at defaults
+    assert json.loads((tmp_path / "config.json").read_text())["inner"]["added"] == 0.1
+    (tmp_path / "config.json").write_text(json.dumps({"inner": {"a": 1}, "steps": 5}))
+    with pytest.raises(runs.ConfigError, match=r"differing fields: inner\.added —"):
+        run.write_config(Outer(inner=Inner(added=0.2)))
+    with pytest.raises(runs.ConfigError, match=r"differing fields: inner\.added, steps"):
+        run.write_config(Outer(inner=Inner(added=0.2), steps=6))
+    # a plain dict has no defaults: an added key is a difference
+    (tmp_path / "config.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(runs.ConfigError, match="differing fields: y"):
+        run.write_config({"x": 1, "y": 2})
 
 
 def test_run_dir_metrics_jsonl(tmp_path):

@@ -36,12 +36,18 @@ def _as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+# per-record values of varying shape, batched as an object array [B] of the records' values
+RAGGED = ("response_ids",)
+
+
 def collate_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray | None]:
     """Stack flat record dicts into a batch: ``{key: array [B, ...]}``.
 
     Texts become object arrays (``prompt`` [B], ``responses`` [B, K]); numbers are stacked.
-    A key that is ``None`` in every record stays ``None``. Ragged values (e.g. K varying within
-    a batch) raise ``ValueError``: pad them in ``map_fn`` or pass your own ``batch_fn``.
+    A key that is ``None`` in every record stays ``None``. ``response_ids`` (each record's K
+    lists of sampled ids, or ``None``) becomes an object array [B] of the records' values as
+    they are. Other ragged values (e.g. K varying within a batch) raise ``ValueError``: pad them
+    in ``map_fn`` or pass your own ``batch_fn``.
     """
     keys = list(records[0])
     if any(list(r) != keys for r in records):
@@ -51,6 +57,12 @@ def collate_records(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarra
         values = [r[key] for r in records]
         if all(v is None for v in values):
             batch[key] = None
+            continue
+        if key in RAGGED:
+            out = np.empty((len(values),), dtype=object)
+            for i, v in enumerate(values):
+                out[i] = v
+            batch[key] = out
             continue
         if any(v is None for v in values):
             raise ValueError(f"field {key!r} is None in some records of the batch only")

@@ -71,7 +71,8 @@ class PPOHParams:
         ``rlhf_jax.losses.preference.dpo_loss`` on each group's best and worst sample against the
         frozen reference, β = ``dpo_beta``).
       dpo_beta: DPO's β for ``policy_loss="dpo"`` (``kl_coef`` then only ranks the samples by
-        score − β·Σk1, as for ``best``).
+        score − β·Σk1, as for ``best``; ``clip_eps`` and ``loss_aggregation`` do not apply, and
+        the log-probs are at ``temperature``, as every loss of the iteration).
       keep_groups: DAPO's dynamic sampling (``rlhf_jax.rl.dynamic_sampling``): train on the first
         this many of the ``prompts_per_iter`` sampled groups whose rewards differ (0 = off).
       overlong_buffer: DAPO's soft overlong punishment over the last this many tokens of the
@@ -191,6 +192,12 @@ class PPOHParams:
                                                               self.whiten_advantages),
               "advantage", f"{self.advantage!r} trains on chosen rows of each group: it takes "
               "neither keep_groups nor whiten_advantages")
+        check(self.advantage not in ("best", "pair") or self.kl_estimator == "k1",
+              "kl_estimator", f"{self.advantage!r}'s β only ranks the samples (score − β·Σk1); "
+              "an exact reward-side KL would also add β·KL to its loss: use 'k1'")
+        check(self.advantage != "pair" or not self.tis_cap, "tis_cap",
+              "online DPO's loss has no per-token policy-gradient terms to weigh: set "
+              "tis_cap=0")
         check(self.sample_from in ("policy", "reference"), "sample_from",
               f"must be 'policy' or 'reference', got {self.sample_from!r}")
         check(self.sample_from == "policy" or (self.advantage in ("best", "pair") and

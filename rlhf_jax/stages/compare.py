@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from rlhf_jax import sweep
-from rlhf_jax.configs import check, check_numbers, positive, to_dict
+from rlhf_jax.configs import check, check_numbers, positive
 from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages import compare_report as report
@@ -182,7 +182,7 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     run = RunDir(out)
-    run.write_config(to_dict(cfg))
+    run.write_config(cfg)
     run.write_meta(seed=cfg.upstream_seed)
     default_reward = dataclasses.replace(cfg.reward, seed=cfg.upstream_seed)
     reward_dir = str(upstream_run(cfg.reward_dir, out / "reward", "reward",
