@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from rlhf_jax.rl.advantages import ADVANTAGES
 
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "best", "pair")
+# the advantages whose iteration trains on rows chosen from each group (no ratio, no whitening)
+CHOSEN_ROWS = ("best", "pair")
 GRPO_EPS = 1e-4
 
 
@@ -93,14 +95,20 @@ def leave_one_out(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, dis
     return _broadcast(r - others, values, mask)
 
 
+def _best_worst(r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per group ``[P, G]``: the index of the highest and of the lowest reward (the first of
+    equal ones), and 1.0 where they differ."""
+    return (jnp.argmax(r, axis=1), jnp.argmin(r, axis=1),
+            (jnp.max(r, axis=1) > jnp.min(r, axis=1)).astype(r.dtype))
+
+
 def best_of_group(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, discount: float,
                   gae_lambda: float, group_size: int) -> tuple[jax.Array, jax.Array]:
     """Rejection sampling's advantage: 1 on each group's highest sequence reward (the first of
     equal ones), 0 elsewhere, broadcast over each response's tokens; ``returns = A + V``."""
     del discount, gae_lambda
     r = _grouped(sequence_rewards(rewards, mask), group_size)
-    return _broadcast(jax.nn.one_hot(jnp.argmax(r, axis=1), group_size, dtype=r.dtype), values,
-                      mask)
+    return _broadcast(jax.nn.one_hot(_best_worst(r)[0], group_size, dtype=r.dtype), values, mask)
 
 
 def best_rows(data: dict, seq_rewards: jax.Array, example_ids: jax.Array, *, group_size: int
@@ -110,7 +118,7 @@ def best_rows(data: dict, seq_rewards: jax.Array, example_ids: jax.Array, *, gro
     indices, so the minibatch split is the same on 1 or N devices). Groups never straddle
     devices, so no collective is needed."""
     r = _grouped(seq_rewards, group_size)
-    rows = jnp.arange(r.shape[0]) * group_size + jnp.argmax(r, axis=1)
+    rows = jnp.arange(r.shape[0]) * group_size + _best_worst(r)[0]
     return jax.tree.map(lambda x: x[rows], data), example_ids[rows] // group_size
 
 
@@ -124,13 +132,6 @@ def best_and_worst(rewards: jax.Array, values: jax.Array, mask: jax.Array, *, di
     best, worst, differ = _best_worst(r)
     onehot = lambda i: jax.nn.one_hot(i, group_size, dtype=r.dtype)  # noqa: E731
     return _broadcast((onehot(best) - onehot(worst)) * differ[:, None], values, mask)
-
-
-def _best_worst(r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per group ``[P, G]``: the index of the highest and of the lowest reward (the first of
-    equal ones), and 1.0 where they differ."""
-    return (jnp.argmax(r, axis=1), jnp.argmin(r, axis=1),
-            (jnp.max(r, axis=1) > jnp.min(r, axis=1)).astype(r.dtype))
 
 
 def pair_rows(data: dict, seq_rewards: jax.Array, example_ids: jax.Array, *, group_size: int

@@ -15,7 +15,7 @@ from rlhf_jax.losses.policy_gradient import reinforce_loss
 from rlhf_jax.losses.ppo import clipped_policy_loss
 from rlhf_jax.ops import AGGREGATIONS, KL_ESTIMATORS
 from rlhf_jax.rl.advantages import ADVANTAGES
-from rlhf_jax.rl.group import GROUP_ADVANTAGES  # registers grpo / dr_grpo / rloo
+from rlhf_jax.rl.group import CHOSEN_ROWS, GROUP_ADVANTAGES  # registers their estimators
 
 POLICY_LOSSES: dict[str, Callable] = {"clipped": clipped_policy_loss, "reinforce": reinforce_loss,
                                       "gspo": gspo_loss, "gspo_token": gspo_token_loss}
@@ -188,11 +188,11 @@ class PPOHParams:
         check(self.policy_loss != "gspo" or self.loss_aggregation == "sequence",
               "loss_aggregation", "GSPO averages over sequences: use 'sequence'")
         check(self.critic in CRITICS, "critic", f"must be one of {CRITICS}, got {self.critic!r}")
-        check(self.advantage not in ("best", "pair") or not (self.keep_groups or
+        check(self.advantage not in CHOSEN_ROWS or not (self.keep_groups or
                                                               self.whiten_advantages),
               "advantage", f"{self.advantage!r} trains on chosen rows of each group: it takes "
               "neither keep_groups nor whiten_advantages")
-        check(self.advantage not in ("best", "pair") or self.kl_estimator == "k1",
+        check(self.advantage not in CHOSEN_ROWS or self.kl_estimator == "k1",
               "kl_estimator", f"{self.advantage!r}'s β only ranks the samples (score − β·Σk1); "
               "an exact reward-side KL would also add β·KL to its loss: use 'k1'")
         check(self.advantage != "pair" or not self.tis_cap, "tis_cap",
@@ -200,7 +200,7 @@ class PPOHParams:
               "tis_cap=0")
         check(self.sample_from in ("policy", "reference"), "sample_from",
               f"must be 'policy' or 'reference', got {self.sample_from!r}")
-        check(self.sample_from == "policy" or (self.advantage in ("best", "pair") and
+        check(self.sample_from == "policy" or (self.advantage in CHOSEN_ROWS and
                                                self.rescore_policy),
               "sample_from", "the reference's samples are off-policy: only the 'best' advantage "
               "(SFT on the winners) or 'pair' (DPO on best vs worst), neither with a ratio, "
@@ -222,7 +222,7 @@ class PPOHParams:
         per prompt, ``pair``'s one (best, worst) pair per prompt, or the whole rollout."""
         if self.keep_groups:
             return self.keep_groups * self.group_size
-        return (self.prompts_per_iter if self.advantage in ("best", "pair")
+        return (self.prompts_per_iter if self.advantage in CHOSEN_ROWS
                 else self.rollout_size)
 
     def scalars(self) -> dict[str, jax.Array]:
