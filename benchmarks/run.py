@@ -9,8 +9,10 @@ functions the experiment scripts run, never a benchmark-only fast path:
   sft   16 × 128 tokens, AdamW, clip 1.0: ``train.make_train_step(losses.lm.lm_loss_fn)`` under
         ``parallel.data_parallel`` (as ``stages.common.train_stage``)            -> tokens/s
   rm    16 pairs × 128, Bradley–Terry (``losses.reward``), reward at the last token -> pairs/s
-  dpo   16 pairs, prompt 32 + completion 96, ``losses.preference.dpo_loss``; reference
-        log-probs recomputed every step (as TRL), and a precomputed variant       -> pairs/s
+  dpo   16 pairs, prompt 32 + completion 96, ``losses.preference.dpo_loss`` on the DPO stage's
+        ``response_logps`` (each prompt forwarded once for its two completions, where TRL
+        forwards it with each); reference log-probs recomputed every step (as TRL), and a
+        precomputed variant                                                     -> pairs/s
   gen   64 prompts × 32 → 32 new tokens, T = 1, ``sampling.sample`` (KV cache)    -> new tokens/s
   ppo   64 prompts × 32, 32 new tokens forced (no EOS, as TRL), separate RM, value and reference
         models, 4 epochs × 4 minibatches of 16, π_old scored from the sampler's logits as TRL
@@ -305,34 +307,31 @@ def bench_rm(sh: Shapes, iters, peak, mesh):
                            peak=peak, mesh=mesh)
 
 
-def _dpo_logps(model, params, tokens, mask, prompt_len):
-    """Summed completion log-probs of ``[prompt | completion]`` rows, by the DPO stage's own
-    ``stages.offline.response_logps`` (one response per prompt row)."""
+def _dpo_logps(model, params, batch):
+    """Summed completion log-probs ``[N, 2]`` of each prompt's chosen and rejected completion,
+    by the DPO stage's own ``stages.offline.response_logps`` (the prompt forwarded once per pair,
+    the completions as its cached continuation: ``rlhf_jax.shared_prompt``)."""
     from rlhf_jax.stages.offline import response_logps
 
-    n, t = tokens.shape
-    c = t - prompt_len
-    return response_logps(model, params, tokens[:, :prompt_len], mask[:, :prompt_len],
-                          tokens[:, prompt_len:].reshape(n, 1, c),
-                          mask[:, prompt_len:].reshape(n, 1, c))[:, 0]
+    return response_logps(model, params, batch["prompts"], batch["prompt_mask"],
+                          batch["responses"], batch["response_mask"])
 
 
-def dpo_loss_fn(params, batch, key=None, *, model, beta, prompt_len, axis_name=None):
-    """DPO on ``[prompt | chosen]`` and ``[prompt | rejected]`` rows (sequence log-probs of the
-    completion): reference log-probs recomputed every step from ``batch["ref_params"]`` (TRL's
-    DPOTrainer with a reference model), or read from ``batch["ref_logp"]`` when precomputed."""
+def dpo_loss_fn(params, batch, key=None, *, model, beta, axis_name=None):
+    """DPO on ``prompts [N, P]`` with ``responses [N, 2, C]`` (chosen, rejected; sequence
+    log-probs of the completion): reference log-probs recomputed every step from
+    ``batch["ref_params"]`` (TRL's DPOTrainer with a reference model), or read from
+    ``batch["ref_logp"]`` when precomputed."""
     from rlhf_jax.losses.preference import dpo_loss
 
     del key
-    n = batch["tokens"].shape[0] // 2
-    logp = _dpo_logps(model, params, batch["tokens"], batch["mask"], prompt_len)
+    logp = _dpo_logps(model, params, batch)
     if "ref_logp" in batch:
         ref = batch["ref_logp"]
     else:
-        ref = jax.lax.stop_gradient(_dpo_logps(model, batch["ref_params"], batch["tokens"],
-                                               batch["mask"], prompt_len))
+        ref = jax.lax.stop_gradient(_dpo_logps(model, batch["ref_params"], batch))
     kw = {"axis_name": axis_name} if "axis_name" in inspect.signature(dpo_loss).parameters else {}
-    return dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], beta=beta, **kw)
+    return dpo_loss(logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1], beta=beta, **kw)
 
 
 def bench_dpo(sh: Shapes, iters, peak, mesh):
@@ -349,14 +348,19 @@ def bench_dpo(sh: Shapes, iters, peak, mesh):
     batches = []
     for _ in range(4):
         prompt = rand_tokens(rng, (n, p), sh, model.cfg.vocab_size)
-        comp = rand_tokens(rng, (2 * n, c), sh, model.cfg.vocab_size)
-        tokens = np.concatenate([np.tile(prompt, (2, 1)), comp], axis=1)
-        batches.append({"tokens": tokens, "mask": np.ones_like(tokens)})
+        comp = rand_tokens(rng, (n, 2, c), sh, model.cfg.vocab_size)
+        batches.append({"prompts": prompt, "prompt_mask": np.ones_like(prompt),
+                        "responses": comp, "response_mask": np.ones_like(comp)})
     n_params = count_params(params)
-    flops = flops_per_token(n_params, model.cfg.n_layers, model.cfg.d_model, p + c) * 2 * n * (p + c)
-    kw = dict(model=model, beta=sh.dpo_beta, prompt_len=p)
+    cfg = model.cfg
+    # the pinned formula counts TRL's work: 2N rows of prompt + completion
+    flops = flops_per_token(n_params, cfg.n_layers, cfg.d_model, p + c) * 2 * n * (p + c)
+    # what the shared-prompt forward executes: N prompts + 2N completions (attention over the
+    # same prompt + completion keys)
+    executed = flops_per_token(n_params, cfg.n_layers, cfg.d_model, p + c) * n * (p + 2 * c)
+    kw = dict(model=model, beta=sh.dpo_beta)
     # reference log-probs recomputed inside every step (TRL's DPOTrainer with a ref model)
-    spec = {"tokens": P(AXIS), "mask": P(AXIS), "ref_params": P()}
+    spec = {k: P(AXIS) for k in batches[0]} | {"ref_params": P()}
     r = run_train_bench("dpo", functools.partial(dpo_loss_fn, **kw),
                         params, [dict(b, ref_params=ref_params) for b in batches], iters=iters,
                         units=n, unit="pairs_per_s", flops_per_step=flops, peak=peak, mesh=mesh,
@@ -364,10 +368,11 @@ def bench_dpo(sh: Shapes, iters, peak, mesh):
     # the pinned formula counts the trained (policy) tokens only; the step also runs the
     # reference's forward pass over the same tokens, a third of a trained token's FLOPs
     r["mfu_with_reference_forward"] = round(r["mfu"] * 4 / 3, 4)
+    r["mfu_executed"] = round(r["mfu"] * executed / flops, 4)
+    r["mfu_executed_with_reference_forward"] = round(r["mfu"] * 4 / 3 * executed / flops, 4)
     # precomputed: one reference pass over the data set before training, as a separate program
-    ref_fn = jax.jit(functools.partial(_dpo_logps, model, prompt_len=p))
-    pre = [dict(b, ref_logp=np.asarray(ref_fn(ref_params, b["tokens"], b["mask"])))
-           for b in batches]
+    ref_fn = jax.jit(functools.partial(_dpo_logps, model))
+    pre = [dict(b, ref_logp=np.asarray(ref_fn(ref_params, b))) for b in batches]
     r2 = run_train_bench("dpo_precomputed", functools.partial(dpo_loss_fn, **kw), params, pre,
                          iters=iters, units=n, unit="pairs_per_s", flops_per_step=flops,
                          peak=peak, mesh=mesh)
@@ -643,7 +648,8 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
             r, r2 = bench_dpo(sh, iters["dpo"], peak, mesh)
             res["dpo_pairs_per_s"], res["compile_s"]["dpo"], res["mfu"]["dpo"] = (
                 r["pairs_per_s"], r["compile_s"], r["mfu"])
-            res["mfu"]["dpo_with_reference_forward"] = r["mfu_with_reference_forward"]
+            for k in ("with_reference_forward", "executed", "executed_with_reference_forward"):
+                res["mfu"][f"dpo_{k}"] = r[f"mfu_{k}"]
             res["dpo_pairs_per_s_precomputed"] = r2["pairs_per_s"]
             res["compile_s"]["dpo_precomputed"] = r2["compile_s"]
             res["mfu"]["dpo_precomputed"] = r2["mfu"]
@@ -657,7 +663,8 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
         scale = peak / peak_end
         res["mfu"] = {k: round(v * scale, 4) for k, v in res["mfu"].items()}
         for d in detail.values():
-            for k in ("mfu", "mfu_with_reference_forward"):
+            for k in ("mfu", "mfu_with_reference_forward", "mfu_executed",
+                      "mfu_executed_with_reference_forward"):
                 if k in d:
                     d[k] = round(d[k] * scale, 4)
         res["matmul_peak_gflops"] = round(peak_end / 1e9, 1)

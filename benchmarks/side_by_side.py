@@ -224,7 +224,8 @@ def extras(ours: dict[str, list[dict]], trl_runs: list[dict]) -> dict:
     ex = {}
     for prec, runs in ours.items():
         peak = stats([dig(r, "matmul_peak_gflops") for r in runs])
-        for w in ("sft", "rm", "dpo", "dpo_with_reference_forward", "ppo", "ppo_shared_value"):
+        for w in ("sft", "rm", "dpo", "dpo_with_reference_forward", "dpo_executed",
+                  "dpo_executed_with_reference_forward", "ppo", "ppo_shared_value"):
             mfu = stats([None if dig(r, f"mfu.{w}") is None else 100 * dig(r, f"mfu.{w}")
                          for r in runs])
             if mfu and peak:

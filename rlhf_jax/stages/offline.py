@@ -2,13 +2,13 @@
 
 The policy and the reference both start from the SFT model the reward run started from, and
 train on exactly the K-wise comparisons that reward model was trained on (the reward run's stored
-TFDS ``train`` split): every prompt's K responses are forwarded once, and all C(K, 2) untied pairs
-enter the loss (``rlhf_jax.losses.preference``). This module holds the config, the forward pass
-(``response_logps``), the precomputed reference and the ``loss_fn``; ``experiments/dpo.py``
-composes them with ``stages.common.train_stage`` (data parallel, checkpoints, resume, non-finite
-handling) and the pinned held-out evaluation of :mod:`rlhf_jax.evaluate`: SFT and the policy on
-the held-out prompts, paired by prompt and sample index under the gold judge, and the exact
-per-sequence KL(π ‖ π_SFT) on the policy's samples.
+TFDS ``train`` split): every prompt's K responses are forwarded once (the prompt once for all K),
+and all C(K, 2) untied pairs enter the loss (``rlhf_jax.losses.preference``). This module holds
+the config, the forward pass (``response_logps``), the precomputed reference and the ``loss_fn``;
+``experiments/dpo.py`` composes them with ``stages.common.train_stage`` (data parallel,
+checkpoints, resume, non-finite handling) and the pinned held-out evaluation of
+:mod:`rlhf_jax.evaluate`: SFT and the policy on the held-out prompts, paired by prompt and sample
+index under the gold judge, and the exact per-sequence KL(π ‖ π_SFT) on the policy's samples.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, kto_l
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.sampling import response_logits
+from rlhf_jax.shared_prompt import shared_prompt_logps
 from rlhf_jax.stages.reward import RewardConfig, check_task_reward
 from rlhf_jax.train import OptimConfig
 
@@ -131,13 +132,14 @@ class OfflineConfig:
 
 def response_logps(model: Model, params, prompts, prompt_mask, responses, response_mask
                    ) -> jax.Array:
-    """Summed log-probs of K responses per prompt, each forwarded once: ``prompts [P, Lp]``
-    (left-padded), ``responses [P, K, Lr]`` (right-padded, EOS included) -> ``[P, K]``."""
-    p, k, lr = responses.shape
-    responses, response_mask = responses.reshape(p * k, lr), response_mask.reshape(p * k, lr)
-    logits, _ = response_logits(model, params, jnp.repeat(prompts, k, axis=0),
-                                jnp.repeat(prompt_mask, k, axis=0), responses, response_mask)
-    return sequence_logprob(logits, responses, response_mask).reshape(p, k)
+    """Summed log-probs of K responses per prompt, each forwarded once and the prompt once per
+    prompt (:mod:`rlhf_jax.shared_prompt`): ``prompts [P, Lp]`` (left-padded), ``responses
+    [P, K, Lr]`` (right-padded, EOS included) -> ``[P, K]``."""
+    if responses.shape[1] > 1:
+        return shared_prompt_logps(model, params, prompts, prompt_mask, responses, response_mask)
+    logits, _ = response_logits(model, params, prompts, prompt_mask, responses[:, 0],
+                                response_mask[:, 0])
+    return sequence_logprob(logits, responses[:, 0], response_mask[:, 0])[:, None]
 
 
 _response_logps_jit = jax.jit(response_logps, static_argnames=("model",))

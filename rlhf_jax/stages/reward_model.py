@@ -5,7 +5,8 @@ The reward model is the policy's trunk with a scalar head read at the last respo
 over the response tokens (``readout``). Everything that scores a response —
 the RM's own loss, the PPO rollout (``rlhf_jax.rl.rollout.collect``), best-of-N and the RM's
 evaluation (``rlhf_jax.evaluate``) — calls the function :func:`make_score_fn` returns, so the
-readout options live here only and ``rlhf_jax.losses`` keeps only the math.
+readout options live here only and ``rlhf_jax.losses`` keeps only the math. Its ``groups`` twin
+scores K responses per prompt with the prompt forwarded once (the RM's K-wise loss uses it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 from rlhf_jax.losses.reward import kwise_bradley_terry_loss
 from rlhf_jax.models.functional import Model
 from rlhf_jax.models.readout import last_token_rewards, pooled_rewards
-from rlhf_jax.ops import AxisName, last_token_index, sequence_logprob
+from rlhf_jax.ops import (AxisName, last_token_index, masked_mean, masked_sum_and_count,
+                          sequence_logprob)
+from rlhf_jax.shared_prompt import response_logps_from, shared_prompt_apply
 
 LM_COEF = "reward_lm_coef"
 READOUTS = ("last", "sum", "mean")   # where the reward head is read (``make_score_fn``'s readout)
@@ -69,6 +72,38 @@ def make_score_fn(model: Model, *, prompt_len: int, head: str = "reward",
         read = lambda h: jnp.take_along_axis(out.scalars[h], last, axis=-1)[:, 0]  # noqa: E731
         return read(head) + read(lm_coef_head) * logp
 
+    def groups(params, prompts: jax.Array, prompt_mask: jax.Array, responses: jax.Array,
+               response_mask: jax.Array) -> jax.Array:
+        """``score`` of every ``[prompt | response]`` row of ``prompts [P, p]`` (left-padded) and
+        ``responses [P, K, Lr]`` (right-padded), ``[P, K]``, each prompt forwarded once
+        (:func:`rlhf_jax.shared_prompt.shared_prompt_apply`)."""
+        n, k, lr = responses.shape
+        args = (model, params, prompts, prompt_mask, responses, response_mask)
+        rm = response_mask.reshape(n * k, lr)
+        present = rm.any(-1)                   # an empty response is read at the last prompt token
+        if readout == "last" and lm_coef_head is None:
+            last = last_token_index(rm)[:, None]
+            out = shared_prompt_apply(*args, response_positions=last, compute_logits=False)
+            at_prompt = jnp.repeat(out.prompt.scalars[head][:, 0], k)
+            return jnp.where(present, out.responses.scalars[head][:, 0], at_prompt).reshape(n, k)
+        out = shared_prompt_apply(*args, compute_logits=lm_coef_head is not None)
+        if readout != "last":
+            x = out.responses.scalars[head]
+            r = masked_mean(x, rm, axis=-1) if readout == "mean" else masked_sum_and_count(
+                x, rm, axis=-1)[0]
+            return r.reshape(n, k)
+        logp = response_logps_from(out, responses, response_mask).reshape(-1)
+        if lm_stop_grad:
+            logp = jax.lax.stop_gradient(logp)
+        last = last_token_index(rm)[:, None]
+
+        def at_last(h):
+            x = jnp.take_along_axis(out.responses.scalars[h], last, axis=-1)[:, 0]
+            return jnp.where(present, x, jnp.repeat(out.prompt.scalars[h][:, 0], k))
+
+        return (at_last(head) + at_last(lm_coef_head) * logp).reshape(n, k)
+
+    score.groups = groups
     return score
 
 
@@ -77,15 +112,18 @@ def kwise_rm_loss_fn(params, batch: dict[str, jax.Array], key: jax.Array | None 
     """Score every response once, then ``losses.reward.kwise_bradley_terry_loss``.
 
     ``batch``: ``prompts [P, Lp]``, ``prompt_mask``, ``responses [P, K, Lr]``, ``response_mask``,
-    ``ranking [P, K]``, optional ``mask [P, K]`` (1 = response present).
+    ``ranking [P, K]``, optional ``mask [P, K]`` (1 = response present). With ``score.groups``
+    (:func:`make_score_fn`'s) and K > 1, each prompt is forwarded once for its K responses.
     """
     del key
     p, k, lr = batch["responses"].shape
-    tokens = jnp.concatenate([jnp.repeat(batch["prompts"], k, axis=0),
-                              batch["responses"].reshape(p * k, lr)], axis=1)
-    mask = jnp.concatenate([jnp.repeat(batch["prompt_mask"], k, axis=0),
-                            batch["response_mask"].reshape(p * k, lr)], axis=1)
-    rewards = score(params, tokens, mask).reshape(p, k)
+    args = (batch["prompts"], batch["prompt_mask"], batch["responses"], batch["response_mask"])
+    if k > 1 and hasattr(score, "groups"):
+        rewards = score.groups(params, *args)
+    else:
+        tokens = jnp.concatenate([jnp.repeat(args[0], k, axis=0), args[2].reshape(p * k, lr)], 1)
+        mask = jnp.concatenate([jnp.repeat(args[1], k, axis=0), args[3].reshape(p * k, lr)], 1)
+        rewards = score(params, tokens, mask).reshape(p, k)
     return kwise_bradley_terry_loss(rewards, batch["ranking"], mask=batch.get("mask"),
                                     margin=margin, axis_name=axis_name)
 
