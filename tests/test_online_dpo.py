@@ -81,16 +81,33 @@ def _dpo(params, ref_params, model, rows_p, rows_m, responses, mask, pairs, beta
     return -jnp.mean(jax.nn.log_sigmoid(beta * h))
 
 
-@pytest.mark.parametrize("sample_from", ["policy", "reference"])
-def test_online_dpo_iteration_is_dpo_on_each_groups_best_and_worst(sample_from):
-    """The compiled iteration (G = 4, ranked by score − β·Σk1, 2 epochs of one minibatch) equals
-    a written-out reference on the rollout it returns: loops pick each group's best and worst
-    by R, then two optimiser steps on the DPO loss (β_DPO = 0.5) of those pairs against the
-    frozen reference. Pairs taken the other way round land elsewhere."""
-    hp = online_dpo_hparams(prompts_per_iter=8, group_size=4, epochs=2, minibatches=1,
+def _minibatches(key, epochs: int, minibatches: int, ids) -> list[np.ndarray]:
+    """The pairs of each update, written out: per epoch a key from ``split(k_perm, epochs)``,
+    pairs grouped in blocks of ``minibatches`` consecutive group ids, each block's rows sent to
+    the minibatches by a permutation drawn from ``fold_in(epoch key, block)`` (the iteration's
+    ``minibatch_indices`` rule, as ``test_ppo``'s reference writes it out)."""
+    k_perm = jax.random.split(key)[1]
+    out = []
+    for ek in jax.random.split(k_perm, epochs):
+        assign = np.array([int(jax.random.permutation(jax.random.fold_in(ek, r // minibatches),
+                                                      minibatches)[r % minibatches])
+                           for r in ids])
+        out.extend(np.flatnonzero(assign == m) for m in range(minibatches))
+    return out
+
+
+@pytest.mark.parametrize("sample_from,minibatches", [("policy", 1), ("reference", 2)])
+def test_online_dpo_iteration_is_dpo_on_each_groups_best_and_worst(sample_from, minibatches):
+    """The compiled iteration (G = 4, ranked by score − β·Σk1, 2 epochs of one or two
+    minibatches) equals a written-out reference on the rollout it returns: loops pick each
+    group's best and worst by R, then one optimiser step per minibatch on the DPO loss
+    (β_DPO = 0.5) of its pairs against the frozen reference — with two minibatches, the pairs
+    split by the iteration's permutation rule. Pairs taken the other way round land elsewhere."""
+    hp = online_dpo_hparams(prompts_per_iter=8, group_size=4, epochs=2, minibatches=minibatches,
                             kl_coef=0.3, dpo_beta=0.5, no_eos_penalty=0.0,
                             sample_from=sample_from)
-    models, pol, frozen, got, metrics, ro, rows_p, rows_m = run_group_iteration(hp, 2)
+    updates = 2 * minibatches
+    models, pol, frozen, got, metrics, ro, rows_p, rows_m = run_group_iteration(hp, updates)
 
     m = jnp.asarray(ro["mask"], jnp.float32)
     resp = ro["responses"]
@@ -111,17 +128,31 @@ def test_online_dpo_iteration_is_dpo_on_each_groups_best_and_worst(sample_from):
     loss = lambda params, pr: _dpo(params, frozen.ref, models.policy, rows_p,  # noqa: E731
                                    rows_m, resp, m, pr, 0.5)
     step = jax.jit(lambda s, pr: s.apply_gradients(jax.grad(loss)(s.params, pr)))
-    want = step(step(pol, pairs), pairs)
+    batches = _minibatches(jax.random.key(7), 2, minibatches, np.arange(8))
+    assert all(len(i) == 8 // minibatches for i in batches)
+
+    def run(pairs):
+        state, losses = pol, []
+        for i in batches:
+            losses.append(float(loss(state.params, pairs[i])))
+            state = step(state, pairs[i])
+        return state, losses
+
+    want, losses = run(pairs)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
                  got.policy.params, want.params)
     swapped = pairs[:, ::-1].copy()
     assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3 for a, b in zip(
-        jax.tree.leaves(got.policy.params),
-        jax.tree.leaves(step(step(pol, swapped), swapped).params)))
-    # the logged loss is the mean of the two updates' DPO losses
-    assert float(metrics["train/policy_loss"]) == pytest.approx(
-        (float(loss(pol.params, pairs)) + float(loss(step(pol, pairs).params, pairs))) / 2,
-        rel=1e-4)
+        jax.tree.leaves(got.policy.params), jax.tree.leaves(run(swapped)[0].params)))
+    if minibatches > 1:   # the split matters: one epoch's halves in the other order differ
+        other = [batches[1], batches[0], *batches[2:]]
+        state = pol
+        for i in other:
+            state = step(state, pairs[i])
+        assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3 for a, b in zip(
+            jax.tree.leaves(got.policy.params), jax.tree.leaves(state.params)))
+    # the logged loss is the mean of the updates' DPO losses
+    assert float(metrics["train/policy_loss"]) == pytest.approx(np.mean(losses), rel=1e-4)
     assert float(metrics["rollout/pairs"]) == 1.0
 
 
