@@ -80,12 +80,17 @@ def make_score_fn(model: Model, *, prompt_len: int, head: str = "reward",
         n, k, lr = responses.shape
         args = (model, params, prompts, prompt_mask, responses, response_mask)
         rm = response_mask.reshape(n * k, lr)
-        present = rm.any(-1)                   # an empty response is read at the last prompt token
-        if readout == "last" and lm_coef_head is None:
-            last = last_token_index(rm)[:, None]
+        last = last_token_index(rm)[:, None]
+
+        def at_last(out, h, idx):
+            """Head ``h`` at each row's last real token (``idx`` into the response outputs); an
+            empty response is read at the last prompt token, as the flat ``score`` reads it."""
+            x = jnp.take_along_axis(out.responses.scalars[h], idx, axis=-1)[:, 0]
+            return jnp.where(rm.any(-1), x, jnp.repeat(out.prompt.scalars[h][:, 0], k))
+
+        if readout == "last" and lm_coef_head is None:   # the last block at that token alone
             out = shared_prompt_apply(*args, response_positions=last, compute_logits=False)
-            at_prompt = jnp.repeat(out.prompt.scalars[head][:, 0], k)
-            return jnp.where(present, out.responses.scalars[head][:, 0], at_prompt).reshape(n, k)
+            return at_last(out, head, jnp.zeros_like(last)).reshape(n, k)
         out = shared_prompt_apply(*args, compute_logits=lm_coef_head is not None)
         if readout != "last":
             x = out.responses.scalars[head]
@@ -95,13 +100,7 @@ def make_score_fn(model: Model, *, prompt_len: int, head: str = "reward",
         logp = response_logps_from(out, responses, response_mask).reshape(-1)
         if lm_stop_grad:
             logp = jax.lax.stop_gradient(logp)
-        last = last_token_index(rm)[:, None]
-
-        def at_last(h):
-            x = jnp.take_along_axis(out.responses.scalars[h], last, axis=-1)[:, 0]
-            return jnp.where(present, x, jnp.repeat(out.prompt.scalars[h][:, 0], k))
-
-        return (at_last(head) + at_last(lm_coef_head) * logp).reshape(n, k)
+        return (at_last(out, head, last) + at_last(out, lm_coef_head, last) * logp).reshape(n, k)
 
     score.groups = groups
     return score
