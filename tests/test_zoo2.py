@@ -281,7 +281,8 @@ def test_compare_method_groups():
     assert CompareConfig(methods=("zoo2",)).methods == ("dapo", "gspo", "reinforce_pp", "kto",
                                                          "orpo")
     every = CompareConfig(methods=("all",)).methods
-    assert set(every) == set(GROUPS["all"]) and len(every) == 12
+    assert set(every) == set(GROUPS["all"]) and len(every) == 14
+    assert {"raft", "online_dpo"} <= set(every)
     assert CompareConfig(methods=("ppo", "zoo2", "dapo")).methods[:3] == ("ppo", "dapo", "gspo")
     cfg = CompareConfig(methods=("zoo2",), samples_per_iter=16)
     dapo = method_cell(cfg, "dapo", "r").config.ppo

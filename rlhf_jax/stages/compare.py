@@ -42,7 +42,8 @@ OFFLINE = ("dpo", "ipo", "simpo", "kto", "orpo")
 DEFAULT = ("ppo", "dpo", "ipo", "simpo", "grpo", "rloo")
 GROUPS = {"zoo2": ("dapo", "gspo", "reinforce_pp", "kto", "orpo"),
           # every method; GSPO-token is left out (GSPO's gradient, tested equal)
-          "all": DEFAULT + ("dr_grpo", "dapo", "gspo", "reinforce_pp", "kto", "orpo")}
+          "all": DEFAULT + ("dr_grpo", "dapo", "gspo", "reinforce_pp", "raft", "online_dpo",
+                            "kto", "orpo")}
 # offline learning rates other than the template's: ORPO trains the base model (SFT's own rate
 # scale; at 5e-5 it does not learn the answer format in 400 steps)
 OFFLINE_LEARNING_RATES = {"orpo": 1e-3}
@@ -60,9 +61,9 @@ def expand_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
 class CompareConfig:
     """Attributes:
       methods: online (``ppo``, ``grpo``, ``dr_grpo``, ``rloo``, ``dapo``, ``gspo``,
-        ``gspo_token``, ``reinforce_pp``) and offline (``dpo``, ``ipo``, ``simpo``, ``kto``,
-        ``orpo``) methods, each with its defaults, or the groups ``zoo2`` (DAPO, GSPO,
-        REINFORCE++, KTO, ORPO) and ``all``.
+        ``gspo_token``, ``reinforce_pp``, ``raft``, ``online_dpo``) and offline (``dpo``,
+        ``ipo``, ``simpo``, ``kto``, ``orpo``) methods, each with its defaults, or the groups
+        ``zoo2`` (DAPO, GSPO, REINFORCE++, KTO, ORPO) and ``all`` (every method but GSPO-token).
       seeds: the methods' seeds (sampling, data order, initialisation of new heads).
       reward_dir: the shared finished reward run (its SFT model and labelled comparisons); empty =
         run the default pretrain + SFT + RM (seed ``upstream_seed``) into ``<out>/reward``.
