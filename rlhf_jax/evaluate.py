@@ -80,21 +80,30 @@ def judge_all(task: Task, prompts: Sequence[Prompt], texts: Sequence[str]) -> li
     return [task.judge(p, t) for p, t in zip(prompts, texts)]
 
 
-def _records(prompts, texts, judgements, n_samples: int) -> list[dict]:
-    return [{"uid": p.uid, "sample": i % n_samples, "response": t, "label": j.label,
-             "score": j.score} for i, (p, t, j) in enumerate(zip(prompts, texts, judgements))]
+def _records(prompts, texts, judgements, n_samples: int, ids) -> list[dict]:
+    """One record per response; ``response_ids`` are its sampled ids, so a recomputation in
+    another process (held-out KL, perplexity, RM agreement) reads the tokens the policy sampled,
+    not its text's canonical encoding (:func:`~rlhf_jax.data.batching.response_tokens`)."""
+    return [{"uid": p.uid, "sample": i % n_samples, "response": t, "response_ids": list(r),
+             "label": j.label, "score": j.score}
+            for i, (p, t, r, j) in enumerate(zip(prompts, texts, ids, judgements, strict=True))]
+
+
+def stored_ids(records: Sequence[dict]) -> list[list[int] | None]:
+    """Each record's sampled ids (None for a record written before they were stored)."""
+    return [r.get("response_ids") for r in records]
 
 
 def evaluate_policy(model: Model, params, task: Task, prompts: Sequence[Prompt], key: jax.Array,
                     *, n_samples: int = 4, max_new_tokens: int, prompt_len: int,
                     temperature: float = 1.0) -> tuple[dict[str, float], list[dict]]:
     """The task's metrics (``Task.summarize``) of a policy on ``prompts``, and one record per
-    response (prompt uid, sample index, text, label, score)."""
+    response (prompt uid, sample index, text, sampled ids, label, score)."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
-    flat, texts = generate(model, params, task, prompts, key, n_samples=n_samples, sampling=cfg,
-                           prompt_len=prompt_len)
+    flat, texts, ids = generate_ids(model, params, task, prompts, key, n_samples=n_samples,
+                                    sampling=cfg, prompt_len=prompt_len)
     judgements = judge_all(task, flat, texts)
-    return task.summarize(flat, judgements), _records(flat, texts, judgements, n_samples)
+    return task.summarize(flat, judgements), _records(flat, texts, judgements, n_samples, ids)
 
 
 def evaluate_demonstrator(task: Task, prompts: Sequence[Prompt], *, n_samples: int, seed: int
@@ -151,7 +160,7 @@ def sequence_kl(policy: Model, params, ref: Model, ref_params, task: Task, shape
     p_ids, p_mask = encode_prompts(task.tokenizer, [by_uid[r["uid"]] for r in records],
                                    shapes.prompt_len)
     r_ids, r_mask = encode_responses(task.tokenizer, [r["response"] for r in records],
-                                     shapes.max_new_tokens + 1)
+                                     shapes.max_new_tokens + 1, ids=stored_ids(records))
     out = []
     for s in range(0, len(records), batch):
         sl = slice(s, s + batch)
@@ -245,20 +254,23 @@ def best_of_n(policy: Model, params, score: ScoreFn, rm_params, task: Task, shap
     log N − (N − 1)/N (analytic)."""
     prompts = task.prompts("heldout")
     per = shapes.eval_samples * n
-    _, texts = generate(policy, params, task, prompts, key, n_samples=per,
-                        sampling=SamplingConfig(max_new_tokens=shapes.max_new_tokens),
-                        prompt_len=shapes.prompt_len)
+    _, texts, ids = generate_ids(policy, params, task, prompts, key, n_samples=per,
+                                 sampling=SamplingConfig(max_new_tokens=shapes.max_new_tokens),
+                                 prompt_len=shapes.prompt_len)
     rows = [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
+    row_ids = [ids[i * per:(i + 1) * per] for i in range(len(prompts))]
     arrays = encode_groups(task.tokenizer, prompts, rows, prompt_len=shapes.prompt_len,
-                           response_len=shapes.max_new_tokens + 1)
+                           response_len=shapes.max_new_tokens + 1, ids=row_ids)
     best = score_groups(score, rm_params, arrays).reshape(
         len(prompts), shapes.eval_samples, n).argmax(-1)
     chosen_p = [p for p in prompts for _ in range(shapes.eval_samples)]
-    chosen_t = [rows[i][j * n + best[i, j]] for i in range(len(prompts))
-                for j in range(shapes.eval_samples)]
+    picks = [(i, j * n + best[i, j]) for i in range(len(prompts))
+             for j in range(shapes.eval_samples)]
+    chosen_t = [rows[i][c] for i, c in picks]
     judgements = judge_all(task, chosen_p, chosen_t)
     return (task.summarize(chosen_p, judgements),
-            _records(chosen_p, chosen_t, judgements, shapes.eval_samples))
+            _records(chosen_p, chosen_t, judgements, shapes.eval_samples,
+                     [row_ids[i][c] for i, c in picks]))
 
 
 def pairwise_gold_agreement(rewards: np.ndarray, gold: np.ndarray) -> float:
@@ -281,6 +293,7 @@ def rm_gold_agreement(score: ScoreFn, rm_params, task: Task, shapes: TaskConfig,
     uids = list(by_uid)
     arrays = encode_groups(task.tokenizer, [prompts_by_uid[u] for u in uids],
                            [[r["response"] for r in by_uid[u]] for u in uids],
-                           prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens + 1)
+                           prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens + 1,
+                           ids=[stored_ids(by_uid[u]) for u in uids])
     gold = np.asarray([[r["score"] for r in by_uid[u]] for u in uids], np.float32)
     return pairwise_gold_agreement(score_groups(score, rm_params, arrays), gold)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.batching import encode_prompts, pad_right, pad_rows
+from rlhf_jax.data.batching import encode_prompts, pad_right, pad_rows, response_tokens
 from rlhf_jax.data.task import Task
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import token_logprobs
@@ -40,14 +40,16 @@ def perplexity_under(model: Model, params, task: Task, records: Sequence[dict], 
                      prompt_len: int, response_len: int, batch: int = 256) -> float:
     """exp(mean NLL per token) of the records' response tokens under ``model`` — EOS and padding
     excluded — given their held-out prompts: the perplexity of one policy's samples under
-    another (e.g. RLHF samples under the starting policy). A response is read as the task's
-    tokenizer encodes its text, cut to ``response_len`` tokens."""
+    another (e.g. RLHF samples under the starting policy). A response is read as the ids the
+    policy sampled (a record's ``response_ids``; for a record stored before them, its text as the
+    task's tokenizer encodes it), cut to ``response_len`` tokens."""
     by_uid = {p.uid: p for p in task.prompts("heldout")}
     p_ids, p_mask = encode_prompts(task.tokenizer, [by_uid[r["uid"]] for r in records],
                                    prompt_len)
     tok = task.tokenizer
     # EOS not counted; a response whose canonical re-encoding outgrew the budget keeps its start
-    ids = [tok.encode(r["response"])[:response_len] for r in records]
+    ids = [response_tokens(tok, r["response"], r.get("response_ids"))[:response_len]
+           for r in records]
     r_ids, mask = pad_right(ids, response_len, tok.pad_id, what="response")
     total, count = 0.0, int(mask.sum())
     for s in range(0, len(records), batch):

@@ -177,3 +177,66 @@ def test_dpo_from_a_finished_reward_run_is_the_same_in_a_new_process(tmp_path, m
     new = scripts.run("dpo", dpo, tmp_path / "new")
     assert {k: v for k, v in new.items() if not k.startswith("time")} == {
         k: v for k, v in same.items() if not k.startswith("time")}
+
+
+def test_heldout_recomputations_read_the_stored_ids(task):
+    """A held-out record's ``response_ids`` are what the exact KL, the perplexity and the RM's
+    gold agreement read in a process whose tokenizer has no memory of the sampled texts: a
+    spelled-out response gives the numbers of its spelled ids (a hand-written forward pass), a
+    record stored before the ids those of its text's canonical encoding."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.data.batching import encode_prompts
+    from rlhf_jax.evaluate import rm_gold_agreement, sequence_kl
+    from rlhf_jax.models import create_model
+    from rlhf_jax.models.config import preset
+    from rlhf_jax.text_eval import perplexity_under
+
+    new = fresh(task.tokenizer)
+    spelling, canonical = spelled(new, WORD), new.encode(WORD)
+    assert spelling != canonical and new.decode(spelling, remember=False) == WORD
+    in_new_process = types.SimpleNamespace(tokenizer=new, prompts=task.prompts)
+    prompt = task.prompts("heldout")[0]
+    shapes = TaskConfig(prompt_len=24, max_new_tokens=12)
+    records = [{"uid": prompt.uid, "sample": 0, "response": WORD, "response_ids": spelling,
+                "score": 0.0},
+               {"uid": prompt.uid, "sample": 1, "response": WORD, "response_ids": canonical,
+                "score": 1.0}]
+    old = [{k: v for k, v in r.items() if k != "response_ids"} for r in records]
+
+    cfg = preset("test", vocab_size=new.vocab_size)
+    model, params = create_model(cfg, jax.random.key(0))
+    _, ref_params = create_model(cfg, jax.random.key(1))
+    p_ids, p_mask = encode_prompts(new, [prompt], shapes.prompt_len)
+
+    def logps(prm, ids):   # [prompt | response] by hand: log π of each response token
+        tokens = jnp.asarray(np.concatenate([p_ids[0], ids])[None])
+        mask = jnp.asarray(np.concatenate([p_mask[0], np.ones(len(ids), p_mask.dtype)])[None])
+        logits = model.apply(prm, tokens, attention_mask=mask).logits[0]
+        lp = jax.nn.log_softmax(logits[shapes.prompt_len - 1:-1], -1)
+        return lp, lp[np.arange(len(ids)), np.asarray(ids)]
+
+    def exact_kl(ids):     # Σ_t KL(π ‖ π_ref) over the response tokens and EOS
+        lp, _ = logps(params, ids + [new.eos_id])
+        lr, _ = logps(ref_params, ids + [new.eos_id])
+        return float(jnp.sum(jnp.exp(lp) * (lp - lr)))
+
+    kl = sequence_kl(model, params, model, ref_params, in_new_process, shapes, records)
+    np.testing.assert_allclose(kl, [exact_kl(spelling), exact_kl(canonical)], rtol=1e-4)
+    kl_old = sequence_kl(model, params, model, ref_params, in_new_process, shapes, old)
+    np.testing.assert_allclose(kl_old, [exact_kl(canonical)] * 2, rtol=1e-4)
+
+    ppl = perplexity_under(model, params, in_new_process, records[:1],
+                           prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens)
+    np.testing.assert_allclose(ppl, np.exp(-np.mean(logps(params, spelling)[1])), rtol=1e-4)
+    ppl_old = perplexity_under(model, params, in_new_process, old[:1],
+                               prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens)
+    np.testing.assert_allclose(ppl_old, np.exp(-np.mean(logps(params, canonical)[1])), rtol=1e-4)
+
+    # an RM that sums the tokens it reads ranks the canonical response (gold 1) above the
+    # spelled one (gold 0), whose ids sum lower: agreement 1; without ids the texts tie: 0
+    rm_sum = lambda prm, tokens, mask: (tokens * mask).sum(-1).astype(np.float32)  # noqa: E731
+    assert sum(canonical) > sum(spelling)
+    assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, records) == 1.0
+    assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, old) == 0.0
