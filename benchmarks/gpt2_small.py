@@ -61,7 +61,10 @@ def measure(bench, workload: str, precision: str, *, tiny: bool, quick: bool) ->
     if workload == "sft":
         r = bench.bench_sft(sh, iters, peak, mesh)
     elif workload == "gen":
+        bandwidth = bench.sibling("roofline").read_bandwidth((64 if tiny else 512) << 20,
+                                                             reps=3 if quick else 8)
         r = bench.bench_gen(sh, iters, mesh)
+        r["roofline"] = bench.gen_roofline(sh, r["median_step_s"], peak, bandwidth)
     else:
         r = bench.bench_ppo(sh, iters, peak, mesh, critic="separate", phases=False)
     return {"workload": workload, "precision": precision, **r,
@@ -96,7 +99,8 @@ def table(rows) -> dict:
             continue
         out.setdefault(r["workload"], {})[r["precision"]] = {
             keys[r["workload"]]: r[keys[r["workload"]]], "compile_s": r["compile_s"],
-            "peak_rss_mb": r["peak_rss_mb"], "mfu": r.get("mfu")}
+            "peak_rss_mb": r["peak_rss_mb"], "mfu": r.get("mfu"),
+            **({"of_bound": r["roofline"]["of_bound"]} if "roofline" in r else {})}
     return out
 
 

@@ -14,6 +14,8 @@ functions the experiment scripts run, never a benchmark-only fast path:
         forwards it with each); reference log-probs recomputed every step (as TRL), and a
         precomputed variant                                                     -> pairs/s
   gen   64 prompts × 32 → 32 new tokens, T = 1, ``sampling.sample`` (KV cache)    -> new tokens/s
+        and its share of the generation roofline (``benchmarks/roofline.py``: the least bytes
+        and FLOPs of the call at the read bandwidth and matmul peak measured in the same run)
   ppo   64 prompts × 32, 32 new tokens forced (no EOS, as TRL), separate RM, value and reference
         models, 4 epochs × 4 minibatches of 16, π_old scored from the sampler's logits as TRL
         does (``PPOHParams.rescore_policy=False``): ``rl.ppo.make_iteration`` under
@@ -50,6 +52,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -402,6 +405,26 @@ def bench_gen(sh: Shapes, iters, mesh):
     return r
 
 
+def sibling(name: str):
+    """A module of ``benchmarks/`` (``run.py`` may be loaded by path, as the tests do)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
+def gen_roofline(sh: Shapes, measured_s: float, peak: float, bandwidth: float) -> dict:
+    """The ``gen`` bench's generation roofline (``benchmarks/roofline.py``) at the measured
+    median call time, from the model's parameter shapes (no weights are made)."""
+    from rlhf_jax.models import create_model
+
+    cfg = _model_cfg(sh)
+    shapes = jax.eval_shape(lambda k: create_model(cfg, k)[1], jax.random.key(0))
+    return sibling("roofline").report(
+        shapes, cfg, batch=sh.gen_prompts, prompt_len=sh.gen_prompt_len, new_tokens=sh.gen_new,
+        measured_s=measured_s, peak_flops=peak, bandwidth=bandwidth)
+
+
 def _ppo_setup(sh: Shapes, critic: str, mesh):
     from rlhf_jax.models import create_model
     from rlhf_jax.parallel import replicate
@@ -628,6 +651,8 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
             r["pairs_per_s"], r["compile_s"], r["mfu"])
         detail["rm"] = r
     if want("gen"):
+        bandwidth = sibling("roofline").read_bandwidth(
+            (64 if sh.model == TINY.model else 512) << 20, reps=3 if quick else 8)
         r = bench_gen(sh, iters["gen"], mesh)
         res["gen_new_tokens_per_s"], res["compile_s"]["gen"] = r["new_tokens_per_s"], r["compile_s"]
         detail["gen"] = r
@@ -668,6 +693,11 @@ def run_reference(sh: Shapes, quick: bool, only: list[str]) -> dict:
                 if k in d:
                     d[k] = round(d[k] * scale, 4)
         res["matmul_peak_gflops"] = round(peak_end / 1e9, 1)
+    if "gen" in detail:   # generation against its roofline: the larger peak, the run's bandwidth
+        rl = gen_roofline(sh, detail["gen"]["median_step_s"], max(peak, peak_end), bandwidth)
+        detail["gen"]["roofline"] = rl
+        res["gen_of_bound"] = rl["of_bound"]
+        res["read_bandwidth_gbs"] = rl["read_bandwidth_gbs"]
     res["detail"] = detail
     res["bench_wall_s"] = round(time.perf_counter() - t0, 1)
     return res
@@ -729,10 +759,7 @@ def main(argv=None) -> dict:
 def _main_gpt2_small(a, only, ap) -> dict:
     """``--workload gpt2-small``: one (workload, precision) in this process when both are given
     (``--only W --precision P``), else every pair, each in its own process."""
-    if str(Path(__file__).resolve().parent) not in sys.path:   # loaded by path (tests)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import gpt2_small
-
+    gpt2_small = sibling("gpt2_small")
     from rlhf_jax import launch
 
     bad = [s for s in only if s not in gpt2_small.WORKLOADS]

@@ -232,6 +232,16 @@ def extras(ours: dict[str, list[dict]], trl_runs: list[dict]) -> dict:
                 ex[f"rlhf_jax {prec} {w} MFU"] = (
                     f"{_cell(mfu)} % of the {prec} 1024³ matmul peak measured in the same run, "
                     f"{_cell(peak)} GFLOP/s")
+        share = {k: stats([None if dig(r, f"gen_of_bound.{k}") is None
+                           else 100 * dig(r, f"gen_of_bound.{k}") for r in runs])
+                 for k in ("roofline", "bandwidth")}
+        bw = stats([dig(r, "read_bandwidth_gbs") for r in runs])
+        if share["roofline"] and bw:
+            ex[f"rlhf_jax {prec} generation against its bounds"] = (
+                f"{_cell(share['roofline'])} % of the roofline bound, "
+                f"{_cell(share['bandwidth'])} % of the memory-bandwidth bound (weights and KV "
+                f"cache read per step at the {_cell(bw)} GB/s read bandwidth measured in the "
+                f"same run; benchmarks/roofline.py)")
         comp = {}
         for r in runs:
             for k, v in (r.get("compile_s") or {}).items():

@@ -43,6 +43,7 @@ OURS_LINE = {
     "ppo_phases_s": {"gen_s": 0.15, "scoring_s": 0.25, "update_s": 2.1},
     "ppo_iter_s_shared_value": 1.25, "mfu": {"sft": 0.5}, "matmul_peak_gflops": 480.0,
     "compile_s": {"sft": 1.0}, "peak_rss_mb": 900.0,
+    "gen_of_bound": {"bandwidth": 0.1, "compute": 0.4, "roofline": 0.4}, "read_bandwidth_gbs": 30.0,
 }
 
 
@@ -75,6 +76,14 @@ def test_run_py_tiny_reference_prints_one_json_line():
     assert res["ppo_phases_s"]["gen_s"] > 0
     assert "ppo_iter_s_shared_value" not in res          # --only honoured
     assert (res["detail"]["sft"]["n_timed"], res["detail"]["ppo"]["n_timed"]) == (3, 2)
+    # generation against its bounds, at the rates measured in the same run
+    rl = res["detail"]["gen"]["roofline"]
+    assert rl["read_bandwidth_gbs"] == res["read_bandwidth_gbs"] > 0
+    assert rl["matmul_peak_gflops"] == max(res["matmul_peak_gflops_start_end"])
+    assert res["gen_of_bound"] == rl["of_bound"]
+    measured = res["detail"]["gen"]["median_step_s"]
+    for k in ("bandwidth", "compute", "roofline"):
+        assert abs(rl["of_bound"][k] - rl[f"{k}_s"] / measured) < 2e-3 + 0.01 * rl["of_bound"][k]
 
 
 def test_reference_shapes_match_the_trl_baseline():
@@ -104,6 +113,59 @@ def test_flops_formula_and_bench_param_count():
     n = count_params(jax.eval_shape(lambda: create_model(preset("bench"), jax.random.key(0))[1]))
     assert abs(n - 3.36e6) < 0.01e6, n
     assert run.flops_per_token(10, 2, 3, 4) == 6 * 10 + 12 * 2 * 3 * 4
+
+
+def _param_count_by_hand(v, d, layers, ff, max_len):
+    """GPT-2's parameters from its architecture (tied embeddings): per block QKV, output
+    projection, MLP up and down (kernels and biases) and two LayerNorms; then wte, wpe, ln_f."""
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d
+    return layers * block + v * d + max_len * d + 2 * d
+
+
+def test_generation_roofline_hand_worked():
+    rf = _load("roofline")
+    import jax
+    from rlhf_jax.models import create_model
+    from rlhf_jax.models.config import preset
+
+    cfg = preset("test")            # vocab 64, d 32, 2 layers, 2 heads of 16, context 64
+    shapes = jax.eval_shape(lambda: create_model(cfg, jax.random.key(0))[1])
+    read = _param_count_by_hand(64, 32, 2, 128, 64) - 64 * 32        # wpe is gathered, not read
+    assert rf.weights_read(shapes, cfg) == read
+    b, p, n = 3, 5, 4
+    w = rf.generation_work(shapes, cfg, batch=b, prompt_len=p, new_tokens=n)
+    slot = 2 * 2 * 2 * 16 * 4                                        # K and V, 2 layers, float32
+    assert (w["weight_bytes"], w["kv_bytes_per_token"]) == (4 * read, slot)
+    assert w["prefill"]["bytes"] == 4 * read + b * p * slot
+    head, body = 64 * 32, read - 64 * 32
+    # prompt through the body, the output layer at the last position, causal attention 1+…+5
+    assert w["prefill"]["flops"] == b * (2 * body * p + 2 * head + 4 * 2 * 32 * 15)
+    # decoding steps 1..3 attend over 6, 7, 8 valid slots (the new token's own included)
+    assert w["steps"]["bytes"] == [4 * read + b * c * slot for c in (6, 7, 8)]
+    assert w["steps"]["flops"] == [b * (2 * read + 4 * 2 * 32 * c) for c in (6, 7, 8)]
+
+    # bounds at made-up rates: phase by phase, the slower of bytes and FLOPs
+    bw, peak = 1e6, 1e9
+    bd = rf.bounds(w, tokens=b * n, peak_flops=peak, bandwidth=bw)
+    phases = [(w["prefill"]["bytes"], w["prefill"]["flops"]),
+              *zip(w["steps"]["bytes"], w["steps"]["flops"])]
+    roof = sum(max(x / bw, f / peak) for x, f in phases)
+    assert abs(bd["roofline_s"] - roof) < 1e-9 * roof
+    assert abs(bd["bandwidth_new_tokens_per_s"] * sum(x for x, _ in phases) / bw - b * n) < 1e-6
+    assert bd["roofline_s"] >= max(bd["bandwidth_s"], bd["compute_s"])
+    r = rf.report(shapes, cfg, batch=b, prompt_len=p, new_tokens=n, measured_s=2 * roof,
+                  peak_flops=peak, bandwidth=bw)
+    assert r["of_bound"]["roofline"] == 0.5
+
+    # bf16 reads half the bytes; an untied model reads its output matrix, not its input table
+    w16 = rf.generation_work(shapes, cfg.replace(precision="bf16"), batch=b, prompt_len=p,
+                             new_tokens=n)
+    assert w16["prefill"]["bytes"] * 2 == w["prefill"]["bytes"]
+    assert w16["prefill"]["flops"] == w["prefill"]["flops"]
+    lcfg = preset("llama-test")
+    lshapes = jax.eval_shape(lambda: create_model(lcfg, jax.random.key(0))[1])
+    total = sum(x.size for x in jax.tree.leaves(lshapes))
+    assert rf.weights_read(lshapes, lcfg) == total - lcfg.vocab_size * lcfg.d_model
 
 
 def test_side_by_side_table_from_canned_lines(tmp_path):
@@ -153,6 +215,7 @@ def test_side_by_side_table_from_canned_lines(tmp_path):
             "5,000 (4,000–6,000) | 10,000 (9,000–11,000) | **1.25× (0.91–1.78)** [bf16 / bf16] | "
             "2.20× (2.00–2.50) | 1.25× (0.82–1.78) |") in md
     assert "bf16 sft MFU" in md and "float32 sft MFU" in md
+    assert "generation against its bounds: 40.0 (40.0–40.0) % of the roofline bound, 10.0" in md
     saved = json.loads((tmp_path / "out" / "side_by_side.json").read_text())
     assert saved["pairs"] == 2 and len(saved["trl_runs"]) == 2
     assert len(saved["ours_runs"]["bf16"]) == 2
