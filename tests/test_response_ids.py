@@ -209,11 +209,12 @@ def test_heldout_recomputations_read_the_stored_ids(task):
     model, params = create_model(cfg, jax.random.key(0))
     _, ref_params = create_model(cfg, jax.random.key(1))
     p_ids, p_mask = encode_prompts(new, [prompt], shapes.prompt_len)
+    apply = jax.jit(lambda prm, tokens, mask: model.apply(prm, tokens, attention_mask=mask).logits)
 
     def logps(prm, ids):   # [prompt | response] by hand: log π of each response token
         tokens = jnp.asarray(np.concatenate([p_ids[0], ids])[None])
         mask = jnp.asarray(np.concatenate([p_mask[0], np.ones(len(ids), p_mask.dtype)])[None])
-        logits = model.apply(prm, tokens, attention_mask=mask).logits[0]
+        logits = apply(prm, tokens, mask)[0]
         lp = jax.nn.log_softmax(logits[shapes.prompt_len - 1:-1], -1)
         return lp, lp[np.arange(len(ids)), np.asarray(ids)]
 
@@ -222,15 +223,15 @@ def test_heldout_recomputations_read_the_stored_ids(task):
         lr, _ = logps(ref_params, ids + [new.eos_id])
         return float(jnp.sum(jnp.exp(lp) * (lp - lr)))
 
-    kl = sequence_kl(model, params, model, ref_params, in_new_process, shapes, records)
+    kl = sequence_kl(model, params, model, ref_params, in_new_process, shapes, records, batch=2)
     np.testing.assert_allclose(kl, [exact_kl(spelling), exact_kl(canonical)], rtol=1e-4)
-    kl_old = sequence_kl(model, params, model, ref_params, in_new_process, shapes, old)
+    kl_old = sequence_kl(model, params, model, ref_params, in_new_process, shapes, old, batch=2)
     np.testing.assert_allclose(kl_old, [exact_kl(canonical)] * 2, rtol=1e-4)
 
-    ppl = perplexity_under(model, params, in_new_process, records[:1],
+    ppl = perplexity_under(model, params, in_new_process, records[:1], batch=2,
                            prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens)
     np.testing.assert_allclose(ppl, np.exp(-np.mean(logps(params, spelling)[1])), rtol=1e-4)
-    ppl_old = perplexity_under(model, params, in_new_process, old[:1],
+    ppl_old = perplexity_under(model, params, in_new_process, old[:1], batch=2,
                                prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens)
     np.testing.assert_allclose(ppl_old, np.exp(-np.mean(logps(params, canonical)[1])), rtol=1e-4)
 
