@@ -31,7 +31,8 @@ HPARAMS = {  # method config → methods.json (dotted paths into the run's confi
 }
 NAMES = {"ppo": "PPO", "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "grpo": "GRPO",
          "rloo": "RLOO", "dr_grpo": "Dr. GRPO", "dapo": "DAPO", "gspo": "GSPO",
-         "gspo_token": "GSPO-token", "reinforce_pp": "REINFORCE++", "kto": "KTO", "orpo": "ORPO"}
+         "gspo_token": "GSPO-token", "reinforce_pp": "REINFORCE++", "raft": "RAFT",
+         "online_dpo": "online DPO", "kto": "KTO", "orpo": "ORPO"}
 COLUMNS = (("gold", "gold", max), ("fabrication_rate", "fabrication", min),
            ("accuracy", "accuracy", max), ("win_rate", "win rate vs SFT", max),
            ("kl", "KL to SFT (nats/seq)", None))
@@ -211,12 +212,13 @@ def _diagnostics(results_dir: Path, runs: dict, labels: dict, hp: dict) -> list[
         mal = [next((v for k, v in s.items() if k.startswith("malformed_rate/")
                      and not k.endswith("/sft")), None) for s, _ in files]
         cells = ["—" if None in mal else _per_seed(mal, 3), "—", "—", "—"]
+        if all(rows and "rollout/entropy" in rows[0] for _, rows in files):
+            cells[1] = " / ".join(f"{rows[0]['rollout/entropy']:.2f} → "
+                                  f"{rows[-1]['rollout/entropy']:.2f}" for _, rows in files)
         if all(rows and "train/clip_frac" in rows[0] for _, rows in files):
             clip = [[x["train/clip_frac"] for x in rows] for _, rows in files]
             ratio = hp.get(method, {}).get("ppo.policy_loss") != "reinforce"
-            cells[1:] = [" / ".join(f"{rows[0]['rollout/entropy']:.2f} → "
-                                    f"{rows[-1]['rollout/entropy']:.2f}" for _, rows in files),
-                         _per_seed([np.mean(c) for c in clip]) if ratio else "— (no ratio)",
+            cells[2:] = [_per_seed([np.mean(c) for c in clip]) if ratio else "— (no ratio)",
                          f"{min(map(min, clip)):.2f} – {max(map(max, clip)):.2f}" if ratio
                          else "—"]
         lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")

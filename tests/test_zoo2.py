@@ -283,6 +283,10 @@ def test_compare_method_groups():
     every = CompareConfig(methods=("all",)).methods
     assert set(every) == set(GROUPS["all"]) and len(every) == 14
     assert {"raft", "online_dpo"} <= set(every)
+    # a budget that suits the group sizes but not RAFT's 2 minibatches of winners (3 prompts) is
+    # refused with the config, before the shared upstream trains
+    with pytest.raises(ConfigError, match="samples_per_iter: 12 does not suit raft"):
+        CompareConfig(methods=("all",), samples_per_iter=12)
     assert CompareConfig(methods=("ppo", "zoo2", "dapo")).methods[:3] == ("ppo", "dapo", "gspo")
     cfg = CompareConfig(methods=("zoo2",), samples_per_iter=16)
     dapo = method_cell(cfg, "dapo", "r").config.ppo

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from rlhf_jax import sweep
-from rlhf_jax.configs import check, check_numbers, positive
+from rlhf_jax.configs import ConfigError, check, check_numbers, positive
 from rlhf_jax.data.task import Task
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages import compare_report as report
@@ -108,6 +108,11 @@ class CompareConfig:
                 g = online_config(m).ppo.group_size
                 check(self.samples_per_iter % g == 0, "samples_per_iter",
                       f"{self.samples_per_iter} does not divide into {m}'s groups of {g}")
+                try:   # the method's own checks (e.g. rows per minibatch), before any training
+                    online_config(m, **_budget(m, self.samples_per_iter))
+                except ConfigError as e:
+                    raise ConfigError(f"samples_per_iter: {self.samples_per_iter} does not suit "
+                                      f"{m}: {e}") from None
         check(self.eval_points <= self.ppo.iterations and self.eval_points <= self.offline.steps,
               "eval_points", "exceeds the number of iterations / steps")
 
@@ -115,6 +120,17 @@ class CompareConfig:
 def _every(total: int, points: int) -> int:
     """Evaluate every ``total // points`` steps (0 = only the final evaluation)."""
     return 0 if points <= 1 else max(total // points, 1)
+
+
+def _budget(method: str, samples_per_iter: int) -> dict:
+    """An online method's preset overrides for ``samples_per_iter`` RM-scored samples per
+    iteration: its prompts per iteration (and DAPO's kept groups, at its oversampling factor)."""
+    hp = online_config(method).ppo
+    out = {"prompts_per_iter": samples_per_iter // hp.group_size}
+    if hp.keep_groups:
+        out["keep_groups"] = max(out["prompts_per_iter"] * hp.keep_groups // hp.prompts_per_iter,
+                                 1)
+    return out
 
 
 def method_cell(cfg: CompareConfig, method: str, reward_dir: str) -> Cell:
@@ -133,10 +149,7 @@ def method_cell(cfg: CompareConfig, method: str, reward_dir: str) -> Cell:
     # PPO keeps the template's algorithm settings; the others take their presets
     overrides = dataclasses.asdict(cfg.ppo.ppo) if method == "ppo" else {}
     if cfg.samples_per_iter:
-        hp = online_config(method).ppo
-        overrides["prompts_per_iter"] = prompts = cfg.samples_per_iter // hp.group_size
-        if hp.keep_groups:   # dynamic sampling keeps its oversampling factor
-            overrides["keep_groups"] = max(prompts * hp.keep_groups // hp.prompts_per_iter, 1)
+        overrides.update(_budget(method, cfg.samples_per_iter))
     return Cell(method, "ppo", online_config(method, ppo=template, **overrides),
                 {"method": method})
 

@@ -131,8 +131,10 @@ def plot(results: dict[str, list[dict]], target_kl: float, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # 10 methods or fewer: matplotlib's default colours; more (``all``): 20 distinct ones
+    cmap = plt.get_cmap("tab20") if len(results) > 10 else None
     for i, (method, runs) in enumerate(results.items()):
-        color = f"C{i}"
+        color = f"C{i}" if cmap is None else cmap(i % 20)
         for j, r in enumerate(runs):
             kl, gold = zip(*[(p[0], p[1]) for p in r["curve"]])
             ax.plot(kl, gold, "-o", color=color, alpha=0.45, lw=1, ms=3,
