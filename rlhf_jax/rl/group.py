@@ -1,4 +1,5 @@
-"""Group-relative advantages (critic-free): GRPO, Dr. GRPO and RLOO, registered in ``ADVANTAGES``.
+"""Group-relative advantages (critic-free): GRPO, Dr. GRPO, RLOO, ``best`` (RAFT) and ``pair``
+(online DPO), registered in ``ADVANTAGES``.
 
 The iteration samples G responses per prompt (``group_size``); the G samples of a prompt are
 consecutive rows (``jnp.repeat`` of the prompts), so a group is a reshape ``[B/G, G]`` of the local

@@ -1,4 +1,7 @@
-"""Stage runners: each takes a frozen config and a run directory and returns the stage summary.
+"""What the experiment scripts compose, per stage: configs, loading a finished upstream run,
+``loss_fn``s, data preparation and summaries.
 
-Experiment scripts in ``experiments/`` are thin command-line wrappers around these.
+The scripts in ``experiments/`` hold the composition itself (``run(cfg, out)``: models, loss or
+compiled iteration, loop, evaluation, summary); drivers such as ``compare`` and ``sentiment`` run
+the scripts in turn.
 """
