@@ -11,9 +11,12 @@ implementation can do, per phase:
   written for the prompt in the prefill, and read over the valid slots (``prompt_len + i``,
   the new token's own included) at decoding step ``i``. Embedding tables that are only gathered
   (GPT-2's ``wpe``; the input table of an untied model) are not read whole and are not counted.
-- **FLOPs**: 2 per matmul weight and token through the body (the output layer only where a token
-  is drawn: the prompt's last position, then every step) plus attention's 4·d_attn FLOPs per
-  query and key slot (QKᵀ and PV; causal in the prefill).
+- **FLOPs**: 2 per weight and token through the layers, plus attention's 4·d_attn FLOPs per
+  query and key slot (QKᵀ and PV; causal in the prefill). Only a drawn token needs the output
+  layer, and in the prefill only the prompt's last position needs anything of the last layer
+  but its keys and values (``sampling.sample`` runs that layer's attention output and MLP there
+  alone, ``output_positions``): the last layer counts its K and V projections at every prompt
+  position and the rest of its weights and its attention at the last one.
 
 The bounds divide these by the machine's rates measured in the same run: the read bandwidth of an
 array far larger than any cache (``read_bandwidth``) and the matmul peak of the run's precision.
@@ -36,6 +39,7 @@ import numpy as np
 # embedding tables a decoding step gathers rows from (never reads whole): the positional one,
 # and the input one when the output layer is a separate matrix
 GATHERED = {"wpe": "always", "wte": "untied", "embed_tokens": "untied"}
+LAYERS = ("h", "layers")            # the transformer blocks' parameters (GPT-2, Llama family)
 
 
 def read_bandwidth(nbytes: int = 512 << 20, reps: int = 8) -> float:
@@ -59,16 +63,25 @@ def read_bandwidth(nbytes: int = 512 << 20, reps: int = 8) -> float:
     return best
 
 
-def weights_read(params, cfg) -> int:
-    """Parameters a forward step reads whole: all but the gathered embedding tables."""
+def _count(params, keep) -> int:
     n = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        top = str(getattr(path[0], "key", path[0]))
-        rule = GATHERED.get(top)
-        if rule == "always" or (rule == "untied" and not cfg.tie_embeddings):
-            continue
-        n += int(np.prod(leaf.shape))
+        if keep(str(getattr(path[0], "key", path[0]))):
+            n += int(np.prod(leaf.shape))
     return n
+
+
+def weights_read(params, cfg) -> int:
+    """Parameters a forward step reads whole: all but the gathered embedding tables."""
+    def keep(top):
+        rule = GATHERED.get(top)
+        return not (rule == "always" or (rule == "untied" and not cfg.tie_embeddings))
+    return _count(params, keep)
+
+
+def layer_weights(params, cfg) -> int:
+    """Parameters of one transformer block (weights, biases, norms)."""
+    return _count(params, lambda top: top in LAYERS) // cfg.n_layers
 
 
 def generation_work(params, cfg, *, batch: int, prompt_len: int, new_tokens: int) -> dict:
@@ -76,23 +89,26 @@ def generation_work(params, cfg, *, batch: int, prompt_len: int, new_tokens: int
     ``steps`` (lists of ``new_tokens - 1``: decoding steps 1 … n − 1)."""
     itemsize = 2 if cfg.precision == "bf16" else 4
     n_read = weights_read(params, cfg)
-    head = cfg.vocab_size * cfg.d_model                           # the output layer's weights
-    body = n_read - head
+    layers = cfg.n_layers
+    layer = layer_weights(params, cfg)
+    kv = 2 * cfg.d_model * cfg.kv_heads * cfg.head_dim           # one layer's K and V weights
     d_attn = cfg.n_heads * cfg.head_dim
-    slot = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * itemsize   # K and V of one token
+    slot = 2 * layers * cfg.kv_heads * cfg.head_dim * itemsize    # K and V of one token
     w_bytes = n_read * itemsize
     p = prompt_len
+    once = n_read - layers * layer                # output layer, final norm: the last position
     prefill = {
         "bytes": w_bytes + batch * p * slot,
-        "flops": batch * (2 * body * p + 2 * head + 4 * cfg.n_layers * d_attn * p * (p + 1) / 2),
+        "flops": batch * (2 * layer * p * (layers - 1) + 2 * kv * p + 2 * (layer - kv) + 2 * once
+                          + 4 * d_attn * ((layers - 1) * p * (p + 1) / 2 + p)),
     }
     ctx = np.arange(1, new_tokens) + p                            # valid slots at step i
     steps = {
         "bytes": (w_bytes + batch * ctx * slot).tolist(),
         "flops": (batch * (2 * n_read + 4 * cfg.n_layers * d_attn * ctx)).astype(float).tolist(),
     }
-    return {"weights_read": n_read, "weight_bytes": w_bytes, "kv_bytes_per_token": slot,
-            "prefill": prefill, "steps": steps}
+    return {"weights_read": n_read, "layer_weights": layer, "weight_bytes": w_bytes,
+            "kv_bytes_per_token": slot, "prefill": prefill, "steps": steps}
 
 
 def bounds(work: dict, *, tokens: int, peak_flops: float, bandwidth: float) -> dict:
