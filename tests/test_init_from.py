@@ -1,4 +1,4 @@
-"""``--init-from DIR``: every stage starts from a Hugging Face checkpoint (GPT-2 and the Llama
+"""``--init-from DIR``: the stages start from a Hugging Face checkpoint (GPT-2 and the Llama
 family), end to end on tiny configs. The checkpoints are exported with ``save_pretrained`` (which
 ``test_hf.py`` checks transformers loads unchanged), with the task's vocabulary as their
 ``tokenizer.json``."""
@@ -48,21 +48,34 @@ def _checkpoint(path: Path, cfg, *, eos_list: bool = False) -> Path:
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def imported_pipeline(request, tmp_path_factory):
+    """Llama: the whole pipeline (SFT → RM → PPO) from its checkpoint; GPT-2: pretraining (0
+    steps) and SFT from its checkpoint (``experiments/sft.py``): what is family-specific is the
+    import, and the later stages load the SFT model whatever its family (the Llama run, and
+    test_experiments.py for models trained here). Returns (family, checkpoint, the run
+    directory holding ``pretrain/``, the SFT run, the summary)."""
     root = tmp_path_factory.mktemp(request.param)
     cfg = (preset("test", max_len=32) if request.param == "gpt2" else
            preset("llama-test", max_len=32, qkv_bias=True, tie_embeddings=True))
     ckpt = _checkpoint(root / "ckpt", cfg, eos_list=request.param == "llama")
     out = root / "pipe"
+    if request.param == "gpt2":
+        sft = [f.replace("--sft.", "--", 1) for f in STAGES[STAGES.index("--sft.steps"):
+                                                           STAGES.index("--reward.steps")]]
+        summary = load("sft").main(["--out", str(out), "--pretrain.init-from", str(ckpt),
+                                    *TASK_FLAGS, *STAGES[:4], *sft])
+        return request.param, ckpt, out, out, summary
     summary = load("pipeline").main(["--out", str(out), "--init-from", str(ckpt), *TASK_FLAGS,
                                       *STAGES])
-    return request.param, ckpt, out, summary
+    return request.param, ckpt, out, out / "sft", summary
 
 
 def test_pipeline_starts_from_the_checkpoint(imported_pipeline):
-    """SFT → RM → PPO from an imported checkpoint: the base model's parameters are the
-    checkpoint's, its tokenizer is the task's, and meta.json records every file's sha256."""
-    family, ckpt, out, summary = imported_pipeline
-    for key in ("gold/base", "gold/sft", "gold/rlhf", "rm/gold_agreement", "kl/rlhf_vs_sft"):
+    """The stages from an imported checkpoint: the base model's parameters are the checkpoint's,
+    its tokenizer is the task's, and meta.json records every file's sha256."""
+    family, ckpt, out, sft_dir, summary = imported_pipeline
+    keys = ("gold/base", "gold/sft") + (("gold/rlhf", "rm/gold_agreement", "kl/rlhf_vs_sft")
+                                        if family == "llama" else ())
+    for key in keys:
         assert key in summary, key
     meta = json.loads((out / "pretrain" / "meta.json").read_text())["init_from"]
     assert meta["path"] == str(ckpt.resolve())
@@ -81,7 +94,7 @@ def test_pipeline_starts_from_the_checkpoint(imported_pipeline):
     assert type(model.cfg).__name__ == {"gpt2": "GPTConfig", "llama": "LlamaConfig"}[family]
     # samples were decoded with the checkpoint's tokenizer (a word-level tokenizer.json)
     tok = HFTokenizer.from_pretrained(ckpt)
-    row = json.loads((out / "sft" / "samples_sft.jsonl").read_text().splitlines()[0])
+    row = json.loads((sft_dir / "samples_sft.jsonl").read_text().splitlines()[0])
     assert set(row["response"].split()) <= set(tok.hf_tokenizer().get_vocab())
     if family == "llama":   # the whole pipeline ran with two EOS ids (sampler semantics: test_sampling)
         assert len(tok.eos_ids) == 2
@@ -92,7 +105,7 @@ def test_later_stages_on_the_imported_pipeline(imported_pipeline, tmp_path):
     pipeline's reward run (Llama only: the stages do not depend on the family, and GPT-2 runs
     them in test_experiments.py; their other presets and losses differ in hyperparameters only,
     not in what they load)."""
-    family, _, out, _ = imported_pipeline
+    family, _, out, _, _ = imported_pipeline
     if family != "llama":
         pytest.skip("the Llama family covers the later stages")
     online = ["--iterations", "2", "--ppo.prompts-per-iter", "4", "--policy-optim.warmup-steps",

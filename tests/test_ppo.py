@@ -166,20 +166,20 @@ def test_rollout_scored_from_the_sampler_equals_the_rescored_rollout(critic):
 
 BRANCHES = {   # name: PPOHParams overrides
     "default": dict(),
-    "sampler_logits": dict(rescore_policy=False),
     # TIS with C = 0.5 halves the policy term against the shared critic's value term
     "shared_critic+entropy+k2_in_loss+tis": dict(critic="shared", entropy_coef=0.05,
                                                  kl_in_loss="k2", kl_coef=0.3, tis_cap=0.5),
-    "ptx+exact_in_loss": dict(ptx_coef=0.3, kl_in_loss="exact", kl_coef=0.3),
+    "ptx+exact_in_loss+sampler_logits": dict(ptx_coef=0.3, kl_in_loss="exact", kl_coef=0.3,
+                                             rescore_policy=False),
 }
 
 
 @pytest.mark.parametrize("branch", sorted(BRANCHES))
 def test_compiled_iteration_equals_its_pieces(branch):
     """Parameters after one iteration (2 epochs × 2 minibatches) equal the written-out pieces, for
-    the default iteration, the sampler's logits, the shared critic with an entropy bonus, k2 in
-    the loss and truncated importance weights, and PPO-ptx with the exact KL in the loss; the rollout's diagnostics equal NumPy
-    references from the logits."""
+    the default iteration, the shared critic with an entropy bonus, k2 in the loss and truncated
+    importance weights, and PPO-ptx with the exact KL in the loss and π_old from the sampler's
+    logits; the rollout's diagnostics equal NumPy references from the logits."""
     models, p_params, ref_params, rm_params, v_params, prompts, pmask = _setup()
     hp = PPOHParams(**{**dict(prompts_per_iter=8, epochs=2, minibatches=2, kl_coef=0.1,
                               no_eos_penalty=0.5), **BRANCHES[branch]})
