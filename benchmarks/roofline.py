@@ -49,9 +49,9 @@ def read_bandwidth(nbytes: int = 512 << 20, reps: int = 8) -> float:
     NumPy's one-thread sum read 14), each the median of ``reps`` calls."""
     n = nbytes // 4
     best = 0.0
+    f = jax.jit(lambda a: jnp.sum(a, axis=1))
     for shape in ((2, n // 2), (n // 4096, 4096)):
         x = jnp.ones(shape, jnp.float32)
-        f = jax.jit(lambda a: jnp.sum(a, axis=1))
         jax.block_until_ready(f(x))
         times = []
         for _ in range(reps):
@@ -105,7 +105,7 @@ def generation_work(params, cfg, *, batch: int, prompt_len: int, new_tokens: int
     ctx = np.arange(1, new_tokens) + p                            # valid slots at step i
     steps = {
         "bytes": (w_bytes + batch * ctx * slot).tolist(),
-        "flops": (batch * (2 * n_read + 4 * cfg.n_layers * d_attn * ctx)).astype(float).tolist(),
+        "flops": (batch * (2 * n_read + 4 * layers * d_attn * ctx)).astype(float).tolist(),
     }
     return {"weights_read": n_read, "layer_weights": layer, "weight_bytes": w_bytes,
             "kv_bytes_per_token": slot, "prefill": prefill, "steps": steps}

@@ -44,20 +44,12 @@ def _sample_jit(model, params, prompts, mask, key, example_ids, *, cfg, eos_id, 
                   example_ids=example_ids)
 
 
-def generate(model: Model, params, task: Task, prompts: Sequence[Prompt], key: jax.Array, *,
-             n_samples: int, sampling: SamplingConfig, prompt_len: int, batch_size: int = 256
-             ) -> tuple[list[Prompt], list[str]]:
-    """``n_samples`` responses per prompt (prompt-major order), decoded to text."""
-    flat, texts, _ = generate_ids(model, params, task, prompts, key, n_samples=n_samples,
-                                  sampling=sampling, prompt_len=prompt_len, batch_size=batch_size)
-    return flat, texts
-
-
 def generate_ids(model: Model, params, task: Task, prompts: Sequence[Prompt], key: jax.Array, *,
                  n_samples: int, sampling: SamplingConfig, prompt_len: int, batch_size: int = 256
                  ) -> tuple[list[Prompt], list[str], list[list[int]]]:
-    """:func:`generate`, and each response's sampled ids (its
-    :func:`~rlhf_jax.data.tokenizers.response_ids`: before EOS, without padding and BOS)."""
+    """``n_samples`` responses per prompt (prompt-major order): the prompts, the responses decoded
+    to text, and each response's sampled ids (its :func:`~rlhf_jax.data.tokenizers.response_ids`:
+    before EOS, without padding and BOS)."""
     tok = task.tokenizer
     flat = [p for p in prompts for _ in range(n_samples)]
     ids, mask = encode_prompts(tok, flat, prompt_len)
