@@ -241,3 +241,52 @@ def test_heldout_recomputations_read_the_stored_ids(task):
     assert sum(canonical) > sum(spelling)
     assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, records) == 1.0
     assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, old) == 0.0
+
+
+class _Forgetful(bpe.RoundTripTokenizer):
+    """The task's BPE decoding without remembering: what encoding a sampled text gives in a new
+    process."""
+
+    def decode(self, ids, *, remember: bool = True) -> str:
+        return super().decode(ids, remember=False)
+
+
+def test_best_of_n_ranks_and_records_the_sampled_ids(task):
+    """Best-of-N scores each candidate's sampled ids (not its text's encoding) and stores the
+    winner's: with an RM that sums the response tokens, every pick is the candidate whose
+    *sampled* ids sum highest, and its record holds those ids."""
+    import jax
+
+    from rlhf_jax.evaluate import best_of_n, generate_ids
+    from rlhf_jax.models import create_model
+    from rlhf_jax.models.config import preset
+    from rlhf_jax.sampling import SamplingConfig
+
+    tok = _Forgetful(Tokenizer.from_str(task.tokenizer.to_json()), eos_ids=[2], pad_id=0,
+                     bos_id=1)
+    forgetful = types.SimpleNamespace(tokenizer=tok, prompts=task.prompts, judge=task.judge,
+                                      summarize=task.summarize)
+    model, params = create_model(preset("test", vocab_size=tok.vocab_size), jax.random.key(0))
+    shapes = types.SimpleNamespace(prompt_len=24, max_new_tokens=10, eval_samples=2)
+    n, key = 4, jax.random.key(3)
+    lp = shapes.prompt_len
+    rm_sum = lambda prm, tokens, mask: (tokens[:, lp:] * mask[:, lp:]).sum(-1) * 1.0  # noqa: E731
+
+    _, records = best_of_n(model, params, rm_sum, None, forgetful, shapes, key, n=n)
+    prompts = task.prompts("heldout")
+    _, texts, ids = generate_ids(model, params, forgetful, prompts, key,
+                                 n_samples=shapes.eval_samples * n,
+                                 sampling=SamplingConfig(max_new_tokens=shapes.max_new_tokens),
+                                 prompt_len=lp)
+    eos = [tok.eos_id]
+    moved = 0
+    for r, (i, j) in zip(records, [(i, j) for i in range(len(prompts))
+                                   for j in range(shapes.eval_samples)], strict=True):
+        cands = range((i * shapes.eval_samples + j) * n, (i * shapes.eval_samples + j + 1) * n)
+        sums = [sum(ids[c] + eos) for c in cands]
+        best = list(cands)[int(np.argmax(sums))]
+        assert (r["uid"], r["sample"]) == (prompts[i].uid, j)
+        assert (r["response"], r["response_ids"]) == (texts[best], ids[best])
+        encoded = [sum(tok.encode(texts[c]) + eos) for c in cands]
+        moved += int(np.argmax(encoded)) != int(np.argmax(sums))
+    assert moved, "no pick where the encoded texts rank otherwise: the test cannot tell"
