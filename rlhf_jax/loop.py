@@ -17,6 +17,7 @@ checkpoint ever holds a state after an unchecked step. ``on_nonfinite="stop"`` r
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -125,59 +126,69 @@ def fit(state: Any, step_fn: Callable, batch_at: Callable[[int], Any], *, steps:
         progress.message(f"{prefix}: stopped early at step {start} (checkpoint); not resumed")
         return state
     bar = progress.Progress(desc or prefix, steps, start)
-    s = start - 1
-    for s in range(start, steps):
-        state, metrics, *aux = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
-        watch.push(s, metrics)
-        done = s + 1
-        extra = on_step(done, state) if on_step is not None else None
-        shown = {}
-        if extra or done % log_every == 0 or done == steps:
-            watch.flush()
-            row = {f"{kp}{k}": float(v) for k, v in jax.device_get(metrics).items()}
-            if on_nonfinite == "skip":
-                row[f"{prefix}/nonfinite_steps"] = float(watch.skipped)
-            if on_log is not None:
-                row.update(on_log(done, row, aux[0] if aux else None) or {})
-            row.update(extra or {})
-            run.log_metrics(done, row)
-            shown = {k: row[v] for k, v in show.items() if v in row}
-            stopped = stop is not None and bool(stop(done, row))
-        else:
-            stopped = False
-        if ckpt is not None and (stopped or done == steps
-                                 or (checkpoint_every and done % checkpoint_every == 0)):
-            watch.flush()
-            ckpt.save(done, state, extra={"next_step": done, "key": key_data(key),
-                                          **({"stopped": True} if stopped else {})})
-        bar.update(done, **shown)
-        if stopped:
-            progress.message(f"{prefix}: stopped early after step {done} of {steps}")
-            break
-    watch.flush()
-    jax.block_until_ready(state)
+    done = start
+    try:
+        for s in range(start, steps):
+            state, metrics, *aux = step_fn(state, batch_at(s), jax.random.fold_in(key, s))
+            done = s + 1
+            watch.push(done, metrics)
+            extra = on_step(done, state) if on_step is not None else None
+            shown = {}
+            if extra or done % log_every == 0 or done == steps:
+                watch.flush()
+                row = {f"{kp}{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                if on_nonfinite == "skip":
+                    row[f"{prefix}/nonfinite_steps"] = float(watch.skipped)
+                if on_log is not None:
+                    row.update(on_log(done, row, aux[0] if aux else None) or {})
+                row.update(extra or {})
+                run.log_metrics(done, row)
+                shown = {k: row[v] for k, v in show.items() if v in row}
+                stopped = stop is not None and bool(stop(done, row))
+            else:
+                stopped = False
+            if ckpt is not None and (stopped or done == steps
+                                     or (checkpoint_every and done % checkpoint_every == 0)):
+                watch.flush()
+                ckpt.save(done, state, extra={"next_step": done, "key": key_data(key),
+                                              **({"stopped": True} if stopped else {})})
+            bar.update(done, **shown)
+            if stopped:
+                progress.message(f"{prefix}: stopped early after step {done} of {steps}")
+                break
+        watch.flush()
+        jax.block_until_ready(state)
+    finally:   # a save still in flight holds a checked state: let it land, also on an error
+        if ckpt is not None:
+            ckpt.wait()
     bar.close()
-    run.log_timing(stage=prefix, steps=s + 1 - start, seconds=time.perf_counter() - t0)
-    if ckpt is not None:
-        ckpt.wait()
+    run.log_timing(stage=prefix, steps=done - start, seconds=time.perf_counter() - t0)
     return state
 
 
 def truncate_metrics(run: RunDir, step: int) -> None:
-    """Drop ``metrics.jsonl`` rows logged after ``step`` (they will be logged again), and a last
-    row cut short by a kill."""
+    """Drop ``metrics.jsonl`` rows logged after ``step`` (they will be logged again) and a last
+    line cut short by a kill; the file is replaced in one rename, so a failure here loses no
+    row. Any other line that is not JSON is refused, naming file and line, and nothing
+    changes."""
     path = run.path / "metrics.jsonl"
     if not (run.writer and path.exists()):
         return
+    lines = path.read_text().splitlines()
     keep = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            continue                  # the half-written last line of a killed run
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue              # the half-written last line of a killed run
+            raise ValueError(f"{path}, line {i + 1}: not a JSON row ({e}); the run directory "
+                             "was edited or damaged, fix or remove that line to resume") from e
         if row["step"] <= step:
             keep.append(line)
-    path.write_text("".join(r + "\n" for r in keep))
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in keep))
+    os.replace(tmp, path)
 
 
 def resume(state: Any, ckpt: Checkpointer, run: RunDir, key: jax.Array | None = None, *,
@@ -187,7 +198,8 @@ def resume(state: Any, ckpt: Checkpointer, run: RunDir, key: jax.Array | None = 
     stage resumes here, and says so in one line (``stage`` names it; default: the run
     directory's name)."""
     step = ckpt.latest_step()
-    if step is None:
+    if step is None:   # a start, or a rerun of a run killed before its first checkpoint
+        truncate_metrics(run, 0)
         return state
     restored, extra = ckpt.restore(state, step)
     if key is not None and "key" in extra and extra["key"] != key_data(key):

@@ -119,6 +119,30 @@ def test_truncate_metrics_drops_later_rows_and_a_half_written_line(tmp_path):
         == [5, 10]
 
 
+def test_truncate_metrics_refuses_a_damaged_row_inside_the_file_and_changes_nothing(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5}\n{"step": 10, "lo\n{"step": 15}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON row"):
+        truncate_metrics(RunDir(tmp_path), 15)
+    assert path.read_text() == '{"step": 5}\n{"step": 10, "lo\n{"step": 15}\n'
+
+
+def test_a_rerun_of_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(tmp_path):
+    """Rows a killed run logged before any checkpoint (the last one cut short) are logged again
+    by the rerun, which starts from step 0: the file holds each step once, as an uninterrupted
+    run's does."""
+    run = RunDir(tmp_path)
+    for s in (2, 4):
+        run.log_metrics(s, {"loss": float(s)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    state = _toy_state(OptimConfig(warmup_steps=0))
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert resume(state, ckpt, run, jax.random.key(0)) is state
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    ckpt.close()
+
+
 # --------------------------------------------------------------------------- non-finite steps
 def _toy_state(optim: OptimConfig):
     params = {"w": jnp.ones((4,), jnp.float32)}
@@ -146,13 +170,30 @@ def _toy_fit(tmp_path, mode, bad_step=3):
 
 
 def test_nonfinite_step_stops_naming_step_and_metrics_without_a_bad_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteError, match=r"toy: step 3 .*loss=inf"):
+    """The 4th step (batch 3) is non-finite: the error and ``nonfinite.json`` name step 4, as
+    ``metrics.jsonl`` counts steps, and the last checkpoint is the one after step 3."""
+    with pytest.raises(NonFiniteError, match=r"toy: step 4 .*after step 3 .*loss=inf"):
         _toy_fit(tmp_path, "stop")
     ckpt = Checkpointer(tmp_path / "stop" / "checkpoints")
-    assert ckpt.latest_step() == 3       # steps 0..2 done; nothing saved after the bad step
+    assert ckpt.latest_step() == 3       # steps 1..3 done; nothing saved after the bad step
     state, _ = ckpt.restore(_toy_state(OptimConfig(warmup_steps=0)))
     assert np.isfinite(np.asarray(state.params["w"])).all()
-    assert json.loads((tmp_path / "stop" / "nonfinite.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "stop" / "nonfinite.json").read_text())["step"] == 4
+    ckpt.close()
+
+
+def test_nonfinite_stop_lets_the_checkpoint_still_being_saved_land(tmp_path):
+    """An asynchronous save of the last checked state is finished before the error leaves
+    ``fit``: a rerun resumes from it."""
+    optim = OptimConfig(learning_rate=0.1, warmup_steps=0)
+    ckpt = Checkpointer(tmp_path / "checkpoints")   # asynchronous
+    step = jax.jit(make_train_step(_toy_loss), donate_argnums=0)
+    batch_at = lambda s: {"scale": jnp.float32(np.inf if s == 3 else 1.0)}  # noqa: E731
+    with pytest.raises(NonFiniteError):
+        fit(_toy_state(optim), step, batch_at, steps=8, key=jax.random.key(0),
+            run=RunDir(tmp_path), prefix="toy", log_every=1, checkpoint_every=3, ckpt=ckpt)
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
     ckpt.close()
 
 
