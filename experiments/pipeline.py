@@ -44,11 +44,15 @@ def run(cfg: PipelineConfig, out: str | Path, final: tuple[str, str, Any] | None
         ("reward", "reward", dataclasses.replace(cfg.reward, sft_dir=str(out / "sft"))),
         (last, script, dataclasses.replace(last_cfg, reward_dir=str(out / "reward"))),
     )
+    ran = False
     for name, script, stage_cfg in stages:
         if (out / name / "summary.json").exists():
             progress.reused(name, out / name)
         else:
             scripts.run(script, dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
+            ran = True
+    if not ran and (out / "summary.json").exists():   # a rerun of a finished pipeline: as it was
+        return run.read_summary()
     summary = dict(RunDir(out / last).read_summary())
     summary["time_s/pipeline"] = time.perf_counter() - t0
     run.write_summary(summary)

@@ -102,6 +102,32 @@ def _differences(a: Any, b: Any, prefix: str = "", config: Any = None) -> list[s
     return [] if a == b else [prefix.rstrip(".") or "<root>"]
 
 
+def read_config_json(path: Path) -> dict:
+    """A run directory's ``config.json``; an unreadable one is an error naming the file."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON config ({e}); the run directory was edited or "
+                          "damaged") from e
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return config
+
+
+def config_differences(stored: dict, config: Any) -> list[str]:
+    """Dotted names of the fields where ``config`` (a config dataclass, or a mapping) differs
+    from a stored ``config.json``; a field the dataclass gained since is no difference at its
+    default."""
+    cfg = config if dataclasses.is_dataclass(config) else None
+    new = json.loads(json.dumps(_jsonable(dataclasses.asdict(cfg) if cfg else config),
+                                default=str))
+    return _differences(stored, new, config=cfg)
+
+
+# meta.json entries whose file digests a rerun must match: entry -> key of its digests
+INPUT_DIGESTS = {"init_from": "files", "data": "files"}
+
+
 class RunDir:
     """One experiment's run directory. Only process 0 writes (multi-host safe)."""
 
@@ -133,9 +159,7 @@ class RunDir:
             config = dataclasses.asdict(cfg)
         path = self.path / "config.json"
         if path.exists():
-            old = json.loads(path.read_text())
-            new = json.loads(json.dumps(_jsonable(config), default=str))
-            diff = _differences(old, new, config=cfg)
+            diff = config_differences(read_config_json(path), cfg or config)
             if diff:
                 raise ConfigError(
                     f"{path} holds a different config; differing fields: {', '.join(diff[:10])}"
@@ -143,12 +167,30 @@ class RunDir:
         self._write_json("config.json", config)
 
     def write_meta(self, *, seed: int, extra: Mapping[str, Any] | None = None) -> None:
-        self._write_json("meta.json", {
-            "rlhf_jax_version": rlhf_jax.__version__, "jax_version": jax.__version__,
-            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-            "python": platform.python_version(), "seed": seed, "git_commit": _git_commit(),
-            "git_dirty": _git_dirty(),
-            "argv": sys.argv, **(extra or {})})
+        """Write ``meta.json``: versions, devices, seed, commit, argv and ``extra`` (e.g. the
+        digests of the input files a run reads). A rerun keeps the record of the run's start and
+        appends its own versions, devices, commit and argv to ``"resumed"``; input files whose
+        digests differ from the recorded ones (:data:`INPUT_DIGESTS`) are refused first."""
+        meta = {"rlhf_jax_version": rlhf_jax.__version__, "jax_version": jax.__version__,
+                "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+                "python": platform.python_version(), "seed": seed, "git_commit": _git_commit(),
+                "git_dirty": _git_dirty(), "argv": sys.argv, **(extra or {})}
+        path = self.path / "meta.json"
+        if path.exists():
+            old = _read_json(path)
+            for key, digests in INPUT_DIGESTS.items():
+                was, now = (old.get(key) or {}).get(digests), (meta.get(key) or {}).get(digests)
+                if was is not None and was != now:
+                    now = now or {}
+                    names = sorted(n for n in {*was, *now} if was.get(n) != now.get(n))
+                    raise ConfigError(
+                        f"{path}: {key} files changed since the run started ({', '.join(names)};"
+                        " sha256 recorded there) — resuming on other inputs would mix two runs: "
+                        "use a new run directory")
+            meta = {**old, "resumed": [*old.get("resumed", []), {
+                k: meta[k] for k in ("rlhf_jax_version", "jax_version", "devices",
+                                     "process_count", "git_commit", "git_dirty", "argv")}]}
+        self._write_json("meta.json", meta)
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append a row to ``metrics.jsonl`` (and mirror it to TensorBoard / W&B when

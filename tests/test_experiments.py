@@ -134,11 +134,42 @@ def test_reward_end_to_end_on_small_config(reward_run, tmp_path):
     assert again["rm/noise_ceiling"] == summary["rm/noise_ceiling"]
 
 
-def test_missing_upstream_run_is_a_named_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrain_dir"):
-        load("sft").main(["--out", str(tmp_path / "s"), "--pretrain-dir", str(tmp_path / "nope")])
-    with pytest.raises(FileNotFoundError, match="sft_dir"):
-        load("reward").main(["--out", str(tmp_path / "r"), "--sft-dir", str(tmp_path / "nope")])
+def _refused(script: str, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        load(script).main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_wrong_or_contradicted_upstream_run_is_a_named_error(sft_run, tmp_path, capsys):
+    """An upstream directory that holds no finished run, a run of another stage, or a finished
+    run that the command's upstream flags contradict (they would be dropped silently) is
+    refused naming the field and, for a contradiction, the flags; nothing is written."""
+    err = _refused("sft", ["--out", str(tmp_path / "s"), "--pretrain-dir", str(tmp_path / "no")],
+                   capsys)
+    assert "pretrain_dir" in err and "no finished run" in err
+    assert "sft_dir" in _refused("reward", ["--out", str(tmp_path / "r"), "--sft-dir",
+                                            str(tmp_path / "no")], capsys)
+    # what the checks read of a finished run: its config and summary
+    copy = tmp_path / "s1"
+    for d in (copy, copy / "pretrain"):
+        d.mkdir()
+        for name in ("config.json", "summary.json"):
+            shutil.copy(sft_run / d.relative_to(copy) / name, d / name)
+    err = _refused("reward", ["--out", str(tmp_path / "r"), "--sft-dir", str(copy / "pretrain")],
+                   capsys)
+    assert "sft_dir" in err and "not a finished sft run" in err
+    # a given run: only the upstream flags set on the command line count
+    err = _refused("sft", ["--out", str(tmp_path / "s2"), "--pretrain-dir", str(copy / "pretrain"),
+                           "--pretrain.steps", "31", "--pretrain.model.n-heads", "2", *TINY_SFT],
+                   capsys)
+    assert "pretrain_dir" in err and "steps" in err and "n_heads" not in err
+    # the run's own upstream directory, rerun with another upstream setting
+    flags = [f if f != "30" else "31" for f in TINY_PRETRAIN]
+    err = _refused("sft", ["--out", str(copy), *flags, *TINY_SFT], capsys)
+    assert "pretrain_dir" in err and ": steps —" in err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists()
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json", "pretrain", "summary.json"]
 
 
 def test_ppo_end_to_end_on_small_config(pipeline_run, tmp_path):
@@ -244,5 +275,6 @@ def test_pipeline_end_to_end_on_small_config(pipeline_run, tmp_path):
     shutil.copytree(pipeline_run, out)
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*") if p.is_file()}
     again = load("pipeline").main(["--out", str(out), *SMALL_PIPELINE])
-    assert again["gold/rlhf"] == summary["gold/rlhf"]
+    assert again == summary, "the rerun changed the finished pipeline's summary (its wall time)"
+    assert json.loads((out / "summary.json").read_text()) == summary
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a finished stage was rerun"

@@ -26,6 +26,37 @@ def _strict_json(text: str):
 
 
 # --------------------------------------------------------------------------- RunDir
+def test_a_rerun_keeps_the_start_record_and_refuses_changed_input_files(tmp_path, monkeypatch):
+    """meta.json keeps how the run started and lists each rerun; a rerun whose checkpoint or data
+    files differ from the recorded digests is refused naming them, and nothing is rewritten."""
+    monkeypatch.setattr(runs, "_git_commit", lambda: "start")
+    run = RunDir(tmp_path)
+    files = {"config.json": "c1", "model.safetensors": "w1"}
+    run.write_meta(seed=1, extra={"init_from": {"path": "/a", "files": files},
+                                  "data": {"files": {"train.jsonl": "d1"}}})
+    monkeypatch.setattr(runs, "_git_commit", lambda: "later")
+    run.write_meta(seed=1, extra={"init_from": {"path": "/moved", "files": dict(files)},
+                                  "data": {"files": {"train.jsonl": "d1"}}})
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["git_commit"] == "start" and meta["init_from"]["path"] == "/a"
+    assert [r["git_commit"] for r in meta["resumed"]] == ["later"]
+    before = (tmp_path / "meta.json").read_text()
+    for extra, named in (
+            ({"init_from": {"files": {**files, "model.safetensors": "w2"}}}, "model.safetensors"),
+            ({"init_from": {"files": files}, "data": {"files": {"train.jsonl": "d2"}}},
+             "train.jsonl")):
+        with pytest.raises(runs.ConfigError, match=rf"files changed since .*\({named};"):
+            run.write_meta(seed=1, extra=extra)
+        assert (tmp_path / "meta.json").read_text() == before
+
+
+def test_a_damaged_config_json_is_an_error_naming_it(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "config.json").write_text('{"steps": 3')
+    with pytest.raises(runs.ConfigError, match=r"config.json: not a JSON config"):
+        run.write_config({"steps": 3})
+
+
 def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "_git_commit", lambda: "abc123")
     monkeypatch.setattr(runs, "_git_dirty", lambda: True)

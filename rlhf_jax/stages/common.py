@@ -20,7 +20,7 @@ from rlhf_jax.models import ModelConfig, create_model
 from rlhf_jax.models.hf import load_config
 from rlhf_jax.parallel import (AXIS, data_parallel, fsdp_specs, make_fsdp_train_step, make_mesh,
                                place, shard_batch, state_specs, unshard)
-from rlhf_jax.runs import RunDir
+from rlhf_jax.runs import RunDir, config_differences, read_config_json
 from rlhf_jax.tasks import TaskConfig, build_task
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
@@ -38,18 +38,53 @@ def check_context(model: ModelConfig, task: TaskConfig, field: str = "task.max_n
           f"model context {model.max_len}")
 
 
-def upstream_run(given: str, default: Path, script: str, default_cfg, field: str) -> Path:
+def upstream_run(given: str, default: Path, script: str, default_cfg, field: str, *,
+                 flags=None) -> Path:
     """The finished run a stage starts from: ``given`` (must hold a finished run, else an error
     naming ``field``), or a default run of ``experiments/<script>.py`` with ``default_cfg`` into
-    ``default`` unless one already finished there (then reused, and said so)."""
+    ``default`` unless one already finished there (then reused, and said so).
+
+    A reused run must not contradict the command: a default run whose config differs from
+    ``default_cfg``, or a ``given`` one that differs in an upstream flag set on the command line
+    (``flags``, default ``default_cfg``: the fields that differ from the class defaults), is
+    refused naming the fields, since those flags would otherwise be dropped silently."""
     path = Path(given) if given else default
     if (path / "summary.json").exists():
+        _check_reused(path, script, default_cfg, flags or default_cfg, field, bool(given))
         progress.reused(script, path)
     elif given:
-        raise FileNotFoundError(f"{field} {path} holds no finished run (no summary.json)")
+        check(False, field, f"{path} holds no finished run (no summary.json)")
     else:
         scripts.run(script, default_cfg, path)
     return path
+
+
+def _resolved(config: dict, name: str) -> bool:
+    """Whether dotted ``name`` is a field a stage fills in when it runs: an upstream directory
+    left empty in ``config`` (and the upstream's config beside it), or the model's vocabulary
+    (the task tokenizer's size)."""
+    value = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None,
+                             name.split("."), config)
+    return (name.endswith("_dir") and value == "") or name.endswith("model.vocab_size")
+
+
+def _check_reused(path: Path, script: str, cfg, flags, field: str, given: bool) -> None:
+    stored = read_config_json(path / "config.json")
+    missing = [f.name for f in dataclasses.fields(cfg)
+               if dataclasses.is_dataclass(getattr(cfg, f.name)) and f.name not in stored]
+    check(not missing, field, f"{path} is not a finished {script} run: its config.json has no "
+          f"{', '.join(missing)}")
+    new = dataclasses.asdict(cfg)
+    diff = [d for d in config_differences(stored, cfg) if not _resolved(new, d)]
+    if given:   # only the upstream flags set on the command line can contradict a given run
+        user = set(config_differences(dataclasses.asdict(type(flags)()), flags))
+        diff = [d for d in diff if d in user]
+    check(not diff, field,
+          f"the finished run {path} it reuses was made with other settings than this command's: "
+          f"{', '.join(diff[:10])} — drop those flags (the run's own config is used), or use "
+          "another directory" if given else
+          f"the finished upstream run {path} was made with other settings than this command's: "
+          f"{', '.join(diff[:10])} — use the same options, or a new output directory")
 
 
 def read_config(run_dir: str | Path, config_cls: type):
