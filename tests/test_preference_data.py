@@ -12,6 +12,7 @@ Fixtures (tests/fixtures/) are tiny files in the upstream formats:
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -212,6 +213,117 @@ def test_collect_mode_reports_every_malformed_row(tmp_path):
         pf.read_hh_rlhf(path)
 
 
+def hh_row(chosen: str = " Paris.", rejected: str = " Rome.") -> str:
+    prompt = "\n\nHuman: What is the capital of France?\n\nAssistant:"
+    return json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected})
+
+
+def summarize_row(first: str = " Summary one.", second: str = " Summary two.") -> str:
+    row = json.loads(SUMMARIZE.read_text(encoding="utf-8").splitlines()[0])
+    return json.dumps({**row, "summaries": [{"text": first}, {"text": second}]})
+
+
+def write_lines(path: pathlib.Path, lines: list[str]) -> pathlib.Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def located(reader, path, **kwargs) -> PreferenceDataError:
+    with pytest.raises(PreferenceDataError) as info:
+        reader(path, **kwargs)
+    assert str(path) in str(info.value)
+    return info.value
+
+
+def test_lone_surrogate_is_refused_naming_file_line_and_field(tmp_path):
+    """TFDS cannot store such text (UnicodeEncodeError naming no file): refused when parsed."""
+    hh = write_lines(tmp_path / "train.jsonl", [hh_row(), hh_row(chosen=" \ud800")])
+    assert "\\ud800" in hh.read_text()  # as the JSON escape, which decodes to a lone surrogate
+    err = located(pf.read_hh_rlhf, hh)
+    assert (err.line, err.field) == (2, "chosen") and "lone surrogate" in str(err)
+    pairs, stats = pf.read_hh_rlhf(hh, on_error="collect")
+    assert len(pairs) == 1 and [(e.line, e.field) for e in stats.errors] == [(2, "chosen")]
+    summ = write_lines(tmp_path / "comparisons.jsonl", [summarize_row(second=" \udfff x")])
+    err = located(pf.read_summarize_comparisons, summ)
+    assert (err.line, err.field) == (1, "summaries[1].text")
+
+
+def test_deeply_nested_json_is_a_bad_row(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", [hh_row(), "[" * 100_000, hh_row()])
+    err = located(pf.read_hh_rlhf, path)
+    assert (err.line, err.field) == (2, "(row)") and "nested too deeply" in str(err)
+    pairs, stats = pf.read_hh_rlhf(path, on_error="collect")
+    assert len(pairs) == 2 and [e.line for e in stats.errors] == [2]
+
+
+def test_duplicate_json_keys_are_refused_naming_the_key(tmp_path):
+    row = hh_row()
+    twice = row.replace('{"chosen": ', '{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", '
+                                       '"chosen": ', 1)
+    assert json.loads(twice) == json.loads(row)  # what plain JSON decoding would accept
+    path = write_lines(tmp_path / "train.jsonl", [row, twice])
+    err = located(pf.read_hh_rlhf, path)
+    assert (err.line, err.field) == (2, "(row)") and "duplicate key 'chosen'" in str(err)
+    nested = summarize_row().replace('"post": ', '"post": "other", "post": ', 1)
+    err = located(pf.read_summarize_comparisons,
+                  write_lines(tmp_path / "comparisons.jsonl", [nested]))
+    assert err.line == 1 and "duplicate key 'post'" in str(err)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n", gzip.compress(b"\n\n")],
+                         ids=["empty", "blank-lines", "gzipped-blank-lines"])
+def test_file_without_rows_is_refused_naming_it(tmp_path, content):
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(content)
+    for reader in (pf.read_hh_rlhf, pf.read_summarize_comparisons):
+        err = located(reader, path)
+        assert (err.path, err.line, err.field) == (str(path), None, "(file)")
+        assert "no rows" in str(err)
+
+
+def test_identical_responses_are_left_out_and_counted(tmp_path):
+    """A pair with chosen == rejected carries no preference: not trained on (it would count as a
+    tie), not an error, but counted."""
+    path = write_lines(tmp_path / "train.jsonl",
+                       [hh_row(), hh_row(rejected=" Paris."), "", hh_row(" Lyon.", " Lyon.")])
+    pairs, stats = pf.read_hh_rlhf(path)
+    assert [p["id"] for p in pairs] == [f"{tmp_path.name}/train:1"]
+    assert (stats.rows, stats.examples, stats.identical_pairs_skipped, stats.errors) == \
+           (3, 1, 2, [])
+    assert stats.as_dict()["identical_pairs_skipped"] == 2
+    summ = write_lines(tmp_path / "comparisons.jsonl",
+                       [summarize_row(), summarize_row(" Same.", " Same.")])
+    pairs, stats = pf.read_summarize_comparisons(summ)
+    assert len(pairs) == 1 and (stats.examples, stats.identical_pairs_skipped) == (1, 1)
+
+
+def test_hh_truncation_always_keeps_a_human_turn_first(tmp_path):
+    """Consecutive Assistant turns: the last ``max_turns`` turns may hold no Human turn; the prompt
+    is then cut at the last Human turn before them, never at an Assistant turn."""
+    prompt = "\n\nHuman: q\n\nAssistant: a1\n\nAssistant: a2\n\nAssistant:"
+    for max_turns in (1, 2, 3):
+        assert pf.truncate_hh_prompt(prompt, max_turns) == (prompt, 0)
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps(
+        {"chosen": prompt + " final", "rejected": prompt + " other"})])
+    pairs, stats = pf.read_hh_rlhf(path, max_prompt_turns=1)
+    assert pairs[0]["prompt"] == prompt and stats.prompts_truncated == 0
+    longer = "\n\nHuman: q\n\nAssistant: a\n\nHuman: r" + prompt[len("\n\nHuman: q"):]
+    assert pf.truncate_hh_prompt(longer, 2) == (longer[longer.index("\n\nHuman: r"):], 2)
+    for n in range(2, 7):  # every prompt of n turns that starts with Human, every budget < n
+        for rest in itertools.product(("Human", "Assistant"), repeat=n - 1):
+            roles = ("Human",) + rest
+            prompt = "".join(f"\n\n{r}: t{i}" for i, r in enumerate(roles)) + pf.ASSISTANT
+            for max_turns in range(1, n):
+                kept, dropped = pf.truncate_hh_prompt(prompt, max_turns)
+                assert kept.startswith(pf.HUMAN) and prompt.endswith(kept), (roles, max_turns)
+                assert pf.count_hh_turns(kept) == n - dropped and roles[dropped] == "Human"
+                window = range(n - max_turns, n)
+                if any(roles[i] == "Human" for i in window):  # the first Human turn in it
+                    assert dropped == next(i for i in window if roles[i] == "Human")
+                else:  # the last Human turn before it
+                    assert "Human" not in roles[dropped + 1:]
+
+
 # ----------------------------------------------------------------------------------------------
 # K-wise records
 
@@ -399,6 +511,41 @@ def test_builder_can_collect_malformed_rows_into_metadata(tmp_path):
     assert (summary["examples"], summary["malformed_rows_left_out"]) == (1, 1)
     assert "line 2: field 'rejected'" in summary["files"][0]["errors"][0]
     assert len(prefs.load_preference_source(tmp_path, "hh_rlhf", "train")) == 1
+
+
+def test_builder_names_the_file_of_bad_text_and_of_a_split_without_pairs(tmp_path):
+    """What TFDS would report naming no file (a surrogate it cannot encode, a split that yields
+    nothing) is refused naming the file; identical pairs are counted in the metadata."""
+    good = (FIXTURES / "hh_rlhf_split" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    split = tmp_path / "split"
+    split.mkdir()
+    train = write_lines(split / "train.jsonl", good[:3] + [hh_row(rejected=" Paris.")])
+
+    def prepare(test_lines, name):
+        write_lines(split / "test.jsonl", test_lines)
+        builder = prefs.HhRlhf(split_paths=prefs.split_files(split), data_dir=tmp_path / name)
+        builders.append(builder)
+        builder.download_and_prepare()
+        return builder
+
+    builders = []
+    for test_lines, match in [
+            ([], r"test.jsonl: field '\(file\)': no rows"),
+            (["", ""], r"test.jsonl: field '\(file\)': no rows"),
+            ([hh_row(" Same.", " Same.")], r"test.jsonl: field '\(file\)': no pairs for split "
+                                          r"'test': every row was left out \(0 malformed, 1 with"),
+            ([good[3], hh_row(chosen=" \ud800")], r"test.jsonl: line 2: field 'chosen': not valid "
+                                                  r"Unicode text: lone surrogate")]:
+        with pytest.raises(PreferenceDataError, match=match):
+            prepare(test_lines, "bad")
+        if not test_lines:  # refused before any split is parsed or written
+            assert builders[-1].parse_stats == {}
+            assert not list((tmp_path / "bad").rglob("*.array_record*"))
+    summary = prepare([good[3]], "ok").info.metadata["splits"]
+    assert (summary["train"]["examples"], summary["train"]["identical_pairs_skipped"]) == (3, 1)
+    assert summary["train"]["files"][0]["identical_pairs_skipped"] == 1
+    assert summary["train"]["files"][0]["path"] == train.name
+    assert summary["test"]["identical_pairs_skipped"] == 0
 
 
 def test_no_tensorflow_needed(data_dir):

@@ -24,8 +24,9 @@ Supported formats:
   "choice": 0 | 1}``; the prompt is
   ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``.
 
-Malformed rows are never skipped silently; how errors name the file, line and field, and what
-``on_error="collect"`` keeps, is described in :mod:`rlhf_jax.data.preference_rows`.
+Malformed rows are never skipped silently; how errors name the file, line and field, what
+``on_error="collect"`` keeps, and how rows with identical chosen and rejected responses are left
+out and counted, is described in :mod:`rlhf_jax.data.preference_rows`.
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ def truncate_hh_prompt(prompt: str, max_turns: int | None) -> tuple[str, int]:
       the trailing ``"\\n\\nAssistant:"`` (where the response goes) is not a turn and is always
       kept;
     * if the prompt has more than ``max_turns`` turns, the oldest are dropped so that at most
-      ``max_turns`` remain, and then a leading Assistant turn is dropped too, so the truncated
-      prompt still starts with ``"\\n\\nHuman:"`` (it may keep ``max_turns - 1`` turns);
+      ``max_turns`` remain, and then leading Assistant turns are dropped too, so the truncated
+      prompt still starts with ``"\\n\\nHuman:"`` (it may keep fewer than ``max_turns`` turns);
+    * if none of the last ``max_turns`` turns is a Human turn (consecutive Assistant turns), the
+      prompt is cut at the last Human turn before them instead, so it starts with a Human turn
+      but keeps more than ``max_turns`` turns (or is kept whole, if that is its first turn);
     * the result is a verbatim suffix of the original prompt (no text is rewritten);
     * ``max_turns=None`` disables truncation.
 
@@ -112,9 +116,8 @@ def truncate_hh_prompt(prompt: str, max_turns: int | None) -> tuple[str, int]:
     turns = _turn_starts(prompt)
     if len(turns) <= max_turns:
         return prompt, 0
-    first = len(turns) - max_turns
-    while first < len(turns) - 1 and turns[first][1] != "Human":
-        first += 1
+    humans = [i for i, (_, role) in enumerate(turns) if role == "Human"]
+    first = next((i for i in humans if i >= len(turns) - max_turns), humans[-1] if humans else 0)
     return prompt[turns[first][0]:], first
 
 

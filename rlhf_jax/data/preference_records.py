@@ -15,6 +15,12 @@ Record schema::
 
 A pair ``{"prompt", "chosen", "rejected"}`` becomes ``responses=[chosen, rejected]``,
 ``ranking=[1.0, 0.0]`` (:func:`pair_to_record`).
+
+Identical responses carry no preference between them: the file parsers leave out (and count) a pair
+whose two responses are identical, and the K-wise labeller ties identical samples
+(:func:`rlhf_jax.labeler.tie_identical`), so :func:`ranked_pairs` gives no pair between them. A
+record may still hold identical responses with different scores: in binary-feedback records
+(:mod:`rlhf_jax.data.binary_feedback`) each response's score is its own, independent label.
 """
 
 from __future__ import annotations

@@ -6,7 +6,12 @@ Malformed rows are never skipped silently: by default the first one raises
 (``"data/train.jsonl: line 7: field 'rejected': ..."``). With ``on_error="collect"`` malformed rows
 are left out, and each one's error is kept in ``ParseStats.errors``. Blank lines are not rows;
 they are counted in ``ParseStats.blank_lines``. A file that cannot be read to the end (e.g. a
-truncated gzip) always raises, naming the first unreadable line and the field ``'(file)'``.
+truncated gzip), or that has no rows at all (empty, or only blank lines), always raises, naming the
+field ``'(file)'``. Text must be valid Unicode (no lone surrogates such as ``"\\ud800"``), and a
+JSON object must not repeat a key (JSON would keep only its last value).
+
+A row whose chosen and rejected responses are identical carries no preference: it is left out
+(not an error) and counted in ``ParseStats.identical_pairs_skipped``.
 
 The upstream formats themselves are parsed in :mod:`rlhf_jax.data.preference_formats`.
 """
@@ -27,6 +32,7 @@ PreferencePair = dict[str, str]  # keys: id, prompt, chosen, rejected
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ROW = "(row)"  # the "field" named when the row as a whole is wrong (bad JSON, not an object)
+_FILE = "(file)"  # the "field" named when the file as a whole is wrong (unreadable, no rows)
 
 
 class PreferenceDataError(ValueError):
@@ -66,6 +72,7 @@ class ParseStats:
     blank_lines: int = 0
     prompts_truncated: int = 0   # HH only: pairs whose prompt lost turns
     turns_dropped: int = 0       # HH only: total prompt turns removed by truncation
+    identical_pairs_skipped: int = 0  # rows left out: chosen == rejected (no preference)
     errors: list[PreferenceDataError] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -112,7 +119,7 @@ def iter_lines(path: PathLike, stats: ParseStats | None = None) -> Iterator[tupl
                 return
             except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
                 raise PreferenceDataError(f"unreadable file ({type(e).__name__}: {e})",
-                                          path=path, line=line_no + 1, field="(file)") from e
+                                          path=path, line=line_no + 1, field=_FILE) from e
             line_no += 1
             if not raw.strip():
                 if stats is not None:
@@ -123,16 +130,42 @@ def iter_lines(path: PathLike, stats: ParseStats | None = None) -> Iterator[tupl
             yield line_no, raw
 
 
+def check_has_rows(path: PathLike) -> None:
+    """Raise :class:`PreferenceDataError` (field ``'(file)'``) if ``path`` has no non-blank line."""
+    lines = iter_lines(path)
+    try:
+        if next(lines, None) is None:
+            raise PreferenceDataError("no rows (the file is empty or has only blank lines)",
+                                      path=path, field=_FILE)
+    finally:
+        lines.close()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads` refusing a key given twice in one object."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        keys = [k for k, _ in pairs]
+        key = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise PreferenceDataError(f"duplicate key {key!r} in a JSON object (only the last value "
+                                  f"would be kept)", field=_ROW)
+    return out
+
+
 def decode_json_line(raw: bytes) -> Any:
-    """Decode one JSON line; invalid UTF-8 or JSON -> :class:`PreferenceDataError` ``'(row)'``."""
+    """Decode one JSON line; invalid UTF-8 or JSON (including a repeated key or nesting too deep
+    to decode) -> :class:`PreferenceDataError` ``'(row)'``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PreferenceDataError(f"invalid UTF-8 at byte {e.start}", field=_ROW) from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise PreferenceDataError(f"invalid JSON at column {e.colno}: {e.msg}",
+                                  field=_ROW) from None
+    except RecursionError:
+        raise PreferenceDataError("invalid JSON: nested too deeply to decode",
                                   field=_ROW) from None
 
 
@@ -141,11 +174,13 @@ RowParser = Callable[[Any, ParseStats], tuple[str, str, str]]
 
 def iter_pairs(path: PathLike, parse_row: RowParser, *, stats: ParseStats | None,
                 on_error: OnError, id_prefix: str | None) -> Iterator[PreferencePair]:
-    """Shared driver: read lines, parse rows, attach file/line to errors, count."""
+    """Shared driver: read lines, parse rows, attach file/line to errors, count; leave out (and
+    count) rows whose chosen and rejected responses are identical."""
     if on_error not in ("raise", "collect"):
         raise ValueError(f"on_error must be 'raise' or 'collect', got {on_error!r}")
     stats = stats if stats is not None else ParseStats(os.fspath(path))
     prefix = default_id_prefix(path) if id_prefix is None else id_prefix
+    check_has_rows(path)
     for line_no, raw in iter_lines(path, stats):
         try:
             prompt, chosen, rejected = parse_row(decode_json_line(raw), stats)
@@ -153,6 +188,9 @@ def iter_pairs(path: PathLike, parse_row: RowParser, *, stats: ParseStats | None
             if on_error == "raise":
                 raise e.located(path, line_no) from None
             stats.errors.append(e.located(path, line_no))
+            continue
+        if chosen == rejected:
+            stats.identical_pairs_skipped += 1
             continue
         stats.examples += 1
         yield {"id": f"{prefix}:{line_no}", "prompt": prompt, "chosen": chosen,
@@ -175,6 +213,13 @@ def require(obj: Mapping[str, Any], key: str, kind: type, field: str) -> Any:
         raise PreferenceDataError(
             f"expected {kind.__name__}, got {type(value).__name__} ({preview(value)})",
             field=field)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PreferenceDataError(f"not valid Unicode text: lone surrogate "
+                                      f"{value[e.start]!r} at character {e.start}",
+                                      field=field) from None
     return value
 
 

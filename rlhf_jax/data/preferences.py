@@ -40,6 +40,7 @@ from rlhf_jax.data.preference_formats import OnError, ParseStats, PathLike, Pref
 from rlhf_jax.data.preference_records import (canonical_record, pair_to_record,
                                               preference_features, sha256_file, to_example,
                                               validate_record)
+from rlhf_jax.data.preference_rows import check_has_rows
 
 FILE_FORMAT = "array_record"
 RecordSource = Sequence[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
@@ -156,9 +157,11 @@ class _PairwiseFileBuilder(PreferenceBuilder, skip_registration=True):
     """Pairwise data read from local upstream files, one or more per split.
 
     ``on_error="raise"`` (default) stops at the first malformed row; ``"collect"`` leaves
-    malformed rows out and records each one's error. After preparation, ``parse_stats[split]``
-    holds one :class:`ParseStats` per file; the same counts and error messages are stored in the
-    data set's metadata (``metadata["splits"][split]``).
+    malformed rows out and records each one's error. Rows with identical chosen and rejected
+    responses are left out and counted. After preparation, ``parse_stats[split]`` holds one
+    :class:`ParseStats` per file; the same counts and error messages are stored in the data set's
+    metadata (``metadata["splits"][split]``). A file without rows, or a split left without pairs,
+    raises :class:`PreferenceDataError` naming the files.
     """
 
     def __init__(self, *, split_paths: Mapping[str, PathLike | Sequence[PathLike]] | None = None,
@@ -187,14 +190,28 @@ class _PairwiseFileBuilder(PreferenceBuilder, skip_registration=True):
             self.parse_stats[split].append(stats)
             for pair in self._iter_file(path, stats):
                 yield pair_to_record(pair)
+        if not any(s.examples for s in self.parse_stats[split]):
+            left = self._split_summary(split, 0)
+            raise PreferenceDataError(
+                f"no pairs for split {split!r}: every row was left out "
+                f"({left['malformed_rows_left_out']} malformed, "
+                f"{left['identical_pairs_skipped']} with identical responses)",
+                path=", ".join(self._split_paths[split]), field="(file)")
 
     def _split_summary(self, split: str, examples: int) -> dict[str, Any]:
         stats = self.parse_stats[split]
         return {"examples": examples,
                 "malformed_rows_left_out": sum(len(s.errors) for s in stats),
+                "identical_pairs_skipped": sum(s.identical_pairs_skipped for s in stats),
                 "prompts_truncated": sum(s.prompts_truncated for s in stats),
                 "turns_dropped": sum(s.turns_dropped for s in stats),
                 "files": [{**s.as_dict(), "path": os.path.basename(s.path)} for s in stats]}
+
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        for paths in (self._split_paths or {}).values():
+            for path in paths:  # before TFDS writes anything (it names no file)
+                check_has_rows(path)
+        super().download_and_prepare(*args, **kwargs)
 
     def _build_spec(self) -> dict[str, Any] | None:
         if self._split_paths is None:

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 
+class TokenizerError(ValueError):
+    """A checkpoint's tokenizer files cannot be used; the message names the file and field."""
+
+
 class Tokenizer(Protocol):
     pad_id: int
     bos_id: int
@@ -90,7 +94,7 @@ class HFTokenizer:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "HFTokenizer":
         """The tokenizer of checkpoint directory ``path`` (``tokenizer.json`` + ``config.json``);
-        errors name the file and field."""
+        errors (:class:`TokenizerError`) name the file and field."""
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
@@ -98,22 +102,29 @@ class HFTokenizer:
         try:
             tok = _Tok.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-            raise ValueError(f"{file}: not a readable HF tokenizer ({e})") from None
+            raise TokenizerError(f"{file}: not a readable HF tokenizer ({e})") from None
         try:
             cfg = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{cfg_file}: unreadable ({e})") from None
+        except OSError as e:
+            raise TokenizerError(f"{cfg_file}: unreadable ({e})") from None
+        except ValueError as e:   # invalid JSON or UTF-8
+            raise TokenizerError(f"{cfg_file}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_file}: expected a JSON object, got "
+                                 f"{type(cfg).__name__}")
         ids = {}
         for field in ("eos_token_id", "pad_token_id", "bos_token_id"):
             v = cfg.get(field)
             vs = v if isinstance(v, list) else [] if v is None else [v]
             if not all(isinstance(i, int) and not isinstance(i, bool)
                        and 0 <= i < tok.get_vocab_size() for i in vs):
-                raise ValueError(f"{cfg_file}: field {field!r} = {v!r} is not a token id (or "
-                                 f"list of ids) below the tokenizer's {tok.get_vocab_size()}")
+                raise TokenizerError(f"{cfg_file}: field {field!r} = {v!r} is not a token id "
+                                     f"(or list of ids) below the tokenizer's "
+                                     f"{tok.get_vocab_size()}")
             ids[field] = vs
         if not ids["eos_token_id"]:
-            raise ValueError(f"{cfg_file}: field 'eos_token_id' is missing; sampling needs an EOS")
+            raise TokenizerError(f"{cfg_file}: field 'eos_token_id' is missing; sampling needs an "
+                                 "EOS")
         return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
                    bos_id=(ids["bos_token_id"] or [None])[0])
 
