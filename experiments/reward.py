@@ -33,6 +33,8 @@ import jax
 
 from rlhf_jax import cli
 from rlhf_jax.data.batching import check_tokens
+from rlhf_jax.data.preference_records import sha256_file
+from rlhf_jax.data.preferences import split_files
 from rlhf_jax.data.tokenizers import HFTokenizer
 from rlhf_jax.evaluate import score_groups
 from rlhf_jax.labeler import collect_preferences, noise_ceiling
@@ -112,12 +114,15 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
     checkpoint ``cfg.sft.pretrain.init_from`` into ``out``; optionally exported to
     ``cfg.export_hf``."""
     check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
+    cfg.check_run_dir(out)
     out, ckpt = Path(out), cfg.sft.pretrain.init_from
     t0 = time.perf_counter()
     run = RunDir(out)
     run.write_config(cfg)
-    run.write_meta(seed=cfg.seed, extra={"init_from": {
-        "path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)}})
+    run.write_meta(seed=cfg.seed, extra={
+        "init_from": {"path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)},
+        "data": {"path": str(Path(cfg.data_dir).resolve()), "files": {
+            Path(f).name: sha256_file(f) for f in split_files(cfg.data_dir, SPLITS).values()}}})
     # the files → a versioned TFDS data set → token pairs in the checkpoint's tokenizer
     built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
     tok = HFTokenizer.from_pretrained(ckpt)
@@ -132,6 +137,10 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
         summary.update({f"data/{split}_pairs": len(arrays[split]["prompts"]),
                         f"data/{split}_prompt_turns_truncated":
                             built[split].get("prompts_truncated", 0),
+                        f"data/{split}_malformed_rows_left_out":
+                            built[split].get("malformed_rows_left_out", 0),
+                        f"data/{split}_identical_pairs_skipped":
+                            built[split].get("identical_pairs_skipped", 0),
                         **{f"data/{split}_{k}": v for k, v in counts.items()}})
     prepare_s = time.perf_counter() - t0
 

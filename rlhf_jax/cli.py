@@ -2,11 +2,17 @@
 
 Fields of nested configs become dotted flags (``--optim.learning-rate 1e-3``); ``--help`` lists all
 of them with their docstrings. Invalid values fail before any work, with a message naming the field.
+Bad input found later (a checkpoint, its tokenizer, a preference row: errors naming the file, row
+or field) ends the script the same way, with ``error: …`` and exit code 2; anything else is a bug
+and shows its traceback.
 
-``--init-from DIR`` (a Hugging Face checkpoint directory) sets the ``init_from`` field of the
-outermost stage config that has one, so every script starts its policy from the checkpoint with the
-same flag (``sft.py``: the SFT stage; ``ppo.py``: the SFT stage it runs first; ``pretrain.py``:
-continued pretraining).
+``--init-from DIR`` (a Hugging Face checkpoint directory; an empty DIR is an error) sets the
+``init_from`` field of the outermost stage config that has one, so every script starts its policy
+from the checkpoint with the same flag (``sft.py``: the SFT stage; ``ppo.py``: the SFT stage it
+runs first; ``pretrain.py``: continued pretraining).
+
+A config with a ``check_run_dir(out)`` method has it called before the run starts (checks that
+need the run directory, e.g. the reward stage's ``export_hf``).
 
 ``--quiet`` turns off the progress bars (terminal) or progress lines (log file), the stage
 start/end lines and the resume line (:mod:`rlhf_jax.progress`).
@@ -18,6 +24,7 @@ environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_
 
 
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -46,12 +53,12 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     argv = list(sys.argv[1:] if argv is None else argv)
     _log_to(_pop_option(argv, "--log-to"))
     init_from = _pop_option(argv, "--init-from")
-    if init_from:   # applied to the defaults, so the other flags validate against it
-        try:
+    if init_from is not None:   # applied to the defaults, so the other flags validate against it
+        with input_errors_exit():
+            if not init_from.strip():
+                raise ConfigError("--init-from: empty path (an unset variable?); give a "
+                                  "checkpoint directory, or leave the flag out")
             default = with_init_from(config_cls() if default is None else default, init_from)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from e
 
     @dataclasses.dataclass(frozen=True)
     class Args:
@@ -69,11 +76,8 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
         """no progress bars or progress/stage/resume lines on stderr"""
 
     description = (description or "") + INIT_FROM_HELP
-    try:
+    with input_errors_exit():   # raised by a config's __post_init__ while parsing
         args = tyro.cli(Args, args=argv, description=description)
-    except ConfigError as e:  # raised by a config's __post_init__ while parsing
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
     from rlhf_jax import progress
     from rlhf_jax.parallel import initialize_distributed
 
@@ -83,7 +87,30 @@ def parse(config_cls: type[C], argv: Sequence[str] | None = None, description: s
     return args.out, args.cfg
 
 
-def _log_to(value: str) -> None:
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors of bad input, each naming its file, row or field (imported when needed: the
+    checkpoint's loads JAX)."""
+    from rlhf_jax.data.preference_rows import PreferenceDataError
+    from rlhf_jax.data.tokenizers import TokenizerError
+    from rlhf_jax.models.hf_io import CheckpointError
+
+    return ConfigError, CheckpointError, PreferenceDataError, TokenizerError
+
+
+@contextlib.contextmanager
+def input_errors_exit():
+    """Bad input (:func:`input_errors`) raised in the block: ``error: …`` on stderr and exit
+    code 2. Any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, input_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+def _log_to(value: str | None) -> None:
     """``--log-to tensorboard,wandb``: mirror metrics (``rlhf_jax.log_writers``; via the env)."""
     if value:
         import os
@@ -98,8 +125,8 @@ def _log_to(value: str) -> None:
             raise SystemExit(2) from e
 
 
-def _pop_option(argv: list[str], flag: str) -> str:
-    """Remove ``flag VALUE`` / ``flag=VALUE`` from ``argv``; the value ('' when absent)."""
+def _pop_option(argv: list[str], flag: str) -> str | None:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` from ``argv``; the value (None when absent)."""
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
             value = argv[i + 1]
@@ -108,7 +135,7 @@ def _pop_option(argv: list[str], flag: str) -> str:
         if a.startswith(flag + "="):
             del argv[i]
             return a.split("=", 1)[1]
-    return ""
+    return None
 
 
 def with_init_from(cfg: C, path: str) -> C:
@@ -139,12 +166,12 @@ def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[s
     out, cfg = parse(config_cls, argv, description, default)
     from rlhf_jax import progress, scripts
 
-    try:
+    # e.g. a run directory that holds another config, a bad checkpoint or preference row
+    with input_errors_exit():
+        if hasattr(cfg, "check_run_dir"):   # the config's checks against ``out``, before any work
+            cfg.check_run_dir(out)
         with progress.stage(scripts.name_of(runner), out):
             summary = runner(cfg, out)
-    except ConfigError as e:     # e.g. a run directory that holds another config
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
     import jax
 
     if jax.process_index() == 0:

@@ -12,6 +12,9 @@ class ConfigError(ValueError):
     """A config field is out of range or inconsistent; the message names the field."""
 
 
+SEED_LIMIT = 2**32   # seeds are in [0, SEED_LIMIT): what jax.random.key tells apart
+
+
 def check(condition: bool, field: str, message: str) -> None:
     """Raise ``ConfigError`` naming ``field`` unless ``condition`` holds."""
     if not condition:
@@ -19,17 +22,21 @@ def check(condition: bool, field: str, message: str) -> None:
 
 
 def check_numbers(cfg: Any, prefix: str = "") -> None:
-    """Every float field of ``cfg`` (nested configs too) is finite and every seed is >= 0; a
-    ``ConfigError`` names the dotted field otherwise (NaN or ±inf is never a meaningful setting
-    and would pass ``x > 0``-style range checks unnoticed)."""
+    """Every float field of ``cfg`` (nested configs too) is finite and every seed (a field named
+    ``…seed``, or each of ``…seeds``) is in [0, 2**32); a ``ConfigError`` names the dotted field
+    otherwise (NaN or ±inf is never a meaningful setting and would pass ``x > 0``-style range
+    checks unnoticed; ``jax.random.key`` keeps a seed's low 32 bits, so 2**32 would silently be
+    seed 0's random streams and -1 those of 2**32 - 1)."""
     for f in dataclasses.fields(cfg):
         v, name = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(v):
             check_numbers(v, name + ".")
         elif isinstance(v, float):
             check(math.isfinite(v), name, f"must be a finite number, got {v!r}")
-        elif isinstance(v, int) and not isinstance(v, bool) and f.name.endswith("seed"):
-            check(v >= 0, name, f"must be >= 0, got {v}")
+        elif f.name.endswith(("seed", "seeds")):
+            for s in v if isinstance(v, tuple) else (v,):
+                if isinstance(s, int) and not isinstance(s, bool):
+                    check(0 <= s < SEED_LIMIT, name, f"must be in [0, 2**32), got {s}")
 
 
 def positive(cfg: Any, *fields: str) -> None:

@@ -127,11 +127,14 @@ def test_compare_end_to_end_on_tiny_config(reward_run, tmp_path):
     for method in runs:
         assert f"| {method} |" in table
     assert (out / "gold_vs_kl.png").stat().st_size > 1000
-    # a rerun reuses every finished run: nothing changes
+    metrics = (out / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3, 4]
+    # a rerun reuses every finished run: nothing changes, no result is logged twice
     again = load("compare").main(["--out", str(out), "--reward-dir", str(reward_run),
                                    *TINY_COMPARE])
     assert {k: v for k, v in again.items() if not k.startswith("time_s")} == \
         {k: v for k, v in summary.items() if not k.startswith("time_s")}
+    assert (out / "metrics.jsonl").read_text() == metrics
 
 
 def test_compare_config_errors_name_the_field():

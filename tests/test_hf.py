@@ -292,6 +292,9 @@ def test_llama_names_and_rotary_buffers(tmp_path):
         return t
     _rewrite(ckpt, edit)
     _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "llama_gqa")[1])
+    _rewrite(ckpt, lambda t: {**t, "model.layers.2.self_attn.rotary_emb.inv_freq": t[
+        "model.layers.1.self_attn.rotary_emb.inv_freq"]})   # a third layer's, in a 2-layer model
+    assert "unexpected tensor 'model.layers.2.self_attn.rotary_emb.inv_freq'" in _error(ckpt)
     _rewrite(ckpt, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
     assert "missing tensor 'lm_head.weight'" in _error(ckpt)   # untied: the output layer is needed
 
@@ -347,6 +350,11 @@ def test_truncated_file(tmp_path):
      r"missing tensor 'transformer.h.1.mlp.c_fc.weight'"),
     (lambda t: {**t, "transformer.h.0.attn.extra": np.zeros(3, np.float32)},
      r"unexpected tensor 'transformer.h.0.attn.extra'"),
+    # a buffer is skipped only in a layer the model has (3 here: h.0 … h.2)
+    (lambda t: {**t, "transformer.h.3.attn.masked_bias": np.zeros(3, np.float32)},
+     r"unexpected tensor 'transformer.h.3.attn.masked_bias'"),
+    (lambda t: {**t, "h.7.attn.bias": np.zeros((1, 1, 40, 40), np.float32)},
+     r"unexpected tensor 'h.7.attn.bias'"),
     (lambda t: {**t, "transformer.h.2.ln_2.bias": np.zeros(35, np.float32)},
      r"tensor 'transformer.h.2.ln_2.bias' has shape \[35\], config.json implies \[36\]"),
     (lambda t: {**t, "transformer.wpe.weight": t["transformer.wpe.weight"].astype(np.int32)},
@@ -388,6 +396,23 @@ def test_missing_files(tmp_path):
     (ckpt / "config.json").write_text("{not json")
     assert "config.json: not valid JSON" in _error(ckpt)
     assert "not a checkpoint directory" in _error(tmp_path / "nowhere")
+
+
+def test_tokenizer_config_errors_name_the_file(tmp_path):
+    """A checkpoint's config.json that is not a JSON object (or not JSON) gives a
+    ``TokenizerError`` naming the file, not an AttributeError."""
+    from rlhf_jax.data.tokenizers import HFTokenizer, TokenizerError, WordTokenizer
+
+    WordTokenizer("a b c".split()).hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    for text, message in (("[2]", "expected a JSON object, got list"),
+                          ("{not json", "not valid JSON"),
+                          ("\"2\"", "expected a JSON object, got str")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(TokenizerError, match=re.escape(f"{tmp_path / 'config.json'}: "
+                                                           f"{message}")):
+            HFTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"eos_token_id": 2}')
+    assert HFTokenizer.from_pretrained(tmp_path).eos_id == 2
 
 
 class _Payload:

@@ -7,6 +7,7 @@ steps), with GPT-2's byte-level BPE as the checkpoint's ``tokenizer.json``."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax.data.preference_rows import PreferenceDataError
 from rlhf_jax.data.tokenizers import GPT2Tokenizer, WordTokenizer
 from rlhf_jax.models import create_model, preset
 from rlhf_jax.models.hf import load_pretrained, save_pretrained
@@ -126,15 +126,17 @@ def test_summarize_reward_model_from_a_llama_family_checkpoint(tmp_path):
     assert pairwise_metrics(rewards, arrays["ranking"])["accuracy"] == s["rm/train_accuracy"]
 
 
-def test_a_bad_row_names_file_line_and_field(checkpoint, tmp_path):
+def test_a_bad_row_names_file_line_and_field(checkpoint, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(FIXTURES / "hh_rlhf_prompt_mismatch.jsonl", data / "train.jsonl")
     shutil.copy(FIXTURES / "hh_rlhf_split" / "test.jsonl.gz", data / "test.jsonl.gz")
-    with pytest.raises(PreferenceDataError,
-                       match=r"train\.jsonl: line 2: field 'rejected': does not share the prompt"):
+    with pytest.raises(SystemExit) as exc:
         _reward_main(["--out", str(tmp_path / "rm"), "--init-from", str(checkpoint), "--data",
                       "hh-rlhf", "--data-dir", str(data), *TRAIN])
+    assert exc.value.code == 2
+    assert re.search(r"error: .*train\.jsonl: line 2: field 'rejected': does not share the "
+                     "prompt", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("case, field, message", [

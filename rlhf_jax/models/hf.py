@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ from rlhf_jax.models.hf_io import (DTYPES, INDEX, NUMPY_DTYPES, SAFETENSORS, Che
 __all__ = ["CheckpointError", "HFSource", "file_digests", "load_config", "load_pretrained",
            "save_pretrained"]
 
+# a per-layer tensor's layer index (GPT-2 ``h.N.``, Llama ``layers.N.``, either under a prefix)
+_LAYER = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
 # model_type -> the module that maps its config and tensor names (the same interface for each)
 FAMILIES = {t: fam for fam in (hf_gpt2, hf_llama) for t in fam.MODEL_TYPES}
 FAMILY_OF_CONFIG = {GPTConfig: hf_gpt2, LlamaConfig: hf_llama}
@@ -118,8 +121,11 @@ def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
     stored = {}
     for name, info in read_headers(files).items():
         canon = fam.canonical_name(name)
-        if canon is None:
-            continue
+        if canon is None:   # a buffer (GPT-2's causal mask, Llama's rotary frequencies): skipped
+            layer = _LAYER.search(name)   # in a layer the model has, else an unexpected tensor
+            if not layer or int(layer[1]) < cfg.n_layers:
+                continue
+            canon = name
         if canon in stored:
             raise CheckpointError(f"{info.file}: tensors {stored[canon][0]!r} and {name!r} are "
                                   f"the same parameter {canon!r}")

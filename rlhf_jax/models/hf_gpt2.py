@@ -3,9 +3,10 @@ fields and tensor names, mapped to :class:`GPTConfig` and the NNX parameter tree
 
 Traps handled here: published checkpoints store names with and without the ``transformer.`` prefix
 and carry non-parameter buffers (``h.N.attn.bias``, ``h.N.attn.masked_bias``: allow-listed and
-skipped); ``lm_head.weight`` is absent when embeddings are tied (and omitted on export); Conv1D
-kernels are already ``[in, out]`` as ours; the sequence-classification ``score.weight [1, D]`` has no
-bias.
+skipped at any shape and dtype — never read, and stored variously by old checkpoints — but only in
+a layer the model has; ``hf.load_pretrained`` reports one of another layer as unexpected);
+``lm_head.weight`` is absent when embeddings are tied (and omitted on export); Conv1D kernels are
+already ``[in, out]`` as ours; the sequence-classification ``score.weight [1, D]`` has no bias.
 """
 
 from __future__ import annotations

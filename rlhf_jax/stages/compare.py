@@ -28,7 +28,7 @@ from pathlib import Path
 from rlhf_jax import sweep
 from rlhf_jax.configs import ConfigError, check, check_numbers, positive
 from rlhf_jax.data.task import Task
-from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.runs import RunDir, read_jsonl, read_metrics
 from rlhf_jax.stages import compare_report as report
 from rlhf_jax.stages.common import read_config, upstream_run
 from rlhf_jax.stages.offline import STARTS_FROM_BASE, OfflineConfig
@@ -101,7 +101,6 @@ class CompareConfig:
         check(len(set(self.methods)) == len(self.methods), "methods", "lists a method twice")
         check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
               "must be one or more distinct seeds")
-        check(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
         check(self.samples_per_iter >= 0, "samples_per_iter", "must be >= 0")
         for m in self.methods:
             if m in ONLINE and self.samples_per_iter:
@@ -204,13 +203,16 @@ def run_compare(cfg: CompareConfig, out: str | Path) -> dict:
     t_up = time.perf_counter() - t0
     task = build_task(read_config(reward_dir, RewardConfig).sft.pretrain.task)
     results: dict[str, list[dict]] = {}
+    # a rerun or resumed compare collects its finished runs again: each step is logged once
+    logged = {row["step"] for row in read_jsonl(out / "metrics.jsonl")}
 
     def collect(cell: Cell, seed: int, run_dir: Path) -> None:
         r = _read_one(cell, seed, run_dir, task)
         results.setdefault(cell.name, []).append(r)
-        run.log_metrics(len(sum(results.values(), [])),
-                        {f"{cell.name}/seed{seed}/{k}": r[k] for k in
-                         (*task.headline, "win_rate", "kl")})
+        step = len(sum(results.values(), []))
+        if step not in logged:
+            run.log_metrics(step, {f"{cell.name}/seed{seed}/{k}": r[k] for k in
+                                   (*task.headline, "win_rate", "kl")})
 
     cells = [method_cell(cfg, m, reward_dir) for m in cfg.methods]
     sweep.run_cells(cells, cfg.seeds, out, table=None, on_run=collect)

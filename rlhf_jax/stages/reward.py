@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,7 @@ from rlhf_jax.train import OptimConfig
 
 DataSource = Literal["simulated", "hh-rlhf", "summarize"]
 Readout = Literal["last", "sum", "mean"]   # reward_model.READOUTS
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")   # what export_hf holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +65,9 @@ class RewardConfig:
       max_response_tokens: with file data, the response budget in tokens (EOS included); longer
         responses keep their first tokens, then EOS (counted in the summary).
       export_hf: with file data, also write the trained RM to this directory as a Hugging Face
-        sequence classifier, its normalisation folded in (needs ``--no-lm-readout``).
+        sequence classifier, its normalisation folded in (needs ``--no-lm-readout``); a new or
+        empty directory, or this run's earlier export (not the checkpoint, nor in or around the
+        run directory).
       sft_dir: a finished SFT run to start from; empty = run ``sft`` first into ``<out>/sft``.
       sft: the SFT config used when ``sft_dir`` is empty.
       preferences_dir: a TFDS preference data set built by an earlier reward run (its
@@ -163,6 +167,39 @@ class RewardConfig:
               "no Hugging Face head holds the LM-likelihood readout: add --no-lm-readout")
         check(not (self.export_hf and self.readout != "last"), "export_hf",
               "a Hugging Face sequence classifier reads the last token: use --readout last")
+        if self.export_hf:
+            self._check_export_dir(init_from)
+
+    def _check_export_dir(self, init_from: str) -> None:
+        """The export overwrites nothing but an earlier export: ``export_hf`` is not the
+        checkpoint and is new, empty or holds only an export's files (whose run
+        :meth:`check_run_dir` checks)."""
+        export, field = Path(self.export_hf), "export_hf"
+        check(export.resolve() != Path(init_from).resolve(), field,
+              f"{export} is the --init-from checkpoint: the export would overwrite it")
+        check(export.is_dir() or not export.exists(), field, f"{export} is not a directory")
+        if export.is_dir():
+            other = sorted(f.name for f in export.iterdir() if f.name not in EXPORT_FILES)
+            check(not other, field, f"{export} holds {', '.join(other[:3])}: not an export's "
+                  "files; give a new or empty directory")
+
+    def check_run_dir(self, out: str | Path) -> None:
+        """Checks against the run directory ``out``, before any work (``cli.main`` calls this):
+        ``export_hf`` is not ``out``, inside it or around it, and an export already there is this
+        run's own (``out/config.json`` names that directory: a rerun exports again)."""
+        if not self.export_hf:
+            return
+        export, run, field = Path(self.export_hf).resolve(), Path(out).resolve(), "export_hf"
+        check(export != run and run not in export.parents and export not in run.parents, field,
+              f"{self.export_hf} is the run directory {out}, inside it or around it: the export's "
+              "files would overwrite or mix with the run's (its config.json); give a directory "
+              "outside it")
+        if export.is_dir() and any(export.iterdir()):
+            cfg_file = run / "config.json"
+            earlier = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("export_hf")
+            check(bool(earlier) and Path(earlier).resolve() == export, field,
+                  f"{self.export_hf} holds an export, not of the run in {out}: give a new or "
+                  "empty directory")
 
 
 def check_task_reward(reward_cfg: RewardConfig, field: str) -> None:
