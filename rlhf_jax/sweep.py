@@ -217,7 +217,7 @@ def run_cells(cells: Sequence[Cell], seeds: Sequence[int], out: str | Path, *,
                 scripts.load(cell.script).run(dataclasses.replace(cell.config, seed=seed), run_dir)
             summary = json.loads((run_dir / "summary.json").read_text())
             rows.append({"cell": cell.name, "script": cell.script, "seed": seed,
-                         "overrides": dict(cell.overrides), "dir": str(run_dir),
+                         "overrides": dict(cell.overrides), "dir": str(run_dir.resolve()),
                          **headline(summary, metrics)})
             write_index(out, rows, table)
             if on_run:
@@ -276,11 +276,11 @@ class SweepConfig:
     metrics: tuple[str, ...] = DEFAULT_METRICS
 
     def __post_init__(self):
-        from rlhf_jax.configs import check
+        from rlhf_jax.configs import check, check_numbers
 
+        check_numbers(self)   # seeds in [0, 2**32)
         check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
               "must be one or more distinct seeds")
-        check(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
         for spec in (*self.grid, *[t for c in self.cells for t in c.split()]):
             check("=" in spec, "grid" if spec in self.grid else "cells",
                   f"{spec!r} is not name=value")

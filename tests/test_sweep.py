@@ -37,7 +37,8 @@ def test_bad_override_fails_before_any_work_naming_the_field(tmp_path, monkeypat
 
 def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeypatch):
     out = tmp_path / "sw"
-    argv = ["--out", str(out), "--script", "dpo", "--grid", "beta=0.1,0.5", "--seeds", "0", "1",
+    monkeypatch.chdir(tmp_path)   # a relative --out, as in README's commands
+    argv = ["--out", "sw", "--script", "dpo", "--grid", "beta=0.1,0.5", "--seeds", "0", "1",
             "--", "--reward-dir", str(tiny.tiny_upstream()), "--steps", "2",
             "--batch-prompts", "4", "--optim.warmup-steps", "1", "--log-every", "1",
             "--checkpoint-every", "1"]
@@ -56,7 +57,7 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         scripts.load("sweep").main(argv)
     first = (out / "index.jsonl").read_text().splitlines()
-    assert [json.loads(r)["dir"] for r in first] == [str(p) for p in started[:2]]
+    assert [json.loads(r)["dir"] for r in first] == [str(p.resolve()) for p in started[:2]]
     done = {p: (p / "summary.json").stat().st_mtime_ns for p in started[:2]}
 
     started.clear()
@@ -88,8 +89,9 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
     assert started == [] and (out / "index.jsonl").read_text() == before
     table = (out / "results.md").read_text()
     assert "| beta=0.1 | 2 |" in table and "| beta=0.5 | 2 |" in table
-    # the reader: the index as arrays / a DataFrame, and each run
-    sw = load_sweep(out)
+    # the reader, from another working directory: the index as arrays / a DataFrame, each run
+    monkeypatch.chdir(out)
+    sw = load_sweep(".")
     cols = sw.arrays()
     assert list(cols["override/beta"]) == ["0.1", "0.1", "0.5", "0.5"]
     assert list(cols["seed"]) == [0, 1, 0, 1]
