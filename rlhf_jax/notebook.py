@@ -3,13 +3,13 @@ announced as such), pair two policies' held-out answers, train a registered loss
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
 from rlhf_jax import launch, scripts, tiny
 from rlhf_jax.results import RESULTS
 from rlhf_jax.runs import Run, load_run
+from rlhf_jax.stages.offline import OfflineConfig
 
 launch.enable_compilation_cache()   # as the scripts do: a notebook rerun compiles almost nothing
 
@@ -19,7 +19,7 @@ def run_or_tiny(path: str | Path | None = None, script: str = "ppo") -> Run:
     ``tiny.BANNER`` first, so a notebook's first output says it)."""
     if path:
         return load_run(path)
-    print(tiny.BANNER)
+    print(tiny.BANNER, flush=True)   # before any progress line (stderr)
     return load_run(tiny.tiny_run(script))
 
 
@@ -40,11 +40,17 @@ def paired_answers(run: Run, a: str = "sft", b: str = "rlhf") -> list[dict]:
             for r in run.samples(a) if (r["uid"], r["sample"]) in other]
 
 
-def train_offline(loss: str, **loss_args: float) -> Run:
-    """A tiny offline run of the registered preference loss ``loss`` (``loss_args`` its
-    hyperparameters) from the shared tiny SFT model, on DPO's tiny budget, in a fresh directory."""
-    cfg = tiny.tiny_config("dpo", "--loss", loss, "--eval-every", "0")   # the final evaluation only
-    cfg = dataclasses.replace(cfg, loss_args=dict(loss_args))
+def train_offline(loss: str, reward_dir: str | Path | None = None, **loss_args: float) -> Run:
+    """An offline run of the preference loss ``loss`` (registered or built in; ``loss_args`` its
+    hyperparameters, e.g. DPO's ``beta``) in a fresh directory: from ``reward_dir``'s SFT model and
+    comparisons with ``experiments/dpo.py``'s default budget, or with none, from the shared tiny
+    SFT model on DPO's tiny budget."""
+    if reward_dir:
+        cfg = OfflineConfig(loss=loss, reward_dir=str(reward_dir), loss_args=dict(loss_args))
+    else:   # the final evaluation only
+        args = [str(x) for kv in loss_args.items() for x in kv]
+        cfg = tiny.tiny_config("dpo", "--loss", loss, "--eval-every", "0",
+                               *(("--loss-args", *args) if args else ()))
     out = Path(tempfile.mkdtemp(prefix=f"rlhf_jax_{loss}_")) / "run"
     scripts.load("dpo").run(cfg, out)
     return load_run(out)

@@ -225,7 +225,7 @@ def load_result(run_dir: str | Path | None = None) -> tuple[dict, dict]:
 
     path = Path(run_dir) if run_dir else COMMITTED
     if not run_dir and not (path / "summary.json").exists():
-        print(tiny.BANNER)
+        print(tiny.BANNER, flush=True)
         path = tiny.cached_run("overoptimisation", tiny_config())
     return (json.loads((path / "summary.json").read_text()),
             json.loads((path / "results.json").read_text()))

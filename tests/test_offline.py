@@ -152,6 +152,7 @@ def test_recomputed_reference_equals_precomputed(reward_run):
     (["--eval-every", "-1"], "eval_every"),
     (["--steps", "10", "--optim.warmup-steps", "20"], "warmup_steps"),
     (["--beta", "nan"], "beta"),
+    (["--loss-args", "betaa", "0.2"], "loss_args.betaa"),
 ])
 def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -161,9 +162,10 @@ def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_missing_reward_run_is_a_named_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="reward_dir"):
+def test_missing_reward_run_is_a_named_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         load("dpo").main(["--out", str(tmp_path / "d"), "--reward-dir", str(tmp_path / "no")])
+    assert exc.value.code == 2 and "reward_dir" in capsys.readouterr().err
 
 
 def test_help_lists_every_option(capsys, monkeypatch):

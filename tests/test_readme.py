@@ -5,6 +5,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,5 +64,11 @@ def test_readme_preference_loss_example_matches_numpy_through_the_kwise_path():
         assert float(m["pairs"]) == 6 + 5 + 5
         cfg = OfflineConfig(loss="hinge", loss_args={"beta": 0.3, "delta": 1.0})
         assert cfg.loss_hparams() == {"beta": 0.3, "delta": 1.0}
+        # the config refuses, before anything runs, what the loss would refuse at its first step
+        from rlhf_jax.configs import ConfigError
+        for kw, field in (({"beta": 0.3}, "loss_args.beta"),   # `beta` is not passed to it
+                          ({"loss_args": {"beta": 0.3, "delt": 1.0}}, "loss_args.delt")):
+            with pytest.raises(ConfigError, match=field):
+                OfflineConfig(loss="hinge", **kw)
     finally:
         PREFERENCE_LOSSES.pop("hinge", None)

@@ -57,6 +57,7 @@ instead, so there a prompt with ties counts less; with no ties the two agree.)
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
@@ -238,6 +239,29 @@ PREFERENCE_LOSSES: dict[str, Callable] = {"dpo": dpo_loss, "ipo": ipo_loss, "sim
 REFERENCE_FREE = frozenset({"simpo", "orpo"})
 
 
+# keyword arguments the stage supplies itself (the rest are a loss's hyperparameters)
+STAGE_ARGS = frozenset({"mask", "axis_name", "chosen_len", "rejected_len"})
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def hparam_problems(name: str, hparams: dict) -> dict[str, str]:
+    """``{hyperparameter: problem}`` of ``PREFERENCE_LOSSES[name]`` called with ``hparams``: a
+    name it does not take, or a keyword-only argument without a default that is missing."""
+    params = inspect.signature(PREFERENCE_LOSSES[name]).parameters
+    takes = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and
+                   k not in STAGE_ARGS)
+    out = {k: f"loss {name!r} takes no argument {k!r} (it takes {takes})" for k in hparams
+           if not _takes(PREFERENCE_LOSSES[name], k)}
+    out.update({k: f"loss {name!r} needs it (no default)" for k, p in params.items()
+                if p.kind is p.KEYWORD_ONLY and p.default is p.empty and k not in hparams
+                and k not in STAGE_ARGS})
+    return out
+
+
 def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=None,
                     ref_rejected=None, chosen_len=None, rejected_len=None, mask=None,
                     axis_name: AxisName = None, **hparams) -> tuple[jax.Array, dict]:
@@ -250,7 +274,7 @@ def preference_loss(name: str, *, policy_chosen, policy_rejected, ref_chosen=Non
     if name in REFERENCE_FREE:
         return PREFERENCE_LOSSES[name](policy_chosen, policy_rejected, chosen_len, rejected_len,
                                        **common)
-    if name == "ipo":
+    if _takes(PREFERENCE_LOSSES[name], "chosen_len"):   # IPO's length average, or a new loss's
         common.update(chosen_len=chosen_len, rejected_len=rejected_len)
     return PREFERENCE_LOSSES[name](policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                    **common)

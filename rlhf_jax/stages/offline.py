@@ -23,8 +23,8 @@ import numpy as np
 from rlhf_jax.configs import check, check_numbers, non_negative, positive
 from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.data.binary_feedback import DEFAULT_FLIP
-from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, kto_loss,
-                                        kwise_preference_loss)
+from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, hparam_problems,
+                                        kto_loss, kwise_preference_loss)
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.sampling import response_logits
@@ -107,6 +107,9 @@ class OfflineConfig:
         for k, v in self.loss_args.items():
             check(isinstance(v, (int, float)) and math.isfinite(v), f"loss_args.{k}",
                   f"must be a finite number, got {v!r}")
+        if self.loss in PREFERENCE_LOSSES:   # before any stage runs, not at the first step
+            for k, problem in hparam_problems(self.loss, self.loss_hparams()).items():
+                check(False, f"loss_args.{k}", problem)
         check(self.reference in REFERENCES, "reference",
               f"must be one of {REFERENCES}, got {self.reference!r}")
         positive(self, "beta", "ipo_tau", "simpo_beta", "orpo_lambda", "kto_lambda_desirable",
