@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -292,3 +293,20 @@ def test_tokens_out_of_vocabulary_range_are_named():
     with pytest.raises(ValueError, match="field 'attention_mask'.*0/1"):
         check_tokens({"tokens": np.zeros((1, 2), int), "attention_mask": np.array([[1, 2]])},
                      vocab_size=100, source="x")
+
+
+def test_pipeline_refuses_stage_flags_it_would_drop():
+    """The pipeline seeds every stage and starts each from its own upstream stage: a stage seed,
+    upstream directory or nested upstream config set on its command line would be ignored, so
+    it is refused naming the field."""
+    from rlhf_jax.stages.lm import SFTConfig
+    from rlhf_jax.stages.pipeline import PipelineConfig
+    from rlhf_jax.stages.ppo import PPOConfig
+    from rlhf_jax.stages.reward import RewardConfig
+
+    PipelineConfig(seed=3, sft=SFTConfig(seed=3))   # the same seed says nothing new
+    for kw, field in (({"sft": SFTConfig(seed=3)}, "sft.seed"),
+                      ({"ppo": PPOConfig(reward_dir="x")}, "ppo.reward_dir"),
+                      ({"ppo": PPOConfig(reward=RewardConfig(steps=70))}, "ppo.reward")):
+        with pytest.raises(ConfigError, match=rf"`{re.escape(field)}`"):
+            PipelineConfig(**kw)

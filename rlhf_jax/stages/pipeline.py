@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_jax.configs import check_numbers
+from rlhf_jax.configs import check, check_numbers
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
 from rlhf_jax.stages.ppo import PPOConfig
 from rlhf_jax.stages.reward import RewardConfig
@@ -28,3 +28,13 @@ class PipelineConfig:
 
     def __post_init__(self):
         check_numbers(self)
+        for name in ("pretrain", "sft", "reward", "ppo"):   # flags the pipeline would drop
+            check(getattr(self, name).seed in (0, self.seed), f"{name}.seed",
+                  "the pipeline seeds every stage with its own --seed; set that instead")
+        for name, up in (("sft", "pretrain"), ("reward", "sft"), ("ppo", "reward")):
+            stage = getattr(self, name)
+            check(not getattr(stage, f"{up}_dir"), f"{name}.{up}_dir",
+                  f"the pipeline starts {name} from its own {up} stage (<out>/{up})")
+            check(getattr(stage, up) == type(getattr(stage, up))(), f"{name}.{up}",
+                  f"the pipeline runs {name} from its own {up} stage: set --{up}.* instead of "
+                  f"--{name}.{up}.*")
