@@ -294,3 +294,24 @@ def test_ipo_bandit_reaches_least_squares_optimum():
     got_u = np.log(pi) - np.log(pi_ref)
     np.testing.assert_allclose(got_u - got_u[0], u - u[0], atol=2e-3)
     assert 0.5 * np.abs(pi_ref - target).sum() > 0.1
+
+
+def test_a_registered_reference_free_loss_gets_the_lengths_and_no_reference():
+    """A new reference-free loss, registered in ``PREFERENCE_LOSSES`` and ``REFERENCE_FREE``,
+    is called with the lengths in place of the reference log-probs (length-normalised margin)."""
+    from rlhf_jax.losses.preference import preference_loss
+
+    def per_token_margin(pc, pr, lc, lr, *, mask=None, axis_name=None):
+        return jnp.mean(pc / lc - pr / lr), {}
+
+    PREFERENCE_LOSSES["per_token_margin"] = per_token_margin
+    REFERENCE_FREE.add("per_token_margin")
+    try:
+        loss, _ = preference_loss("per_token_margin", policy_chosen=jnp.array([-4.0, -6.0]),
+                                  policy_rejected=jnp.array([-9.0, -3.0]),
+                                  chosen_len=jnp.array([2.0, 3.0]),
+                                  rejected_len=jnp.array([3.0, 1.0]))
+        np.testing.assert_allclose(float(loss), ((-2.0 + 3.0) + (-2.0 + 3.0)) / 2)
+    finally:
+        PREFERENCE_LOSSES.pop("per_token_margin")
+        REFERENCE_FREE.discard("per_token_margin")

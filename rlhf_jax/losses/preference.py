@@ -235,8 +235,9 @@ def kwise_pairs(ranking: jax.Array, mask: jax.Array | None = None
 
 PREFERENCE_LOSSES: dict[str, Callable] = {"dpo": dpo_loss, "ipo": ipo_loss, "simpo": simpo_loss,
                                           "orpo": orpo_loss}
-# reference-free losses take (policy_chosen, policy_rejected, chosen_len, rejected_len)
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
+# reference-free losses take (policy_chosen, policy_rejected, chosen_len, rejected_len); a new
+# one is registered here too (``REFERENCE_FREE.add(name)``): the stage then loads no reference
+REFERENCE_FREE: set[str] = {"simpo", "orpo"}
 
 
 # keyword arguments the stage supplies itself (the rest are a loss's hyperparameters)
