@@ -7,7 +7,7 @@ iterations, RM-scored samples per iteration and held-out evaluation as experimen
 keys gold/rlhf etc.).
 
 Every ``--ppo.*`` flag overrides the preset; e.g. ``--ppo.advantage dr_grpo
---ppo.loss-aggregation budget`` is Dr. GRPO (Liu et al. 2025). ``--method`` must come first.
+--ppo.loss-aggregation budget`` is Dr. GRPO (Liu et al. 2025).
 
     python experiments/grpo.py --out runs/grpo --reward-dir runs/reward
     python experiments/grpo.py --method dapo --out runs/dapo --reward-dir runs/reward
@@ -35,7 +35,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
 
 
 def split_method(argv: list[str], default: str = "grpo") -> tuple[str, list[str]]:
-    """``(method, the other flags)`` from a leading ``--method NAME``."""
+    """``(method, the other flags)`` from ``--method NAME`` among the flags."""
     return online.split_method(argv, default)
 
 

@@ -2,7 +2,7 @@
 pretrain a small LM on Debian's fortunes (the starting policy — there are no demonstrations, so
 SFT runs 0 steps), simulated preferences from the hidden VADER judge, reward model, DPO on the
 labelled comparisons, and the held-out evaluation; writes the task's summary keys and
-``samples.md``. A leading ``--method NAME`` runs PPO (``ppo``) or another online method of
+``samples.md``. ``--method NAME`` runs PPO (``ppo``) or another online method of
 ``rlhf_jax.rl.presets`` (GRPO, RLOO, RAFT, online DPO, …) on the RM in the PPO stage, or another
 offline loss (``ipo``, …) in place of DPO.
 

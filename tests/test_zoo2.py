@@ -372,6 +372,10 @@ def test_grpo_script_takes_a_method():
     split = load("grpo").split_method
     assert split(["--method", "dapo", "--out", "x"]) == ("dapo", ["--out", "x"])
     assert split(["--out", "x"]) == ("grpo", ["--out", "x"])
+    assert split(["--out", "x", "--method=rloo", "--quiet"]) == ("rloo", ["--out", "x", "--quiet"])
+    assert split(["--out", "x", "--method", "raft"]) == ("raft", ["--out", "x"])
+    with pytest.raises(SystemExit, match="once"):
+        split(["--method", "dapo", "--method", "rloo"])
     with pytest.raises(SystemExit, match="reinforce_pp"):
         split(["--method", "nope"])
 

@@ -42,12 +42,17 @@ def online_config(method: str, ppo: PPOConfig = PPOConfig(), **overrides) -> PPO
 
 def split_method(argv: list[str], default: str, choices: tuple[str, ...] = METHODS
                  ) -> tuple[str, list[str]]:
-    """``(method, the other flags)`` from a leading ``--method NAME`` of a script's flags."""
-    if argv[:1] != ["--method"]:
-        return default, argv
-    if len(argv) < 2 or argv[1] not in choices:
-        raise SystemExit(f"error: --method must be one of {', '.join(choices)}")
-    return argv[1], argv[2:]
+    """``(method, the other flags)`` from ``--method NAME`` (or ``--method=NAME``) anywhere
+    among a script's flags."""
+    at = [i for i, a in enumerate(argv) if a == "--method" or a.startswith("--method=")]
+    if not at:
+        return default, list(argv)
+    i = at[0]
+    joined = argv[i].startswith("--method=")
+    method = argv[i].split("=", 1)[1] if joined else (argv[i + 1] if i + 1 < len(argv) else "")
+    if len(at) > 1 or method not in choices:
+        raise SystemExit(f"error: --method (once) must be one of {', '.join(choices)}")
+    return method, [*argv[:i], *argv[i + (1 if joined else 2):]]
 
 
 __all__ = ["METHODS", "online_config", "split_method"]
