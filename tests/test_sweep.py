@@ -89,6 +89,14 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
     assert started == [] and (out / "index.jsonl").read_text() == before
     table = (out / "results.md").read_text()
     assert "| beta=0.1 | 2 |" in table and "| beta=0.5 | 2 |" in table
+    # the same directory with other seeds (then the original ones again): finished cells are
+    # reused, nothing reruns, and the index lists the cells and seeds of the latest command
+    i = argv.index("--seeds")
+    scripts.load("sweep").main([*argv[:i + 1], "1", *argv[i + 3:]])
+    assert started == [] and [json.loads(r)["seed"] for r in
+                              (out / "index.jsonl").read_text().splitlines()] == [1, 1]
+    scripts.load("sweep").main(argv)
+    assert started == [] and (out / "index.jsonl").read_text() == before
     # the reader, from another working directory: the index as arrays / a DataFrame, each run
     monkeypatch.chdir(out)
     sw = load_sweep(".")
