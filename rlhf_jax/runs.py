@@ -354,11 +354,19 @@ class Sweep:
         raise KeyError(f"{self.path}: no finished run of cell {cell!r}, seed {seed}")
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The index as columns; each override as a column ``override/<name>``."""
+        """The index as columns; each override as a column ``override/<name>``, numbers where
+        every value of the override reads as one (the command line gave them as text)."""
         flat = [{**{k: v for k, v in r.items() if k != "overrides"},
                  **{f"override/{k}": v for k, v in r.get("overrides", {}).items()}}
                 for r in self.index]
-        return _columns(flat)
+        cols = _columns(flat)
+        for k, col in cols.items():
+            if k.startswith("override/") and col.dtype == object:
+                try:
+                    cols[k] = np.array([math.nan if v is None else float(v) for v in col])
+                except (TypeError, ValueError):
+                    pass                  # a non-numeric override (a name, a flag) stays text
+        return cols
 
     def to_pandas(self):
         """The index as a ``pandas.DataFrame`` (one row per cell × seed; needs pandas)."""

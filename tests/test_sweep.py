@@ -101,7 +101,7 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
     monkeypatch.chdir(out)
     sw = load_sweep(".")
     cols = sw.arrays()
-    assert list(cols["override/beta"]) == ["0.1", "0.1", "0.5", "0.5"]
+    assert list(cols["override/beta"]) == [0.1, 0.1, 0.5, 0.5]
     assert list(cols["seed"]) == [0, 1, 0, 1]
     assert sw.run("beta=0.5", 1).summary["gold/dpo"] == index[3]["gold/dpo"]
     assert len(sw.to_pandas()) == 4
