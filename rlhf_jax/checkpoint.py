@@ -27,7 +27,9 @@ class Checkpointer:
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=async_save))
+                                                 enable_async_checkpointing=async_save,
+                                                 # a killed save's partial directory: removed
+                                                 cleanup_tmp_directories=True))
 
     def save(self, step: int, state: Any, extra: dict | None = None) -> None:
         """Start saving ``state`` (a pytree) and ``extra`` (JSON) as ``step``.

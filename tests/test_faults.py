@@ -80,8 +80,10 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(reference_run, t
     dead = subprocess.run(_cmd(out), env=_env(**{FAULT_KILL_AT_SAVE: "15"}),
                           capture_output=True, timeout=600)
     assert dead.returncode == -signal.SIGKILL
+    assert list((out / "checkpoints").glob("15.orbax-checkpoint-tmp*"))
     ckpt = Checkpointer(out / "checkpoints")
-    assert ckpt.latest_step() == 10      # the interrupted step-15 save is not a checkpoint
+    assert ckpt.latest_step() == 10      # the interrupted step-15 save is not a checkpoint ...
+    assert not list((out / "checkpoints").glob("*tmp*"))   # ... and its remains are removed
     ckpt.close()
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 15        # metrics of steps after the checkpoint were logged ...
