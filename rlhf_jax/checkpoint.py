@@ -9,6 +9,7 @@ checkpoint as the latest restorable one.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,13 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2,
                  async_save: bool = True):
         self.directory = Path(directory).resolve()
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):   # a killed save's
+                shutil.rmtree(partial, ignore_errors=True)
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=async_save,
-                                                 # a killed save's partial directory: removed
-                                                 cleanup_tmp_directories=True))
+                                                 enable_async_checkpointing=async_save))
 
     def save(self, step: int, state: Any, extra: dict | None = None) -> None:
         """Start saving ``state`` (a pytree) and ``extra`` (JSON) as ``step``.

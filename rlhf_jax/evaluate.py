@@ -49,7 +49,7 @@ def generate_ids(model: Model, params, task: Task, prompts: Sequence[Prompt], ke
                  ) -> tuple[list[Prompt], list[str], list[list[int]]]:
     """``n_samples`` responses per prompt (prompt-major order): the prompts, the responses decoded
     to text, and each response's sampled ids (its :func:`~rlhf_jax.data.tokenizers.response_ids`:
-    before EOS, without padding and BOS)."""
+    every id before EOS)."""
     tok = task.tokenizer
     flat = [p for p in prompts for _ in range(n_samples)]
     ids, mask = encode_prompts(tok, flat, prompt_len)
@@ -146,13 +146,17 @@ def _sequence_kl(policy: Model, policy_params, ref: Model, ref_params, prompts, 
 
 def sequence_kl(policy: Model, params, ref: Model, ref_params, task: Task, shapes: TaskConfig,
                 records: Sequence[dict], *, batch: int = 256) -> np.ndarray:
-    """Exact KL(π ‖ π_ref) of each held-out record's response, summed over its tokens, ``[R]``."""
+    """Exact KL(π ‖ π_ref) of each held-out record's response, summed over the positions the
+    sampler counted (its tokens and EOS; a response cut at the budget has no EOS), ``[R]``."""
     params, ref_params = single_device((params, ref_params))   # e.g. sharded policy, local ref
     by_uid = {p.uid: p for p in task.prompts("heldout")}
     p_ids, p_mask = encode_prompts(task.tokenizer, [by_uid[r["uid"]] for r in records],
                                    shapes.prompt_len)
     r_ids, r_mask = encode_responses(task.tokenizer, [r["response"] for r in records],
                                      shapes.max_new_tokens + 1, ids=stored_ids(records))
+    # a response cut at the budget was sampled without EOS: the EOS appended after its
+    # max_new_tokens tokens is no position the sampler (or the training metric) counted
+    r_mask[:, shapes.max_new_tokens:] = 0
     out = []
     for s in range(0, len(records), batch):
         sl = slice(s, s + batch)

@@ -68,8 +68,9 @@ def aggregate(x: jax.Array, mask: jax.Array, *, aggregation: str = "token",
     * ``"sequence"`` — ``1/B' Σ_i (1/|o_i|) Σ_t m·ℓ``: the mean over (non-empty) sequences of each
       sequence's token mean; GRPO's ``1/|o_i|`` (Shao et al. 2024, eq. 3). Liu et al. (2025,
       "Dr. GRPO") show it biases towards long wrong answers and short right ones.
-    * ``"budget"``   — ``Σ_{i,t} m·ℓ / (B·N)``: the token sum over a constant, the number of
-      sequences times the response budget; Dr. GRPO's length-independent normaliser.
+    * ``"budget"``   — ``Σ_{i,t} m·ℓ / (B'·N)``: the token sum over the number of (non-empty)
+      sequences times the response budget; Dr. GRPO's length-independent normaliser (an empty
+      row, e.g. a zero-weight filler of dynamic sampling, is no sequence).
 
     Global under ``shard_map`` (sums and counts psum-ed over ``axis_name``)."""
     if aggregation == "token":
@@ -81,7 +82,7 @@ def aggregate(x: jax.Array, mask: jax.Array, *, aggregation: str = "token",
         return masked_mean(per_seq, tok_count > 0, axis_name=axis_name)
     if aggregation == "budget":
         total, _ = masked_sum_and_count(x, mask, axis_name=axis_name)
-        _, n_seq = masked_sum_and_count(mask[:, 0], jnp.ones_like(mask[:, 0]),
+        _, n_seq = masked_sum_and_count(mask[:, 0], jnp.any(mask > 0, -1),
                                         axis_name=axis_name)
         return total / (jnp.maximum(n_seq, 1.0) * mask.shape[-1])
     raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")

@@ -29,6 +29,11 @@ from rlhf_jax.models.functional import Model
 from rlhf_jax.models.decoder import init_cache
 
 
+# the least nonzero sampling temperature: as T -> 0, logits / T loses float32 precision and
+# then overflows (0 is greedy decoding)
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """Decoding settings.
@@ -47,7 +52,9 @@ class SamplingConfig:
 
     def __post_init__(self):
         check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
-        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(self.temperature == 0 or self.temperature >= MIN_TEMPERATURE, "temperature",
+              f"must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature} (logits / T "
+              "loses float32 precision, then overflows, as T -> 0)")
         check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
 
@@ -67,8 +74,8 @@ def filter_logits(logits: jax.Array, *, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
     """Tempered logits with everything outside the top-k / top-p support set to -inf. ``[..., V]``."""
     logits = logits.astype(jnp.float32) / temperature
-    if top_k:
-        kth = lax.top_k(logits, top_k)[0][..., -1:]
+    if top_k:   # top_k >= V keeps everything
+        kth = lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         order = jnp.argsort(-logits, axis=-1)

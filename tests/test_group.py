@@ -247,13 +247,14 @@ def _aggregate_loops(x, mask, how):
                  for b in range(len(x)) if mask[b].sum() > 0]
         return sum(means) / len(means)
     total = sum(x[b, t] for b in range(len(x)) for t in range(N) if mask[b, t])
-    return total / (len(x) * N)
+    return total / (sum(mask[b].sum() > 0 for b in range(len(x))) * N)
 
 
 @pytest.mark.parametrize("how", AGGREGATIONS)
 def test_aggregations_match_loops_and_are_global_under_sharding(how):
-    """token / sequence / budget means equal the loop definitions (an empty row is not a
-    sequence for ``sequence``; it still counts in ``budget``'s B·N) and, split over two shards
+    """token / sequence / budget means equal the loop definitions (an empty row, e.g. a
+    zero-weight filler of dynamic sampling, is not a sequence for ``sequence`` nor in
+    ``budget``'s B'·N) and, split over two shards
     with very different token counts, reduce to the whole-batch value."""
     rng = np.random.default_rng(11)
     x = rng.normal(size=(B, N)).astype(np.float32)

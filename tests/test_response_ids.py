@@ -44,10 +44,12 @@ def spelled(tok, text: str) -> list[int]:
     return [i for ch in text for i in tok.encode(ch)]
 
 
-def test_response_ids_are_the_ids_before_eos_without_padding_and_bos(task):
+def test_response_ids_are_every_sampled_id_before_eos(task):
+    """A padding or BOS id the policy sampled stays (what is scored later is what was sampled);
+    the padding after EOS goes."""
     tok = task.tokenizer
-    row = [tok.bos_id, 40, tok.pad_id, 41, tok.eos_id, 42, tok.pad_id]
-    assert response_ids(tok, row) == [40, 41]
+    row = [40, tok.pad_id, 41, tok.bos_id, tok.eos_id, 42, tok.pad_id]
+    assert response_ids(tok, row) == [40, tok.pad_id, 41, tok.bos_id]
     assert response_ids(tok, [tok.eos_id, 40]) == [] and response_ids(tok, [40]) == [40]
 
 
@@ -227,6 +229,14 @@ def test_heldout_recomputations_read_the_stored_ids(task):
     np.testing.assert_allclose(kl, [exact_kl(spelling), exact_kl(canonical)], rtol=1e-4)
     kl_old = sequence_kl(model, params, model, ref_params, in_new_process, shapes, old, batch=2)
     np.testing.assert_allclose(kl_old, [exact_kl(canonical)] * 2, rtol=1e-4)
+    # a response cut at the budget (12 tokens, no EOS sampled) counts its 12 positions only
+    cut = (spelling * 2)[:shapes.max_new_tokens]
+    lp, _ = logps(params, cut)
+    lr, _ = logps(ref_params, cut)
+    truncated = [{**records[0], "response": new.decode(cut, remember=False), "response_ids": cut}]
+    np.testing.assert_allclose(
+        sequence_kl(model, params, model, ref_params, in_new_process, shapes, truncated, batch=2),
+        [float(jnp.sum(jnp.exp(lp) * (lp - lr)))], rtol=1e-4)
 
     ppl = perplexity_under(model, params, in_new_process, records[:1], batch=2,
                            prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens)

@@ -257,6 +257,9 @@ def test_filter_logits_top_p_keeps_smallest_set_with_enough_mass():
     out = np.asarray(filter_logits(jnp.asarray(logits), temperature=2.0, top_k=2))
     np.testing.assert_array_equal(np.isfinite(out), [[1, 1, 0, 0], [0, 0, 1, 1]])
     np.testing.assert_allclose(out[0, :2], logits[0, :2] / 2.0, rtol=1e-6)
+    # top_k beyond the vocabulary keeps it all (not an error from lax.top_k)
+    out = np.asarray(filter_logits(jnp.asarray(logits), temperature=1.0, top_k=9))
+    np.testing.assert_allclose(out, logits, rtol=1e-6)
 
 
 def test_filter_logits_top_p_accepts_leading_dims():
@@ -354,6 +357,7 @@ def _check_eos_truncation(free, out, eos):
 @pytest.mark.parametrize("kw, field", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=1e-10), "temperature"),   # logits / T overflows: 0 is greedy
     (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),

@@ -54,7 +54,7 @@ def encode_prompts(tok: Tokenizer, prompts: Sequence[Prompt], length: int
 
 def response_tokens(tok: Tokenizer, text: str, ids: Sequence[int] | None) -> list[int]:
     """A stored response's tokens: its sampled ``ids`` when they are ids of ``tok`` that decode
-    to ``text`` exactly (and hold no EOS, padding or BOS), else ``tok.encode(text)`` (no ids
+    to ``text`` exactly (and hold no EOS), else ``tok.encode(text)`` (no ids
     stored, or ids of another tokenizer).
 
     Checking leaves a :class:`~rlhf_jax.data.bpe.RoundTripTokenizer`'s memory as it was."""

@@ -56,8 +56,7 @@ def texts_digest(texts: Sequence[str]) -> str:
 class RoundTripTokenizer(HFTokenizer):
     """An :class:`HFTokenizer` whose ``encode`` of a text it decoded returns the decoded ids (the
     last ``memo_size`` texts; when two id sequences decode to one text, the later one's). The
-    ids remembered are :func:`~rlhf_jax.data.tokenizers.response_ids`: the ones before EOS,
-    without padding and BOS."""
+    ids remembered are :func:`~rlhf_jax.data.tokenizers.response_ids`: every id before EOS."""
 
     def __init__(self, tok, *, memo_size: int = 1 << 18, **kw):
         super().__init__(tok, **kw)

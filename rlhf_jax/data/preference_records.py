@@ -9,7 +9,7 @@ Record schema::
     ranking    K float32     higher = preferred; equal scores = tie
     gold       K float32     optional (stored as an empty vector when absent); evaluation only
     response_ids  K int32 sequences (ragged)  optional (stored as no sequences when absent): the
-               token ids each response was sampled as (before EOS, without padding and BOS), so
+               token ids each response was sampled as (every id before EOS), so
                a reader with the same tokenizer trains on what the policy wrote, not on the
                canonical encoding of its text (which can differ: :mod:`rlhf_jax.data.bpe`)
 

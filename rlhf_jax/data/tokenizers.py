@@ -40,13 +40,15 @@ def stop_ids(tok: Tokenizer) -> int | tuple[int, ...]:
 
 
 def response_ids(tok: Tokenizer, ids: Sequence[int]) -> list[int]:
-    """The ids of a sampled row that make up its response: those before the first EOS (any of
-    ``tok.eos_ids``), without padding and BOS. What a preference record stores as a response's
-    ``response_ids``, and what :class:`rlhf_jax.data.bpe.RoundTripTokenizer` remembers."""
+    """The ids of a sampled row that make up its response: every id before the first EOS (any
+    of ``tok.eos_ids``; the padding comes after it), a padding or BOS id the policy sampled too,
+    so what is scored later is what was sampled. What a preference record stores as a
+    response's ``response_ids``, and what :class:`rlhf_jax.data.bpe.RoundTripTokenizer`
+    remembers."""
     stops = set(getattr(tok, "eos_ids", (tok.eos_id,)))
     ids = [int(i) for i in ids]
     end = next((n for n, i in enumerate(ids) if i in stops), len(ids))
-    return [i for i in ids[:end] if i not in (tok.pad_id, tok.bos_id)]
+    return ids[:end]
 
 
 class GPT2Tokenizer:
