@@ -18,12 +18,12 @@ import dataclasses
 from pathlib import Path
 
 from rlhf_jax import cli, progress
-from rlhf_jax.runs import RunDir, config_differences, read_config_json
+from rlhf_jax.runs import RunDir
 from rlhf_jax.sweep import SweepConfig, results_table, run_cells, sweep_cells
 
 
 # sweep fields a rerun on the same directory may change: other seeds, cells, grid values, metrics
-EXTENDABLE = {"seeds", "grid", "cells", "metrics"}
+EXTENDABLE = frozenset({"seeds", "grid", "cells", "metrics"})
 
 
 def run(cfg: SweepConfig, out: str | Path) -> dict:
@@ -31,14 +31,10 @@ def run(cfg: SweepConfig, out: str | Path) -> dict:
     number of runs and the index."""
     cells = sweep_cells(cfg)          # a bad override fails here, before any run
     run = RunDir(out)
-    stored = Path(out) / "config.json"
-    changed = config_differences(read_config_json(stored), cfg) if stored.exists() else []
-    if changed and set(changed) <= EXTENDABLE:   # each cell keeps its own claim (sweep_cell.json)
+    changed = run.write_config(cfg, may_change=EXTENDABLE)   # each cell keeps its own claim
+    if changed:
         progress.message(f"sweep: {out} rerun with other {', '.join(changed)}; finished cells "
                          "are reused, the index lists this command's cells and seeds")
-        run.write_json("config.json", dataclasses.asdict(cfg))
-    else:
-        run.write_config(cfg)
     run.write_meta(seed=min(cfg.seeds))
     rows = run_cells(cells, cfg.seeds, out, metrics=cfg.metrics, table=results_table)
     summary = {"runs": len(rows), "cells": [c.name for c in cells], "index": str(Path(out) /

@@ -11,9 +11,6 @@ and shows its traceback.
 from the checkpoint with the same flag (``sft.py``: the SFT stage; ``ppo.py``: the SFT stage it
 runs first; ``pretrain.py``: continued pretraining).
 
-A config with a ``check_run_dir(out)`` method has it called before the run starts (checks that
-need the run directory, e.g. the reward stage's ``export_hf``).
-
 ``--quiet`` turns off the progress bars (terminal) or progress lines (log file), the stage
 start/end lines and the resume line (:mod:`rlhf_jax.progress`).
 
@@ -168,8 +165,6 @@ def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[s
 
     # e.g. a run directory that holds another config, a bad checkpoint or preference row
     with input_errors_exit():
-        if hasattr(cfg, "check_run_dir"):   # the config's checks against ``out``, before any work
-            cfg.check_run_dir(out)
         with progress.stage(scripts.name_of(runner), out):
             summary = runner(cfg, out)
     import jax

@@ -149,22 +149,23 @@ class RunDir:
             with open(self.path / name, "a") as f:
                 f.write(json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False) + "\n")
 
-    def write_config(self, config: Any) -> None:
+    def write_config(self, config: Any, *, may_change: frozenset[str] = frozenset()
+                     ) -> list[str]:
         """Write ``config.json`` (a config dataclass, or a mapping); resuming a run directory
         under a different config is refused (with the differing fields named) before anything
-        is overwritten. A field the dataclass gained after the run was written is no difference
-        at its default."""
+        is overwritten, unless every differing field is in ``may_change`` (then returned). A
+        field the dataclass gained after the run was written is no difference at its default."""
         cfg = config if dataclasses.is_dataclass(config) else None
         if cfg is not None:
             config = dataclasses.asdict(cfg)
         path = self.path / "config.json"
-        if path.exists():
-            diff = config_differences(read_config_json(path), cfg or config)
-            if diff:
-                raise ConfigError(
-                    f"{path} holds a different config; differing fields: {', '.join(diff[:10])}"
-                    " — use a new run directory (or the same options) to resume")
+        diff = config_differences(read_config_json(path), cfg or config) if path.exists() else []
+        if not set(diff) <= may_change:
+            raise ConfigError(
+                f"{path} holds a different config; differing fields: {', '.join(diff[:10])}"
+                " — use a new run directory (or the same options) to resume")
         self._write_json("config.json", config)
+        return diff
 
     def write_meta(self, *, seed: int, extra: Mapping[str, Any] | None = None) -> None:
         """Write ``meta.json``: versions, devices, seed, commit, argv and ``extra`` (e.g. the

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +32,7 @@ from rlhf_jax.labeler import LabelerConfig, Preferences, noise_ceiling
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import transplant
 from rlhf_jax.models.hf import load_config
-from rlhf_jax.runs import RunDir
+from rlhf_jax.runs import RunDir, read_config_json
 from rlhf_jax.stages.common import STREAM_INIT, load_stage, read_config, stage_key, train_stage
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward_model import (READOUTS, init_lm_coef, kwise_rm_loss_fn, rm_heads,
@@ -184,7 +183,7 @@ class RewardConfig:
                   "files; give a new or empty directory")
 
     def check_run_dir(self, out: str | Path) -> None:
-        """Checks against the run directory ``out``, before any work (``cli.main`` calls this):
+        """Checks against the run directory ``out``, before any work (``run_files`` calls this):
         ``export_hf`` is not ``out``, inside it or around it, and an export already there is this
         run's own (``out/config.json`` names that directory: a rerun exports again)."""
         if not self.export_hf:
@@ -196,7 +195,7 @@ class RewardConfig:
               "outside it")
         if export.is_dir() and any(export.iterdir()):
             cfg_file = run / "config.json"
-            earlier = cfg_file.is_file() and json.loads(cfg_file.read_text()).get("export_hf")
+            earlier = cfg_file.is_file() and read_config_json(cfg_file).get("export_hf")
             check(bool(earlier) and Path(earlier).resolve() == export, field,
                   f"{self.export_hf} holds an export, not of the run in {out}: give a new or "
                   "empty directory")
