@@ -6,7 +6,7 @@ Run in a process that sees 4 CPU devices (``XLA_FLAGS=--xla_force_host_platform_
     python multidevice_checks.py [FAMILY ...] [--save-ppo OUT.pkl]
 
 runs the checks of each family (default ``gpt2 llama``): on GPT-2 the SFT (replicated and FSDP),
-RM, PPO, GRPO / RLOO and DAPO checks, on a Llama-family model (grouped-query attention, q/k norms,
+RM, PPO, GRPO / online DPO and DAPO checks, on a Llama-family model (grouped-query attention, q/k norms,
 biases) the SFT (replicated and FSDP: its own parameter shapes) and RM checks, in one process (JAX
 starts once). The sharded PPO iteration is the same per-shard code for either family (the model
 is called per example); Llama's sampling and scoring are checked on one device in
@@ -198,13 +198,14 @@ def check_ppo(mesh4, mesh1, save=None):
 
 
 def check_group(mesh4, mesh1):
-    """GRPO (std-normalised groups, per-sequence means, k3 in the loss), RLOO (leave-one-out,
-    REINFORCE, budget normaliser) and online DPO (each group's best and worst as a pair, the DPO
-    loss): every group stays on one device, so 4 devices = 1 device."""
-    from rlhf_jax.rl.presets import grpo_hparams, online_dpo_hparams, rloo_hparams
+    """GRPO (std-normalised groups, per-sequence means, k3 in the loss) and online DPO (each
+    group's best and worst as a pair, the DPO loss): every group stays on one device, so 4
+    devices = 1 device. (RLOO differs in group-local pieces, its leave-one-out baseline, and in
+    a loss that reduces through ``ops.aggregate``, whose budget normaliser test_group.py checks
+    sharded under vmap.)"""
+    from rlhf_jax.rl.presets import grpo_hparams, online_dpo_hparams
 
     for hp in (grpo_hparams(prompts_per_iter=8, minibatches=2),
-               rloo_hparams(prompts_per_iter=8, minibatches=2),
                online_dpo_hparams(prompts_per_iter=8, group_size=4, minibatches=2)):
         setup = functools.partial(group_setup, hp)
         compare_ppo(ppo_run(mesh4, setup=setup), ppo_run(mesh1, setup=setup))
