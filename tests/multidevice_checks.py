@@ -41,12 +41,13 @@ from rlhf_jax.stages.ppo import sharded_iteration
 from rlhf_jax.stages.reward_model import kwise_rm_loss_fn, make_score_fn
 from rlhf_jax.train import OptimConfig, TrainState, make_optimizer, make_train_step
 
+# one layer: sharding treats every layer alike, and each layer is compiled once more per program
 FAMILIES = {
-    "gpt2": (preset("test", vocab_size=32, max_len=24), (1e-5, 1e-6)),
+    "gpt2": (preset("test", vocab_size=32, max_len=24, n_layers=1), (1e-5, 1e-6)),
     # Adam turns ~1e-7 reduction-order differences of tiny gradients into up to ~2e-6 (seen once
     # in 1,024 elements of a q_proj kernel); a sharding bug would be off by orders more
-    "llama": (preset("llama-test", vocab_size=32, max_len=24, qk_norm=True, qkv_bias=True),
-              (1e-5, 5e-6)),
+    "llama": (preset("llama-test", vocab_size=32, max_len=24, n_layers=1, qk_norm=True,
+                     qkv_bias=True), (1e-5, 5e-6)),
 }
 CFG, (RTOL, ATOL) = FAMILIES["gpt2"]
 

@@ -54,8 +54,8 @@ def imported_pipeline(request, tmp_path_factory):
     test_experiments.py for models trained here). Returns (family, checkpoint, the run
     directory holding ``pretrain/``, the SFT run, the summary)."""
     root = tmp_path_factory.mktemp(request.param)
-    cfg = (preset("test", max_len=32) if request.param == "gpt2" else
-           preset("llama-test", max_len=32, qkv_bias=True, tie_embeddings=True))
+    cfg = (preset("test", max_len=32, n_layers=1) if request.param == "gpt2" else
+           preset("llama-test", max_len=32, n_layers=1, qkv_bias=True, tie_embeddings=True))
     ckpt = _checkpoint(root / "ckpt", cfg, eos_list=request.param == "llama")
     out = root / "pipe"
     if request.param == "gpt2":

@@ -39,7 +39,7 @@ def _state(models, policy_params, value_params, ref_params, rm_params, hp, optim
 
 
 def _setup(vocab=16, prompt_len=5, b=8):
-    cfg = preset("test", vocab_size=vocab, max_len=16)
+    cfg = preset("test", vocab_size=vocab, max_len=16, n_layers=1)
     policy, p_params = create_model(cfg, jax.random.key(1))
     _, ref_params = create_model(cfg, jax.random.key(2))
     rm, rm_params = create_model(cfg, jax.random.key(3), heads=("reward",))
@@ -254,7 +254,7 @@ def run_bandit(hp: PPOHParams, *, iters: int = 150, learning_rate: float = 2e-2)
     ``group_size`` samples each), one response token from a vocabulary of 6 with reward
     ``BANDIT_TABLE[y]``. Returns ``(π after training, π_SFT, rewards)`` as float64 arrays."""
     vocab = BANDIT_VOCAB
-    cfg = preset("test", vocab_size=vocab, max_len=4)
+    cfg = preset("test", vocab_size=vocab, max_len=4, n_layers=1)
     policy, params = create_model(cfg, jax.random.key(0))
     # a non-uniform reference policy
     params["wte"]["embedding"][...] = params["wte"]["embedding"][...] * 3.0

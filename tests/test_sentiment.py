@@ -158,6 +158,7 @@ def test_distinct_n_counts_unique_word_ngrams_over_all_samples():
 
 # ----------------------------------------------------------------------------- end to end
 TINY = ["--pipeline.pretrain.model.d-model", "32", "--pipeline.pretrain.model.n-heads", "2",
+        "--pipeline.pretrain.model.n-layers", "1",
         "--pipeline.pretrain.steps", "20", "--pipeline.pretrain.batch-size", "8",
         "--pipeline.pretrain.optim.warmup-steps", "2", "--pipeline.pretrain.log-every", "10",
         "--pipeline.reward.steps", "4", "--pipeline.reward.batch-prompts", "4",

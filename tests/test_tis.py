@@ -107,7 +107,7 @@ def bf16_setup():
     """A tiny bf16 policy = reference (same parameters), an RM and a separate value model."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FORCE_ENV, "1")   # tiny shapes: fine on CPUs without native bf16 too
-        cfg = preset("test", vocab_size=16, max_len=16, precision="bf16")
+        cfg = preset("test", vocab_size=16, max_len=16, n_layers=1, precision="bf16")
         policy, params = create_model(cfg, jax.random.key(1))
         rm, rm_params = create_model(cfg, jax.random.key(3), heads=("reward",))
         value, v_params = create_model(cfg, jax.random.key(4), heads=("value",))
