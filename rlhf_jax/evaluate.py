@@ -171,6 +171,12 @@ def paired_outcomes(ours: list[dict], theirs: list[dict], top_score: float) -> d
     judge, and the win rate a perfect policy would get against ``theirs``."""
     key = lambda r: (r["uid"], r["sample"])  # noqa: E731
     by_key = {key(r): r["score"] for r in theirs}
+    unmatched = [key(r) for r in ours if key(r) not in by_key]
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} of {len(ours)} records have no (uid, sample) partner "
+                         f"among the {len(theirs)} they are compared with, e.g. {unmatched[0]}: "
+                         "both sides must be sampled from the same prompts, samples_per_prompt "
+                         "times each")
     diffs = np.asarray([r["score"] - by_key[key(r)] for r in ours])
     wins, ties, losses = (int(np.sum(diffs > 0)), int(np.sum(diffs == 0)), int(np.sum(diffs < 0)))
     n = max(len(diffs), 1)

@@ -190,6 +190,22 @@ def test_export_reload_is_bit_identical_in_the_loaded_dtype(name, tmp_path):
     assert table(tmp_path / "out" / "model.safetensors") == table(FIXTURES / name / "model.safetensors")
 
 
+def test_exported_files_are_as_readable_as_any_new_file(tmp_path):
+    """The safetensors library creates its file 0600; an export is shared like the JSON files
+    beside it, whose mode the umask sets."""
+    import os
+
+    model, params = load_pretrained(FIXTURES / LM_FIXTURES[0])
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            save_pretrained(tmp_path / oct(umask), model, params)
+        finally:
+            os.umask(old)
+        for name in ("model.safetensors", "config.json"):
+            assert (tmp_path / oct(umask) / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_export_in_a_requested_dtype(tmp_path):
     model, params = load_pretrained(FIXTURES / "gpt2_odd")
     save_pretrained(tmp_path / "bf16", model, params, dtype="bfloat16")

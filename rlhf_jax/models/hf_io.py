@@ -126,13 +126,29 @@ def read_tensor(name: str, info: TensorInfo) -> np.ndarray:
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     """Write ``tensors`` as one safetensors file with transformers' metadata, atomically (a
-    temporary file renamed into place: a crash leaves the previous file or none)."""
+    temporary file renamed into place: a crash leaves the previous file or none), readable as
+    any new file is under the process's umask (the safetensors library creates it 0600)."""
     from safetensors.numpy import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
               metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)   # no /proc: the only portable read sets it, so set it right back
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:
