@@ -147,13 +147,16 @@ def _sequence_kl(policy: Model, policy_params, ref: Model, ref_params, prompts, 
 def sequence_kl(policy: Model, params, ref: Model, ref_params, task: Task, shapes: TaskConfig,
                 records: Sequence[dict], *, batch: int = 256) -> np.ndarray:
     """Exact KL(π ‖ π_ref) of each held-out record's response, summed over the positions the
-    sampler counted (its tokens and EOS; a response cut at the budget has no EOS), ``[R]``."""
+    sampler counted (its tokens and EOS; a response cut at the budget has no EOS), ``[R]``. A
+    record stored before its sampled ids is read as its text's canonical encoding, cut to the
+    budget like a sampled response."""
     params, ref_params = single_device((params, ref_params))   # e.g. sharded policy, local ref
     by_uid = {p.uid: p for p in task.prompts("heldout")}
     p_ids, p_mask = encode_prompts(task.tokenizer, [by_uid[r["uid"]] for r in records],
                                    shapes.prompt_len)
     r_ids, r_mask = encode_responses(task.tokenizer, [r["response"] for r in records],
-                                     shapes.max_new_tokens + 1, ids=stored_ids(records))
+                                     shapes.max_new_tokens + 1, cut=True,
+                                     ids=stored_ids(records))
     # a response cut at the budget was sampled without EOS: the EOS appended after its
     # max_new_tokens tokens is no position the sampler (or the training metric) counted
     r_mask[:, shapes.max_new_tokens:] = 0
@@ -287,7 +290,8 @@ def pairwise_gold_agreement(rewards: np.ndarray, gold: np.ndarray) -> float:
 def rm_gold_agreement(score: ScoreFn, rm_params, task: Task, shapes: TaskConfig,
                       records: list[dict]) -> float:
     """RM vs gold ordering over pairs of one held-out prompt's sampled responses (``records`` of
-    :func:`evaluate_heldout`) with different gold scores."""
+    :func:`evaluate_heldout`) with different gold scores (a record stored before its sampled ids:
+    its text's canonical encoding, cut to the budget)."""
     by_uid: dict[str, list[dict]] = {}
     for r in records:
         by_uid.setdefault(r["uid"], []).append(r)
@@ -296,6 +300,6 @@ def rm_gold_agreement(score: ScoreFn, rm_params, task: Task, shapes: TaskConfig,
     arrays = encode_groups(task.tokenizer, [prompts_by_uid[u] for u in uids],
                            [[r["response"] for r in by_uid[u]] for u in uids],
                            prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens + 1,
-                           ids=[stored_ids(by_uid[u]) for u in uids])
+                           cut=True, ids=[stored_ids(by_uid[u]) for u in uids])
     gold = np.asarray([[r["score"] for r in by_uid[u]] for u in uids], np.float32)
     return pairwise_gold_agreement(score_groups(score, rm_params, arrays), gold)

@@ -238,6 +238,21 @@ def test_heldout_recomputations_read_the_stored_ids(task):
         sequence_kl(model, params, model, ref_params, in_new_process, shapes, truncated, batch=2),
         [float(jnp.sum(jnp.exp(lp) * (lp - lr)))], rtol=1e-4)
 
+    # a record stored before the ids whose canonical encoding outgrew the budget: its first 12
+    # tokens, as the sampler would have cut it (no error; the perplexity cuts it alike)
+    long_ids = new.encode(WORD * 20)
+    assert len(long_ids) > shapes.max_new_tokens
+    legacy = [{"uid": prompt.uid, "sample": 0, "response": WORD * 20, "score": 0.0}, old[1]]
+    head = long_ids[:shapes.max_new_tokens]
+    lp, _ = logps(params, head)
+    lr, _ = logps(ref_params, head)
+    np.testing.assert_allclose(
+        sequence_kl(model, params, model, ref_params, in_new_process, shapes, legacy, batch=2),
+        [float(jnp.sum(jnp.exp(lp) * (lp - lr))), exact_kl(canonical)], rtol=1e-4)
+    want = float(np.sign(sum(canonical) - sum(head)) == 1)   # gold ranks canonical (1) first
+    rm_sum = lambda prm, tokens, mask: (tokens * mask).sum(-1).astype(np.float32)  # noqa: E731
+    assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, legacy) == want
+
     ppl = perplexity_under(model, params, in_new_process, records[:1], batch=2,
                            prompt_len=shapes.prompt_len, response_len=shapes.max_new_tokens)
     np.testing.assert_allclose(ppl, np.exp(-np.mean(logps(params, spelling)[1])), rtol=1e-4)
@@ -247,7 +262,6 @@ def test_heldout_recomputations_read_the_stored_ids(task):
 
     # an RM that sums the tokens it reads ranks the canonical response (gold 1) above the
     # spelled one (gold 0), whose ids sum lower: agreement 1; without ids the texts tie: 0
-    rm_sum = lambda prm, tokens, mask: (tokens * mask).sum(-1).astype(np.float32)  # noqa: E731
     assert sum(canonical) > sum(spelling)
     assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, records) == 1.0
     assert rm_gold_agreement(rm_sum, None, in_new_process, shapes, old) == 0.0

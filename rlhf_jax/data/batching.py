@@ -67,32 +67,38 @@ def response_tokens(tok: Tokenizer, text: str, ids: Sequence[int] | None) -> lis
 
 
 def encode_responses(tok: Tokenizer, responses: Sequence[str], length: int, *,
-                     widen: bool = False, ids: Sequence[Sequence[int] | None] | None = None
+                     widen: bool = False, cut: bool = False,
+                     ids: Sequence[Sequence[int] | None] | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """``encode(text) + [eos]``, right-padded to ``length`` (``widen``: to the longest row when
-    that is more, instead of an error). ``ids``: each response's stored sampled ids or ``None``,
-    used in place of ``encode`` where valid (:func:`response_tokens`)."""
+    that is more, instead of an error; ``cut``: a response of more than ``length - 1`` tokens keeps
+    its first ``length - 1``, then EOS). ``ids``: each response's stored sampled ids or ``None``,
+    used in place of ``encode`` where valid (:func:`response_tokens`). ``cut`` serves
+    recomputations on a sampling budget of ``length - 1`` tokens: sampled ids always fit it, but a
+    record stored before its ids is read as its text's canonical encoding, which can outgrow it."""
     ids = [None] * len(responses) if ids is None else ids
-    rows = [response_tokens(tok, r, i) + [tok.eos_id] for r, i in zip(responses, ids, strict=True)]
+    keep = length - 1 if cut else None
+    rows = [response_tokens(tok, r, i)[:keep] + [tok.eos_id]
+            for r, i in zip(responses, ids, strict=True)]
     if widen:
         length = max([length, *map(len, rows)])
     return pad_right(rows, length, tok.pad_id, what="response")
 
 
 def encode_groups(tok: Tokenizer, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]],
-                  *, prompt_len: int, response_len: int, widen: bool = False,
+                  *, prompt_len: int, response_len: int, widen: bool = False, cut: bool = False,
                   ids: Sequence[Sequence[Sequence[int]] | None] | None = None
                   ) -> dict[str, np.ndarray]:
     """K responses per prompt (``responses[i][j]`` answers ``prompts[i]``, K equal for all):
     ``prompts [N, Lp]`` / ``prompt_mask`` left-padded, ``responses [N, K, Lr]`` /
     ``response_mask`` right-padded with EOS. ``ids[i]``: the K responses' stored sampled ids, or
-    ``None`` (see :func:`encode_responses`)."""
+    ``None``; ``widen`` / ``cut``: see :func:`encode_responses`."""
     n, k = len(responses), len(responses[0]) if responses else 0
     p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
     flat_ids = None if ids is None else [i for row, r in zip(ids, responses, strict=True)
                                          for i in (row if row is not None else [None] * len(r))]
     r_ids, r_mask = encode_responses(tok, [r for row in responses for r in row], response_len,
-                                     widen=widen, ids=flat_ids)
+                                     widen=widen, cut=cut, ids=flat_ids)
     return {"prompts": p_ids, "prompt_mask": p_mask,
             "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1)}
 
