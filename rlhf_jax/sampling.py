@@ -41,7 +41,8 @@ class SamplingConfig:
     Attributes:
       max_new_tokens: response budget; responses that hit it without EOS are truncated.
       temperature: softmax temperature; 0 = greedy.
-      top_k: keep the k most likely tokens (0 = off).
+      top_k: keep the k most likely tokens (0 = off; k ≥ vocabulary keeps all); tokens tied
+        with the k-th logit are kept too, as transformers' ``TopKLogitsWarper`` keeps them.
       top_p: nucleus sampling, keep the smallest set with mass >= top_p (1.0 = off).
     """
 
