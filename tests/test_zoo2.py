@@ -313,8 +313,8 @@ def test_dapo_bandit_and_bit_exact_resume(tmp_path):
     """DAPO on the one-step bandit (16 groups of 4 sampled, 8 kept; no KL): the policy goes to the
     best token, and dynamic sampling stops filling its 8 slots as groups become unanimous. (Every
     one-hot policy is a fixed point of DAPO — unanimous groups are dropped, nothing moves it — so
-    the arm it ends on depends on the step size: at learning rate 3e-2 a trial locked onto the
-    second-best token; at 2e-2 it reaches the best.) The
+    the arm it ends on depends on the step size: at learning rate 3e-2 this model locks onto token
+    1, reward 0.2; at 2e-2 it reaches the best.) The
     same compiled iteration, through ``loop.fit``: 3 iterations equal 2, a restore from the
     checkpoint into a fresh state, and 1 more — metrics and parameters bit for bit. (Resume of the
     other shape classes: GRPO's groups — GSPO's shapes — and PPO's single samples — REINFORCE++'s
@@ -329,7 +329,7 @@ def test_dapo_bandit_and_bit_exact_resume(tmp_path):
     from rlhf_jax.train import OptimConfig
 
     hp, iters, key = dapo_hparams(no_eos_penalty=0.0, overlong_buffer=0), 60, jax.random.key(1)
-    policy, params = create_model(preset("test", vocab_size=BANDIT_VOCAB, max_len=4),
+    policy, params = create_model(preset("test", vocab_size=BANDIT_VOCAB, max_len=4, n_layers=1),
                                   jax.random.key(0))
     params["wte"]["embedding"][...] = params["wte"]["embedding"][...] * 3.0
     models = Models(policy=policy, ref=policy, rm=table_reward, value=None)
