@@ -4,6 +4,9 @@ invariance, output positions, KV cache and heads; configs. (Llama parity with tr
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from flax import nnx
 
 import references as ref
+from conftest import xla_env
 from rlhf_jax.configs import ConfigError
 from rlhf_jax.models import GPTConfig, create_model, init_cache, preset
 from rlhf_jax.models.functional import count_params, transplant
@@ -291,3 +295,40 @@ def test_param_count_with_heads():
     cfg = preset("test")
     _, params = create_model(cfg, jax.random.key(0), heads=("value", "reward"))
     assert count_params(params) == ref.param_count_formula(cfg, n_heads_scalar=2)
+
+
+_SHARDED_DROPOUT = """
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from rlhf_jax.models import GPTConfig, LlamaConfig, create_model
+from rlhf_jax.ops import token_logprobs
+from rlhf_jax.parallel import make_mesh, replicate, shard_batch
+assert len(jax.devices()) == 2
+row = np.random.RandomState(0).randint(0, 64, (1, 16))
+tokens = np.repeat(row, 4, 0)                              # 4 identical rows
+small = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_len=16, dropout=0.3)
+for cfg in (GPTConfig(**small), LlamaConfig(**small, n_kv_heads=1)):
+    model, params = create_model(cfg, jax.random.key(0))
+    def per_row(params, tokens, key):
+        logits = model.apply(params, tokens, dropout_key=key).logits[:, :-1]
+        return token_logprobs(logits, tokens[:, 1:]).sum(-1)
+    key = jax.random.key(1)
+    one = np.asarray(jax.jit(per_row)(params, tokens, key))
+    for mesh in (make_mesh(jax.devices()[:1]), make_mesh()):
+        f = jax.jit(jax.shard_map(per_row, mesh=mesh, in_specs=(P(), P("data"), P()),
+                                  out_specs=P("data")))
+        got = np.asarray(f(replicate(params, mesh), shard_batch(tokens, mesh), key))
+        assert len(set(np.round(got, 4))) == 4, got     # every row its own mask
+        np.testing.assert_allclose(got, one, rtol=1e-5)
+print("ok")
+"""
+
+
+def test_dropout_masks_differ_between_shards_and_match_one_device():
+    """Under shard_map with a replicated step key (``parallel.data_parallel``), each shard must
+    not draw the same dropout masks: on 2 devices, 4 identical rows get 4 different masks, the
+    ones the same batch gets on one device."""
+    env = xla_env(2, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _SHARDED_DROPOUT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

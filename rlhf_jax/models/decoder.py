@@ -95,16 +95,31 @@ def write_cache(kv, k, v, cache_index):
     return k, v, (k, v)
 
 
-def keep_mask(rate: float, key: jax.Array | None, shape) -> jax.Array | None:
+def keep_mask(rate: float, key: jax.Array | None, shape, like: jax.Array | None = None
+              ) -> jax.Array | None:
     """Dropout multiplier of ``shape`` (0, or 1/(1 − rate) with probability 1 − rate), or None
-    when there is no dropout."""
+    when there is no dropout. Row ``i`` (axis 0, the batch) draws from ``fold_in(key, i)``.
+
+    Inside ``shard_map`` with the batch split over mesh axes that ``like`` (an activation of
+    this shard) varies over and ``key`` does not (a replicated step key), ``i`` is the row's
+    index in the global batch: shards never share masks (drawn from the whole key, each would
+    draw the same ones), and every row gets the mask it gets on one device."""
     if rate == 0.0 or key is None:
         return None
-    return jnp.where(jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate), 0.0)
+    axes = () if like is None else tuple(sorted(_varying(like) - _varying(key)))
+    first = lax.axis_index(axes) * shape[0] if axes else 0
+    rows = first + jnp.arange(shape[0])
+    bits = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate,
+                                                   shape[1:]))(rows)
+    return jnp.where(bits, 1.0 / (1.0 - rate), 0.0)
+
+
+def _varying(x) -> frozenset:
+    return jax.typeof(x).manual_axis_type.varying
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    keep = keep_mask(rate, key, x.shape)
+    keep = keep_mask(rate, key, x.shape, like=x)
     return x if keep is None else x * keep.astype(x.dtype)
 
 

@@ -51,7 +51,8 @@ class Attention(nnx.Module):
         k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in (1, 2))          # [B, H, T, K]
         mask = take_positions(mask, positions)                              # [B, T', S]
         k, v, kv = write_cache(kv, k, v, cache_index)                      # [B, H, S, K]
-        keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
+        keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]),
+                         like=x)
         out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim),
                         dtype=cfg.matmul_dtype)                             # [B, H, T', K]
         out = jnp.swapaxes(out, 1, 2).reshape(b, q.shape[2], cfg.d_model)

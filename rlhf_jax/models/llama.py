@@ -107,7 +107,8 @@ class Attention(nnx.Module):
         groups = cfg.n_heads // cfg.n_kv_heads
         k, v = (jnp.repeat(a, groups, axis=1) for a in (k, v))              # [B, H, S, K]
         mask = take_positions(mask, positions)                              # [B, T', S]
-        keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]))
+        keep = keep_mask(cfg.dropout, dropout_key, (b, cfg.n_heads, q.shape[2], k.shape[2]),
+                         like=x)
         out = attention(q, k, v, mask, keep, scale=1.0 / math.sqrt(cfg.head_dim),
                         dtype=cfg.matmul_dtype)                             # [B, H, T', K]
         out = jnp.swapaxes(out, 1, 2).reshape(b, q.shape[2], cfg.n_heads * cfg.head_dim)
