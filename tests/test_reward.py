@@ -236,3 +236,17 @@ def test_preference_arrays_widen_to_stored_texts_that_encode_past_the_budget():
                              max_len=16)["responses"].shape == (1, 2, 4)
     with pytest.raises(ValueError, match="6 tokens.*context of 10"):
         preference_arrays(Chars(), prefs(["abcdef", "a"]), shapes, max_len=10)
+
+
+def test_frozen_trunk_with_weight_decay_is_refused():
+    """``freeze_trunk`` stops the trunk's gradient, but AdamW's decoupled decay would still
+    shrink its matrices (measured: 0.3% off the SFT weights after 30 steps at decay 0.1)."""
+    from rlhf_jax.configs import ConfigError
+    from rlhf_jax.stages.reward import RewardConfig
+    from rlhf_jax.train import OptimConfig
+
+    decay = OptimConfig(learning_rate=5e-4, warmup_steps=20, weight_decay=0.1)
+    with pytest.raises(ConfigError, match="optim.weight_decay.*frozen trunk"):
+        RewardConfig(optim=decay)
+    RewardConfig(optim=decay, freeze_trunk=False)
+    RewardConfig()

@@ -137,6 +137,11 @@ class RewardConfig:
               "last-token head: add --no-lm-readout")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        # the frozen trunk gets no gradient (stop_gradient), but AdamW's decoupled decay would
+        # still shrink its matrices every step
+        check(not (self.freeze_trunk and self.optim.weight_decay > 0), "optim.weight_decay",
+              f"{self.optim.weight_decay} would decay the frozen trunk away from the SFT weights; "
+              "use 0 with freeze_trunk, or --no-freeze-trunk")
         if self.data == "simulated":
             check(not self.data_dir and not self.export_hf, "data_dir" if self.data_dir else
                   "export_hf", "only used with file data (--data hh-rlhf or summarize)")
