@@ -115,7 +115,10 @@ def keep_mask(rate: float, key: jax.Array | None, shape, like: jax.Array | None 
 
 
 def _varying(x) -> frozenset:
-    return jax.typeof(x).manual_axis_type.varying
+    """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside it)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)   # JAX >= 0.10; before: ``vma``
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
