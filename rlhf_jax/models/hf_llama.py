@@ -114,7 +114,12 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
 
 def model_type_of(cfg: LlamaConfig) -> str:
     """The HF model type whose architecture computes ``cfg`` (for export without a source)."""
-    if cfg.qk_norm:
+    if cfg.qk_norm:   # Qwen3: one attention_bias for q/k/v/o, an MLP without biases
+        if cfg.qkv_bias != cfg.o_bias or cfg.mlp_bias:
+            raise ValueError(
+                f"q/k norms with qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
+                f"mlp_bias={cfg.mlp_bias}: Qwen3 (the architecture with q/k norms) has one "
+                "attention_bias for q/k/v/o and no MLP biases; transformers would drop the others")
         return "qwen3"
     if cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias:
         return "qwen2"
