@@ -440,6 +440,20 @@ def test_tokenizer_config_errors_name_the_file(tmp_path):
     assert HFTokenizer.from_pretrained(tmp_path).eos_id == 2
 
 
+def test_export_keeps_every_eos_id_of_the_tokenizer(tmp_path):
+    """An imported tokenizer's EOS list (Llama 3 Instruct: end_of_text, eom, eot) is written as a
+    list: a single id made transformers' generate run past the others."""
+    from rlhf_jax.data.tokenizers import HFTokenizer, WordTokenizer
+
+    words = WordTokenizer([f"w{i}" for i in range(61)]).hf_tokenizer()
+    model, params = create_model(preset("test"), jax.random.key(0))
+    for eos_ids, written in (([2, 5], [2, 5]), ([2], 2)):
+        tok = HFTokenizer(words, eos_ids=eos_ids, pad_id=0, bos_id=1)
+        save_pretrained(tmp_path / "m", model, params, tokenizer=tok)
+        assert json.loads((tmp_path / "m" / "config.json").read_text())["eos_token_id"] == written
+        assert HFTokenizer.from_pretrained(tmp_path / "m").eos_ids == tuple(eos_ids)
+
+
 class _Payload:
     """Unpickling this writes a marker file: proof that a pickle ran code."""
 

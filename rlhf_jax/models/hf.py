@@ -185,7 +185,8 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
         imported with, else float32.
       reward_norm: ``(gain, bias)`` of a reward normalisation ``gain · r + bias`` to fold into a
         reward model's weights (exactly; see the module docstring).
-      tokenizer: optional; its ``bos_id`` / ``eos_id`` / ``pad_id`` go into ``config.json`` and,
+      tokenizer: optional; its ``bos_id`` / ``eos_id`` (all its ``eos_ids`` when it has several)
+        / ``pad_id`` go into ``config.json`` and,
         when it has ``hf_tokenizer()``, its ``tokenizer.json`` is written too.
     """
     path = Path(path)
@@ -215,9 +216,10 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
     if arch == reward and "tie_word_embeddings" in base:   # meaningless for a classifier: as read
         config["tie_word_embeddings"] = base["tie_word_embeddings"]
     config["dtype"] = config["torch_dtype"] = dtype   # transformers >= 4.56 reads "dtype"
-    if tokenizer is not None:
-        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                      pad_token_id=tokenizer.pad_id)
+    if tokenizer is not None:   # every EOS of an imported list, so that generate stops at each
+        eos = tuple(getattr(tokenizer, "eos_ids", ())) or (tokenizer.eos_id,)
+        config.update(bos_token_id=tokenizer.bos_id, pad_token_id=tokenizer.pad_id,
+                      eos_token_id=list(eos) if len(eos) > 1 else eos[0])
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / SAFETENSORS, tensors)
     write_json(path / "config.json", config)
