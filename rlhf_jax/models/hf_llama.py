@@ -2,13 +2,14 @@
 fields and tensor names mapped to :class:`LlamaConfig` and the NNX tree of ``Llama``.
 
 Config forms in use are both read: rotary settings as top-level ``rope_theta`` / ``rope_scaling``
-(most published checkpoints) or as the ``rope_parameters`` dict transformers 5 writes; ``dtype``
-or ``torch_dtype``. Rotary types other than "default" and "llama3" (yarn, linear, dynamic, …),
-partial rotary factors and sliding-window layers are refused by name rather than computed
-differently. Biases are not a config field everywhere: Qwen2 has q/k/v biases and an unbiased output
-projection by architecture; Llama's ``attention_bias`` covers q/k/v/o and ``mlp_bias`` the MLP;
-Qwen3 has ``attention_bias`` and per-head q/k RMSNorms. ``nn.Linear`` weights are ``[out, in]``,
-ours ``[in, out]``: transposed both ways. Buffers ``rotary_emb.inv_freq`` are skipped.
+(most published checkpoints) or as the ``rope_parameters`` dict transformers 5 writes (a non-empty
+``rope_scaling`` first, as transformers reads them); ``dtype`` or ``torch_dtype``. Rotary types
+other than "default" and "llama3" (yarn, linear, dynamic, …), partial rotary factors and
+sliding-window layers are refused by name rather than computed differently. Biases are not a config
+field everywhere: Qwen2 has q/k/v biases and an unbiased output projection by architecture; Llama's
+``attention_bias`` covers q/k/v/o and ``mlp_bias`` the MLP; Qwen3 has ``attention_bias`` and
+per-head q/k RMSNorms. ``nn.Linear`` weights are ``[out, in]``, ours ``[in, out]``: transposed both
+ways. Buffers ``rotary_emb.inv_freq`` are skipped.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def is_reward(arch: str) -> bool:
 
 
 def _rope(raw: Mapping, source: Path) -> tuple[float, tuple]:
-    field = "rope_parameters" if raw.get("rope_parameters") is not None else "rope_scaling"
+    # transformers reads a non-empty ``rope_scaling`` before ``rope_parameters`` (4.x knows only
+    # the first; 5.x takes it first), e.g. the YaRN block model cards say to add to config.json
+    field = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
     rp = raw.get(field) or {}
     if not isinstance(rp, dict):
         raise CheckpointError(f"{source}: field {field!r} must be an object, got {rp!r}")
@@ -63,6 +66,11 @@ def _rope(raw: Mapping, source: Path) -> tuple[float, tuple]:
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     vals = tuple(get_field(rp, k, int if k.startswith("original") else float, None,
                            Path(f"{source}: field '{field}'")) for k in keys)
+    top = raw.get(keys[3])   # transformers 5 lets a top-level value override the block's; 4.x not
+    if top is not None and top != vals[3]:
+        raise CheckpointError(f"{source}: field '{keys[3]}' = {top!r} differs from "
+                              f"'{field}.{keys[3]}' = {vals[3]!r}; transformers versions "
+                              "disagree on which one counts")
     return float(theta), tuple(float(v) for v in vals[:3]) + (int(vals[3]),)
 
 
