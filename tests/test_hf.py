@@ -153,6 +153,18 @@ def test_rope_scaling_is_read_before_rope_parameters(tmp_path):
     assert np.abs(logits[real] - exp["logits"][real]).max() <= 1e-5
 
 
+def test_qwen3_without_head_dim_has_transformers_default(tmp_path):
+    """Qwen3Config's head_dim defaults to 128, not hidden_size / num_attention_heads (the
+    import refused such a file: 'config.json implies [8]')."""
+    model, params = create_model(preset("llama-test", qk_norm=True, head_dim=128),
+                                 jax.random.key(0))
+    save_pretrained(tmp_path / "m", model, params)
+    _edit_config(tmp_path / "m", lambda c: {k: v for k, v in c.items() if k != "head_dim"})
+    again, params2 = load_pretrained(tmp_path / "m")
+    assert again.cfg == model.cfg
+    _assert_same_params(params, params2)
+
+
 @pytest.mark.parametrize("edit, pattern", [
     (lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
      r"field 'rope_parameters.rope_type' = 'yarn' is not supported"),

@@ -103,6 +103,8 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
         if raw.get("num_key_value_heads") is not None else n_heads
     if raw.get("head_dim") is not None:
         kw["head_dim"] = get_field(raw, "head_dim", int, None, source)
+    elif model_type == "qwen3":   # transformers' Qwen3Config default, not hidden / heads
+        kw["head_dim"] = 128
     kw["rope_theta"], kw["rope_llama3"] = _rope(raw, source)
     attention_bias = get_field(raw, "attention_bias", bool, False, source)
     kw.update(qkv_bias=True, o_bias=False) if model_type == "qwen2" else \
