@@ -257,6 +257,19 @@ def test_export_in_a_requested_dtype(tmp_path):
         save_pretrained(tmp_path / "x", model, params, dtype="int8")
 
 
+def test_export_of_a_mixed_dtype_checkpoint_is_lossless(tmp_path):
+    """f32 norms beside bf16 matrices: the export is float32 (a bf16 one rounded the norms)."""
+    ckpt = _copy("llama32_rope", tmp_path)
+    rng = np.random.default_rng(0)
+    _rewrite(ckpt, lambda t: {k: (rng.normal(1.0, 0.3, v.shape).astype(np.float32)
+                                  if k.endswith("norm.weight") else v) for k, v in t.items()})
+    model, params = load_pretrained(ckpt)
+    assert model.source.dtype == "float32"
+    save_pretrained(tmp_path / "out", model, params)
+    _assert_same_params(params, load_pretrained(tmp_path / "out")[1])
+    assert load_pretrained(FIXTURES / "llama32_rope")[0].source.dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("cfg, arch", [
     (preset("test", tie_embeddings=False), "GPT2LMHeadModel"),
     (preset("llama-test"), "LlamaForCausalLM"),
