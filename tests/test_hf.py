@@ -492,6 +492,22 @@ def test_tokenizer_config_errors_name_the_file(tmp_path):
     assert HFTokenizer.from_pretrained(tmp_path).eos_id == 2
 
 
+def test_tokenizer_stops_at_every_eos_of_generation_config(tmp_path):
+    """Qwen2.5 / Qwen3 instruct: config.json names <|im_end|>, generation_config.json adds
+    <|endoftext|>; transformers' generate stops at both (sampling ran past the second)."""
+    from rlhf_jax.data.tokenizers import HFTokenizer, TokenizerError, WordTokenizer
+
+    WordTokenizer("a b c".split()).hf_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text('{"eos_token_id": 4, "bos_token_id": 1}')
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [4, 2]}')
+    tok = HFTokenizer.from_pretrained(tmp_path)
+    assert (tok.eos_id, tok.eos_ids, tok.pad_id) == (4, (4, 2), 4)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [4, 99]}')
+    with pytest.raises(TokenizerError, match=re.escape(
+            f"{tmp_path / 'generation_config.json'}: field 'eos_token_id' = [4, 99]")):
+        HFTokenizer.from_pretrained(tmp_path)
+
+
 def test_export_keeps_every_eos_id_of_the_tokenizer(tmp_path):
     """An imported tokenizer's EOS list (Llama 3 Instruct: end_of_text, eom, eot) is written as a
     list: a single id made transformers' generate run past the others."""

@@ -80,7 +80,9 @@ class HFTokenizer:
     ids of its ``config.json``.
 
     ``eos_token_id`` may be one id or a list (the first ends sampling; all are kept in
-    ``eos_ids``); a missing pad id falls back to EOS, a missing BOS to EOS (GPT-2's convention).
+    ``eos_ids``, followed by any other EOS of ``generation_config.json``, where transformers'
+    ``generate`` reads them); a missing pad id falls back to EOS, a missing BOS to EOS (GPT-2's
+    convention).
     Encoding adds no special tokens (the stages add BOS / EOS themselves); decoding stops at the
     first EOS and skips padding.
     """
@@ -114,19 +116,25 @@ class HFTokenizer:
         if not isinstance(cfg, dict):
             raise TokenizerError(f"{cfg_file}: expected a JSON object, got "
                                  f"{type(cfg).__name__}")
-        ids = {}
-        for field in ("eos_token_id", "pad_token_id", "bos_token_id"):
-            v = cfg.get(field)
-            vs = v if isinstance(v, list) else [] if v is None else [v]
-            if not all(isinstance(i, int) and not isinstance(i, bool)
-                       and 0 <= i < tok.get_vocab_size() for i in vs):
-                raise TokenizerError(f"{cfg_file}: field {field!r} = {v!r} is not a token id "
-                                     f"(or list of ids) below the tokenizer's "
-                                     f"{tok.get_vocab_size()}")
-            ids[field] = vs
+        ids = {field: _token_ids(cfg, field, cfg_file, tok.get_vocab_size())
+               for field in ("eos_token_id", "pad_token_id", "bos_token_id")}
         if not ids["eos_token_id"]:
             raise TokenizerError(f"{cfg_file}: field 'eos_token_id' is missing; sampling needs an "
                                  "EOS")
+        # transformers' generate stops at generation_config.json's EOS ids (Qwen2.5 / Qwen3
+        # instruct: <|im_end|> and <|endoftext|>, where config.json names only the first)
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                gen = json.loads(gen_file.read_text())
+            except (OSError, ValueError) as e:
+                raise TokenizerError(f"{gen_file}: not valid JSON ({e})") from None
+            if not isinstance(gen, dict):
+                raise TokenizerError(f"{gen_file}: expected a JSON object, got "
+                                     f"{type(gen).__name__}")
+            ids["eos_token_id"] += [i for i in _token_ids(gen, "eos_token_id", gen_file,
+                                                          tok.get_vocab_size())
+                                    if i not in ids["eos_token_id"]]
         return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
                    bos_id=(ids["bos_token_id"] or [None])[0])
 
@@ -152,6 +160,18 @@ class HFTokenizer:
 
     def to_json(self) -> str:
         return self._tok.to_str()
+
+
+def _token_ids(cfg: dict, field: str, file: Path, vocab_size: int) -> list[int]:
+    """``cfg[field]``: one token id or a list of them (none when absent), each below
+    ``vocab_size``; otherwise a :class:`TokenizerError` naming the file and field."""
+    v = cfg.get(field)
+    vs = v if isinstance(v, list) else [] if v is None else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size
+               for i in vs):
+        raise TokenizerError(f"{file}: field {field!r} = {v!r} is not a token id (or list of "
+                             f"ids) below the tokenizer's {vocab_size}")
+    return list(vs)
 
 
 class WordTokenizer:
