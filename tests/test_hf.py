@@ -396,10 +396,12 @@ def test_sharded_checkpoint(tmp_path):
         load_pretrained(ckpt)
 
 
-def test_tied_checkpoint_that_still_stores_the_output_matrix(tmp_path):
-    ckpt = _copy("gpt2_odd", tmp_path)
-    _rewrite(ckpt, lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"]})
-    _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "gpt2_odd")[1])
+@pytest.mark.parametrize("name, embedding", [("gpt2_odd", "transformer.wte.weight"),
+                                             ("qwen2_bias", "model.embed_tokens.weight")])
+def test_tied_checkpoint_that_still_stores_the_output_matrix(tmp_path, name, embedding):
+    ckpt = _copy(name, tmp_path)   # (a Llama-family one raised KeyError ('wte', 'embedding'))
+    _rewrite(ckpt, lambda t: {**t, "lm_head.weight": t[embedding]})
+    _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / name)[1])
     _rewrite(ckpt, lambda t: {**t, "lm_head.weight": t["lm_head.weight"] + 1.0})
     with pytest.raises(CheckpointError, match="'lm_head.weight' differs from the token embedding"):
         load_pretrained(ckpt)

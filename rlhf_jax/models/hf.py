@@ -159,7 +159,7 @@ def load_pretrained(path: str | Path, *, allow_torch_bin: bool = False
             raise CheckpointError(f"{info.file}: tensor {name!r} holds non-finite values")
         values[spec.path] = arr.T if spec.transpose else arr
     if tied_copy is not None and not np.array_equal(
-            np.asarray(read_tensor(*tied_copy), np.float32), values[("wte", "embedding")]):
+            np.asarray(read_tensor(*tied_copy), np.float32), values[specs[fam.EMBEDDING].path]):
         raise CheckpointError(f"{tied_copy[1].file}: tensor {tied_copy[0]!r} differs from the "
                               "token embedding although config.json ties them")
     if "reward" in heads:

@@ -23,6 +23,7 @@ from rlhf_jax.models.hf_io import CheckpointError
 MODEL_TYPES = ("gpt2",)
 LM, BACKBONE, REWARD = "GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification"
 ARCHITECTURES: dict[str, tuple[str, ...]] = {LM: (), BACKBONE: (), REWARD: ("reward",)}
+EMBEDDING = "wte.weight"   # the token embedding's canonical name (the tied output layer)
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")       # the tanh approximation GPT uses
 _BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 # GPTConfig field -> HF GPT2Config field

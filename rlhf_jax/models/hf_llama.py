@@ -25,6 +25,7 @@ from rlhf_jax.models.hf_io import CheckpointError
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+EMBEDDING = "embed_tokens.weight"   # the token embedding's canonical name (the tied output layer)
 _BUFFER = re.compile(r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _ROPE_TYPES = ("default", "llama3")
 # LlamaConfig field -> HF field, with HF's default when the field is absent (None: required)
