@@ -91,6 +91,21 @@ def test_reward_model_scores_match_transformers(name, padding):
     assert np.abs(np.asarray(r) - exp[f"{padding}_scores"]).max() <= 1e-5
 
 
+def test_gpt2_layer_norm_centres_before_the_variance():
+    """torch's LayerNorm takes the variance of the centred input; E[x²] − E[x]² (Flax's default)
+    cancels in float32 when the mean is large against the spread (it was off by 1.9e-2 here, and
+    by 1.5e-3 in the logits of a GPT-2 whose embeddings sit 10 away from 0)."""
+    model, params = create_model(preset("test"), jax.random.key(0))
+    module = nnx.merge(model.graphdef, params)
+    x = (100.0 + 0.5 * np.random.default_rng(0).standard_normal((4, 32))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    for ln in (module.ln_f, module.h[0].ln_1, module.h[0].ln_2):
+        ref = ((x64 - mean) / np.sqrt(var + 1e-5) * np.asarray(ln.scale[...])
+               + np.asarray(ln.bias[...]))
+        assert np.abs(np.asarray(ln(x)) - ref).max() <= 1e-4
+
+
 def test_imported_config_and_dtype():
     model, params = load_pretrained(FIXTURES / "gpt2_untied_bf16")
     assert (model.cfg.n_heads, model.cfg.head_dim, model.cfg.tie_embeddings) == (5, 8, False)

@@ -32,6 +32,13 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with the variance of the centred input, as torch computes it; Flax's default
+    ``E[x²] − E[x]²`` cancels in float32 when the mean is large against the spread (10 against 1:
+    errors of 6e-5, 100 against 0.5: 1e-2)."""
+    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, use_fast_variance=False, rngs=rngs)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -74,9 +81,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.ln_1 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        self.ln_1 = _layer_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.ln_2 = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, mask, token_positions, kv=None, cache_index=None, dropout_key=None,
@@ -113,7 +120,7 @@ class GPT(nnx.Module):
         self.wte = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_normal(0.02), rngs=rngs)
         self.wpe = nnx.Embed(cfg.max_len, cfg.d_model, embedding_init=_normal(0.01), rngs=rngs)
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=cfg.ln_eps, rngs=rngs)
+        self.ln_f = _layer_norm(cfg, rngs)
         if not cfg.tie_embeddings:                                           # [V, D] like wte
             self.lm_head = nnx.Param(_normal(0.02)(rngs.params(), (cfg.vocab_size, cfg.d_model)))
         self.heads = nnx.Dict({
