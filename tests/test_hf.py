@@ -270,6 +270,11 @@ def test_export_in_a_requested_dtype(tmp_path):
         np.testing.assert_array_equal(v, ref, err_msg=str(k))
     with pytest.raises(ValueError, match="dtype"):
         save_pretrained(tmp_path / "x", model, params, dtype="int8")
+    # a value beyond float16's range is refused, not written as inf (transformers loads inf)
+    params["wpe"]["embedding"][...] = params["wpe"]["embedding"][...].at[0, 0].set(1e5)
+    with pytest.raises(ValueError, match=r"'transformer.wpe.weight' does not fit float16"):
+        save_pretrained(tmp_path / "f16", model, params, dtype="float16")
+    assert not (tmp_path / "f16").exists()
 
 
 def test_export_of_a_mixed_dtype_checkpoint_is_lossless(tmp_path):

@@ -215,7 +215,12 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
     tensors = {}
     for canon, spec in fam.tensor_specs(model.cfg, arch).items():
         arr = flat[spec.path].T if spec.transpose else flat[spec.path]
-        tensors[fam.stored_name(canon)] = arr.astype(NUMPY_DTYPES[dtype])
+        name = fam.stored_name(canon)
+        with np.errstate(over="ignore"):
+            tensors[name] = arr.astype(NUMPY_DTYPES[dtype])
+        if not np.isfinite(tensors[name]).all():   # float16 tops out at 65504
+            raise ValueError(f"tensor {name!r} does not fit {dtype} (largest |value| "
+                             f"{float(np.abs(arr).max()):.6g}); export it in another dtype")
     config = fam.config_to_hf(model.cfg, arch, model_type, base)
     if arch == reward and "tie_word_embeddings" in base:   # meaningless for a classifier: as read
         config["tie_word_embeddings"] = base["tie_word_embeddings"]
