@@ -199,6 +199,12 @@ def test_qwen3_without_head_dim_has_transformers_default(tmp_path):
     (lambda c: {**c, "use_sliding_window": True}, r"sliding-window"),
     (lambda c: {**c, "layer_types": ["full_attention", "sliding_attention"]}, r"sliding-window"),
     (lambda c: {**c, "hidden_act": "gelu"}, r"field 'hidden_act' = 'gelu'"),
+    # errors speak the checkpoint's field names (not 'rope_llama3'), and head_dim 0 is no default
+    (lambda c: {**c, "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+        "original_max_position_embeddings": 16}},
+     r"field 'rope_parameters': needs factor > 0, high_freq_factor > low_freq_factor"),
+    (lambda c: {**c, "head_dim": 0}, r"field 'head_dim': must be > 0, got 0"),
     (lambda c: {**c, "num_key_value_heads": 4}, r"field 'num_key_value_heads': num_attention_heads=6 "
                                                 r"is not a multiple of num_key_value_heads=4"),
     (lambda c: {**c, "architectures": ["Qwen2ForCausalLM"]}, r"field 'architectures'"),

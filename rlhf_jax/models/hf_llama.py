@@ -46,10 +46,15 @@ def is_reward(arch: str) -> bool:
     return arch.endswith("ForSequenceClassification")
 
 
+def _rope_field(raw: Mapping) -> str:
+    """The config field transformers reads rotary settings from: a non-empty ``rope_scaling``
+    before ``rope_parameters`` (4.x knows only the first; 5.x takes it first), e.g. the YaRN
+    block model cards say to add to config.json."""
+    return "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+
+
 def _rope(raw: Mapping, source: Path) -> tuple[float, tuple]:
-    # transformers reads a non-empty ``rope_scaling`` before ``rope_parameters`` (4.x knows only
-    # the first; 5.x takes it first), e.g. the YaRN block model cards say to add to config.json
-    field = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    field = _rope_field(raw)
     rp = raw.get(field) or {}
     if not isinstance(rp, dict):
         raise CheckpointError(f"{source}: field {field!r} must be an object, got {rp!r}")
@@ -104,6 +109,8 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
         if raw.get("num_key_value_heads") is not None else n_heads
     if raw.get("head_dim") is not None:
         kw["head_dim"] = get_field(raw, "head_dim", int, None, source)
+        if kw["head_dim"] < 1:   # (0 would mean hidden_size / num_attention_heads here)
+            raise CheckpointError(f"{source}: field 'head_dim': must be > 0, got {kw['head_dim']}")
     elif model_type == "qwen3":   # transformers' Qwen3Config default, not hidden / heads
         kw["head_dim"] = 128
     kw["rope_theta"], kw["rope_llama3"] = _rope(raw, source)
@@ -117,7 +124,7 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
     except ConfigError as e:
         field, _, message = str(e).removeprefix("config field `").partition("`: ")
         names = {**{ours: hf for ours, (hf, _) in FIELDS.items()},
-                 "n_kv_heads": "num_key_value_heads"}
+                 "n_kv_heads": "num_key_value_heads", "rope_llama3": _rope_field(raw)}
         raise CheckpointError(f"{source}: field {names.get(field, field)!r}: "
                               f"{hf_names(message, names)}") from None
     return cfg, arch, ("reward",) if is_reward(arch) else ()
