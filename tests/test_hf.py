@@ -168,6 +168,17 @@ def test_rope_scaling_is_read_before_rope_parameters(tmp_path):
     assert np.abs(logits[real] - exp["logits"][real]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3_qknorm"])
+def test_qwen_mlp_has_no_biases_whatever_the_config_says(tmp_path, name):
+    """transformers' Qwen2 / Qwen3 MLPs are unbiased and ignore ``mlp_bias`` (the import asked
+    for MLP bias tensors: 'missing tensor', or used stored ones transformers drops)."""
+    ckpt = _copy(name, tmp_path)
+    _edit_config(ckpt, lambda c: {**c, "mlp_bias": True})
+    model, params = load_pretrained(ckpt)
+    assert not model.cfg.mlp_bias
+    _assert_same_params(params, load_pretrained(FIXTURES / name)[1])
+
+
 def test_qwen3_without_head_dim_has_transformers_default(tmp_path):
     """Qwen3Config's head_dim defaults to 128, not hidden_size / num_attention_heads (the
     import refused such a file: 'config.json implies [8]')."""

@@ -117,7 +117,9 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
     attention_bias = get_field(raw, "attention_bias", bool, False, source)
     kw.update(qkv_bias=True, o_bias=False) if model_type == "qwen2" else \
         kw.update(qkv_bias=attention_bias, o_bias=attention_bias)
-    kw["mlp_bias"] = get_field(raw, "mlp_bias", bool, False, source)
+    # only Llama's MLP reads mlp_bias; Qwen2's and Qwen3's have no biases whatever it says
+    mlp_bias = get_field(raw, "mlp_bias", bool, False, source)
+    kw["mlp_bias"] = mlp_bias and model_type == "llama"
     kw["qk_norm"] = model_type == "qwen3"
     try:
         cfg = LlamaConfig(**kw)
