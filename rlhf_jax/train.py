@@ -61,15 +61,22 @@ def warmup_cosine(peak: float | jax.Array, cfg: OptimConfig, total_steps: int):
                                     alpha=cfg.final_lr_frac)], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, *, frozen=None
+                   ) -> optax.GradientTransformation:
     """AdamW + clipping with warm-up then cosine decay over ``total_steps`` (see OptimConfig).
 
     The peak learning rate is a traced value in the optimizer state (``optax.inject_hyperparams``;
     read it as ``learning_rate(opt_state)``), not a constant of the compiled step, so runs that
-    differ only in the learning rate share one compiled program."""
+    differ only in the learning rate share one compiled program. ``frozen(params)`` (optional): a
+    tree of bools marking the parameters a loss keeps frozen (``stop_gradient``); weight decay
+    skips them, since their zero gradient alone would leave them in place but the decoupled decay
+    would still shrink them."""
     check(cfg.warmup_steps <= total_steps, "warmup_steps",
           f"{cfg.warmup_steps} exceeds the stage's {total_steps} steps")
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+
+    def decay_mask(params):
+        still = jax.tree.map(lambda _: False, params) if frozen is None else frozen(params)
+        return jax.tree.map(lambda x, f: x.ndim >= 2 and not f, params, still)
 
     def adamw(learning_rate):
         return optax.adamw(warmup_cosine(learning_rate, cfg, total_steps), b1=cfg.b1, b2=cfg.b2,

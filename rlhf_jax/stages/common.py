@@ -127,7 +127,7 @@ def eval_key(seed: int) -> jax.Array:
 
 def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: OptimConfig,
                 run: RunDir, prefix: str, log_every: int, checkpoint_every: int, mesh=None,
-                fsdp: bool = False, on_step=None):
+                fsdp: bool = False, on_step=None, frozen=None):
     """Train ``params`` on ``loss_fn(params, batch, key, axis_name=...)`` with host batches
     ``batch_at(step)``, data-parallel over ``mesh`` (default: every device; batches split on their
     first axis; parameters and optimizer state replicated, or split over devices with ``fsdp``):
@@ -140,7 +140,8 @@ def train_stage(params, loss_fn, batch_at, *, seed: int, steps: int, optim: Opti
     mesh = make_mesh() if mesh is None else mesh
     params = jax.tree.map(lambda x: x.copy(), params)
     # under FSDP the step clips by the global norm itself (optax's clip would see only shards)
-    tx = make_optimizer(dataclasses.replace(optim, clip_norm=0.0) if fsdp else optim, steps)
+    tx = make_optimizer(dataclasses.replace(optim, clip_norm=0.0) if fsdp else optim, steps,
+                        frozen=frozen)
     state = TrainState.create(params, tx)
     ckpt = Checkpointer(run.path / "checkpoints")
     loss_fn = functools.partial(loss_fn, axis_name=AXIS)

@@ -35,8 +35,8 @@ from rlhf_jax.models.hf import load_config
 from rlhf_jax.runs import RunDir, read_config_json
 from rlhf_jax.stages.common import STREAM_INIT, load_stage, read_config, stage_key, train_stage
 from rlhf_jax.stages.lm import SFTConfig
-from rlhf_jax.stages.reward_model import (READOUTS, init_lm_coef, kwise_rm_loss_fn, rm_heads,
-                                          rm_score_fn, with_frozen)
+from rlhf_jax.stages.reward_model import (READOUTS, frozen_trunk, init_lm_coef, kwise_rm_loss_fn,
+                                          rm_heads, rm_score_fn, with_frozen)
 from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
@@ -87,7 +87,8 @@ class RewardConfig:
       lm_coef_gated: let the coefficient depend on the last hidden state (its head's kernel
         learns); otherwise c is one learned scalar (its kernel stays zero), which cannot turn
         negative on unusual responses.
-      freeze_trunk: train only the scalar heads; the trunk keeps the SFT weights.
+      freeze_trunk: train only the scalar heads; the trunk keeps the SFT weights (weight decay
+        too applies to the heads only).
       readout: where the reward head is read: ``last`` (the last response token, InstructGPT),
         ``sum`` or ``mean`` (a per-token value summed / averaged over the response tokens under
         their mask; not with ``lm_readout``).
@@ -137,11 +138,6 @@ class RewardConfig:
               "last-token head: add --no-lm-readout")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
-        # the frozen trunk gets no gradient (stop_gradient), but AdamW's decoupled decay would
-        # still shrink its matrices every step
-        check(not (self.freeze_trunk and self.optim.weight_decay > 0), "optim.weight_decay",
-              f"{self.optim.weight_decay} would decay the frozen trunk away from the SFT weights; "
-              "use 0 with freeze_trunk, or --no-freeze-trunk")
         if self.data == "simulated":
             check(not self.data_dir and not self.export_hf, "data_dir" if self.data_dir else
                   "export_hf", "only used with file data (--data hh-rlhf or summarize)")
@@ -364,7 +360,7 @@ def fit_reward_model(cfg: RewardConfig, model_cfg, trunk_params, data: dict[str,
     rm_params = train_stage(rm_params, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
                             steps=cfg.steps, optim=cfg.optim, run=run, prefix="rm",
                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                            fsdp=cfg.fsdp)
+                            fsdp=cfg.fsdp, frozen=frozen_trunk if cfg.freeze_trunk else None)
     score_jit = jax.jit(score)
     gain, bias = 1.0, 0.0
     if cfg.normalize:

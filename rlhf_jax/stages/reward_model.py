@@ -140,6 +140,14 @@ def with_frozen(loss_fn, *, trunk: bool, coef_kernel: bool):
     return wrapped
 
 
+def frozen_trunk(params):
+    """True for every parameter of the trunk, False for ``params["heads"]``: what
+    ``with_frozen(trunk=True)`` keeps out of the gradient (and weight decay must leave alone)."""
+    out = jax.tree.map(lambda _: True, params)
+    out["heads"] = jax.tree.map(lambda _: False, params["heads"])
+    return out
+
+
 def init_lm_coef(params, value: float):
     """The coefficient head with a zero kernel and bias ``value``: a constant c at the start."""
     heads = params["heads"][LM_COEF]
