@@ -48,7 +48,8 @@ from rlhf_jax.stages.reward import (RewardConfig, first_prompts, fit_reward_mode
                                     preference_arrays, read_preferences, rm_metrics,
                                     store_and_reload)
 from rlhf_jax.stages.reward_files import (SPLITS, build_file_dataset, encode_pairs,
-                                          export_reward_model, pairwise_metrics, read_records)
+                                          export_reward_model, pad_is_eos, pairwise_metrics,
+                                          read_records)
 
 
 def run(cfg: RewardConfig, out: str | Path) -> dict:
@@ -153,6 +154,7 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
     if cfg.export_hf:
         summary["export/score_shift"] = export_reward_model(
             cfg.export_hf, dataclasses.replace(rm, source=model.source), rm_params, norm, tok)
+        summary["export/pad_is_eos"] = pad_is_eos(tok)
     summary.update({"rm/norm_gain": norm[0], "rm/norm_bias": norm[1],
                     "time_s/prepare": prepare_s, "time_s/reward": time.perf_counter() - t0})
     run.write_summary(summary)

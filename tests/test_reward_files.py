@@ -104,6 +104,7 @@ def test_hh_run_resumes_and_exports_a_sequence_classifier(hh_run, checkpoint):
     assert json.loads((export / "config.json").read_text())["architectures"] == [
         "GPT2ForSequenceClassification"]
     assert (export / "tokenizer.json").exists() and s["export/score_shift"] == 0.0
+    assert s["export/pad_is_eos"] is True   # GPT-2 pads with <|endoftext|>: said in the summary
     rewards, arrays = _exported_train_rewards(export, out, "hh_rlhf")
     assert abs(rewards.mean()) < 1e-3 and abs(rewards.std() - 1.0) < 1e-3
     assert pairwise_metrics(rewards, arrays["ranking"])["accuracy"] == s["rm/train_accuracy"]
@@ -214,3 +215,15 @@ def test_ppo_and_dpo_refuse_a_reward_model_without_a_task_policy(hh_run, checkpo
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert f"`{field}`: the reward model was trained on --data hh-rlhf" in err, err
+
+
+def test_pad_is_eos_checks_every_eos_id():
+    """An export whose pad id is one of the EOS ids is read one token earlier by transformers."""
+    from types import SimpleNamespace
+
+    from rlhf_jax.stages.reward_files import pad_is_eos
+
+    assert pad_is_eos(GPT2Tokenizer())                                   # pads with <|endoftext|>
+    assert not pad_is_eos(SimpleNamespace(pad_id=0, eos_id=2))
+    assert pad_is_eos(SimpleNamespace(pad_id=7, eos_id=2, eos_ids=(2, 7)))
+    assert not pad_is_eos(SimpleNamespace(pad_id=0, eos_id=2, eos_ids=(2, 7)))

@@ -14,6 +14,7 @@ and mean margin, and the truncation counts.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -82,6 +83,12 @@ def pairwise_metrics(rewards: np.ndarray, ranking: np.ndarray) -> dict[str, floa
             "pairs": int(d.size)}
 
 
+def pad_is_eos(tok) -> bool:
+    """Whether ``tok`` pads with an EOS id (GPT-2's convention): transformers then reads an
+    exported sequence classifier one token before a trailing EOS, not where rlhf_jax reads it."""
+    return tok.pad_id in (tuple(getattr(tok, "eos_ids", ())) or (tok.eos_id,))
+
+
 def export_reward_model(path: str | Path, rm, params, norm: tuple[float, float], tok) -> float:
     """Write the RM as an HF sequence classifier scoring ``gain · r + bias`` (``norm``), with
     ``rm.source``'s config fields and ``tok``'s ``tokenizer.json``; returns the constant left out.
@@ -90,6 +97,12 @@ def export_reward_model(path: str | Path, rm, params, norm: tuple[float, float],
     (RMSNorm has no bias): it exports ``gain · (r − head bias)``, preferences unchanged, and the
     returned constant ``gain · head bias + bias`` is what its scores lack."""
     gain, bias = norm
+    if pad_is_eos(tok):
+        print(f"warning: {path}: the tokenizer pads with its EOS id {tok.pad_id}, so transformers "
+              "will read this reward model's score one token before a trailing EOS (at the last "
+              "token that is not pad_token_id), where rlhf_jax read it; give the checkpoint a pad "
+              "token of its own to score alike (summary: export/pad_is_eos)", file=sys.stderr,
+              flush=True)
     shift = bias
     if not isinstance(rm.cfg, GPTConfig):
         shift = -gain * float(np.asarray(params["heads"]["reward"]["bias"][...])[0])
