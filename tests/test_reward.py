@@ -239,10 +239,11 @@ def test_preference_arrays_widen_to_stored_texts_that_encode_past_the_budget():
         preference_arrays(Chars(), prefs(["abcdef", "a"]), shapes, max_len=10)
 
 
-def test_weight_decay_leaves_a_frozen_trunk_at_the_sft_weights(tmp_path):
-    """``freeze_trunk`` stops the trunk's gradient; AdamW's decoupled decay must skip it too (it
-    shrank the trunk's matrices: 0.3% off the SFT weights after 30 steps at decay 0.1), while the
-    trained heads' matrices still decay."""
+def test_a_frozen_trunk_stays_at_the_sft_weights_under_gradient_and_weight_decay(tmp_path):
+    """``freeze_trunk`` stops the trunk's gradient, and AdamW's decoupled decay skips it too (it
+    shrank the trunk's matrices: 0.3% off the SFT weights after 30 steps at decay 0.1): with a
+    real loss the trunk stays bit for bit while the head trains; with a zero loss the head's
+    matrix only decays."""
     from rlhf_jax.stages.common import train_stage
     from rlhf_jax.stages.reward_model import frozen_trunk, with_frozen
     from rlhf_jax.runs import RunDir
@@ -251,17 +252,21 @@ def test_weight_decay_leaves_a_frozen_trunk_at_the_sft_weights(tmp_path):
     model, params = create_model(preset("test", vocab_size=16, max_len=8), jax.random.key(0),
                                  heads=("reward",))
     tokens = jnp.arange(8, dtype=jnp.int32).reshape(1, 8) % 16
-
-    def loss(p, batch, key=None, axis_name=None):   # no gradient: only decay moves anything
-        return 0.0 * model.apply(p, tokens).scalars["reward"].sum(), {}
-
     before = jax.tree.map(np.array, params)
     optim = OptimConfig(learning_rate=0.1, warmup_steps=0, weight_decay=0.5)
-    after = train_stage(params, with_frozen(loss, trunk=True, coef_kernel=False), lambda s: {},
-                        seed=0, steps=2, optim=optim, run=RunDir(tmp_path / "r"), prefix="rm",
-                        log_every=1, checkpoint_every=0, frozen=frozen_trunk)
-    trunk = {k: v for k, v in after.items() if k != "heads"}
-    chex.assert_trees_all_equal(jax.tree.map(np.asarray, trunk),
-                                {k: v for k, v in before.items() if k != "heads"})
-    kernel = np.asarray(after["heads"]["reward"]["kernel"])
-    assert np.all(np.abs(kernel) < np.abs(before["heads"]["reward"]["kernel"]))
+    for scale in (1.0, 0.0):   # 0: no gradient, only the decay moves anything
+        def loss(p, batch, key=None, axis_name=None):
+            return scale * model.apply(p, tokens).scalars["reward"].sum(), {}
+
+        after = train_stage(params, with_frozen(loss, trunk=True, coef_kernel=False),
+                            lambda s: {}, seed=0, steps=2, optim=optim,
+                            run=RunDir(tmp_path / str(scale)), prefix="rm", log_every=1,
+                            checkpoint_every=0, frozen=frozen_trunk)
+        trunk = {k: v for k, v in after.items() if k != "heads"}
+        chex.assert_trees_all_equal(jax.tree.map(np.asarray, trunk),
+                                    {k: v for k, v in before.items() if k != "heads"})
+        kernel, was = np.asarray(after["heads"]["reward"]["kernel"]), before["heads"]["reward"]
+        if scale:
+            assert not np.allclose(kernel, was["kernel"])
+        else:
+            assert np.all(np.abs(kernel) < np.abs(was["kernel"]))

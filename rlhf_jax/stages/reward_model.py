@@ -132,8 +132,8 @@ def with_frozen(loss_fn, *, trunk: bool, coef_kernel: bool):
     LM coefficient head's kernel (so it stays at its zero initialisation)."""
     def wrapped(params, batch, key=None, **kw):
         sg = jax.lax.stop_gradient
-        new = jax.tree.map(sg, params) if trunk else jax.tree.map(lambda x: x, params)
-        new["heads"] = jax.tree.map(lambda x: x, params["heads"])
+        new = (jax.tree.map(lambda x, f: sg(x) if f else x, params, frozen_trunk(params))
+               if trunk else jax.tree.map(lambda x: x, params))
         if coef_kernel:
             new["heads"][LM_COEF]["kernel"] = jax.tree.map(sg, params["heads"][LM_COEF]["kernel"])
         return loss_fn(new, batch, key, **kw)
