@@ -25,7 +25,7 @@ import numpy as np
 from rlhf_jax.data.batching import (encode_groups, encode_prompts, encode_responses, pad_left,
                                     pad_rows)
 from rlhf_jax.data.task import Judgement, Prompt, Task
-from rlhf_jax.data.tokenizers import response_ids, stop_ids
+from rlhf_jax.data.tokenizers import response_ids, stop_ids, with_bos
 from rlhf_jax.losses.ppo import kl_per_token
 from rlhf_jax.models.functional import Model
 from rlhf_jax.parallel import single_device
@@ -110,7 +110,7 @@ def probe_accuracy(model: Model, params, tok, probes: Sequence[tuple[str, str]],
                    length: int) -> float:
     """Share of ``(prefix, answer)`` probes whose greedy next token after ``[bos] prefix`` is the
     (single-token) answer: what the model *knows*, independent of any answer format."""
-    ids, mask = pad_left([[tok.bos_id] + tok.encode(p) for p, _ in probes], length, tok.pad_id,
+    ids, mask = pad_left([with_bos(tok, tok.encode(p)) for p, _ in probes], length, tok.pad_id,
                          what="probe")
     answers = np.asarray([tok.encode(a)[0] for _, a in probes])
     out = jax.jit(model.apply)(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))

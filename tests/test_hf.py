@@ -561,6 +561,35 @@ def test_export_keeps_every_eos_id_of_the_tokenizer(tmp_path):
         assert HFTokenizer.from_pretrained(tmp_path / "m").eos_ids == tuple(eos_ids)
 
 
+@needs_torch
+@pytest.mark.parametrize("bos_template", [False, True])
+def test_prompts_start_as_transformers_tokenizes_them(tmp_path, bos_template):
+    """transformers' ``tokenizer(text)`` and the stages' prompt agree on the BOS: none for a
+    byte-level tokenizer without a template (GPT-2, Qwen), <bos> for one with it (Llama 3) and
+    for the task BPE we export (its prompts always start with <bos>)."""
+    import transformers
+    from tokenizers import processors
+
+    from rlhf_jax.data.bpe import train_bpe, wrap
+    from rlhf_jax.data.tokenizers import HFTokenizer, with_bos
+
+    texts = ["the cat sat on the mat", "hello world"] * 4
+    hf = train_bpe(texts, 300)
+    if bos_template:      # as exported: a task BPE with its BOS template
+        model, params = create_model(preset("test"), jax.random.key(0))
+        save_pretrained(tmp_path, model, params, tokenizer=wrap(hf))
+    else:                 # as Qwen's tokenizer.json
+        hf.post_processor = processors.ByteLevel(trim_offsets=False)
+        hf.save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"model_type": "qwen2", "bos_token_id": 1, "eos_token_id": 2}))
+    ours = HFTokenizer.from_pretrained(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("the cat", "hello world sat"):
+        assert theirs(text)["input_ids"] == with_bos(ours, ours.encode(text))
+    assert (theirs("the cat")["input_ids"][0] == 1) == bos_template
+
+
 class _Payload:
     """Unpickling this writes a marker file: proof that a pickle ran code."""
 

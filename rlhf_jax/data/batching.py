@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf_jax.data.bpe import RoundTripTokenizer
 from rlhf_jax.data.task import Prompt
-from rlhf_jax.data.tokenizers import Tokenizer, response_ids
+from rlhf_jax.data.tokenizers import Tokenizer, response_ids, with_bos
 
 
 def pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int, *, what: str = "sequence"
@@ -47,8 +47,9 @@ def pad_right(seqs: Sequence[Sequence[int]], length: int, pad_id: int, *, what: 
 
 def encode_prompts(tok: Tokenizer, prompts: Sequence[Prompt], length: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """``[bos] + encode(text)``, left-padded to ``length``."""
-    return pad_left([[tok.bos_id] + tok.encode(p.text) for p in prompts], length, tok.pad_id,
+    """``with_bos(encode(text))`` (a BOS first when the tokenizer adds one), left-padded to
+    ``length``."""
+    return pad_left([with_bos(tok, tok.encode(p.text)) for p in prompts], length, tok.pad_id,
                     what="prompt")
 
 
@@ -111,8 +112,10 @@ def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
 
 
 def pack_documents(tok: Tokenizer, docs: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
-    """Pretraining batches: ``[bos] doc [eos]`` concatenated and cut into ``[N, seq_len]`` rows."""
-    stream = np.concatenate([np.asarray([tok.bos_id] + tok.encode(d) + [tok.eos_id], np.int32)
+    """Pretraining batches: ``[bos] doc [eos]`` (no BOS when the tokenizer adds none, e.g.
+    GPT-2's or Qwen's) concatenated and cut into ``[N, seq_len]`` rows."""
+    bos = [tok.bos_id] if getattr(tok, "add_bos", True) else []
+    stream = np.concatenate([np.asarray(bos + tok.encode(d) + [tok.eos_id], np.int32)
                              for d in docs])
     n = int(np.ceil(len(stream) / seq_len))
     tokens = np.full(n * seq_len, tok.pad_id, np.int32)

@@ -85,15 +85,21 @@ class HFTokenizer:
     convention).
     Encoding adds no special tokens (the stages add BOS / EOS themselves); decoding stops at the
     first EOS and skips padding.
+
+    ``add_bos``: whether a prompt or document starts with ``bos_id`` (:func:`with_bos`). A
+    checkpoint's tokenizer decides, as in transformers: its ``tokenizer.json`` post-processor
+    puts a BOS first (Llama, Mistral, Gemma) or nothing (GPT-2, Qwen). A tokenizer built here
+    with ``add_bos`` gets that post-processor, so an export says how its model was trained.
     """
 
     def __init__(self, tok, *, eos_ids: Sequence[int], pad_id: int | None = None,
-                 bos_id: int | None = None):
-        self._tok = tok
+                 bos_id: int | None = None, add_bos: bool = True):
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.eos_id = self.eos_ids[0]
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
         self.bos_id = self.eos_id if bos_id is None else int(bos_id)
+        self.add_bos = bool(add_bos)
+        self._tok = _with_bos_template(tok, self.bos_id) if add_bos else tok
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "HFTokenizer":
@@ -135,8 +141,10 @@ class HFTokenizer:
             ids["eos_token_id"] += [i for i in _token_ids(gen, "eos_token_id", gen_file,
                                                           tok.get_vocab_size())
                                     if i not in ids["eos_token_id"]]
+        lead = _leading_special(tok, file)
         return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
-                   bos_id=(ids["bos_token_id"] or [None])[0])
+                   bos_id=lead if lead is not None else (ids["bos_token_id"] or [None])[0],
+                   add_bos=lead is not None)
 
     @property
     def vocab_size(self) -> int:
@@ -160,6 +168,69 @@ class HFTokenizer:
 
     def to_json(self) -> str:
         return self._tok.to_str()
+
+
+def with_bos(tok: Tokenizer, ids: Sequence[int]) -> list[int]:
+    """A prompt's or document's ``ids`` as the model reads them: ``[tok.bos_id] + ids`` when the
+    tokenizer adds a BOS (``tok.add_bos``; tokenizers without the attribute do), or when ``ids``
+    is empty (sampling needs a token to condition on, as transformers' ``generate`` starts from
+    the BOS); else ``ids``."""
+    ids = [int(i) for i in ids]
+    return [tok.bos_id] + ids if getattr(tok, "add_bos", True) or not ids else ids
+
+
+def _post_processors(cfg: dict | None) -> list[dict]:
+    """The processors of a ``tokenizer.json`` ``post_processor`` block, a ``Sequence`` flattened."""
+    if not cfg:
+        return []
+    if cfg.get("type") == "Sequence":
+        return [p for q in cfg.get("processors", []) for p in _post_processors(q)]
+    return [cfg]
+
+
+def _leading_special(tok, file: Path) -> int | None:
+    """The id of the special token ``tok``'s post-processor puts before a single sequence (what
+    transformers' ``tokenizer(text)`` starts with), or None when it puts none there; a prefix of
+    more than one token is refused (:class:`TokenizerError` naming the file and field)."""
+    lead = []
+    for proc in _post_processors(json.loads(tok.to_str()).get("post_processor")):
+        kind = proc.get("type")
+        if kind in ("BertProcessing", "RobertaProcessing"):
+            lead.append(int(proc["cls"][1]))
+        elif kind == "TemplateProcessing":
+            for piece in proc["single"]:
+                if "Sequence" in piece:
+                    break
+                name = piece["SpecialToken"]["id"]
+                lead += [int(i) for i in proc["special_tokens"][name]["ids"]]
+    if len(lead) > 1:
+        raise TokenizerError(f"{file}: field 'post_processor' puts {len(lead)} special tokens "
+                             f"{lead} before the text; only a single BOS is supported")
+    return lead[0] if lead else None
+
+
+def _with_bos_template(tok, bos_id: int):
+    """``tok`` if its post-processor already puts ``bos_id`` first, else a copy whose
+    post-processor does (after a byte-level one it has): a saved ``tokenizer.json`` then makes
+    transformers' ``tokenizer(text)`` start with the BOS the stages put before every prompt."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import processors
+
+    lead = _leading_special(tok, Path("tokenizer.json"))
+    if lead == bos_id:
+        return tok
+    if lead is not None:
+        raise TokenizerError(f"the tokenizer's post-processor puts id {lead} first, not the "
+                             f"BOS id {bos_id}")
+    name = tok.id_to_token(bos_id)
+    if name is None:
+        raise TokenizerError(f"BOS id {bos_id} is not in the tokenizer's vocabulary")
+    template = processors.TemplateProcessing(single=f"{name} $A", pair=f"{name} $A $B",
+                                             special_tokens=[(name, bos_id)])
+    out = _Tok.from_str(tok.to_str())
+    old = out.post_processor
+    out.post_processor = template if old is None else processors.Sequence([old, template])
+    return out
 
 
 def _token_ids(cfg: dict, field: str, file: Path, vocab_size: int) -> list[int]:
@@ -226,7 +297,7 @@ class WordTokenizer:
 
         tok = _Tok(models.WordLevel(dict(self._ids), unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()   # decoding joins words with spaces
-        return tok
+        return _with_bos_template(tok, self.bos_id)   # every prompt starts with <bos>
 
     @classmethod
     def from_json(cls, text: str) -> "WordTokenizer":

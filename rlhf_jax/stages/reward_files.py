@@ -5,7 +5,8 @@ pairs, from an imported Hugging Face checkpoint (as TRL's ``RewardTrainer`` on H
 :mod:`rlhf_jax.data.preference_formats` into a versioned TFDS data set in ``<out>/data`` (builders
 ``HhRlhf`` / ``SummarizeFromFeedback``; a malformed row stops the run with an error naming file,
 line and field), read back, and tokenized with the checkpoint's ``tokenizer.json``: the prompt is
-``[BOS] + prompt`` keeping its last ``max_prompt_tokens`` tokens, each response its first
+``[BOS] + prompt`` (no BOS when the tokenizer adds none: GPT-2, Qwen) keeping its last
+``max_prompt_tokens`` tokens, each response its first
 ``max_response_tokens - 1`` tokens and then EOS (the reward is read there). The RM is the
 checkpoint's trunk with a scalar head, trained with the K = 2 Bradley–Terry loss (the stage's
 ``kwise_rm_loss_fn``) through ``train_stage``; the summary holds the test split's pairwise accuracy
@@ -24,7 +25,7 @@ from rlhf_jax.data.batching import pad_left, pad_right
 from rlhf_jax.data.preference_records import decode_record
 from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_preference_source,
                                        split_files)
-from rlhf_jax.data.tokenizers import Tokenizer
+from rlhf_jax.data.tokenizers import Tokenizer, with_bos
 from rlhf_jax.models import GPTConfig
 from rlhf_jax.models.hf import save_pretrained
 
@@ -50,14 +51,15 @@ def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
     """Token arrays of K-wise records (``preference_arrays`` layout): ``prompts [N, Lp]`` left-
     padded, ``responses [N, K, Lr]`` right-padded, ``ranking [N, K]``; and the truncation counts.
 
-    A prompt is ``[bos] + encode(prompt)``, cut to its last ``prompt_tokens`` tokens (the BOS is
-    dropped with the oldest text); a response is ``encode(response)`` cut to its first
-    ``response_tokens - 1`` tokens, then ``[eos]``, so the RM always reads its score at an EOS.
+    A prompt is ``with_bos(encode(prompt))`` (a BOS first when the tokenizer adds one), cut to
+    its last ``prompt_tokens`` tokens (the BOS is dropped with the oldest text); a response is
+    ``encode(response)`` cut to its first ``response_tokens - 1`` tokens, then ``[eos]``, so the
+    RM always reads its score at an EOS.
     """
     prompts, responses = [], []
     counts = {"prompts_truncated": 0, "responses_truncated": 0}
     for r in records:
-        ids = [tok.bos_id] + tok.encode(r["prompt"])
+        ids = with_bos(tok, tok.encode(r["prompt"]))
         counts["prompts_truncated"] += len(ids) > prompt_tokens
         prompts.append(ids[-prompt_tokens:])
         for text in r["responses"]:
