@@ -128,6 +128,9 @@ def config_differences(stored: dict, config: Any) -> list[str]:
 INPUT_DIGESTS = {"init_from": "files", "data": "files"}
 
 
+START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json"})   # see RunDir.started
+
+
 class RunDir:
     """One experiment's run directory. Only process 0 writes (multi-host safe)."""
 
@@ -149,17 +152,27 @@ class RunDir:
             with open(self.path / name, "a") as f:
                 f.write(json.dumps(_jsonable(obj), sort_keys=True, allow_nan=False) + "\n")
 
+    def started(self) -> bool:
+        """Whether the run directory holds anything a run computed: any file but the records
+        written before the work begins (:data:`START_FILES`, in it or a stage's subdirectory).
+        A run that stopped before that (a config or input file it refused at run time) is
+        started afresh: its ``config.json`` and ``meta.json`` are replaced, not resumed."""
+        return any(p.name not in START_FILES for p in self.path.rglob("*")
+                   if p.is_file() and not p.name.startswith("."))
+
     def write_config(self, config: Any, *, may_change: frozenset[str] = frozenset()
                      ) -> list[str]:
         """Write ``config.json`` (a config dataclass, or a mapping); resuming a run directory
         under a different config is refused (with the differing fields named) before anything
-        is overwritten, unless every differing field is in ``may_change`` (then returned). A
-        field the dataclass gained after the run was written is no difference at its default."""
+        is overwritten, unless every differing field is in ``may_change`` (then returned), or
+        the run has not :meth:`started` (then it starts afresh under the new config). A field
+        the dataclass gained after the run was written is no difference at its default."""
         cfg = config if dataclasses.is_dataclass(config) else None
         if cfg is not None:
             config = dataclasses.asdict(cfg)
         path = self.path / "config.json"
-        diff = config_differences(read_config_json(path), cfg or config) if path.exists() else []
+        fresh = not path.exists() or not self.started()
+        diff = [] if fresh else config_differences(read_config_json(path), cfg or config)
         if not set(diff) <= may_change:
             raise ConfigError(
                 f"{path} holds a different config; differing fields: {', '.join(diff[:10])}"
@@ -177,7 +190,7 @@ class RunDir:
                 "python": platform.python_version(), "seed": seed, "git_commit": _git_commit(),
                 "git_dirty": _git_dirty(), "argv": sys.argv, **(extra or {})}
         path = self.path / "meta.json"
-        if path.exists():
+        if path.exists() and self.started():
             old = _read_json(path)
             for key, digests in INPUT_DIGESTS.items():
                 was, now = (old.get(key) or {}).get(digests), (meta.get(key) or {}).get(digests)

@@ -34,6 +34,7 @@ def test_a_rerun_keeps_the_start_record_and_refuses_changed_input_files(tmp_path
     files = {"config.json": "c1", "model.safetensors": "w1"}
     run.write_meta(seed=1, extra={"init_from": {"path": "/a", "files": files},
                                   "data": {"files": {"train.jsonl": "d1"}}})
+    run.log_metrics(1, {"loss": 1.0})                    # the run has started
     monkeypatch.setattr(runs, "_git_commit", lambda: "later")
     run.write_meta(seed=1, extra={"init_from": {"path": "/moved", "files": dict(files)},
                                   "data": {"files": {"train.jsonl": "d1"}}})
@@ -50,8 +51,40 @@ def test_a_rerun_keeps_the_start_record_and_refuses_changed_input_files(tmp_path
         assert (tmp_path / "meta.json").read_text() == before
 
 
+def test_a_run_that_stopped_before_any_work_starts_afresh(tmp_path, monkeypatch):
+    """A run refused at run time (a malformed data row, a bad checkpoint) leaves only its
+    config.json and meta.json (and empty directories): rerunning it there with the config or
+    input file corrected starts afresh. Once it has written anything else (a metric, a stage's
+    checkpoint), both changes are refused as before."""
+    monkeypatch.setattr(runs, "_git_commit", lambda: "start")
+    run = RunDir(tmp_path)
+    run.write_config({"steps": 3, "data": "a"})
+    run.write_meta(seed=1, extra={"data": {"files": {"train.jsonl": "d1"}}})
+    (tmp_path / "data" / "hh_rlhf").mkdir(parents=True)    # what a failed data preparation leaves
+    (tmp_path / "stage").mkdir()
+    RunDir(tmp_path / "stage").write_config({"steps": 3})
+    assert not run.started()
+    monkeypatch.setattr(runs, "_git_commit", lambda: "fixed")
+    assert run.write_config({"steps": 3, "data": "b"}) == []
+    run.write_meta(seed=1, extra={"data": {"files": {"train.jsonl": "d2"}}})
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert (meta["git_commit"], meta["data"]["files"], "resumed" in meta) == (
+        "fixed", {"train.jsonl": "d2"}, False)
+    assert json.loads((tmp_path / "config.json").read_text())["data"] == "b"
+    for work in (tmp_path / "metrics.jsonl", tmp_path / "stage" / "checkpoints" / "3" / "x"):
+        work.parent.mkdir(parents=True, exist_ok=True)
+        work.write_text("{}")
+        assert run.started()
+        with pytest.raises(runs.ConfigError, match="differing fields: data"):
+            run.write_config({"steps": 3, "data": "c"})
+        with pytest.raises(runs.ConfigError, match=r"files changed since .*\(train.jsonl;"):
+            run.write_meta(seed=1, extra={"data": {"files": {"train.jsonl": "d3"}}})
+        work.unlink()
+
+
 def test_a_damaged_config_json_is_an_error_naming_it(tmp_path):
     run = RunDir(tmp_path)
+    run.log_metrics(1, {"loss": 1.0})                    # a started run: resumed, not replaced
     (tmp_path / "config.json").write_text('{"steps": 3')
     with pytest.raises(runs.ConfigError, match=r"config.json: not a JSON config"):
         run.write_config({"steps": 3})
@@ -96,6 +129,7 @@ def test_a_field_added_after_a_run_resumes_it_at_its_default(tmp_path):
         tags: tuple = dataclasses.field(default_factory=tuple)
 
     run = RunDir(tmp_path)
+    run.log_metrics(1, {"loss": 1.0})                    # a started run: resumed, not replaced
     (tmp_path / "config.json").write_text(json.dumps({"inner": {"a": 1}, "steps": 5}))
     run.write_config(Outer())                                    # added, tags: at defaults
     assert json.loads((tmp_path / "config.json").read_text())["inner"]["added"] == 0.1
