@@ -209,6 +209,8 @@ def test_qwen3_without_head_dim_has_transformers_default(tmp_path):
      r"'rope_scaling.original_max_position_embeddings' = 16"),
     (lambda c: {**c, "use_sliding_window": True}, r"sliding-window"),
     (lambda c: {**c, "layer_types": ["full_attention", "sliding_attention"]}, r"sliding-window"),
+    (lambda c: {**c, "layer_types": "full_attention"}, r"field 'layer_types' = 'full_attention': "
+                                                       r"expected a list"),
     (lambda c: {**c, "hidden_act": "gelu"}, r"field 'hidden_act' = 'gelu'"),
     # errors speak the checkpoint's field names (not 'rope_llama3'), and head_dim 0 is no default
     (lambda c: {**c, "rope_parameters": {
@@ -403,6 +405,7 @@ def test_llama_names_and_rotary_buffers(tmp_path):
     def edit(t):
         for i in range(2):
             t[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+        t["model.rotary_emb.inv_freq"] = np.ones(4, np.float32)   # the model's own (newer)
         return t
     _rewrite(ckpt, edit)
     _assert_same_params(load_pretrained(ckpt)[1], load_pretrained(FIXTURES / "llama_gqa")[1])

@@ -9,7 +9,7 @@ sliding-window layers are refused by name rather than computed differently. Bias
 field everywhere: Qwen2 has q/k/v biases and an unbiased output projection by architecture; Llama's
 ``attention_bias`` covers q/k/v/o and ``mlp_bias`` the MLP; Qwen3 has ``attention_bias`` and
 per-head q/k RMSNorms. ``nn.Linear`` weights are ``[out, in]``, ours ``[in, out]``: transposed both
-ways. Buffers ``rotary_emb.inv_freq`` are skipped.
+ways. Buffers ``rotary_emb.inv_freq`` (per layer, or the model's one) are skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rlhf_jax.models.hf_io import CheckpointError
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 EMBEDDING = "embed_tokens.weight"   # the token embedding's canonical name (the tied output layer)
-_BUFFER = re.compile(r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_BUFFER = re.compile(r"^(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")   # per layer (old)
 _ROPE_TYPES = ("default", "llama3")
 # LlamaConfig field -> HF field, with HF's default when the field is absent (None: required)
 FIELDS: dict[str, tuple[str, Any]] = {
@@ -92,8 +92,12 @@ def config_from_hf(raw: Mapping, source: Path) -> tuple[LlamaConfig, str, tuple[
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: field 'hidden_act' = {raw['hidden_act']!r} is not "
                               "supported (only 'silu', SwiGLU)")
+    layer_types = raw.get("layer_types") or []
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise CheckpointError(f"{source}: field 'layer_types' = {layer_types!r}: expected a list "
+                              "of layer type names")
     if get_field(raw, "use_sliding_window", bool, False, source) or any(
-            t != "full_attention" for t in (raw.get("layer_types") or [])):
+            t != "full_attention" for t in layer_types):
         raise CheckpointError(f"{source}: fields 'use_sliding_window' / 'layer_types': "
                               "sliding-window attention layers are not supported")
     if is_reward(arch) and raw.get("num_labels", len(raw.get("id2label") or {0: 0})) != 1:
