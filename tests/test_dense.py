@@ -1,6 +1,5 @@
 """The custom-VJP dense layer: same values and gradients as the plain expression, also per shard."""
 
-import os
 import subprocess
 import sys
 

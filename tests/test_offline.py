@@ -100,7 +100,7 @@ def test_readme_hinge_loss_runs_through_the_unchanged_stage(reward_run, tmp_path
                                      "0.3", "delta", "1.0", "--optim.learning-rate", "1e-3"])
     finally:
         PREFERENCE_LOSSES.pop("hinge", None)
-    assert f"gold/hinge" in summary and summary["kl/hinge_vs_sft"] > 0.0
+    assert "gold/hinge" in summary and summary["kl/hinge_vs_sft"] > 0.0
     rows = _rows(out)
     # at the start the policy is the reference: h = 0 and the hinge is delta = 1
     assert rows[0]["hinge/loss"] < 1.0 + 1e-6 and np.isfinite(rows[-1]["hinge/loss"])

@@ -4,7 +4,6 @@ the same experiment command on 1 or 2 devices (replicated or FSDP), and config-t
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import socket
 import subprocess

@@ -4,8 +4,6 @@ runs both, and traced values give the numbers the same values as compile-time co
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
