@@ -297,6 +297,18 @@ def test_identical_responses_are_left_out_and_counted(tmp_path):
     assert len(pairs) == 1 and (stats.examples, stats.identical_pairs_skipped) == (1, 1)
 
 
+def test_identical_pairs_left_out_are_not_counted_as_truncated(tmp_path):
+    """The truncation counts (``data/*_prompt_turns_truncated``) cover the pairs kept only."""
+    long = "".join(f"\n\nHuman: q{i}\n\nAssistant: a{i}" for i in range(6))
+    prompt = long + "\n\nHuman: last\n\nAssistant:"   # 13 turns: 6 dropped at the default 8
+    path = write_lines(tmp_path / "train.jsonl", [
+        json.dumps({"chosen": prompt + " yes", "rejected": prompt + " no"}),
+        json.dumps({"chosen": prompt + " same", "rejected": prompt + " same"})])
+    pairs, stats = pf.read_hh_rlhf(path)
+    assert (len(pairs), stats.identical_pairs_skipped) == (1, 1)
+    assert (stats.prompts_truncated, stats.turns_dropped) == (1, 6)
+
+
 def test_hh_truncation_always_keeps_a_human_turn_first(tmp_path):
     """Consecutive Assistant turns: the last ``max_turns`` turns may hold no Human turn; the prompt
     is then cut at the last Human turn before them, never at an Assistant turn."""

@@ -164,7 +164,7 @@ def iter_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_P
 
     def parse(row: Any, st: ParseStats) -> tuple[str, str, str]:
         prompt, chosen, rejected, dropped = parse_hh_row(row, max_prompt_turns=max_prompt_turns)
-        if dropped:
+        if dropped and chosen != rejected:  # a pair left out (identical responses) is not counted
             st.prompts_truncated += 1
             st.turns_dropped += dropped
         return prompt, chosen, rejected
