@@ -148,13 +148,14 @@ def test_summarize_prompt_and_choice():
     pairs, stats = pf.read_summarize_comparisons(SUMMARIZE)
     assert pairs[0] == {
         "id": "fixtures/summarize_comparisons_tiny:1",
-        "prompt": ("SUBREDDIT: r/relationships\nTITLE: My roommate keeps eating my food\n"
+        # OpenAI's TL;DR query (tldr_task in summarize_from_feedback/utils/experiment_helpers.py)
+        "prompt": ("SUBREDDIT: r/relationships\n\nTITLE: My roommate keeps eating my food\n\n"
                    "POST: We agreed to split groceries but he eats everything I buy.\n"
-                   "What should I do?\nTL;DR:"),
+                   "What should I do?\n\nTL;DR:"),
         "chosen": " Roommate eats my food despite our deal; how do I fix it?",   # choice 0
         "rejected": " food gone roommate bad",
     }
-    assert pairs[1]["prompt"].startswith("SUBREDDIT: r/personalfinance\nTITLE: Should I pay")
+    assert pairs[1]["prompt"].startswith("SUBREDDIT: r/personalfinance\n\nTITLE: Should I pay")
     assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (      # choice 1
         " Should I invest my money?", " Low-rate car loan, emergency fund ready: invest or repay?")
     assert pairs[2]["prompt"] == pairs[0]["prompt"]  # same post, another comparison

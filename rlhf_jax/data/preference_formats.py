@@ -21,8 +21,10 @@ Supported formats:
   :func:`truncate_hh_prompt`) and every truncation is counted in :class:`ParseStats`.
 * **OpenAI summarize-from-feedback comparisons** (:func:`iter_summarize_comparisons`):
   ``{"info": {"post", "title", "subreddit", ...}, "summaries": [{"text"}, {"text"}],
-  "choice": 0 | 1}``; the prompt is
-  ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``.
+  "choice": 0 | 1}``; the prompt is OpenAI's TL;DR query
+  ``"SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"`` (``tldr_task`` in
+  ``summarize_from_feedback/utils/experiment_helpers.py``), the text the compared summaries were
+  sampled after.
 
 Malformed rows are never skipped silently; how errors name the file, line and field, what
 ``on_error="collect"`` keeps, and how rows with identical chosen and rejected responses are left
@@ -187,8 +189,9 @@ def read_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_P
 
 
 def summarize_prompt(subreddit: str, title: str, post: str) -> str:
-    """The TL;DR prompt used for the Reddit comparisons."""
-    return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+    """The TL;DR query of the Reddit comparisons, as OpenAI formats it (fields apart by a blank
+    line)."""
+    return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
 def parse_summarize_row(row: Any) -> tuple[str, str, str]:

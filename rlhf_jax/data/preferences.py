@@ -270,10 +270,12 @@ class SummarizeFromFeedback(_PairwiseFileBuilder, skip_registration=True):
     """
 
     name = "summarize_from_feedback"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "TL;DR comparisons as K=2 records (chosen = summaries[choice])."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "TL;DR comparisons as K=2 records (chosen = summaries[choice]).",
+                     "1.1.0": "Prompts in OpenAI's TL;DR query format (fields apart by a blank "
+                              "line, as the summaries were sampled), not single newlines."}
     DESCRIPTION = ("Human comparisons of two TL;DR summaries of a Reddit post; prompt "
-                   "'SUBREDDIT: r/..\\nTITLE: ..\\nPOST: ..\\nTL;DR:'.")
+                   "'SUBREDDIT: r/..\\n\\nTITLE: ..\\n\\nPOST: ..\\n\\nTL;DR:'.")
     HOMEPAGE = "https://github.com/openai/summarize-from-feedback"
     CITATION = ("@inproceedings{stiennon2020learning, title={Learning to summarize from human "
                 "feedback}, author={Stiennon, Nisan and others}, booktitle={NeurIPS}, "
