@@ -142,6 +142,8 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
                             built[split].get("malformed_rows_left_out", 0),
                         f"data/{split}_identical_pairs_skipped":
                             built[split].get("identical_pairs_skipped", 0),
+                        **{f"data/{split}_{k}": built[split].get(k, 0)
+                           for k in ("empty_responses", "multi_turn_responses")},
                         **{f"data/{split}_{k}": v for k, v in counts.items()}})
     prepare_s = time.perf_counter() - t0
 

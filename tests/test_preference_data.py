@@ -100,6 +100,34 @@ def test_hh_truncation_keeps_last_turns_and_is_counted():
     assert last_stats.prompts_truncated == 2  # rows 2 and 3 have more than one prompt turn
 
 
+def test_hh_rows_that_part_early_or_hold_an_empty_response_are_kept_and_counted(tmp_path):
+    """Upstream HH has rows whose dialogues part before the last turn, responses with turn
+    markers in them, and empty final responses. Each was refused, so the first one ended a run on
+    the real files; the prompt is now the shared text up to its last shared Assistant turn (as
+    TRL's HH script splits), every pair's texts stay verbatim, and the oddities are counted."""
+    h, a = "\n\nHuman:", "\n\nAssistant:"
+    rows = [  # (chosen, rejected)
+        (f"{h} Hi{a} Hello!{h} Bye{a} See you.", f"{h} Hi{a} Go away.{h} Bye{a} Fine."),
+        (f"{h} Hi{a}", f"{h} Hi{a} Hello!"),                          # empty chosen
+        (f"{h} Hi{a} Hello!", f"{h} Hi{a} Hello!{a} Hello again!"),   # a marker inside
+        (f"{h} Hi{a} Hi!{h} you", f"{h} Hi{a} Hey."),                 # a Human turn inside
+        (f"{h} Hi{a} Same.", f"{h} Hi{a} Same."),                     # identical: left out
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in rows))
+    pairs, stats = pf.read_hh_rlhf(path, max_prompt_turns=None)
+    assert [p["prompt"] for p in pairs] == [f"{h} Hi{a}"] * 4
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (f" Hello!{h} Bye{a} See you.", f" Go away.{h} Bye{a} Fine."), ("", " Hello!"),
+        (" Hello!", f" Hello!{a} Hello again!"), (f" Hi!{h} you", " Hey.")]
+    for (c, r), p in zip(rows, pairs):
+        assert (p["prompt"] + p["chosen"], p["prompt"] + p["rejected"]) == (c, r)
+    assert (stats.examples, stats.identical_pairs_skipped, stats.empty_responses,
+            stats.multi_turn_responses) == (4, 1, 1, 3)
+    pairs, stats = pf.read_hh_rlhf(fixture("hh_rlhf_empty_response.jsonl"))
+    assert (pairs[1]["chosen"], stats.empty_responses, stats.errors) == ("   ", 1, [])
+
+
 def test_truncate_hh_prompt_policy():
     prompt = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
     assert pf.truncate_hh_prompt(prompt, 3) == (prompt, 0)
@@ -172,7 +200,6 @@ MALFORMED = [
     (pf.read_hh_rlhf, "hh_rlhf_bad_json.jsonl", 2, "(row)", "invalid JSON"),
     (pf.read_hh_rlhf, "hh_rlhf_missing_field.jsonl", 2, "rejected", "missing"),
     (pf.read_hh_rlhf, "hh_rlhf_wrong_type.jsonl", 3, "rejected", "expected str, got int"),
-    (pf.read_hh_rlhf, "hh_rlhf_empty_response.jsonl", 2, "chosen", "empty final Assistant"),
     (pf.read_hh_rlhf, "hh_rlhf_empty_prompt.jsonl", 2, "chosen", "empty prompt"),
     (pf.read_hh_rlhf, "hh_rlhf_no_assistant.jsonl", 2, "rejected", "no Assistant turn"),
     (pf.read_hh_rlhf, "hh_rlhf_prompt_mismatch.jsonl", 2, "rejected", "does not share the prompt"),
@@ -429,8 +456,8 @@ def test_hh_builder_round_trip(data_dir):
     for split in ("train", "test"):
         source = prefs.load_preference_source(data_dir, "hh_rlhf", split)
         assert_records_equal(source, expected)
-    info = tfds.builder_from_directory(os.path.join(data_dir, "hh_rlhf", "1.0.0")).info
-    assert str(info.version) == "1.0.0" and info.file_format.value == "array_record"
+    info = tfds.builder_from_directory(os.path.join(data_dir, "hh_rlhf", "1.1.0")).info
+    assert str(info.version) == "1.1.0" and info.file_format.value == "array_record"
     assert info.metadata["splits"]["train"]["prompts_truncated"] == 1
     assert info.metadata["build_spec"]["parser"] == {"max_prompt_turns": 8, "on_error": "raise"}
     assert info.metadata["build_spec"]["files"]["test"][0]["name"] == "hh_rlhf_tiny.jsonl.gz"

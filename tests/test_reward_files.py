@@ -87,7 +87,7 @@ def test_hh_reward_model_learns_the_fixture_signal(hh_run):
     assert json.loads((out / "summary.json").read_text())["rm/accuracy"] == s["rm/accuracy"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps and max(steps) == 40
-    assert (out / "data" / "hh_rlhf" / "1.0.0" / "dataset_info.json").exists()
+    assert (out / "data" / "hh_rlhf" / "1.1.0" / "dataset_info.json").exists()
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["init_from"]["files"]) == {"config.json", "model.safetensors",
                                                 "tokenizer.json"}

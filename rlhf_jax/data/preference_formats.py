@@ -16,8 +16,9 @@ collide between the HH subsets, which all name their files ``train``/``test``.
 Supported formats:
 
 * **Anthropic HH-RLHF** (:func:`iter_hh_rlhf`): ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
-  "rejected": ...}``. The prompt is everything up to and including the last ``"\\n\\nAssistant:"``;
-  ``chosen``/``rejected`` must share it. Long prompts are truncated (see
+  "rejected": ...}``. The prompt is the two dialogues' shared text up to and including their
+  last shared ``"\\n\\nAssistant:"`` (almost always each one's final Assistant turn;
+  :func:`parse_hh_row`); the responses are the rest. Long prompts are truncated (see
   :func:`truncate_hh_prompt`) and every truncation is counted in :class:`ParseStats`.
 * **OpenAI summarize-from-feedback comparisons** (:func:`iter_summarize_comparisons`):
   ``{"info": {"post", "title", "subreddit", ...}, "summaries": [{"text"}, {"text"}],
@@ -50,35 +51,6 @@ _TURN_RE = re.compile(r"\n\n(Human|Assistant):")
 
 # ----------------------------------------------------------------------------------------------
 # Anthropic HH-RLHF
-
-
-def split_hh_dialogue(text: str, field: str = "dialogue") -> tuple[str, str]:
-    """Split an HH dialogue into ``(prompt, final assistant response)``.
-
-    The prompt is everything up to and including the last ``"\\n\\nAssistant:"``; the response is
-    the rest, verbatim (leading space included), so ``prompt + response == text``.
-
-    Raises :class:`PreferenceDataError` naming ``field`` if there is no Assistant turn, the
-    dialogue does not start with ``"\\n\\nHuman:"``, it ends with a Human turn, or the prompt or the
-    final response is empty.
-    """
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
-        raise PreferenceDataError(f"no Assistant turn (no {ASSISTANT!r} in the dialogue)",
-                                  field=field)
-    prompt, response = text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT):]
-    if not text.startswith(HUMAN):
-        raise PreferenceDataError(f"dialogue must start with {HUMAN!r}, starts with "
-                                  f"{preview(text[:20])}", field=field)
-    if HUMAN in response:
-        raise PreferenceDataError("dialogue ends with a Human turn, not an Assistant response",
-                                  field=field)
-    if not response.strip():
-        raise PreferenceDataError("empty final Assistant response", field=field)
-    if not _TURN_RE.sub("", prompt).strip():
-        raise PreferenceDataError("empty prompt (no text before the final Assistant turn)",
-                                  field=field)
-    return prompt, response
 
 
 def _turn_starts(prompt: str) -> list[tuple[int, str]]:
@@ -131,21 +103,48 @@ def parse_hh_row(row: Any, *, max_prompt_turns: int | None = DEFAULT_MAX_PROMPT_
                  ) -> tuple[str, str, str, int]:
     """Parse one HH-RLHF row into ``(prompt, chosen, rejected, prompt turns dropped)``.
 
+    The prompt is the text both dialogues share, up to and including the last
+    ``"\\n\\nAssistant:"`` inside it; each response is the rest of its dialogue, verbatim. In
+    almost every row that is each dialogue's final Assistant turn (the prompt everything before
+    it). Where the two dialogues part at an earlier turn (a few upstream rows), each response
+    continues its dialogue from there, later turns included, as TRL's HH script keeps them; a
+    response may also be empty (the labeller compared it all the same). Both are kept; the
+    caller counts them (:func:`iter_hh_rlhf`).
+
     Errors are :class:`PreferenceDataError` naming the field (no file/line: see
-    :func:`iter_hh_rlhf`).
+    :func:`iter_hh_rlhf`): a dialogue that does not start with ``"\\n\\nHuman:"`` or has no
+    Assistant turn, two dialogues that part before their first Assistant turn (no shared
+    prompt), or a prompt with no text.
     """
     chosen_text = require(row, "chosen", str, "chosen")
     rejected_text = require(row, "rejected", str, "rejected")
-    prompt, chosen = split_hh_dialogue(chosen_text, "chosen")
-    rejected_prompt, rejected = split_hh_dialogue(rejected_text, "rejected")
-    if rejected_prompt != prompt:
-        at = _first_difference(prompt, rejected_prompt)
+    for text, field in ((chosen_text, "chosen"), (rejected_text, "rejected")):
+        if not text.startswith(HUMAN):
+            raise PreferenceDataError(f"dialogue must start with {HUMAN!r}, starts with "
+                                      f"{preview(text[:20])}", field=field)
+        if ASSISTANT not in text:
+            raise PreferenceDataError(f"no Assistant turn (no {ASSISTANT!r} in the dialogue)",
+                                      field=field)
+    at = _first_difference(chosen_text, rejected_text)
+    cut = chosen_text.rfind(ASSISTANT, 0, at)      # the last marker inside the shared text
+    if cut < 0:
         raise PreferenceDataError(
-            f"does not share the prompt of 'chosen' (first difference at character {at}: "
-            f"{preview(prompt[at:at + 20])} vs {preview(rejected_prompt[at:at + 20])})",
+            f"does not share the prompt of 'chosen': the dialogues part before their first "
+            f"Assistant turn (first difference at character {at}: "
+            f"{preview(chosen_text[at:at + 20])} vs {preview(rejected_text[at:at + 20])})",
             field="rejected")
+    prompt = chosen_text[:cut + len(ASSISTANT)]
+    if not _TURN_RE.sub("", prompt).strip():
+        raise PreferenceDataError("empty prompt (no text before the Assistant turn)",
+                                  field="chosen")
+    chosen, rejected = chosen_text[len(prompt):], rejected_text[len(prompt):]
     prompt, dropped = truncate_hh_prompt(prompt, max_prompt_turns)
     return prompt, chosen, rejected, dropped
+
+
+def _continues(response: str) -> bool:
+    """Whether an HH response holds later turns (its dialogues parted before the last turn)."""
+    return _TURN_RE.search(response) is not None
 
 
 def iter_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_PROMPT_TURNS,
@@ -166,9 +165,11 @@ def iter_hh_rlhf(path: PathLike, *, max_prompt_turns: int | None = DEFAULT_MAX_P
 
     def parse(row: Any, st: ParseStats) -> tuple[str, str, str]:
         prompt, chosen, rejected, dropped = parse_hh_row(row, max_prompt_turns=max_prompt_turns)
-        if dropped and chosen != rejected:  # a pair left out (identical responses) is not counted
-            st.prompts_truncated += 1
+        if chosen != rejected:   # a pair left out (identical responses) is not counted
+            st.prompts_truncated += bool(dropped)
             st.turns_dropped += dropped
+            st.empty_responses += not chosen.strip() or not rejected.strip()
+            st.multi_turn_responses += _continues(chosen) or _continues(rejected)
         return prompt, chosen, rejected
 
     return iter_pairs(path, parse, stats=stats, on_error=on_error, id_prefix=id_prefix)

@@ -73,6 +73,8 @@ class ParseStats:
     prompts_truncated: int = 0   # HH only: pairs whose prompt lost turns
     turns_dropped: int = 0       # HH only: total prompt turns removed by truncation
     identical_pairs_skipped: int = 0  # rows left out: chosen == rejected (no preference)
+    empty_responses: int = 0     # HH only: pairs kept with an empty (or blank) response
+    multi_turn_responses: int = 0   # HH only: pairs whose dialogues part before the last turn
     errors: list[PreferenceDataError] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

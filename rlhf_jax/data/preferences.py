@@ -205,6 +205,8 @@ class _PairwiseFileBuilder(PreferenceBuilder, skip_registration=True):
                 "identical_pairs_skipped": sum(s.identical_pairs_skipped for s in stats),
                 "prompts_truncated": sum(s.prompts_truncated for s in stats),
                 "turns_dropped": sum(s.turns_dropped for s in stats),
+                "empty_responses": sum(s.empty_responses for s in stats),
+                "multi_turn_responses": sum(s.multi_turn_responses for s in stats),
                 "files": [{**s.as_dict(), "path": os.path.basename(s.path)} for s in stats]}
 
     def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
@@ -234,11 +236,14 @@ class HhRlhf(_PairwiseFileBuilder, skip_registration=True):
     """
 
     name = "hh_rlhf"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.0.0": "Pairwise HH-RLHF as K=2 records (chosen ranked 1, rejected 0); "
-                              "prompts keep the last max_prompt_turns turns."}
+                              "prompts keep the last max_prompt_turns turns.",
+                     "1.1.0": "The prompt is the dialogues' shared text up to their last shared "
+                              "Assistant turn: rows that part at an earlier turn, and empty "
+                              "responses, are kept (counted) instead of refused."}
     DESCRIPTION = ("Anthropic HH-RLHF human preference dialogues: shared prompt (up to the last "
-                   "Assistant turn), chosen and rejected final Assistant responses.")
+                   "shared Assistant turn), chosen and rejected responses.")
     HOMEPAGE = "https://github.com/anthropics/hh-rlhf"
     CITATION = ("@article{bai2022training, title={Training a Helpful and Harmless Assistant with "
                 "Reinforcement Learning from Human Feedback}, author={Bai, Yuntao and others}, "
