@@ -124,10 +124,12 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
         "init_from": {"path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)},
         "data": {"path": str(Path(cfg.data_dir).resolve()), "files": {
             Path(f).name: sha256_file(f) for f in split_files(cfg.data_dir, SPLITS).values()}}})
-    # the files → a versioned TFDS data set → token pairs in the checkpoint's tokenizer
-    built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
+    # the checkpoint first: one refused here leaves no data set behind, so the rerun with it
+    # fixed starts afresh (RunDir.started); then the files → a versioned TFDS data set → token
+    # pairs in the checkpoint's tokenizer
     tok = HFTokenizer.from_pretrained(ckpt)
     model, params = load_pretrained(ckpt)
+    built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
     arrays, summary = {}, {}
     for split in SPLITS:
         arrays[split], counts = encode_pairs(

@@ -140,6 +140,25 @@ def test_a_bad_row_names_file_line_and_field(checkpoint, tmp_path, capsys):
                      "prompt", capsys.readouterr().err)
 
 
+
+def test_a_checkpoint_refused_at_run_time_leaves_a_run_that_starts_afresh(checkpoint, tmp_path,
+                                                                          capsys):
+    """The checkpoint is read before the data set is prepared: one refused at run time leaves
+    no work in the run directory, so the rerun with it fixed is not refused as a resumed run
+    whose checkpoint changed (README: a bad checkpoint, fixed, reruns on the same directory)."""
+    from rlhf_jax.runs import RunDir
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, bad)
+    (bad / "generation_config.json").write_text("{not json")
+    out = tmp_path / "rm"
+    with pytest.raises(SystemExit) as exc:
+        _reward_main(["--out", str(out), "--init-from", str(bad), "--data", "hh-rlhf",
+                      "--data-dir", str(FIXTURES / "hh_rlhf_split"), *TRAIN])
+    assert exc.value.code == 2
+    assert "generation_config.json: not valid JSON" in capsys.readouterr().err
+    assert not RunDir(out).started(), sorted(p.name for p in out.rglob("*") if p.is_file())
+
 @pytest.mark.parametrize("case, field, message", [
     ("no_init_from", "sft.pretrain.init_from", "give --init-from CKPT"),
     ("no_tokenizer", "sft.pretrain.init_from", "has no tokenizer.json"),
