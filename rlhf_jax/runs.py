@@ -156,9 +156,11 @@ class RunDir:
         """Whether the run directory holds anything a run computed: any file but the records
         written before the work begins (:data:`START_FILES`, in it or a stage's subdirectory).
         A run that stopped before that (a config or input file it refused at run time) is
-        started afresh: its ``config.json`` and ``meta.json`` are replaced, not resumed."""
+        started afresh: its ``config.json`` and ``meta.json`` are replaced, not resumed. A
+        symbolic link counts as work (``rglob`` does not descend into a linked directory, such
+        as ``checkpoints`` linked to scratch space)."""
         return any(p.name not in START_FILES for p in self.path.rglob("*")
-                   if p.is_file() and not p.name.startswith("."))
+                   if (p.is_symlink() or p.is_file()) and not p.name.startswith("."))
 
     def write_config(self, config: Any, *, may_change: frozenset[str] = frozenset()
                      ) -> list[str]:

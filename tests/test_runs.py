@@ -82,6 +82,20 @@ def test_a_run_that_stopped_before_any_work_starts_afresh(tmp_path, monkeypatch)
         work.unlink()
 
 
+
+def test_a_linked_directory_of_work_makes_the_run_started(tmp_path):
+    """A run whose checkpoints directory is a link to scratch space (holding a checkpoint, no
+    metric yet) has started: a different config is refused, not written over it."""
+    scratch = tmp_path / "scratch"
+    (scratch / "100" / "state").mkdir(parents=True)
+    (scratch / "100" / "state" / "manifest.ocdbt").write_text("x")
+    run = RunDir(tmp_path / "run")
+    run.write_config({"steps": 3, "lr": 1.0})
+    (run.path / "checkpoints").symlink_to(scratch, target_is_directory=True)
+    assert run.started()
+    with pytest.raises(runs.ConfigError, match="differing fields: lr"):
+        run.write_config({"steps": 3, "lr": 2.0})
+
 def test_a_damaged_config_json_is_an_error_naming_it(tmp_path):
     run = RunDir(tmp_path)
     run.log_metrics(1, {"loss": 1.0})                    # a started run: resumed, not replaced
