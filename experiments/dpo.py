@@ -61,7 +61,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
     name = cfg.loss
 
     t0 = time.perf_counter()
-    run = RunDir(out)
+    run = RunDir(out, upstream=(reward_dir,))
     run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     # data: the reward run's stored train comparisons (KTO: one noisy binary label per response,

@@ -41,7 +41,7 @@ def run(cfg: PPOConfig, out: str | Path) -> dict:
     # SFT policy = reference, RM, task; every model in cfg.precision ("" = the upstream's)
     up = ppo.load_upstream(reward_dir, cfg.normalize_rm, cfg.precision)
     cfg = dataclasses.replace(cfg, reward_dir=str(reward_dir), reward=up.reward_cfg)
-    run = RunDir(out)
+    run = RunDir(out, upstream=(reward_dir,))
     run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
 

@@ -67,7 +67,7 @@ def run(cfg: RewardConfig, out: str | Path) -> dict:
     task = pipeline_task(pre)
 
     t0 = time.perf_counter()
-    run = RunDir(out)
+    run = RunDir(out, upstream=(sft_dir,))
     run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     # comparisons: K SFT samples per prompt ranked by the simulated labeller, stored as TFDS

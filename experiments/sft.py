@@ -43,7 +43,7 @@ def run(cfg: SFTConfig, out: str | Path) -> dict:
 
     t0 = time.perf_counter()
     task = pipeline_task(pre_cfg)
-    run = RunDir(out)
+    run = RunDir(out, upstream=(pre_dir,))
     run.write_config(cfg)
     run.write_meta(seed=cfg.seed)
     check(cfg.steps == 0 or task.demonstrations, "steps",

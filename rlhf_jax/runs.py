@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -134,8 +134,12 @@ START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json"})   # see 
 class RunDir:
     """One experiment's run directory. Only process 0 writes (multi-host safe)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, upstream: Sequence[str | os.PathLike] = ()):
+        """``upstream``: finished runs the stage starts from (``stages.common.upstream_run``,
+        which checks them against the command); inside ``path`` they are not the stage's own
+        work (:meth:`started`)."""
         self.path = Path(path)
+        self.upstream = tuple(Path(u).resolve() for u in upstream)
         self.writer = jax.process_index() == 0
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -154,13 +158,19 @@ class RunDir:
 
     def started(self) -> bool:
         """Whether the run directory holds anything a run computed: any file but the records
-        written before the work begins (:data:`START_FILES`, in it or a stage's subdirectory).
-        A run that stopped before that (a config or input file it refused at run time) is
-        started afresh: its ``config.json`` and ``meta.json`` are replaced, not resumed. A
-        symbolic link counts as work (``rglob`` does not descend into a linked directory, such
-        as ``checkpoints`` linked to scratch space)."""
-        return any(p.name not in START_FILES for p in self.path.rglob("*")
-                   if (p.is_symlink() or p.is_file()) and not p.name.startswith("."))
+        written before the work begins (:data:`START_FILES`, in it or a stage's subdirectory;
+        the ``upstream`` runs it reuses excepted). A run that stopped before that (a config or
+        input file it refused at run time) is started afresh: its ``config.json`` and
+        ``meta.json`` are replaced, not resumed. A symbolic link counts as work (the walk does
+        not follow links, such as ``checkpoints`` linked to scratch space)."""
+        for root, dirs, files in os.walk(self.path):
+            here = Path(root)
+            dirs[:] = [d for d in dirs if (here / d).resolve() not in self.upstream]
+            if any((here / d).is_symlink() for d in dirs):
+                return True
+            if any(f not in START_FILES and not f.startswith(".") for f in files):
+                return True
+        return False
 
     def write_config(self, config: Any, *, may_change: frozenset[str] = frozenset()
                      ) -> list[str]:

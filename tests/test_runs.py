@@ -96,6 +96,22 @@ def test_a_linked_directory_of_work_makes_the_run_started(tmp_path):
     with pytest.raises(runs.ConfigError, match="differing fields: lr"):
         run.write_config({"steps": 3, "lr": 2.0})
 
+def test_a_finished_upstream_run_inside_is_not_the_stage_s_work(tmp_path):
+    """``sft.py --out X`` runs its default pretraining into ``X/pretrain`` first: that finished
+    run (checked against the command by ``upstream_run``) does not make X started, so SFT
+    refused at run time reruns there with a corrected config; any other subdirectory does."""
+    (tmp_path / "pretrain" / "checkpoints" / "5").mkdir(parents=True)
+    (tmp_path / "pretrain" / "checkpoints" / "5" / "state").write_text("{}")
+    (tmp_path / "pretrain" / "summary.json").write_text("{}")
+    run = RunDir(tmp_path, upstream=(tmp_path / "pretrain",))
+    run.write_config({"steps": 25})
+    assert not run.started()
+    assert run.write_config({"steps": 0}) == []
+    assert RunDir(tmp_path).started()
+    (tmp_path / "metrics.jsonl").write_text("{}")
+    assert run.started()
+
+
 def test_a_damaged_config_json_is_an_error_naming_it(tmp_path):
     run = RunDir(tmp_path)
     run.log_metrics(1, {"loss": 1.0})                    # a started run: resumed, not replaced
