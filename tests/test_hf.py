@@ -593,6 +593,29 @@ def test_prompts_start_as_transformers_tokenizes_them(tmp_path, bos_template):
     assert (theirs("the cat")["input_ids"][0] == 1) == bos_template
 
 
+@needs_torch
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_transformers_reads_an_exported_word_tokenizer(tmp_path, model_type):
+    """The default task's word-level tokenizer, exported: transformers 5 read it by model_type
+    gpt2 as GPT-2's byte-level BPE and lost the words (``[1]`` for three words); the
+    tokenizer_config.json the export writes names PreTrainedTokenizerFast."""
+    import transformers
+
+    from rlhf_jax.data.tokenizers import WordTokenizer, with_bos
+
+    words = WordTokenizer("the cat sat".split())
+    cfg = preset("test")
+    model, params = create_model(cfg, jax.random.key(0))
+    save_pretrained(tmp_path, model, params, tokenizer=words)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = theirs("the cat sat")["input_ids"]
+    assert ids == with_bos(words, words.encode("the cat sat")) == [1, 3, 4, 5]
+    assert theirs.decode(ids, skip_special_tokens=True) == "the cat sat"
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (1, 2, 0)
+
+
 class _Payload:
     """Unpickling this writes a marker file: proof that a pickle ran code."""
 

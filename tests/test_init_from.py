@@ -80,7 +80,8 @@ def test_pipeline_starts_from_the_checkpoint(imported_pipeline):
     meta = json.loads((out / "pretrain" / "meta.json").read_text())["init_from"]
     assert meta["path"] == str(ckpt.resolve())
     assert meta["architecture"] == {"gpt2": "GPT2LMHeadModel", "llama": "Qwen2ForCausalLM"}[family]
-    assert set(meta["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert set(meta["files"]) == {"config.json", "model.safetensors", "tokenizer.json",
+                                  "tokenizer_config.json"}
     for name, digest in meta["files"].items():
         assert digest == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
     # the pretraining stage ran no steps: its parameters are the checkpoint's, bit for bit

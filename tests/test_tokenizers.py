@@ -98,3 +98,31 @@ def test_a_template_for_another_token_is_not_stacked(tmp_path):
         HFTokenizer(tok, eos_ids=[2], bos_id=1)
     assert np.array_equal(HFTokenizer(tok, eos_ids=[2], bos_id=1, add_bos=False)
                           .hf_tokenizer().encode("hello").ids[:1], [0])
+
+
+def test_an_export_keeps_the_checkpoint_s_tokenizer_config(tmp_path):
+    """An imported checkpoint's tokenizer_config.json (its chat template, its tokenizer class)
+    is written back by an export; a tokenizer built here gets one naming its special tokens, and
+    decoding skips them."""
+    import jax
+
+    from rlhf_jax.models import create_model, preset
+    from rlhf_jax.models.hf import save_pretrained
+
+    model, params = create_model(preset("test"), jax.random.key(0))
+    words = WordTokenizer("the cat sat".split())
+    save_pretrained(tmp_path / "a", model, params, tokenizer=words)
+    written = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    assert written == {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+                       "eos_token": "<eos>", "pad_token": "<pad>"}
+    back = HFTokenizer.from_pretrained(tmp_path / "a")
+    assert back.decode([1, *back.encode("the cat"), 2, 0]) == "the cat"
+    own = {**written, "chat_template": "{{ messages[0]['content'] }}", "model_max_length": 48}
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(own))
+    save_pretrained(tmp_path / "b", model, params,
+                    tokenizer=HFTokenizer.from_pretrained(tmp_path / "a"))
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == own
+    (tmp_path / "a" / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(TokenizerError, match=re.escape(
+            f"{tmp_path / 'a' / 'tokenizer_config.json'}: expected a JSON object, got list")):
+        HFTokenizer.from_pretrained(tmp_path / "a")

@@ -88,12 +88,15 @@ class HFTokenizer:
 
     ``add_bos``: whether a prompt or document starts with ``bos_id`` (:func:`with_bos`). A
     checkpoint's tokenizer decides, as in transformers: its ``tokenizer.json`` post-processor
-    puts a BOS first (Llama, Mistral, Gemma) or nothing (GPT-2, Qwen). A tokenizer built here
-    with ``add_bos`` gets that post-processor, so an export says how its model was trained.
+    puts a BOS first (Llama, Mistral, Gemma) or nothing (GPT-2, Qwen). Only the start follows
+    it: a template that also appends an EOS or SEP to the text (``<s> $A </s>``) is not
+    followed there, since a prompt goes on. A tokenizer built here with ``add_bos`` gets that
+    post-processor, so an export says how its model was trained.
     """
 
     def __init__(self, tok, *, eos_ids: Sequence[int], pad_id: int | None = None,
-                 bos_id: int | None = None, add_bos: bool = True):
+                 bos_id: int | None = None, add_bos: bool = True, config: dict | None = None):
+        self.config = config   # a checkpoint's tokenizer_config.json (chat template, classes)
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.eos_id = self.eos_ids[0]
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
@@ -130,21 +133,15 @@ class HFTokenizer:
         # transformers' generate stops at generation_config.json's EOS ids (Qwen2.5 / Qwen3
         # instruct: <|im_end|> and <|endoftext|>, where config.json names only the first)
         gen_file = path / "generation_config.json"
-        if gen_file.is_file():
-            try:
-                gen = json.loads(gen_file.read_text())
-            except (OSError, ValueError) as e:
-                raise TokenizerError(f"{gen_file}: not valid JSON ({e})") from None
-            if not isinstance(gen, dict):
-                raise TokenizerError(f"{gen_file}: expected a JSON object, got "
-                                     f"{type(gen).__name__}")
+        gen = _json_object(gen_file)
+        if gen is not None:
             ids["eos_token_id"] += [i for i in _token_ids(gen, "eos_token_id", gen_file,
                                                           tok.get_vocab_size())
                                     if i not in ids["eos_token_id"]]
         lead = _leading_special(tok, file)
         return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
                    bos_id=lead if lead is not None else (ids["bos_token_id"] or [None])[0],
-                   add_bos=lead is not None)
+                   add_bos=lead is not None, config=_json_object(path / "tokenizer_config.json"))
 
     @property
     def vocab_size(self) -> int:
@@ -166,8 +163,36 @@ class HFTokenizer:
     def hf_tokenizer(self):
         return self._tok
 
+    def tokenizer_config(self) -> dict:
+        """What an export writes as ``tokenizer_config.json``: the imported checkpoint's own
+        (its chat template and tokenizer class kept), else :func:`minimal_tokenizer_config`."""
+        return self.config if self.config is not None else minimal_tokenizer_config(self)
+
     def to_json(self) -> str:
         return self._tok.to_str()
+
+
+def _json_object(file: Path) -> dict | None:
+    """The JSON object in ``file`` (None when there is no such file); else a
+    :class:`TokenizerError` naming the file."""
+    if not file.is_file():
+        return None
+    try:
+        obj = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def minimal_tokenizer_config(tok) -> dict:
+    """A ``tokenizer_config.json`` for a tokenizer built here: transformers then reads the
+    ``tokenizer.json`` as it is (``PreTrainedTokenizerFast``; by the config's ``model_type`` it
+    would rebuild some tokenizers as GPT-2's byte-level BPE) with these special tokens."""
+    name = tok.hf_tokenizer().id_to_token
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tok.bos_id),
+            "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id)}
 
 
 def with_bos(tok: Tokenizer, ids: Sequence[int]) -> list[int]:
@@ -297,7 +322,11 @@ class WordTokenizer:
 
         tok = _Tok(models.WordLevel(dict(self._ids), unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()   # decoding joins words with spaces
+        tok.add_special_tokens(list(self.SPECIALS))   # the same ids; decoding skips them
         return _with_bos_template(tok, self.bos_id)   # every prompt starts with <bos>
+
+    def tokenizer_config(self) -> dict:
+        return minimal_tokenizer_config(self)
 
     @classmethod
     def from_json(cls, text: str) -> "WordTokenizer":

@@ -191,7 +191,8 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
         reward model's weights (exactly; see the module docstring).
       tokenizer: optional; its ``bos_id`` / ``eos_id`` (all its ``eos_ids`` when it has several)
         / ``pad_id`` go into ``config.json`` and,
-        when it has ``hf_tokenizer()``, its ``tokenizer.json`` is written too.
+        when it has ``hf_tokenizer()``, its ``tokenizer.json`` and ``tokenizer_config.json``
+        are written too.
     """
     path = Path(path)
     heads = set(model.heads)
@@ -234,6 +235,7 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
     write_json(path / "config.json", config)
     if tokenizer is not None and hasattr(tokenizer, "hf_tokenizer"):
         tokenizer.hf_tokenizer().save(str(path / "tokenizer.json"))
+        write_json(path / "tokenizer_config.json", tokenizer.tokenizer_config())
 
 
 def _fold_reward(flat: dict, heads: set[str], reward_norm: tuple[float, float]) -> dict:

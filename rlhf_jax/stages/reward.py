@@ -43,7 +43,8 @@ from rlhf_jax.train import OptimConfig
 
 DataSource = Literal["simulated", "hh-rlhf", "summarize"]
 Readout = Literal["last", "sum", "mean"]   # reward_model.READOUTS
-EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json")   # what export_hf holds
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json",   # what export_hf holds
+                "tokenizer_config.json")
 
 
 @dataclasses.dataclass(frozen=True)
