@@ -31,7 +31,7 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax import cli
+from rlhf_jax import cli, progress
 from rlhf_jax.data.batching import check_tokens
 from rlhf_jax.data.preference_records import sha256_file
 from rlhf_jax.data.preferences import split_files
@@ -49,7 +49,7 @@ from rlhf_jax.stages.reward import (RewardConfig, first_prompts, fit_reward_mode
                                     store_and_reload)
 from rlhf_jax.stages.reward_files import (SPLITS, build_file_dataset, encode_pairs,
                                           export_reward_model, pad_is_eos, pairwise_metrics,
-                                          read_records)
+                                          read_records, shared_pairs)
 
 
 def run(cfg: RewardConfig, out: str | Path) -> dict:
@@ -147,6 +147,11 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
                         **{f"data/{split}_{k}": built[split].get(k, 0)
                            for k in ("empty_responses", "multi_turn_responses")},
                         **{f"data/{split}_{k}": v for k, v in counts.items()}})
+    summary["data/test_pairs_in_train"] = shared_pairs(arrays["train"], arrays["test"])
+    if summary["data/test_pairs_in_train"]:
+        progress.message(f"warning: {summary['data/test_pairs_in_train']} of the "
+                         f"{summary['data/test_pairs']} test pairs are also training pairs "
+                         "(token for token): the test accuracy overstates generalisation")
     prepare_s = time.perf_counter() - t0
 
     rm, rm_params, score_jit, norm = fit_reward_model(

@@ -19,7 +19,7 @@ from rlhf_jax.data.tokenizers import GPT2Tokenizer, WordTokenizer
 from rlhf_jax.models import create_model, preset
 from rlhf_jax.models.hf import load_pretrained, save_pretrained
 from rlhf_jax.scripts import load
-from rlhf_jax.stages.reward_files import encode_pairs, pairwise_metrics
+from rlhf_jax.stages.reward_files import encode_pairs, pairwise_metrics, shared_pairs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRAIN = ["--steps", "40", "--batch-prompts", "8", "--optim.warmup-steps", "2",
@@ -91,6 +91,8 @@ def test_hh_reward_model_learns_the_fixture_signal(hh_run):
     meta = json.loads((out / "meta.json").read_text())
     assert set(meta["init_from"]["files"]) == {"config.json", "model.safetensors",
                                                 "tokenizer.json"}
+    assert (s["data/test_pairs_in_train"], s["data/train_pairs_identical_after_truncation"]) == (
+        0, 0)                                            # counted on hand-worked pairs below
 
 
 def test_hh_run_resumes_and_exports_a_sequence_classifier(hh_run, checkpoint):
@@ -197,17 +199,24 @@ def test_encode_pairs_truncates_prompts_left_and_responses_right():
     """Hand-worked: BOS = 1, EOS = 2, pad = 0; budgets 4 (prompt) and 3 (response)."""
     tok = WordTokenizer("a b c d e f".split())          # ids: a=3 b=4 c=5 d=6 e=7 f=8
     records = [{"prompt": "a b c d", "responses": ["e", "f e d"], "ranking": [1.0, 0.0]},
-               {"prompt": "a", "responses": ["e f", "f"], "ranking": [0.0, 1.0]}]
+               {"prompt": "a", "responses": ["e f", "f"], "ranking": [0.0, 1.0]},
+               {"prompt": "a", "responses": ["e f a", "e f b"], "ranking": [0.0, 1.0]}]
     arrays, counts = encode_pairs(tok, records, prompt_tokens=4, response_tokens=3)
+    # the third pair differs past the budget: both responses are [e f eos], a tie for the RM
+    np.testing.assert_array_equal(arrays["responses"][2], [[7, 8, 2], [7, 8, 2]])
+    assert counts == {"prompts_truncated": 1, "responses_truncated": 3,
+                      "pairs_identical_after_truncation": 1}
+    first = {k: v[:2] for k, v in arrays.items()}
+    assert shared_pairs(first, arrays) == 2 and shared_pairs(arrays, first) == 2
+    assert shared_pairs({k: v[2:] for k, v in arrays.items()}, first) == 0
     # [bos a b c d] keeps its last 4 tokens; [bos a] is left-padded
-    np.testing.assert_array_equal(arrays["prompts"], [[3, 4, 5, 6], [0, 0, 1, 3]])
-    np.testing.assert_array_equal(arrays["prompt_mask"], [[1, 1, 1, 1], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(arrays["prompts"][:2], [[3, 4, 5, 6], [0, 0, 1, 3]])
+    np.testing.assert_array_equal(arrays["prompt_mask"][:2], [[1, 1, 1, 1], [0, 0, 1, 1]])
     # "f e d" keeps "f e", then EOS; the rest right-padded
-    np.testing.assert_array_equal(arrays["responses"], [[[7, 2, 0], [8, 7, 2]],
-                                                        [[7, 8, 2], [8, 2, 0]]])
+    np.testing.assert_array_equal(arrays["responses"][:2], [[[7, 2, 0], [8, 7, 2]],
+                                                            [[7, 8, 2], [8, 2, 0]]])
     np.testing.assert_array_equal(arrays["response_mask"][0], [[1, 1, 0], [1, 1, 1]])
-    np.testing.assert_array_equal(arrays["ranking"], [[1, 0], [0, 1]])
-    assert counts == {"prompts_truncated": 1, "responses_truncated": 1}
+    np.testing.assert_array_equal(arrays["ranking"], [[1, 0], [0, 1], [0, 1]])
 
 
 def test_pairwise_metrics_hand_worked():

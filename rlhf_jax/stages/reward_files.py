@@ -72,7 +72,19 @@ def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
     arrays = {"prompts": p_ids, "prompt_mask": p_mask,
               "responses": r_ids.reshape(n, k, -1), "response_mask": r_mask.reshape(n, k, -1),
               "ranking": np.asarray([r["ranking"] for r in records], np.float32).reshape(n, k)}
+    # responses that differ only past the token budget: no gradient, a tie in the accuracy
+    counts["pairs_identical_after_truncation"] = int(
+        (arrays["responses"] == arrays["responses"][:, :1]).all(axis=(1, 2)).sum()) if k else 0
     return arrays, counts
+
+
+def shared_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> int:
+    """How many pairs of ``b`` are also pairs of ``a``, token for token (prompt and both
+    responses as encoded): a test split that repeats training comparisons."""
+    def rows(x):
+        return {p.tobytes() + r.tobytes() for p, r in zip(x["prompts"], x["responses"])}
+    seen = rows(a)
+    return sum(p.tobytes() + r.tobytes() in seen for p, r in zip(b["prompts"], b["responses"]))
 
 
 def pairwise_metrics(rewards: np.ndarray, ranking: np.ndarray) -> dict[str, float]:
