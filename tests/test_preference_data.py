@@ -205,6 +205,7 @@ MALFORMED = [
     (pf.read_hh_rlhf, "hh_rlhf_prompt_mismatch.jsonl", 2, "rejected", "does not share the prompt"),
     (pf.read_summarize_comparisons, "summarize_bad_json.jsonl", 2, "(row)", "invalid JSON"),
     (pf.read_summarize_comparisons, "summarize_missing_post.jsonl", 2, "info.post", "missing"),
+    (pf.read_summarize_comparisons, "summarize_cnndm.jsonl", 2, "info.article", "CNN/DM"),
     (pf.read_summarize_comparisons, "summarize_bad_choice.jsonl", 3, "choice", "0 or 1"),
     (pf.read_summarize_comparisons, "summarize_choice_wrong_type.jsonl", 2, "choice",
      "expected int, got str"),

@@ -198,6 +198,10 @@ def summarize_prompt(subreddit: str, title: str, post: str) -> str:
 def parse_summarize_row(row: Any) -> tuple[str, str, str]:
     """Parse one comparisons row into ``(prompt, chosen, rejected)``; errors name the field."""
     info = require(row, "info", dict, "info")
+    if info.get("article") is not None and info.get("post") is None:
+        raise PreferenceDataError("a CNN/DM comparison (an article, no Reddit post): only the "
+                                  "Reddit TL;DR comparisons are supported; leave the cnndm "
+                                  "batches out of the file", field="info.article")
     subreddit = require_text(info, "subreddit", "info.subreddit")
     title = require_text(info, "title", "info.title")
     post = require_text(info, "post", "info.post")
@@ -218,8 +222,8 @@ def iter_summarize_comparisons(path: PathLike, *, stats: ParseStats | None = Non
     """Yield ``{"id", "prompt", "chosen", "rejected"}`` for each row of a comparisons file.
 
     Upstream files are JSON lines even when named ``*.json``. Only the Reddit (TL;DR) rows are
-    supported: CNN/DM rows carry ``info.article`` instead of ``info.post`` and are reported as
-    malformed (missing ``info.subreddit``).
+    supported: CNN/DM rows carry ``info.article`` instead of ``info.post`` and are refused as
+    such (field ``info.article``).
     """
     def parse(row: Any, st: ParseStats) -> tuple[str, str, str]:
         del st
