@@ -128,6 +128,16 @@ def test_hh_rows_that_part_early_or_hold_an_empty_response_are_kept_and_counted(
     assert (pairs[1]["chosen"], stats.empty_responses, stats.errors) == ("   ", 1, [])
 
 
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    """A file saved with a UTF-8 BOM (as some editors write it) parses like one without: the
+    BOM was refused as invalid JSON on line 1."""
+    plain, _ = pf.read_hh_rlhf(HH)
+    path = tmp_path / "hh_rlhf_tiny.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + HH.read_bytes())
+    with_bom, stats = pf.read_hh_rlhf(path, id_prefix="fixtures/hh_rlhf_tiny")
+    assert with_bom == plain and stats.errors == []
+
+
 def test_truncate_hh_prompt_policy():
     prompt = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:"
     assert pf.truncate_hh_prompt(prompt, 3) == (prompt, 0)

@@ -105,8 +105,12 @@ def _open_binary(path: PathLike) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[return-value]
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_lines(path: PathLike, stats: ParseStats | None = None) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(1-based line number, raw bytes)`` for each non-blank line of ``path``.
+    """Yield ``(1-based line number, raw bytes)`` for each non-blank line of ``path`` (a UTF-8
+    byte order mark before the first is dropped).
 
     A file that cannot be read to the end (e.g. truncated gzip) raises
     :class:`PreferenceDataError` naming the first line that could not be read.
@@ -123,6 +127,8 @@ def iter_lines(path: PathLike, stats: ParseStats | None = None) -> Iterator[tupl
                 raise PreferenceDataError(f"unreadable file ({type(e).__name__}: {e})",
                                           path=path, line=line_no + 1, field=_FILE) from e
             line_no += 1
+            if line_no == 1 and raw.startswith(_UTF8_BOM):   # as some editors save UTF-8
+                raw = raw[len(_UTF8_BOM):]
             if not raw.strip():
                 if stats is not None:
                     stats.blank_lines += 1
