@@ -31,14 +31,10 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax import cli, progress
+from rlhf_jax import cli
 from rlhf_jax.data.batching import check_tokens
-from rlhf_jax.data.preference_records import sha256_file
-from rlhf_jax.data.preferences import split_files
-from rlhf_jax.data.tokenizers import HFTokenizer
 from rlhf_jax.evaluate import score_groups
 from rlhf_jax.labeler import collect_preferences, noise_ceiling
-from rlhf_jax.models.hf import file_digests, load_pretrained
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_LABEL, load_stage, model_config, pipeline_task,
@@ -47,9 +43,8 @@ from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward import (RewardConfig, first_prompts, fit_reward_model,
                                     preference_arrays, read_preferences, rm_metrics,
                                     store_and_reload)
-from rlhf_jax.stages.reward_files import (SPLITS, build_file_dataset, encode_pairs,
-                                          export_reward_model, pad_is_eos, pairwise_metrics,
-                                          read_records, shared_pairs)
+from rlhf_jax.stages.reward_files import (export_reward_model, file_pairs,
+                                          input_digests, pad_is_eos, pairwise_metrics)
 
 
 def run(cfg: RewardConfig, out: str | Path) -> dict:
@@ -120,38 +115,10 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
     t0 = time.perf_counter()
     run = RunDir(out)
     run.write_config(cfg)
-    run.write_meta(seed=cfg.seed, extra={
-        "init_from": {"path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)},
-        "data": {"path": str(Path(cfg.data_dir).resolve()), "files": {
-            Path(f).name: sha256_file(f) for f in split_files(cfg.data_dir, SPLITS).values()}}})
-    # the checkpoint first: one refused here leaves no data set behind, so the rerun with it
-    # fixed starts afresh (RunDir.started); then the files → a versioned TFDS data set → token
-    # pairs in the checkpoint's tokenizer
-    tok = HFTokenizer.from_pretrained(ckpt)
-    model, params = load_pretrained(ckpt)
-    built = build_file_dataset(cfg.data, cfg.data_dir, out / "data")
-    arrays, summary = {}, {}
-    for split in SPLITS:
-        arrays[split], counts = encode_pairs(
-            tok, read_records(out / "data", built["name"], split),
-            prompt_tokens=cfg.max_prompt_tokens, response_tokens=cfg.max_response_tokens)
-        check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
-                     source=f"reward: {split} pairs")
-        summary.update({f"data/{split}_pairs": len(arrays[split]["prompts"]),
-                        f"data/{split}_prompt_turns_truncated":
-                            built[split].get("prompts_truncated", 0),
-                        f"data/{split}_malformed_rows_left_out":
-                            built[split].get("malformed_rows_left_out", 0),
-                        f"data/{split}_identical_pairs_skipped":
-                            built[split].get("identical_pairs_skipped", 0),
-                        **{f"data/{split}_{k}": built[split].get(k, 0)
-                           for k in ("empty_responses", "multi_turn_responses")},
-                        **{f"data/{split}_{k}": v for k, v in counts.items()}})
-    summary["data/test_pairs_in_train"] = shared_pairs(arrays["train"], arrays["test"])
-    if summary["data/test_pairs_in_train"]:
-        progress.message(f"warning: {summary['data/test_pairs_in_train']} of the "
-                         f"{summary['data/test_pairs']} test pairs are also training pairs "
-                         "(token for token): the test accuracy overstates generalisation")
+    run.write_meta(seed=cfg.seed, extra=input_digests(ckpt, cfg.data_dir))
+    tok, model, params, arrays, summary = file_pairs(
+        cfg.data, cfg.data_dir, ckpt, out, prompt_tokens=cfg.max_prompt_tokens,
+        response_tokens=cfg.max_response_tokens, source="reward")
     prepare_s = time.perf_counter() - t0
 
     rm, rm_params, score_jit, norm = fit_reward_model(

@@ -21,13 +21,14 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_jax.data.batching import pad_left, pad_right
-from rlhf_jax.data.preference_records import decode_record
+from rlhf_jax import progress
+from rlhf_jax.data.batching import check_tokens, pad_left, pad_right
+from rlhf_jax.data.preference_records import decode_record, sha256_file
 from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_preference_source,
                                        split_files)
-from rlhf_jax.data.tokenizers import Tokenizer, with_bos
+from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer, with_bos
 from rlhf_jax.models import GPTConfig
-from rlhf_jax.models.hf import save_pretrained
+from rlhf_jax.models.hf import file_digests, load_pretrained, save_pretrained
 
 BUILDERS = {"hh-rlhf": HhRlhf, "summarize": SummarizeFromFeedback}
 SPLITS = ("train", "test")
@@ -39,6 +40,46 @@ def build_file_dataset(data: str, data_dir: str | Path, out_dir: Path) -> dict[s
     builder = BUILDERS[data](split_paths=split_files(data_dir, SPLITS), data_dir=out_dir)
     builder.download_and_prepare()
     return {"name": builder.name, **builder.info.metadata["splits"]}
+
+
+def input_digests(ckpt: str, data_dir: str) -> dict:
+    """``meta.json``'s record of a file-data run's inputs: the checkpoint's and the split files'
+    sha256 (a rerun on other files is refused: ``RunDir.write_meta``)."""
+    return {"init_from": {"path": str(Path(ckpt).resolve()), "files": file_digests(ckpt)},
+            "data": {"path": str(Path(data_dir).resolve()), "files": {
+                Path(f).name: sha256_file(f) for f in split_files(data_dir, SPLITS).values()}}}
+
+
+def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens: int,
+               response_tokens: int, source: str):
+    """The checkpoint ``ckpt`` (tokenizer, model, parameters) and the ``train`` / ``test`` token
+    pairs of the preference files (:func:`encode_pairs` of the TFDS data set built in
+    ``out/data``), with the summary's ``data/*`` counts: ``(tok, model, params, arrays,
+    summary)``. The checkpoint is read first: one refused here leaves no data set behind, so
+    the rerun with it fixed starts afresh (``RunDir.started``)."""
+    tok = HFTokenizer.from_pretrained(ckpt)
+    model, params = load_pretrained(ckpt)
+    built = build_file_dataset(data, data_dir, out / "data")
+    arrays, summary = {}, {}
+    for split in SPLITS:
+        arrays[split], counts = encode_pairs(
+            tok, read_records(out / "data", built["name"], split),
+            prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+        check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
+                     source=f"{source}: {split} pairs")
+        meta = built[split]
+        summary.update({f"data/{split}_pairs": len(arrays[split]["prompts"]),
+                        f"data/{split}_prompt_turns_truncated": meta.get("prompts_truncated", 0),
+                        **{f"data/{split}_{k}": meta.get(k, 0) for k in (
+                            "malformed_rows_left_out", "identical_pairs_skipped",
+                            "empty_responses", "multi_turn_responses")},
+                        **{f"data/{split}_{k}": v for k, v in counts.items()}})
+    summary["data/test_pairs_in_train"] = shared_pairs(arrays["train"], arrays["test"])
+    if summary["data/test_pairs_in_train"]:
+        progress.message(f"warning: {summary['data/test_pairs_in_train']} of the "
+                         f"{summary['data/test_pairs']} test pairs are also training pairs "
+                         "(token for token): the test accuracy overstates generalisation")
+    return tok, model, params, arrays, summary
 
 
 def read_records(out_dir: Path, name: str, split: str) -> list[dict]:
