@@ -11,6 +11,12 @@ with only ``--out`` it runs the default pretrain + SFT + reward stages first.
     python experiments/dpo.py --out runs/ipo --reward-dir runs/reward --loss ipo
     python experiments/dpo.py --out runs/kto --reward-dir runs/reward --loss kto
     python experiments/dpo.py --help                    # every option
+
+On human preference files from a Hugging Face checkpoint (policy and reference start from it;
+the test split's log-ratios are scored; the policy is exported):
+
+    python experiments/dpo.py --out runs/dpo-hh --init-from CKPT --reward.data hh-rlhf \
+        --reward.data-dir DIR --export-hf runs/dpo-hh-hf
 """
 
 from rlhf_jax import launch
@@ -30,6 +36,7 @@ from rlhf_jax.data.batching import EpochOrder, check_tokens
 from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
 from rlhf_jax.losses.preference import REFERENCE_FREE
 from rlhf_jax.parallel import check_divisible, make_mesh
+from rlhf_jax.models.hf import save_pretrained
 from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages.common import (eval_key, load_stage, model_config, pipeline_task,
                                     read_config, train_stage, upstream_run)
@@ -39,14 +46,18 @@ from rlhf_jax.data.binary_feedback import dataset_name as feedback_name
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
 from rlhf_jax.stages.offline import (STARTS_FROM_BASE, OfflineConfig, kto_loss_fn,
                                      offline_loss_fn, precompute_logps)
-from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, preference_arrays,
-                                    read_preferences, store_and_reload)
+from rlhf_jax.stages.reward import (RewardConfig, check_export_run_dir, check_task_reward,
+                                    preference_arrays, read_preferences, store_and_reload)
+from rlhf_jax.stages.reward_files import pairwise_metrics, start_file_run
 
 
 def run(cfg: OfflineConfig, out: str | Path) -> dict:
     """Reward stage (unless ``cfg.reward_dir``), then offline preference training from SFT on its
-    train comparisons, then the held-out evaluation, into ``out``; returns the summary."""
+    train comparisons, then the held-out evaluation, into ``out``; returns the summary. On
+    preference files (``cfg.reward.data``): :func:`run_files`."""
     check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
+    if cfg.reward.data != "simulated":
+        return run_files(cfg, out)
     out = Path(out)
     reward_dir = upstream_run(cfg.reward_dir, out / "reward", "reward",
                               cfg.reward, "reward_dir")
@@ -136,6 +147,54 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
         "time_s/offline": train_s,
         "time_s/offline_eval": eval_s,
     }
+    run.write_summary(summary)
+    return summary
+
+
+def run_files(cfg: OfflineConfig, out: str | Path) -> dict:
+    """DPO (IPO, SimPO, ORPO) on preference files (``cfg.reward.data`` from
+    ``cfg.reward.data_dir``) from the checkpoint ``cfg.reward.sft.pretrain.init_from``, the
+    reference too, into ``out``; the test split's log-ratios scored at the end; the policy
+    optionally exported to ``cfg.export_hf``. Returns the summary."""
+    name = cfg.loss
+    check_export_run_dir(cfg.export_hf, out)
+    t0 = time.perf_counter()
+    run, tok, policy, start, arrays, summary = start_file_run(cfg, cfg.reward, Path(out),
+                                                              source=name)
+    data = dict(arrays["train"], lengths=arrays["train"]["response_mask"].sum(-1)
+                .astype(np.float32))
+    ref_params = None
+    if name not in REFERENCE_FREE:
+        if cfg.reference == "precomputed":
+            data["ref_logps"] = precompute_logps(policy, start, data)
+        else:
+            ref_params = start
+    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
+    loss_fn = functools.partial(offline_loss_fn, model=policy, loss=name,
+                                hparams=cfg.loss_hparams(), ref_params=ref_params)
+    params = train_stage(start, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,
+                         steps=cfg.steps, optim=cfg.optim, run=run, prefix=name,
+                         log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                         fsdp=cfg.fsdp)
+    train_s = time.perf_counter() - t0
+
+    # each split's log-ratio log π/π_ref (DPO's implicit reward over β) of chosen vs rejected
+    t_eval = time.perf_counter()
+    for split in ("test", "train"):
+        ratios = (precompute_logps(policy, params, arrays[split])
+                  - precompute_logps(policy, start, arrays[split]))
+        ranking = arrays[split]["ranking"]
+        chosen = np.where(ranking[:, :1] >= ranking[:, 1:], ratios[:, :1], ratios[:, 1:])
+        summary.update({f"{name}/{split}_logratio_{k}": v
+                        for k, v in pairwise_metrics(ratios, ranking).items()})
+        summary[f"{name}/{split}_chosen_logratio"] = float(chosen.mean())
+    if cfg.export_hf:
+        save_pretrained(cfg.export_hf, policy, params, tokenizer=tok)
+    rows = [r for r in read_metrics(run.path) if f"{name}/loss" in r]
+    summary.update({**{f"final/{k}": v for k, v in (rows[-1] if rows else {}).items()
+                       if k.startswith(f"{name}/")},
+                    "start": "init_from", "time_s/offline": train_s,
+                    "time_s/offline_eval": time.perf_counter() - t_eval})
     run.write_summary(summary)
     return summary
 

@@ -43,8 +43,8 @@ from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward import (RewardConfig, first_prompts, fit_reward_model,
                                     preference_arrays, read_preferences, rm_metrics,
                                     store_and_reload)
-from rlhf_jax.stages.reward_files import (export_reward_model, file_pairs,
-                                          input_digests, pad_is_eos, pairwise_metrics)
+from rlhf_jax.stages.reward_files import (export_reward_model, pad_is_eos, pairwise_metrics,
+                                          start_file_run)
 
 
 def run(cfg: RewardConfig, out: str | Path) -> dict:
@@ -111,14 +111,9 @@ def run_files(cfg: RewardConfig, out: str | Path) -> dict:
     ``cfg.export_hf``."""
     check_divisible(cfg.batch_prompts, make_mesh(), "batch_prompts", "global batch of prompts")
     cfg.check_run_dir(out)
-    out, ckpt = Path(out), cfg.sft.pretrain.init_from
     t0 = time.perf_counter()
-    run = RunDir(out)
-    run.write_config(cfg)
-    run.write_meta(seed=cfg.seed, extra=input_digests(ckpt, cfg.data_dir))
-    tok, model, params, arrays, summary = file_pairs(
-        cfg.data, cfg.data_dir, ckpt, out, prompt_tokens=cfg.max_prompt_tokens,
-        response_tokens=cfg.max_response_tokens, source="reward")
+    run, tok, model, params, arrays, summary = start_file_run(cfg, cfg, Path(out),
+                                                              source="reward")
     prepare_s = time.perf_counter() - t0
 
     rm, rm_params, score_jit, norm = fit_reward_model(

@@ -195,6 +195,51 @@ def test_config_errors_name_the_field(case, field, message, checkpoint, tmp_path
     assert not (tmp_path / "rm").exists()
 
 
+DPO_FILES = ["--reward.data", "hh-rlhf", "--reward.data-dir", str(FIXTURES / "hh_rlhf_split"),
+             "--reward.max-prompt-tokens", "24", "--reward.max-response-tokens", "16",
+             "--steps", "10", "--batch-prompts", "8", "--optim.warmup-steps", "2",
+             "--optim.learning-rate", "1e-2", "--log-every", "5", "--beta", "0.1"]
+
+
+def test_dpo_on_preference_files_from_a_checkpoint(checkpoint, tmp_path):
+    """dpo.py on HH files from a checkpoint (no task, no SFT or reward stage): the policy and the
+    reference start from it, the train pairs are learned, the test split is scored by the
+    log-ratio log π/π_ref of chosen vs rejected, and the exported policy reads back as a causal
+    LM whose log-ratios are the ones scored."""
+    from rlhf_jax.data.tokenizers import HFTokenizer
+    from rlhf_jax.stages.offline import precompute_logps
+    from rlhf_jax.stages.reward_files import read_records
+
+    out, export = tmp_path / "dpo", tmp_path / "export"
+    s = load("dpo").main(["--out", str(out), "--init-from", str(checkpoint), *DPO_FILES,
+                          "--export-hf", str(export)])
+    assert (s["data/train_pairs"], s["data/test_pairs"], s["dpo/test_logratio_pairs"]) == (
+        24, 8, 8)
+    assert s["final/dpo/loss"] < np.log(2) and s["dpo/train_logratio_accuracy"] == 1.0
+    assert s["dpo/test_logratio_accuracy"] >= 0.75, s
+    policy, params = load_pretrained(export)
+    ref, ref_params = load_pretrained(checkpoint)
+    arrays, _ = encode_pairs(HFTokenizer.from_pretrained(export),
+                             read_records(out / "data", "hh_rlhf", "test"),
+                             prompt_tokens=24, response_tokens=16)
+    ratios = precompute_logps(policy, params, arrays) - precompute_logps(ref, ref_params, arrays)
+    m = pairwise_metrics(ratios, arrays["ranking"])
+    np.testing.assert_allclose([m["accuracy"], m["margin"]], [s["dpo/test_logratio_accuracy"],
+                               s["dpo/test_logratio_margin"]], rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags,field", [(["--loss", "kto"], "loss"),
+                                         (["--eval-every", "5"], "eval_every"),
+                                         (["--reward-dir", "x"], "reward_dir")])
+def test_dpo_on_preference_files_refuses_what_needs_a_task(checkpoint, tmp_path, capsys, flags,
+                                                           field):
+    with pytest.raises(SystemExit) as e:
+        load("dpo").main(["--out", str(tmp_path / "d"), "--init-from", str(checkpoint),
+                          *DPO_FILES, *flags])
+    assert e.value.code == 2 and f"`{field}`" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def test_encode_pairs_truncates_prompts_left_and_responses_right():
     """Hand-worked: BOS = 1, EOS = 2, pad = 0; budgets 4 (prompt) and 3 (response)."""
     tok = WordTokenizer("a b c d e f".split())          # ids: a=3 b=4 c=5 d=6 e=7 f=8

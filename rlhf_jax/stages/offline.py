@@ -29,7 +29,7 @@ from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.sampling import response_logits
 from rlhf_jax.shared_prompt import shared_prompt_logps
-from rlhf_jax.stages.reward import RewardConfig, check_task_reward
+from rlhf_jax.stages.reward import RewardConfig, check_export_dir
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
@@ -73,6 +73,14 @@ class OfflineConfig:
       log_every: log training metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
       fsdp: split parameters and optimizer state over the devices instead of replicating.
+      export_hf: with preference files (``--reward.data hh-rlhf`` or ``summarize``), also write
+        the trained policy to this directory as a Hugging Face causal LM (config, safetensors
+        and tokenizer files).
+
+    On preference files (``--reward.data``, ``--reward.data-dir``, ``--init-from CKPT``, the
+    token budgets ``--reward.max-prompt-tokens`` / ``--reward.max-response-tokens``) the policy
+    and the reference both start from the checkpoint and train on the files' train split; the
+    test split is scored at the end (the log-ratio log π/π_ref of chosen vs rejected).
     """
 
     seed: int = 0
@@ -98,10 +106,15 @@ class OfflineConfig:
     log_every: int = 50
     checkpoint_every: int = 100
     fsdp: bool = False
+    export_hf: str = ""
 
     def __post_init__(self):
         check_numbers(self)
-        check_task_reward(self.reward, "reward.data")
+        if self.reward.data == "simulated":
+            check(not self.export_hf, "export_hf", "only used with preference files "
+                  "(--reward.data hh-rlhf or summarize)")
+        else:
+            self._check_file_data()
         check(self.loss in PREFERENCE_LOSSES or self.loss == "kto", "loss",
               f"must be one of {sorted(PREFERENCE_LOSSES) + ['kto']}, got {self.loss!r}")
         for k, v in self.loss_args.items():
@@ -121,6 +134,21 @@ class OfflineConfig:
               f"must be in [0, 0.5), got {self.label_smoothing}")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+
+    def _check_file_data(self) -> None:
+        """On preference files (``reward.data``; the files, the checkpoint and the token budgets
+        are the reward config's, checked there) the policy and the reference are the
+        checkpoint, and the test split is scored at the end."""
+        use = f"with --reward.data {self.reward.data}"
+        check(not self.reward_dir, "reward_dir", f"unused {use}: the policy trains on the files")
+        check(self.loss != "kto", "loss", f"KTO's binary labels come from the task's labeller; "
+              f"{use} choose one of {sorted(PREFERENCE_LOSSES)}")
+        check(self.eval_every == 0, "eval_every", f"the held-out evaluation needs a task; {use} "
+              "the test split is scored at the end")
+        check(not self.reward.export_hf, "reward.export_hf", f"{use} no reward model is trained; "
+              "--export-hf exports the policy")
+        if self.export_hf:
+            check_export_dir(self.export_hf, self.reward.sft.pretrain.init_from)
 
     def loss_hparams(self) -> dict[str, float | bool]:
         """Keyword hyperparameters of the chosen loss."""

@@ -172,35 +172,45 @@ class RewardConfig:
             self._check_export_dir(init_from)
 
     def _check_export_dir(self, init_from: str) -> None:
-        """The export overwrites nothing but an earlier export: ``export_hf`` is not the
-        checkpoint and is new, empty or holds only an export's files (whose run
-        :meth:`check_run_dir` checks)."""
-        export, field = Path(self.export_hf), "export_hf"
-        check(export.resolve() != Path(init_from).resolve(), field,
-              f"{export} is the --init-from checkpoint: the export would overwrite it")
-        check(export.is_dir() or not export.exists(), field, f"{export} is not a directory")
-        if export.is_dir():
-            other = sorted(f.name for f in export.iterdir() if f.name not in EXPORT_FILES)
-            check(not other, field, f"{export} holds {', '.join(other[:3])}: not an export's "
-                  "files; give a new or empty directory")
+        check_export_dir(self.export_hf, init_from)
 
     def check_run_dir(self, out: str | Path) -> None:
-        """Checks against the run directory ``out``, before any work (``run_files`` calls this):
-        ``export_hf`` is not ``out``, inside it or around it, and an export already there is this
-        run's own (``out/config.json`` names that directory: a rerun exports again)."""
-        if not self.export_hf:
-            return
-        export, run, field = Path(self.export_hf).resolve(), Path(out).resolve(), "export_hf"
-        check(export != run and run not in export.parents and export not in run.parents, field,
-              f"{self.export_hf} is the run directory {out}, inside it or around it: the export's "
-              "files would overwrite or mix with the run's (its config.json); give a directory "
-              "outside it")
-        if export.is_dir() and any(export.iterdir()):
-            cfg_file = run / "config.json"
-            earlier = cfg_file.is_file() and read_config_json(cfg_file).get("export_hf")
-            check(bool(earlier) and Path(earlier).resolve() == export, field,
-                  f"{self.export_hf} holds an export, not of the run in {out}: give a new or "
-                  "empty directory")
+        """``export_hf`` against the run directory ``out``, before any work (``run_files`` calls
+        this): :func:`check_export_run_dir`."""
+        check_export_run_dir(self.export_hf, out)
+
+
+def check_export_dir(export_hf: str, init_from: str, field: str = "export_hf") -> None:
+    """An export overwrites nothing but an earlier export: ``export_hf`` is not the checkpoint
+    and is new, empty or holds only an export's files (whose run :func:`check_export_run_dir`
+    checks)."""
+    export = Path(export_hf)
+    check(export.resolve() != Path(init_from).resolve(), field,
+          f"{export} is the --init-from checkpoint: the export would overwrite it")
+    check(export.is_dir() or not export.exists(), field, f"{export} is not a directory")
+    if export.is_dir():
+        other = sorted(f.name for f in export.iterdir() if f.name not in EXPORT_FILES)
+        check(not other, field, f"{export} holds {', '.join(other[:3])}: not an export's "
+              "files; give a new or empty directory")
+
+
+def check_export_run_dir(export_hf: str, out: str | Path, field: str = "export_hf") -> None:
+    """``export_hf`` (if set) is not the run directory ``out``, inside it or around it, and an
+    export already there is this run's own (``out/config.json`` names that directory: a rerun
+    exports again)."""
+    if not export_hf:
+        return
+    export, run = Path(export_hf).resolve(), Path(out).resolve()
+    check(export != run and run not in export.parents and export not in run.parents, field,
+          f"{export_hf} is the run directory {out}, inside it or around it: the export's "
+          "files would overwrite or mix with the run's (its config.json); give a directory "
+          "outside it")
+    if export.is_dir() and any(export.iterdir()):
+        cfg_file = run / "config.json"
+        earlier = cfg_file.is_file() and read_config_json(cfg_file).get(field)
+        check(bool(earlier) and Path(earlier).resolve() == export, field,
+              f"{export_hf} holds an export, not of the run in {out}: give a new or "
+              "empty directory")
 
 
 def check_task_reward(reward_cfg: RewardConfig, field: str) -> None:

@@ -29,6 +29,7 @@ from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_prefe
 from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer, with_bos
 from rlhf_jax.models import GPTConfig
 from rlhf_jax.models.hf import file_digests, load_pretrained, save_pretrained
+from rlhf_jax.runs import RunDir
 
 BUILDERS = {"hh-rlhf": HhRlhf, "summarize": SummarizeFromFeedback}
 SPLITS = ("train", "test")
@@ -80,6 +81,18 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
                          f"{summary['data/test_pairs']} test pairs are also training pairs "
                          "(token for token): the test accuracy overstates generalisation")
     return tok, model, params, arrays, summary
+
+
+def start_file_run(config, rc, out: Path, *, source: str):
+    """A stage on preference files: its run directory (``config`` and the inputs' digests
+    written; ``rc`` the reward config naming the files, the checkpoint and the budgets), then
+    :func:`file_pairs`. Returns ``(run, tok, model, params, arrays, summary)``."""
+    ckpt = rc.sft.pretrain.init_from
+    run = RunDir(out)
+    run.write_config(config)
+    run.write_meta(seed=config.seed, extra=input_digests(ckpt, rc.data_dir))
+    return (run, *file_pairs(rc.data, rc.data_dir, ckpt, out, prompt_tokens=rc.max_prompt_tokens,
+                             response_tokens=rc.max_response_tokens, source=source))
 
 
 def read_records(out_dir: Path, name: str, split: str) -> list[dict]:
