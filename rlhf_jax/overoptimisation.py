@@ -55,10 +55,11 @@ def fit(d: Sequence[float], gain: Sequence[float], form: str) -> dict[str, float
 
 
 def peak(alpha: float, beta: float, form: str) -> float | None:
-    """The d at which the fitted gain is largest (None when it rises for ever: β ≤ 0)."""
+    """The d ≥ 0 at which the fitted gain is largest (None when it rises for ever: β ≤ 0; 0 for
+    best-of-n's form with α ≤ 0 < β, whose gain falls from the start)."""
     if beta <= 0:
         return None
-    return alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
+    return max(alpha / (2 * beta), 0.0) if form == "bon" else math.exp(alpha / beta - 1)
 
 
 def read_out(d: Sequence[float], gold: Sequence[float], gold0: float, form: str) -> dict:

@@ -45,6 +45,14 @@ def test_forms_and_peaks_by_hand():
     assert oo.peak(0.7, -0.3, "rl") is None and oo.peak(1.0, 0.0, "bon") is None
 
 
+def test_a_best_of_n_gain_falling_from_the_start_peaks_at_zero():
+    # α < 0 < β: d(α − βd) < 0 for every d > 0, largest at d = 0 (α/2β < 0 is no KL)
+    assert oo.peak(-0.5, 0.5, "bon") == 0.0
+    d = np.sqrt([0.0, 0.17, 0.5, 0.85, 1.1, 1.3])
+    r = oo.read_out(d, oo.gao(d, -0.5, 0.5, "bon"), 0.0, "bon")
+    assert r["kl_at_peak"] is None and r["kl_at_peak_fitted"] == 0.0 and r["gold_peak"] == 0.0
+
+
 def test_read_out_reports_a_peak_only_inside_the_range():
     d = np.linspace(0, 3, 30)
     rising = oo.read_out(d, 0.5 + oo.gao(d, 1.0, 0.1, "bon"), 0.5, "bon")   # peak at d = 5
