@@ -170,16 +170,23 @@ def _claim(cell: Cell, seed: int, run_dir: Path) -> dict:
     """The record of what ``run_dir`` runs; a ``ConfigError`` naming the cell and the differing
     fields if the directory already holds a run (finished or interrupted) of another script or
     config — it is never reused for, resumed into or overwritten by a different one. (Run
-    directories from before this record existed carry none and are reused as they are.)"""
+    directories from before this record existed carry none and are reused as they are; a field
+    the config class gained since the record was written is no difference at its default, as
+    for ``RunDir.write_config``.)"""
     from rlhf_jax.runs import _differences, _jsonable
 
+    config = dataclasses.replace(cell.config, seed=seed)
     want = json.loads(json.dumps(_jsonable({"script": cell.script, "config": dataclasses.asdict(
-        dataclasses.replace(cell.config, seed=seed))}), default=str))
+        config)}), default=str))
     path = run_dir / CELL_FILE
-    if path.exists() and (diff := _differences(json.loads(path.read_text()), want)):
-        raise ConfigError(f"cell {cell.name!r} seed {seed}: {run_dir} holds a run of another "
-                          f"script or config (differing: {', '.join(diff)}); move it away or "
-                          "choose another --out")
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = (_differences(have.get("script"), cell.script, "script")
+                + _differences(have.get("config"), want["config"], "config.", config=config))
+        if diff:
+            raise ConfigError(f"cell {cell.name!r} seed {seed}: {run_dir} holds a run of another "
+                              f"script or config (differing: {', '.join(diff)}); move it away or "
+                              "choose another --out")
     return want
 
 

@@ -105,3 +105,22 @@ def test_two_by_two_sweep_killed_and_resumed_to_the_same_index(tmp_path, monkeyp
     assert list(cols["seed"]) == [0, 1, 0, 1]
     assert sw.run("beta=0.5", 1).summary["gold/dpo"] == index[3]["gold/dpo"]
     assert len(sw.to_pandas()) == 4
+
+
+def test_a_cell_record_from_before_a_config_field_was_added_is_the_same_config(tmp_path):
+    """A run's ``sweep_cell.json`` lacking a field the config class gained since (at its
+    default) is resumed, as ``RunDir.write_config`` resumes it; a changed value is refused."""
+    cell = sweep.override_cells("dpo", [{"beta": 0.1}])[0]
+    run_dir = tmp_path / cell.name / "seed0"
+    run_dir.mkdir(parents=True)
+    record = sweep._claim(cell, 0, run_dir)
+    older = {**record, "config": {k: v for k, v in record["config"].items() if k != "steps"}}
+    (run_dir / sweep.CELL_FILE).write_text(json.dumps(older))
+    assert sweep._claim(cell, 0, run_dir) == record
+    older["config"]["beta"] = 0.2
+    (run_dir / sweep.CELL_FILE).write_text(json.dumps(older))
+    with pytest.raises(ConfigError, match=r"differing: config\.beta\)"):
+        sweep._claim(cell, 0, run_dir)
+    (run_dir / sweep.CELL_FILE).write_text(json.dumps({**record, "script": "ppo"}))
+    with pytest.raises(ConfigError, match=r"differing: script\)"):
+        sweep._claim(cell, 0, run_dir)
