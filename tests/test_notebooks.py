@@ -69,3 +69,20 @@ def test_notebook_runs_top_to_bottom(name, tiny_runs, monkeypatch):
     if name == "02_explore_run.ipynb":
         assert any("image/png" in o.get("data", {}) for o in outputs)
         assert any("--- iteration 4" in o.get("text", "") for o in outputs)   # its samples
+
+
+def test_explore_run_reads_a_summary_with_null_numbers(tmp_path, capsys):
+    """02's first cell on a run whose summary holds a null under gold/ (e.g. an over-optimisation
+    run's `gold/bon_at_kl_of/…` beyond best-of-n's reach): the numbers are shown, no error."""
+    import ast
+    import json
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"gold/rlhf": 0.51234, "gold/bon_at_kl_of/ppo": None, "kl/rlhf_vs_sft": 0.7, "x": None}))
+    code = [c.source for c in _read("02_explore_run.ipynb").cells if c.cell_type == "code"][0]
+    tree = ast.parse(code.replace('RUN_DIR = ""', f"RUN_DIR = {str(tmp_path)!r}", 1))
+    scope = {}
+    exec(compile(ast.Module(tree.body[:-1], []), "02", "exec"), scope)
+    shown = eval(compile(ast.Expression(tree.body[-1].value), "02", "eval"), scope)
+    assert shown == {"gold/rlhf": 0.5123, "kl/rlhf_vs_sft": 0.7}
