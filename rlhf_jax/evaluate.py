@@ -255,8 +255,9 @@ def score_groups(score: ScoreFn, params, arrays: dict[str, np.ndarray], *, batch
 def best_of_n(policy: Model, params, score: ScoreFn, rm_params, task: Task, shapes: TaskConfig,
               key: jax.Array, *, n: int) -> tuple[dict[str, float], list[dict]]:
     """Best-of-N under the pinned protocol: for each held-out prompt and sample index, N fresh
-    samples reranked by ``score``; the top one is judged. Its KL to the sampling policy is
-    log N − (N − 1)/N (analytic)."""
+    samples reranked by ``score``; the top one is judged. Its KL to the sampling policy is at
+    most log N − (N − 1)/N (analytic; equal only when the N samples are all distinct, less for a
+    policy whose answers repeat: ``rlhf_jax.best_of_n``)."""
     prompts = task.prompts("heldout")
     per = shapes.eval_samples * n
     _, texts, ids = generate_ids(policy, params, task, prompts, key, n_samples=per,
