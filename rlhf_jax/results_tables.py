@@ -155,6 +155,8 @@ def pipeline_table(results_dir: str | Path) -> str:
         cells = [cell([r[f"{m}/{name}"] for r in runs]) if f"{m}/{name}" in runs[0] else "—"
                  for m in METRICS]
         kl_cell = "—" if kl is None else kl if kl == "0" else cell([r[kl] for r in runs])
+        if kl == "kl/best_of_n":   # log N − (N−1)/N: an upper bound when samples repeat
+            kl_cell = cell([*{r[kl] for r in runs}]) + " (analytic bound)"
         bold = label.startswith("**")
         row = [f"**{c}**" if bold and c != "—" and i < 3 else c for i, c in enumerate(cells)]
         lines.append(f"| {label} | " + " | ".join([*row, kl_cell]) + " |")
