@@ -128,7 +128,9 @@ def config_differences(stored: dict, config: Any) -> list[str]:
 INPUT_DIGESTS = {"init_from": "files", "data": "files"}
 
 
-START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json"})   # see RunDir.started
+# records written before a run's work begins (see RunDir.started); sweep_cell.json is a sweep
+# cell's claim on its directory (rlhf_jax.sweep.CELL_FILE), written before the cell's run starts
+START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json", "sweep_cell.json"})
 
 
 class RunDir:

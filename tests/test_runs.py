@@ -306,3 +306,24 @@ def test_ppo_run_writes_judged_samples_of_every_logged_iteration():
         assert r["prompt"] == prompts[r["uid"]].text and np.isfinite(r["rm_score"])
         j = task.judge(prompts[r["uid"]], r["response"])
         assert (j.label, j.score) == (r["label"], r["gold"])
+
+
+def test_a_sweep_cell_refused_at_run_time_starts_afresh(tmp_path, monkeypatch):
+    """A sweep cell's claim (``sweep_cell.json``, written before its run) is no work: a cell
+    whose run refused a malformed data row reruns with the file fixed (it was refused as a
+    resumed run whose data changed)."""
+    from rlhf_jax.sweep import CELL_FILE
+
+    monkeypatch.setattr(runs, "_git_commit", lambda: "start")
+    cell = tmp_path / "beta=0.1" / "seed0"
+    cell.mkdir(parents=True)
+    (cell / CELL_FILE).write_text('{"script": "reward", "config": {}}')
+    run = RunDir(cell)
+    run.write_config({"steps": 3})
+    run.write_meta(seed=0, extra={"data": {"files": {"train.jsonl": "d1"}}})
+    assert not run.started() and not RunDir(tmp_path).started()
+    run.write_meta(seed=0, extra={"data": {"files": {"train.jsonl": "d2"}}})
+    assert json.loads((cell / "meta.json").read_text())["data"]["files"] == {"train.jsonl": "d2"}
+    run.log_metrics(1, {"loss": 1.0})
+    with pytest.raises(runs.ConfigError, match="files changed since"):
+        run.write_meta(seed=0, extra={"data": {"files": {"train.jsonl": "d3"}}})
