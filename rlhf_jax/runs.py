@@ -240,12 +240,17 @@ class RunDir:
         self._write_json(name, obj)
 
     def write_jsonl(self, name: str, rows) -> None:
+        """Write JSON-lines file ``name`` in one rename: a kill mid-write (e.g. while a finished
+        run's evaluation is redone) leaves the previous complete file, never a truncated one."""
         if self.writer:
-            (self.path / name).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path / name, "w") as f:
+            path = self.path / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w") as f:
                 for r in rows:
                     f.write(json.dumps(_jsonable(r), sort_keys=True, allow_nan=False,
                                        default=str) + "\n")
+            os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

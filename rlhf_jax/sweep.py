@@ -237,9 +237,7 @@ def write_index(out: Path, rows: Sequence[dict], table=None) -> None:
     atomically (a kill leaves the previous complete file)."""
     from rlhf_jax.runs import RunDir
 
-    run = RunDir(out)
-    run.write_jsonl(".index.jsonl.tmp", rows)
-    (out / ".index.jsonl.tmp").replace(out / "index.jsonl")
+    RunDir(out).write_jsonl("index.jsonl", rows)   # replaced in one rename
     if table is not None:
         tmp = out / ".results.md.tmp"
         tmp.write_text(table(rows))

@@ -327,3 +327,20 @@ def test_a_sweep_cell_refused_at_run_time_starts_afresh(tmp_path, monkeypatch):
     run.log_metrics(1, {"loss": 1.0})
     with pytest.raises(runs.ConfigError, match="files changed since"):
         run.write_meta(seed=0, extra={"data": {"files": {"train.jsonl": "d3"}}})
+
+
+def test_write_jsonl_keeps_the_previous_file_until_the_new_one_is_complete(tmp_path):
+    """Samples files are rewritten when a finished run's evaluation is redone: a write cut
+    short leaves the previous complete file beside the old summary, not a truncated one."""
+    run = RunDir(tmp_path)
+    run.write_jsonl("samples_sft.jsonl", [{"i": 0}, {"i": 1}])
+
+    def cut_short():
+        yield {"i": 2}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run.write_jsonl("samples_sft.jsonl", cut_short())
+    assert runs.read_jsonl(tmp_path / "samples_sft.jsonl") == [{"i": 0}, {"i": 1}]
+    run.write_jsonl("samples/iter_0001.jsonl", [{"i": 3}])
+    assert runs.read_jsonl(tmp_path / "samples" / "iter_0001.jsonl") == [{"i": 3}]
