@@ -23,8 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jax import cli, progress, scripts
-from rlhf_jax.runs import RunDir
+from rlhf_jax.configs import ConfigError
+from rlhf_jax.runs import RunDir, config_differences, read_config_json
+from rlhf_jax.stages.common import read_config
 from rlhf_jax.stages.pipeline import PipelineConfig
+from rlhf_jax.stages.reward import RewardConfig
+
+
+def check_final(path: Path, script: str, cfg) -> None:
+    """A finished ``final`` stage (whose config is not in the pipeline's ``config.json``) is
+    reused only if it ran with ``cfg`` (its upstream config as it resolves it): a changed flag
+    is refused naming the fields, never dropped silently."""
+    up = read_config(cfg.reward_dir, RewardConfig)
+    diff = config_differences(read_config_json(path / "config.json"),
+                              dataclasses.replace(cfg, reward=up))
+    if diff:
+        raise ConfigError(f"the finished {script} run {path} was made with other settings than "
+                          f"this command's: {', '.join(diff[:10])} — use the same options, or a "
+                          "new output directory")
 
 
 def run(cfg: PipelineConfig, out: str | Path, final: tuple[str, str, Any] | None = None
@@ -46,12 +62,17 @@ def run(cfg: PipelineConfig, out: str | Path, final: tuple[str, str, Any] | None
     )
     ran = False
     for name, script, stage_cfg in stages:
+        stage_cfg = dataclasses.replace(stage_cfg, seed=cfg.seed)
         if (out / name / "summary.json").exists():
+            if final and name == last:
+                check_final(out / name, script, stage_cfg)
             progress.reused(name, out / name)
         else:
-            scripts.run(script, dataclasses.replace(stage_cfg, seed=cfg.seed), out / name)
+            scripts.run(script, stage_cfg, out / name)
             ran = True
-    if not ran and (out / "summary.json").exists():   # a rerun of a finished pipeline: as it was
+    # a rerun of a finished pipeline: as it was (with ``final``, <out>/summary.json may be of
+    # another last stage run on the same upstream stages: made again from this one's)
+    if not ran and not final and (out / "summary.json").exists():
         return run.read_summary()
     summary = dict(RunDir(out / last).read_summary())
     summary["time_s/pipeline"] = time.perf_counter() - t0

@@ -278,3 +278,35 @@ def test_pipeline_end_to_end_on_small_config(pipeline_run, tmp_path):
     assert again == summary, "the rerun changed the finished pipeline's summary (its wall time)"
     assert json.loads((out / "summary.json").read_text()) == summary
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a finished stage was rerun"
+
+
+def test_pipeline_final_stage_rerun_with_other_flags_is_refused_not_reused(tmp_path,
+                                                                             monkeypatch):
+    """``pipeline.run(final=…)`` (sentiment.py's offline last stage) is not in the pipeline's
+    config: a rerun with a changed flag of it was reused silently (β=0.1 reported as asked for
+    β=0.5), and after another method on the same upstream, <out>/summary.json (of that method)
+    was returned as this one's. Stages faked: each writes its config and a summary."""
+    import dataclasses as dc
+
+    from rlhf_jax import scripts
+    from rlhf_jax.configs import ConfigError
+    from rlhf_jax.stages.common import read_config
+    from rlhf_jax.stages.offline import OfflineConfig
+    from rlhf_jax.stages.pipeline import PipelineConfig
+    from rlhf_jax.stages.reward import RewardConfig
+
+    def fake_run(script, cfg, out):   # the last stage records its upstream's config
+        if script in ("dpo", "ppo"):
+            cfg = dc.replace(cfg, reward=read_config(cfg.reward_dir, RewardConfig))
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps(dc.asdict(cfg), default=str))
+        (out / "summary.json").write_text(json.dumps({"stage": out.name}))
+
+    monkeypatch.setattr(scripts, "run", fake_run)
+    pipeline, out = load("pipeline"), tmp_path / "run"
+    dpo, ipo = OfflineConfig(), OfflineConfig(loss="ipo")
+    assert pipeline.run(PipelineConfig(), out, final=("dpo", "dpo", dpo))["stage"] == "dpo"
+    with pytest.raises(ConfigError, match="other settings than this command's: beta"):
+        pipeline.run(PipelineConfig(), out, final=("dpo", "dpo", dc.replace(dpo, beta=0.5)))
+    assert pipeline.run(PipelineConfig(), out, final=("ipo", "dpo", ipo))["stage"] == "ipo"
+    assert pipeline.run(PipelineConfig(), out, final=("dpo", "dpo", dpo))["stage"] == "dpo"
