@@ -300,3 +300,22 @@ def test_pad_is_eos_checks_every_eos_id():
     assert not pad_is_eos(SimpleNamespace(pad_id=0, eos_id=2))
     assert pad_is_eos(SimpleNamespace(pad_id=7, eos_id=2, eos_ids=(2, 7)))
     assert not pad_is_eos(SimpleNamespace(pad_id=0, eos_id=2, eos_ids=(2, 7)))
+
+
+def test_an_export_killed_mid_write_is_redone_by_the_rerun(checkpoint, tmp_path):
+    """``kill -9`` while ``--export-hf`` writes the safetensors leaves its temporary file
+    (``.model.safetensors.tmp``) in the export directory: the rerun of the same command exports
+    again (it was refused as a directory holding other files)."""
+    from rlhf_jax.configs import ConfigError
+    from rlhf_jax.stages.reward import RewardConfig
+    from rlhf_jax.sweep import parse_tokens
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / ".model.safetensors.tmp").write_bytes(b"partial")
+    argv = ["--sft.pretrain.init-from", str(checkpoint), "--data", "hh-rlhf", "--data-dir",
+            str(FIXTURES / "hh_rlhf_split"), *TRAIN, "--export-hf", str(export)]
+    assert parse_tokens(RewardConfig, argv).export_hf == str(export)
+    (export / "notes.txt").write_text("not an export's")
+    with pytest.raises(ConfigError, match="holds notes.txt"):
+        parse_tokens(RewardConfig, argv)

@@ -45,6 +45,8 @@ DataSource = Literal["simulated", "hh-rlhf", "summarize"]
 Readout = Literal["last", "sum", "mean"]   # reward_model.READOUTS
 EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json",   # what export_hf holds
                 "tokenizer_config.json")
+# and what an export killed mid-write leaves (models.hf_io writes `.<name>.tmp`, then renames)
+EXPORT_PARTIAL = tuple(f".{name}.tmp" for name in EXPORT_FILES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +191,8 @@ def check_export_dir(export_hf: str, init_from: str, field: str = "export_hf") -
           f"{export} is the --init-from checkpoint: the export would overwrite it")
     check(export.is_dir() or not export.exists(), field, f"{export} is not a directory")
     if export.is_dir():
-        other = sorted(f.name for f in export.iterdir() if f.name not in EXPORT_FILES)
+        other = sorted(f.name for f in export.iterdir()
+                       if f.name not in EXPORT_FILES + EXPORT_PARTIAL)
         check(not other, field, f"{export} holds {', '.join(other[:3])}: not an export's "
               "files; give a new or empty directory")
 
