@@ -122,6 +122,13 @@ def test_an_export_keeps_the_checkpoint_s_tokenizer_config(tmp_path):
     save_pretrained(tmp_path / "b", model, params,
                     tokenizer=HFTokenizer.from_pretrained(tmp_path / "a"))
     assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == own
+    # transformers >= 4.43 saves the chat template beside it, as chat_template.jinja
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(written))
+    (tmp_path / "a" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    save_pretrained(tmp_path / "c", model, params,
+                    tokenizer=HFTokenizer.from_pretrained(tmp_path / "a"))
+    assert json.loads((tmp_path / "c" / "tokenizer_config.json").read_text()) == {
+        **written, "chat_template": "{{ messages[0]['content'] }}"}
     (tmp_path / "a" / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(TokenizerError, match=re.escape(
             f"{tmp_path / 'a' / 'tokenizer_config.json'}: expected a JSON object, got list")):

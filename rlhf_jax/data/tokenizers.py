@@ -141,7 +141,7 @@ class HFTokenizer:
         lead = _leading_special(tok, file)
         return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
                    bos_id=lead if lead is not None else (ids["bos_token_id"] or [None])[0],
-                   add_bos=lead is not None, config=_json_object(path / "tokenizer_config.json"))
+                   add_bos=lead is not None, config=_tokenizer_config(path))
 
     @property
     def vocab_size(self) -> int:
@@ -170,6 +170,17 @@ class HFTokenizer:
 
     def to_json(self) -> str:
         return self._tok.to_str()
+
+
+def _tokenizer_config(path: Path) -> dict | None:
+    """A checkpoint's ``tokenizer_config.json``, with the chat template that transformers >= 4.43
+    saves beside it as ``chat_template.jinja`` folded in (as ``chat_template``, which
+    transformers reads from there too), so that an export keeps it."""
+    config = _json_object(path / "tokenizer_config.json")
+    jinja = path / "chat_template.jinja"
+    if config is not None and "chat_template" not in config and jinja.is_file():
+        config = {**config, "chat_template": jinja.read_text(encoding="utf-8")}
+    return config
 
 
 def _json_object(file: Path) -> dict | None:
