@@ -230,7 +230,11 @@ def test_dpo_on_preference_files_from_a_checkpoint(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("flags,field", [(["--loss", "kto"], "loss"),
                                          (["--eval-every", "5"], "eval_every"),
-                                         (["--reward-dir", "x"], "reward_dir")])
+                                         (["--reward-dir", "x"], "reward_dir"),
+                                         (["--reward.steps", "500"], "reward.steps"),
+                                         (["--reward.optim.learning-rate", "1"],
+                                          "reward.optim.learning_rate"),
+                                         (["--reward.no-lm-readout"], "reward.lm_readout")])
 def test_dpo_on_preference_files_refuses_what_needs_a_task(checkpoint, tmp_path, capsys, flags,
                                                            field):
     with pytest.raises(SystemExit) as e:

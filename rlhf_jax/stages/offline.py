@@ -34,6 +34,19 @@ from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
 STARTS_FROM_BASE = frozenset({"orpo"})   # losses that replace SFT: trained from the base model
+# the reward config's fields a run on preference files reads (the others train a reward model)
+FILE_FIELDS = ("data", "data_dir", "max_prompt_tokens", "max_response_tokens",
+               "sft.pretrain.init_from", "export_hf")
+
+
+def flat_fields(cfg, prefix: str = "") -> dict:
+    """``{dotted name: value}`` of a nested config dataclass's leaf fields."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out.update(flat_fields(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v)
+                   else {prefix + f.name: v})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +160,12 @@ class OfflineConfig:
               "the test split is scored at the end")
         check(not self.reward.export_hf, "reward.export_hf", f"{use} no reward model is trained; "
               "--export-hf exports the policy")
+        default = flat_fields(RewardConfig())
+        changed = [k for k, v in flat_fields(self.reward).items()
+                   if k not in FILE_FIELDS and v != default[k]]
+        check(not changed, f"reward.{changed[0]}" if changed else "reward",
+              f"unused {use}: no reward model is trained (the policy trains with --steps, "
+              "--batch-prompts, --optim.*, --seed)")
         if self.export_hf:
             check_export_dir(self.export_hf, self.reward.sft.pretrain.init_from)
 
