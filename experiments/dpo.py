@@ -159,8 +159,9 @@ def run_files(cfg: OfflineConfig, out: str | Path) -> dict:
     name = cfg.loss
     check_export_run_dir(cfg.export_hf, out)
     t0 = time.perf_counter()
+    # a response cut at the budget keeps no EOS (as TRL's DPO): the policy learns no early stop
     run, tok, policy, start, arrays, summary = start_file_run(cfg, cfg.reward, Path(out),
-                                                              source=name)
+                                                              source=name, eos_when_cut=False)
     data = dict(arrays["train"], lengths=arrays["train"]["response_mask"].sum(-1)
                 .astype(np.float32))
     ref_params = None

@@ -221,7 +221,7 @@ def test_dpo_on_preference_files_from_a_checkpoint(checkpoint, tmp_path):
     ref, ref_params = load_pretrained(checkpoint)
     arrays, _ = encode_pairs(HFTokenizer.from_pretrained(export),
                              read_records(out / "data", "hh_rlhf", "test"),
-                             prompt_tokens=24, response_tokens=16)
+                             prompt_tokens=24, response_tokens=16, eos_when_cut=False)
     ratios = precompute_logps(policy, params, arrays) - precompute_logps(ref, ref_params, arrays)
     m = pairwise_metrics(ratios, arrays["ranking"])
     np.testing.assert_allclose([m["accuracy"], m["margin"]], [s["dpo/test_logratio_accuracy"],
@@ -255,6 +255,16 @@ def test_encode_pairs_truncates_prompts_left_and_responses_right():
     np.testing.assert_array_equal(arrays["responses"][2], [[7, 8, 2], [7, 8, 2]])
     assert counts == {"prompts_truncated": 1, "responses_truncated": 3,
                       "pairs_identical_after_truncation": 1}
+    # for a policy (DPO, as TRL): EOS only where it fits; "f e d" and both third responses
+    # keep 3 tokens and no EOS, so the third pair is told apart again
+    policy, counts = encode_pairs(tok, records, prompt_tokens=4, response_tokens=3,
+                                  eos_when_cut=False)
+    np.testing.assert_array_equal(policy["responses"], [[[7, 2, 0], [8, 7, 6]],
+                                                        [[7, 8, 2], [8, 2, 0]],
+                                                        [[7, 8, 3], [7, 8, 4]]])
+    np.testing.assert_array_equal(policy["prompts"], arrays["prompts"])
+    assert counts == {"prompts_truncated": 1, "responses_truncated": 3,
+                      "pairs_identical_after_truncation": 0}
     first = {k: v[:2] for k, v in arrays.items()}
     assert shared_pairs(first, arrays) == 2 and shared_pairs(arrays, first) == 2
     assert shared_pairs({k: v[2:] for k, v in arrays.items()}, first) == 0

@@ -52,7 +52,7 @@ def input_digests(ckpt: str, data_dir: str) -> dict:
 
 
 def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens: int,
-               response_tokens: int, source: str):
+               response_tokens: int, source: str, eos_when_cut: bool = True):
     """The checkpoint ``ckpt`` (tokenizer, model, parameters) and the ``train`` / ``test`` token
     pairs of the preference files (:func:`encode_pairs` of the TFDS data set built in
     ``out/data``), with the summary's ``data/*`` counts: ``(tok, model, params, arrays,
@@ -65,7 +65,8 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
     for split in SPLITS:
         arrays[split], counts = encode_pairs(
             tok, read_records(out / "data", built["name"], split),
-            prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+            prompt_tokens=prompt_tokens, response_tokens=response_tokens,
+            eos_when_cut=eos_when_cut)
         check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
                      source=f"{source}: {split} pairs")
         meta = built[split]
@@ -83,7 +84,7 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
     return tok, model, params, arrays, summary
 
 
-def start_file_run(config, rc, out: Path, *, source: str):
+def start_file_run(config, rc, out: Path, *, source: str, eos_when_cut: bool = True):
     """A stage on preference files: its run directory (``config`` and the inputs' digests
     written; ``rc`` the reward config naming the files, the checkpoint and the budgets), then
     :func:`file_pairs`. Returns ``(run, tok, model, params, arrays, summary)``."""
@@ -92,7 +93,8 @@ def start_file_run(config, rc, out: Path, *, source: str):
     run.write_config(config)
     run.write_meta(seed=config.seed, extra=input_digests(ckpt, rc.data_dir))
     return (run, *file_pairs(rc.data, rc.data_dir, ckpt, out, prompt_tokens=rc.max_prompt_tokens,
-                             response_tokens=rc.max_response_tokens, source=source))
+                             response_tokens=rc.max_response_tokens, source=source,
+                             eos_when_cut=eos_when_cut))
 
 
 def read_records(out_dir: Path, name: str, split: str) -> list[dict]:
@@ -101,14 +103,18 @@ def read_records(out_dir: Path, name: str, split: str) -> list[dict]:
 
 
 def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
-                 response_tokens: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                 response_tokens: int, eos_when_cut: bool = True
+                 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Token arrays of K-wise records (``preference_arrays`` layout): ``prompts [N, Lp]`` left-
     padded, ``responses [N, K, Lr]`` right-padded, ``ranking [N, K]``; and the truncation counts.
 
     A prompt is ``with_bos(encode(prompt))`` (a BOS first when the tokenizer adds one), cut to
     its last ``prompt_tokens`` tokens (the BOS is dropped with the oldest text); a response is
     ``encode(response)`` cut to its first ``response_tokens - 1`` tokens, then ``[eos]``, so the
-    RM always reads its score at an EOS.
+    RM always reads its score at an EOS. With ``eos_when_cut=False`` (a policy trained on the
+    pairs, as TRL's DPO tokenizes them) a response is ``encode(response) + [eos]`` cut to its
+    first ``response_tokens`` tokens: a cut response has no EOS, so the policy is not taught to
+    stop where the budget did.
     """
     prompts, responses = [], []
     counts = {"prompts_truncated": 0, "responses_truncated": 0}
@@ -119,7 +125,8 @@ def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
         for text in r["responses"]:
             ids = tok.encode(text)
             counts["responses_truncated"] += len(ids) > response_tokens - 1
-            responses.append(ids[:response_tokens - 1] + [tok.eos_id])
+            responses.append(ids[:response_tokens - 1] + [tok.eos_id] if eos_when_cut
+                             else (ids + [tok.eos_id])[:response_tokens])
     n, k = len(records), len(records[0]["responses"]) if records else 0
     p_ids, p_mask = pad_left(prompts, prompt_tokens, tok.pad_id, what="prompt")
     r_ids, r_mask = pad_right(responses, response_tokens, tok.pad_id, what="response")
