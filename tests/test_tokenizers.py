@@ -129,6 +129,11 @@ def test_an_export_keeps_the_checkpoint_s_tokenizer_config(tmp_path):
                     tokenizer=HFTokenizer.from_pretrained(tmp_path / "a"))
     assert json.loads((tmp_path / "c" / "tokenizer_config.json").read_text()) == {
         **written, "chat_template": "{{ messages[0]['content'] }}"}
+    (tmp_path / "a" / "tokenizer_config.json").unlink()   # a template and no config at all
+    save_pretrained(tmp_path / "d", model, params,
+                    tokenizer=HFTokenizer.from_pretrained(tmp_path / "a"))
+    assert json.loads((tmp_path / "d" / "tokenizer_config.json").read_text()) == {
+        **written, "chat_template": "{{ messages[0]['content'] }}"}
     (tmp_path / "a" / "tokenizer_config.json").write_text("[1]")
     with pytest.raises(TokenizerError, match=re.escape(
             f"{tmp_path / 'a' / 'tokenizer_config.json'}: expected a JSON object, got list")):

@@ -95,8 +95,10 @@ class HFTokenizer:
     """
 
     def __init__(self, tok, *, eos_ids: Sequence[int], pad_id: int | None = None,
-                 bos_id: int | None = None, add_bos: bool = True, config: dict | None = None):
+                 bos_id: int | None = None, add_bos: bool = True, config: dict | None = None,
+                 chat_template: str | None = None):
         self.config = config   # a checkpoint's tokenizer_config.json (chat template, classes)
+        self.chat_template = chat_template   # its chat_template.jinja (transformers >= 4.43)
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.eos_id = self.eos_ids[0]
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
@@ -141,7 +143,8 @@ class HFTokenizer:
         lead = _leading_special(tok, file)
         return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
                    bos_id=lead if lead is not None else (ids["bos_token_id"] or [None])[0],
-                   add_bos=lead is not None, config=_tokenizer_config(path))
+                   add_bos=lead is not None, config=_json_object(path / "tokenizer_config.json"),
+                   chat_template=_text(path / "chat_template.jinja"))
 
     @property
     def vocab_size(self) -> int:
@@ -165,22 +168,24 @@ class HFTokenizer:
 
     def tokenizer_config(self) -> dict:
         """What an export writes as ``tokenizer_config.json``: the imported checkpoint's own
-        (its chat template and tokenizer class kept), else :func:`minimal_tokenizer_config`."""
-        return self.config if self.config is not None else minimal_tokenizer_config(self)
+        (its chat template and tokenizer class kept), else :func:`minimal_tokenizer_config`;
+        with the chat template of the checkpoint's ``chat_template.jinja``, where transformers
+        >= 4.43 saves it (read from either place)."""
+        config = self.config if self.config is not None else minimal_tokenizer_config(self)
+        if self.chat_template and "chat_template" not in config:
+            config = {**config, "chat_template": self.chat_template}
+        return config
 
     def to_json(self) -> str:
         return self._tok.to_str()
 
 
-def _tokenizer_config(path: Path) -> dict | None:
-    """A checkpoint's ``tokenizer_config.json``, with the chat template that transformers >= 4.43
-    saves beside it as ``chat_template.jinja`` folded in (as ``chat_template``, which
-    transformers reads from there too), so that an export keeps it."""
-    config = _json_object(path / "tokenizer_config.json")
-    jinja = path / "chat_template.jinja"
-    if config is not None and "chat_template" not in config and jinja.is_file():
-        config = {**config, "chat_template": jinja.read_text(encoding="utf-8")}
-    return config
+def _text(file: Path) -> str | None:
+    """The UTF-8 text of ``file``, or None when there is no such file."""
+    try:
+        return file.read_text(encoding="utf-8") if file.is_file() else None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{file}: unreadable ({e})") from None
 
 
 def _json_object(file: Path) -> dict | None:
