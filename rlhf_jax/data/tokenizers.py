@@ -233,8 +233,9 @@ def _leading_special(tok, file: Path) -> int | None:
     """The id of the special token ``tok``'s post-processor puts before a single sequence (what
     transformers' ``tokenizer(text)`` starts with), or None when it puts none there; a prefix of
     more than one token is refused (:class:`TokenizerError` naming the file and field)."""
+    pp = tok.post_processor   # its JSON alone (pickle state), not the whole tokenizer's
     lead = []
-    for proc in _post_processors(json.loads(tok.to_str()).get("post_processor")):
+    for proc in _post_processors(json.loads(pp.__getstate__()) if pp is not None else None):
         kind = proc.get("type")
         if kind in ("BertProcessing", "RobertaProcessing"):
             lead.append(int(proc["cls"][1]))
