@@ -182,8 +182,9 @@ def run_files(cfg: OfflineConfig, out: str | Path) -> dict:
     # each split's log-ratio log π/π_ref (DPO's implicit reward over β) of chosen vs rejected
     t_eval = time.perf_counter()
     for split in ("test", "train"):
-        ratios = (precompute_logps(policy, params, arrays[split])
-                  - precompute_logps(policy, start, arrays[split]))
+        ref = (data["ref_logps"] if split == "train" and "ref_logps" in data   # computed above
+               else precompute_logps(policy, start, arrays[split]))
+        ratios = precompute_logps(policy, params, arrays[split]) - ref
         ranking = arrays[split]["ranking"]
         chosen = np.where(ranking[:, :1] >= ranking[:, 1:], ratios[:, :1], ratios[:, 1:])
         summary.update({f"{name}/{split}_logratio_{k}": v

@@ -27,6 +27,7 @@ from rlhf_jax.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, hpara
                                         kto_loss, kwise_preference_loss)
 from rlhf_jax.models.functional import Model
 from rlhf_jax.ops import sequence_logprob
+from rlhf_jax.runs import config_differences
 from rlhf_jax.sampling import response_logits
 from rlhf_jax.shared_prompt import shared_prompt_logps
 from rlhf_jax.stages.reward import RewardConfig, check_export_dir
@@ -37,16 +38,6 @@ STARTS_FROM_BASE = frozenset({"orpo"})   # losses that replace SFT: trained from
 # the reward config's fields a run on preference files reads (the others train a reward model)
 FILE_FIELDS = ("data", "data_dir", "max_prompt_tokens", "max_response_tokens",
                "sft.pretrain.init_from", "export_hf")
-
-
-def flat_fields(cfg, prefix: str = "") -> dict:
-    """``{dotted name: value}`` of a nested config dataclass's leaf fields."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out.update(flat_fields(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v)
-                   else {prefix + f.name: v})
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +151,8 @@ class OfflineConfig:
               "the test split is scored at the end")
         check(not self.reward.export_hf, "reward.export_hf", f"{use} no reward model is trained; "
               "--export-hf exports the policy")
-        default = flat_fields(RewardConfig())
-        changed = [k for k, v in flat_fields(self.reward).items()
-                   if k not in FILE_FIELDS and v != default[k]]
+        changed = [k for k in config_differences(dataclasses.asdict(RewardConfig()), self.reward)
+                   if k not in FILE_FIELDS]
         check(not changed, f"reward.{changed[0]}" if changed else "reward",
               f"unused {use}: no reward model is trained (the policy trains with --steps, "
               "--batch-prompts, --optim.*, --seed)")
