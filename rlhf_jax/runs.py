@@ -99,7 +99,16 @@ def _differences(a: Any, b: Any, prefix: str = "", config: Any = None) -> list[s
             child = getattr(config, k, None) if dataclasses.is_dataclass(config) else None
             out += _differences(a.get(k), b.get(k), f"{prefix}{k}.", child)
         return out
-    return [] if a == b else [prefix.rstrip(".") or "<root>"]
+    name = prefix.rstrip(".")
+    return [] if a == b or _same_path(name, a, b) else [name or "<root>"]
+
+
+def _same_path(name: str, a: Any, b: Any) -> bool:
+    """Whether two values of a path field (``*_dir``, ``init_from``) name the same file from the
+    current directory: ``--out runs/x`` and ``--out $PWD/runs/x`` are one run, not two configs."""
+    path_field = name.rpartition(".")[2].endswith("_dir") or name.endswith("init_from")
+    return (path_field and isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
+            and os.path.realpath(a) == os.path.realpath(b))
 
 
 def read_config_json(path: Path) -> dict:

@@ -174,6 +174,24 @@ def test_a_field_added_after_a_run_resumes_it_at_its_default(tmp_path):
         run.write_config({"x": 1, "y": 2})
 
 
+def test_a_path_respelled_from_the_same_directory_is_the_same_config(tmp_path, monkeypatch):
+    """``--out runs/x`` and then ``--out $PWD/runs/x`` resume one run: path fields (``*_dir``,
+    ``init_from``) naming the same file are equal; another path, or another field, is not."""
+    monkeypatch.chdir(tmp_path)
+    run = RunDir(tmp_path / "runs" / "x")
+    run.log_metrics(1, {"loss": 1.0})
+    run.write_config({"sft_dir": "runs/x/sft", "init_from": "ckpt", "label": "runs/x"})
+    run.write_config({"sft_dir": str(tmp_path / "runs/x/sft"), "init_from": "./ckpt/",
+                      "label": "runs/x"})
+    with pytest.raises(runs.ConfigError, match="differing fields: sft_dir —"):
+        run.write_config({"sft_dir": "runs/y/sft", "init_from": "ckpt", "label": "runs/x"})
+    with pytest.raises(runs.ConfigError, match="differing fields: label —"):
+        run.write_config({"sft_dir": "runs/x/sft", "init_from": "ckpt",
+                          "label": str(tmp_path / "runs/x")})
+    with pytest.raises(runs.ConfigError, match="differing fields: sft_dir —"):
+        run.write_config({"sft_dir": "", "init_from": "ckpt", "label": "runs/x"})
+
+
 def test_run_dir_metrics_jsonl(tmp_path):
     run = RunDir(tmp_path)
     run.log_metrics(0, {"loss": jnp.float32(2.5), "acc": np.float64(0.5), "n": 3})
