@@ -3,7 +3,8 @@
 A checkpoint holds a pytree (``TrainState``: params, optimizer state, step — or any pytree) and a
 JSON side-car for host-side state (PRNG key data, data position, controller state). Orbax writes to
 a temporary directory and renames it when complete, so a kill mid-save leaves the previous
-checkpoint as the latest restorable one.
+checkpoint as the latest restorable one. A finished stage's parameters (:func:`save_params`) are
+written beside the old ones and swapped in by renames, so a kill leaves the old or the new ones.
 """
 
 from __future__ import annotations
@@ -73,14 +74,77 @@ class Checkpointer:
         self._mgr.close()
 
 
+def _aside(path: Path, kind: str) -> Path:
+    """``path``'s sibling ``.<name>.<kind>``: ``tmp`` (a new save), ``old`` (the one it
+    replaces), ``del`` (being deleted)."""
+    return path.with_name(f".{path.name}.{kind}")
+
+
+def _complete(path: Path) -> bool:
+    """Whether Orbax finished saving ``path``: it writes ``commit_success.txt`` last (then
+    renames ``<name>.orbax-checkpoint-tmp*`` to ``<name>`` on a local disk)."""
+    return (path / "commit_success.txt").is_file()
+
+
+def _discard(path: Path, trash: Path) -> None:
+    """Delete directory ``path`` after renaming it ``trash``: a kill mid-delete leaves no partial
+    directory under a name that is read."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if path.exists():
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _settled(path: Path) -> Path:
+    """The complete parameters at ``path``: ``path`` itself, or, after a kill between the two
+    renames of :func:`save_params` (``path`` moved aside, the new save not yet moved in), the new
+    save, else the old one."""
+    if path.exists():
+        return path
+    new, old = _aside(path, "tmp"), _aside(path, "old")
+    return new if _complete(new) else old if old.is_dir() else path
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def save_params(path: str | os.PathLike, params: Any) -> None:
-    """Write a finished stage's parameters (synchronously) to ``path``."""
+    """Write a finished stage's parameters (synchronously) to ``path``, replacing any there.
+
+    Atomic: the new parameters are saved beside the old ones (``.<name>.tmp``), then the old ones
+    are renamed aside (``.<name>.old``), the new ones renamed in and the old ones deleted. A kill
+    at any point leaves ``path`` with the old or the new parameters, or (between the two renames)
+    no ``path`` but both complete beside it: :func:`load_params` reads the new ones and the next
+    save finishes the swap. Leftovers of a killed save are deleted first."""
+    path = Path(path).resolve()
+    new, old, trash = _aside(path, "tmp"), _aside(path, "old"), _aside(path, "del")
+    primary = jax.process_index() == 0
+    if primary:
+        settled = _settled(path)
+        if settled != path:            # a kill between the renames: finish that swap
+            os.rename(settled, path)
+        for leftover in (new, old, *path.parent.glob(f"{new.name}.orbax-checkpoint-tmp*"),
+                         *path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*")):
+            _discard(leftover, trash)  # a killed save's (Orbax's own partial ones included)
+        shutil.rmtree(trash, ignore_errors=True)
+    _sync("save_params:clean")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(Path(path).resolve(), params, force=True)
+        ckptr.save(new, params)
+        ckptr.wait_until_finished()
+    if primary:
+        if path.exists():
+            os.rename(path, old)
+        os.rename(new, path)
+        _discard(old, trash)
+    _sync("save_params:swapped")
 
 
 def load_params(path: str | os.PathLike, target: Any) -> Any:
-    """Read parameters saved by :func:`save_params` into the structure of ``target``."""
+    """Read parameters saved by :func:`save_params` into the structure of ``target`` (also
+    after a kill between its two renames, when they are beside ``path``)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).resolve(), abstract)
+        return ckptr.restore(_settled(Path(path).resolve()), abstract)

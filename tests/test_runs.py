@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -299,9 +305,122 @@ def test_save_and_load_params_round_trip(tmp_path, state):
     _assert_bit_equal(loaded, params)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, loaded),
                                 jax.tree.map(np.asarray, params))
-    # overwriting an existing directory (force) works
+    # overwriting an existing directory works, and leaves nothing beside it
     save_params(tmp_path / "params", _shifted(state, 1).params)
     _assert_bit_equal(load_params(tmp_path / "params", target), _shifted(state, 1).params)
+    assert os.listdir(tmp_path) == ["params"]
+
+
+def _tiny_params(k):
+    return {"b": jnp.full((3,), k, jnp.int32), "w": jnp.arange(6.0).reshape(2, 3) + k}
+
+
+def _which_params(path):
+    """Which :func:`_tiny_params` ``load_params`` reads at ``path`` (an error if none)."""
+    got = load_params(path, _tiny_params(9))
+    ks = [k for k in range(3) if all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
+                                     for x, y in zip(jax.tree.leaves(got),
+                                                     jax.tree.leaves(_tiny_params(k))))]
+    assert len(ks) == 1, got
+    return ks[0]
+
+
+def _resave_finishes_cleanly(run):
+    """Saving again over what a killed save left reads the new parameters and leaves only
+    ``params/``."""
+    save_params(run / "params", _tiny_params(2))
+    assert _which_params(run / "params") == 2
+    assert os.listdir(run) == ["params"]
+
+
+def test_params_re_saved_and_killed_at_any_point_read_old_or_new(tmp_path, monkeypatch):
+    """A finished stage's parameters are re-saved (a rerun): whatever the save has done to the
+    run directory before each rename or delete — and halfway through each delete — is what a
+    kill there leaves. From every such state ``load_params`` reads the old or the new parameters
+    whole, and saving again reads the newest and leaves nothing beside them."""
+    run = tmp_path / "run"
+    save_params(run / "params", _tiny_params(0))
+    kills = []
+
+    def snapshot(partial=None):
+        dest = tmp_path / f"kill{len(kills)}"
+        shutil.copytree(run, dest, symlinks=True)
+        if partial is not None:   # a kill mid-delete: the first half of its files are gone
+            files = sorted(p for p in (dest / partial.relative_to(run)).rglob("*") if p.is_file())
+            for f in files[:max(1, len(files) // 2)]:
+                f.unlink()
+        kills.append(dest)
+
+    def in_run(p):
+        return Path(p).resolve().parent == run.resolve()
+
+    real_rename, real_replace, real_rmtree = os.rename, os.replace, shutil.rmtree
+
+    def rename(src, dst, *a, **k):
+        if in_run(src) or in_run(dst):
+            snapshot()
+        return real_rename(src, dst, *a, **k)
+
+    def replace(src, dst, *a, **k):
+        if in_run(src) or in_run(dst):
+            snapshot()
+        return real_replace(src, dst, *a, **k)
+
+    def rmtree(path, *a, **k):
+        if in_run(path) and Path(path).exists():
+            snapshot()
+            snapshot(partial=Path(path).resolve())
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    save_params(run / "params", _tiny_params(1))
+    monkeypatch.undo()
+    assert _which_params(run / "params") == 1 and os.listdir(run) == ["params"]
+    read = [_which_params(dest / "params") for dest in kills]
+    assert len(kills) >= 3 and set(read) == {0, 1}, read   # the kills straddle the swap
+    for dest in kills:
+        _resave_finishes_cleanly(dest)
+
+
+_KILLED_SAVE = """
+import os, shutil, signal, sys
+from pathlib import Path
+import jax.numpy as jnp
+from rlhf_jax.checkpoint import save_params
+
+path = Path(sys.argv[1]).resolve()
+
+def kill_after(fn):   # SIGKILL right after the first call that moves or deletes `path`
+    def wrapped(src, *a, **k):
+        out = fn(src, *a, **k)
+        if Path(src).resolve() == path:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return wrapped
+
+os.rename, os.replace = kill_after(os.rename), kill_after(os.replace)
+shutil.rmtree = kill_after(shutil.rmtree)
+save_params(path, {"b": jnp.full((3,), 1, jnp.int32), "w": jnp.arange(6.0).reshape(2, 3) + 1})
+"""
+
+
+def test_params_re_save_killed_by_sigkill_keeps_old_or_new_params(tmp_path):
+    """A real ``kill -9`` of a process re-saving a finished stage's parameters right after it
+    moved or deleted the old ``params/`` (no ``params/`` is left): ``load_params`` still reads
+    the old or the new ones whole (the old code had deleted them: nothing to read), and saving
+    again reads the newest and leaves nothing beside them. (Every other kill point: above.)"""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    save_params(tmp_path / "params", _tiny_params(0))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path / "params")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (tmp_path / "params").exists()
+    assert _which_params(tmp_path / "params") in (0, 1)
+    _resave_finishes_cleanly(tmp_path)
 
 
 def test_ppo_run_writes_judged_samples_of_every_logged_iteration():
