@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_jax import cli
-from rlhf_jax.data.batching import EpochOrder, check_tokens
+from rlhf_jax.data.batching import check_tokens
 from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
 from rlhf_jax.losses.preference import REFERENCE_FREE
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.models.hf import save_pretrained
 from rlhf_jax.runs import RunDir, read_metrics
-from rlhf_jax.stages.common import (eval_key, load_stage, model_config, pipeline_task,
-                                    read_config, train_stage, upstream_run)
+from rlhf_jax.stages.common import (epoch_order, eval_key, load_stage, model_config,
+                                    pipeline_task, read_config, train_stage, upstream_run)
 from rlhf_jax.data.binary_feedback import VERSION as FEEDBACK_VERSION
 from rlhf_jax.data.binary_feedback import binary_feedback, mismatched
 from rlhf_jax.data.binary_feedback import dataset_name as feedback_name
@@ -102,7 +102,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
             ref_params = sft_params
 
     # training: the K-wise preference loss (losses/preference.py) through the common loop
-    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
+    order = epoch_order(len(data["prompts"]), cfg.batch_prompts, cfg.seed, "batch_prompts")
     if name == "kto":
         loss_fn = functools.partial(kto_loss_fn, model=policy, hparams=cfg.loss_hparams(),
                                     ref_params=ref_params)
@@ -170,7 +170,7 @@ def run_files(cfg: OfflineConfig, out: str | Path) -> dict:
             data["ref_logps"] = precompute_logps(policy, start, data)
         else:
             ref_params = start
-    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
+    order = epoch_order(len(data["prompts"]), cfg.batch_prompts, cfg.seed, "batch_prompts")
     loss_fn = functools.partial(offline_loss_fn, model=policy, loss=name,
                                 hparams=cfg.loss_hparams(), ref_params=ref_params)
     params = train_stage(start, loss_fn, lambda s: order.batch(data, s), seed=cfg.seed,

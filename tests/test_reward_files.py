@@ -333,3 +333,16 @@ def test_an_export_killed_mid_write_is_redone_by_the_rerun(checkpoint, tmp_path)
     (export / "notes.txt").write_text("not an export's")
     with pytest.raises(ConfigError, match="holds notes.txt"):
         parse_tokens(RewardConfig, argv)
+
+
+def test_a_batch_larger_than_the_training_prompts_is_warned_about(capsys):
+    """``--batch-prompts`` beyond the training split repeats prompts within a step: said, with
+    the field and both sizes; a batch that fits is silent, and the order is unchanged."""
+    from rlhf_jax.data.batching import EpochOrder
+    from rlhf_jax.stages.common import epoch_order
+
+    order = epoch_order(3, 4, 0, "batch_prompts")
+    assert "warning: batch_prompts 4 exceeds the 3 training prompts" in capsys.readouterr().err
+    np.testing.assert_array_equal(order.indices(5), EpochOrder(3, 4, 0).indices(5))
+    epoch_order(4, 4, 0, "batch_prompts")
+    assert capsys.readouterr().err == ""

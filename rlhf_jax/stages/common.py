@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from rlhf_jax import progress, scripts
 from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
+from rlhf_jax.data.batching import EpochOrder
 from rlhf_jax.data.task import Task
 from rlhf_jax.data.tokenizers import HFTokenizer
 from rlhf_jax.loop import fit, resume
@@ -30,6 +31,15 @@ STREAM_INIT, STREAM_TRAIN, STREAM_EVAL, STREAM_LABEL = 0, 1, 2, 3
 
 def stage_key(seed: int, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def epoch_order(n: int, batch: int, seed: int, field: str) -> EpochOrder:
+    """The seeded epoch order of ``n`` training prompts in batches of ``batch``, with a warning
+    naming ``field`` when a batch exceeds them (then every step repeats some prompts)."""
+    if batch > n:
+        progress.message(f"warning: {field} {batch} exceeds the {n} training prompts: every "
+                         f"step repeats some of them (distinct prompts per step need ≤ {n})")
+    return EpochOrder(n, batch, seed)
 
 
 def check_context(model: ModelConfig, task: TaskConfig, field: str = "task.max_new_tokens") -> None:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.configs import check, check_numbers, positive
-from rlhf_jax.data.batching import EpochOrder, encode_groups
+from rlhf_jax.data.batching import encode_groups
 from rlhf_jax.data.preference_records import decode_record
 from rlhf_jax.data.preferences import (build_preference_dataset, load_preference_source,
                                        split_files)
@@ -33,7 +33,8 @@ from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import transplant
 from rlhf_jax.models.hf import load_config
 from rlhf_jax.runs import RunDir, read_config_json
-from rlhf_jax.stages.common import STREAM_INIT, load_stage, read_config, stage_key, train_stage
+from rlhf_jax.stages.common import (STREAM_INIT, epoch_order, load_stage, read_config, stage_key,
+                                    train_stage)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward_model import (READOUTS, frozen_trunk, init_lm_coef, kwise_rm_loss_fn,
                                           rm_heads, rm_score_fn, with_frozen)
@@ -366,7 +367,8 @@ def fit_reward_model(cfg: RewardConfig, model_cfg, trunk_params, data: dict[str,
     if cfg.lm_readout:
         rm_params = init_lm_coef(rm_params, cfg.lm_coef_init)
     score = rm_score_fn(cfg, rm, prompt_len)
-    order = EpochOrder(len(data["prompts"]), cfg.batch_prompts, cfg.seed)
+    order = epoch_order(len(data["prompts"]), cfg.batch_prompts, cfg.seed,
+                        "batch_prompts")
     loss_fn = functools.partial(kwise_rm_loss_fn, score=score, margin=cfg.margin)
     if cfg.freeze_trunk or (cfg.lm_readout and not cfg.lm_coef_gated):
         loss_fn = with_frozen(loss_fn, trunk=cfg.freeze_trunk,
