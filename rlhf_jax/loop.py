@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from rlhf_jax import progress
+from rlhf_jax import log_writers, progress
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.runs import RunDir
 
@@ -170,10 +171,16 @@ def truncate_metrics(run: RunDir, step: int) -> None:
     """Drop ``metrics.jsonl`` rows logged after ``step`` (they will be logged again) and a last
     line cut short by a kill; the file is replaced in one rename, so a failure here loses no
     row. Any other line that is not JSON is refused, naming file and line, and nothing
-    changes."""
+    changes. The TensorBoard mirror follows (``log_writers.resume``; W&B cannot)."""
     path = run.path / "metrics.jsonl"
-    if not (run.writer and path.exists()):
+    if not run.writer:
         return
+    if path.exists():
+        _truncate_rows(path, step)
+    log_writers.resume(run.path, step)
+
+
+def _truncate_rows(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     keep = []
     for i, line in enumerate(lines):

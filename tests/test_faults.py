@@ -76,8 +76,11 @@ def test_kill_9_mid_training_then_rerun_is_bit_identical(reference_run, tmp_path
 def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(reference_run, tmp_path):
     """The process kills itself (SIGKILL) right after starting the asynchronous save of step 15:
     that checkpoint never completes, step 10 stays restorable, and the rerun is bit-identical."""
+    from rlhf_jax import log_writers
+
     out = tmp_path / "run"
-    dead = subprocess.run(_cmd(out), env=_env(**{FAULT_KILL_AT_SAVE: "15"}),
+    mirror = {log_writers.ENV: "tensorboard"}
+    dead = subprocess.run(_cmd(out), env=_env(**{FAULT_KILL_AT_SAVE: "15"}, **mirror),
                           capture_output=True, timeout=600)
     assert dead.returncode == -signal.SIGKILL
     assert list((out / "checkpoints").glob("15.orbax-checkpoint-tmp*"))
@@ -87,9 +90,14 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_one(reference_run, t
     ckpt.close()
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 15        # metrics of steps after the checkpoint were logged ...
-    again = subprocess.run(_cmd(out), env=_env(), check=True, capture_output=True, text=True,
-                           timeout=600)
+    again = subprocess.run(_cmd(out), env=_env(**mirror), check=True, capture_output=True,
+                           text=True, timeout=600)
     _assert_same_run(out, reference_run)  # ... and are replaced, not duplicated
+    # so in the TensorBoard mirror (the killed process's step 15 purged, the rows up to the
+    # checkpoint it had not flushed yet replayed)
+    tb = log_writers.read_tensorboard(out / "tensorboard")
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert tb and all([s for s, _ in tb[k]] == [r["step"] for r in rows if k in r] for k in tb)
     # stderr is a pipe, not a terminal: plain resume and progress lines (rlhf_jax.progress)
     assert (f"pretrain: resuming {out} from the checkpoint at step 10; data position (next step "
             "10) and PRNG key restored") in again.stderr, again.stderr

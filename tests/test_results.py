@@ -487,6 +487,74 @@ def test_tensorboard_and_wandb_mirror_the_metrics(tmp_path, monkeypatch):
         log_writers.enabled()
 
 
+def _tensorboard_equals_metrics(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """The TensorBoard mirror as read, after checking it holds each step of ``metrics.jsonl``
+    once, with its values."""
+    tb = log_writers.read_tensorboard(run / "tensorboard")
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    for tag, points in tb.items():
+        want = [(r["step"], r[tag]) for r in rows if tag in r]
+        assert [s for s, _ in points] == [s for s, _ in want], tag
+        np.testing.assert_allclose([v for _, v in points], [v for _, v in want], rtol=1e-6)
+    return tb
+
+
+def test_tensorboard_mirror_of_a_resumed_run_shows_each_step_once_with_the_new_rows(
+        tmp_path, monkeypatch):
+    """A run killed after step 6 resumes from its step-4 checkpoint (``loop.truncate_metrics``,
+    as ``loop.resume`` calls it) and logs steps 5.. again with other values: TensorBoard's purge
+    marker hides the killed process's steps 5 and 6, so each step shows once, the resumed rows
+    winning, as in metrics.jsonl. Also when the writer is still open (a resume in the same
+    process) and when the new event file is opened within the same second as the last one
+    (tensorboardX names files by the second: the new one must not overwrite it)."""
+    from rlhf_jax.loop import truncate_metrics
+
+    monkeypatch.setenv(log_writers.ENV, "tensorboard")
+    run = RunDir(tmp_path / "r")
+    truncate_metrics(run, 0)         # as loop.resume starts a new run
+    for step in range(0, 7):
+        run.log_metrics(step, {"loss": float(step), "acc": step / 10})
+    log_writers.close()              # the killed process's events are on disk (a kill leaves no
+    truncate_metrics(run, 4)         # more); the rerun resumes from the checkpoint at step 4
+    for step in range(5, 9):
+        run.log_metrics(step, {"loss": 10.0 * step, "acc": step / 100})
+    truncate_metrics(run, 6)         # resumed again, its writer still open
+    for step in range(7, 10):
+        run.log_metrics(step, {"loss": 100.0 * step})
+    log_writers.close()
+    tb = _tensorboard_equals_metrics(tmp_path / "r")
+    assert tb["loss"] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0),
+                          (6, 60.0), (7, 700.0), (8, 800.0), (9, 900.0)]
+    assert [s for s, _ in tb["acc"]] == [0, 1, 2, 3, 4, 5, 6]
+    assert len(list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))) == 3
+
+
+def test_tensorboard_mirror_of_a_resumed_run_refills_the_rows_a_kill_left_unflushed(
+        tmp_path, monkeypatch):
+    """tensorboardX writes events to disk every few seconds: a kill loses the rows logged since,
+    also rows up to the checkpoint that the rerun does not redo. The resumed process's writer
+    replays them from metrics.jsonl (here steps 3 and 4 of the killed process reached
+    metrics.jsonl only), so TensorBoard still holds every step once."""
+    from rlhf_jax.loop import truncate_metrics
+
+    monkeypatch.setenv(log_writers.ENV, "tensorboard")
+    run = RunDir(tmp_path / "r")
+    for step in range(1, 3):
+        run.log_metrics(step, {"loss": float(step)})
+    log_writers.close()
+    monkeypatch.delenv(log_writers.ENV)    # rows 3..6: on disk in metrics.jsonl, not in
+    for step in range(3, 7):               # the event file
+        run.log_metrics(step, {"loss": float(step)})
+    monkeypatch.setenv(log_writers.ENV, "tensorboard")
+    truncate_metrics(run, 4)
+    for step in range(5, 8):
+        run.log_metrics(step, {"loss": 10.0 * step})
+    log_writers.close()
+    tb = _tensorboard_equals_metrics(tmp_path / "r")
+    assert tb["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0),
+                          (7, 70.0)]
+
+
 @pytest.mark.parametrize("column, results_set, policy", [("RLHF", "sentiment", "rlhf"),
                                                          ("DPO", "sentiment_dpo", "dpo")])
 def test_sentiment_sample_pairs_in_readme_are_seed_0s_committed_samples(column, results_set,
