@@ -46,8 +46,9 @@ from rlhf_jax.data.binary_feedback import dataset_name as feedback_name
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
 from rlhf_jax.stages.offline import (STARTS_FROM_BASE, OfflineConfig, kto_loss_fn,
                                      offline_loss_fn, precompute_logps)
-from rlhf_jax.stages.reward import (RewardConfig, check_export_run_dir, check_task_reward,
-                                    preference_arrays, read_preferences, store_and_reload)
+from rlhf_jax.stages.file_checks import check_export_run_dir
+from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, preference_arrays,
+                                    read_preferences, store_and_reload)
 from rlhf_jax.stages.reward_files import pairwise_metrics, start_file_run
 
 

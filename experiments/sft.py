@@ -1,8 +1,10 @@
 """Supervised fine-tuning (stage 1): next-token loss on the demonstrator's answers, response tokens
 only, plus a pretraining-replay term; runs the default pretraining first unless ``--pretrain-dir``
-names a finished pretraining run.
+names a finished pretraining run. With ``--data hh-rlhf|summarize`` it fine-tunes an imported
+checkpoint on the preferred response of each pair of human preference files instead.
 
     python experiments/sft.py --out runs/sft                # default config (pretrain + SFT)
+    python experiments/sft.py --out runs/sft-hh --init-from CKPT --data hh-rlhf --data-dir DIR
     python experiments/sft.py --help                        # every option
 """
 
@@ -23,15 +25,22 @@ from rlhf_jax.configs import check
 from rlhf_jax.data.batching import pack_documents, sft_examples
 from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout
 from rlhf_jax.parallel import check_divisible, make_mesh
-from rlhf_jax.runs import RunDir
+from rlhf_jax.models.hf import save_pretrained
+from rlhf_jax.runs import RunDir, read_metrics
 from rlhf_jax.stages.common import eval_key, load_stage, pipeline_task, upstream_run
+from rlhf_jax.stages.file_checks import check_export_run_dir
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, knowledge, train_lm
+from rlhf_jax.stages.offline import precompute_logps
+from rlhf_jax.stages.reward_files import preferred_responses, start_file_run
 
 
 def run(cfg: SFTConfig, out: str | Path) -> dict:
-    """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary."""
+    """Pretrain (unless ``cfg.pretrain_dir``), then SFT into ``out``; returns the summary. On
+    preference files (``cfg.data``): :func:`run_files`."""
     mesh = make_mesh()
     check_divisible(cfg.batch_size, mesh, "batch_size")
+    if cfg.data != "task":   # no replay there
+        return run_files(cfg, out)
     if cfg.ptx_coef > 0:
         check_divisible(cfg.ptx_batch_size, mesh, "ptx_batch_size")
     out = Path(out)
@@ -84,6 +93,46 @@ def run(cfg: SFTConfig, out: str | Path) -> dict:
         "sft_examples": n_examples,
         "time_s/sft": train_s,
     }
+    run.write_summary(summary)
+    return summary
+
+
+def run_files(cfg: SFTConfig, out: str | Path) -> dict:
+    """SFT of the checkpoint ``cfg.pretrain.init_from`` on the preferred response of each train
+    pair of the preference files (``cfg.data`` from ``cfg.data_dir``), as TRL's ``SFTTrainer`` on
+    HH's chosen dialogues: next-token loss on the response tokens only, no replay. The test
+    split's preferred responses are scored before and after (mean NLL per token); the policy is
+    optionally exported to ``cfg.export_hf``. Returns the summary."""
+    check_export_run_dir(cfg.export_hf, out)
+    t0 = time.perf_counter()
+    # as for DPO, a response cut at the budget keeps no EOS: the policy learns no early stop
+    run, tok, model, start, arrays, summary = start_file_run(
+        cfg, cfg, Path(out), source="sft", eos_when_cut=False, ckpt=cfg.pretrain.init_from)
+    chosen = preferred_responses(arrays["train"])
+    r_mask = chosen["response_mask"][:, 0]
+    data = {"tokens": np.concatenate([chosen["prompts"], chosen["responses"][:, 0]], 1),
+            "attention_mask": np.concatenate([chosen["prompt_mask"], r_mask], 1),
+            "loss_mask": np.concatenate([np.zeros_like(chosen["prompt_mask"]), r_mask], 1)}
+    params = train_lm(model, start, data, seed=cfg.seed, batch_size=cfg.batch_size,
+                      steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
+                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                      fsdp=cfg.fsdp)
+    train_s = time.perf_counter() - t0
+
+    # the test split's preferred responses: mean NLL per response token, before and after
+    t_eval = time.perf_counter()
+    test = preferred_responses(arrays["test"])
+    tokens = float(test["response_mask"].sum())
+    for name, p in (("nll_base", start), ("nll", params)):
+        summary[f"sft/test_{name}"] = float(-precompute_logps(model, p, test).sum() / tokens)
+    if cfg.export_hf:
+        save_pretrained(cfg.export_hf, model, params, tokenizer=tok)
+    rows = [r for r in read_metrics(run.path) if "sft/loss" in r]
+    summary.update({**{f"final/{k}": v for k, v in (rows[-1] if rows else {}).items()
+                       if k.startswith("sft/")},
+                    "sft/test_response_tokens": int(tokens), "sft_examples": len(data["tokens"]),
+                    "start": "init_from", "time_s/sft": train_s,
+                    "time_s/sft_eval": time.perf_counter() - t_eval})
     run.write_summary(summary)
     return summary
 

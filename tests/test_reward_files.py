@@ -228,22 +228,6 @@ def test_dpo_on_preference_files_from_a_checkpoint(checkpoint, tmp_path):
                                s["dpo/test_logratio_margin"]], rtol=1e-4)
 
 
-@pytest.mark.parametrize("flags,field", [(["--loss", "kto"], "loss"),
-                                         (["--eval-every", "5"], "eval_every"),
-                                         (["--reward-dir", "x"], "reward_dir"),
-                                         (["--reward.steps", "500"], "reward.steps"),
-                                         (["--reward.optim.learning-rate", "1"],
-                                          "reward.optim.learning_rate"),
-                                         (["--reward.no-lm-readout"], "reward.lm_readout")])
-def test_dpo_on_preference_files_refuses_what_needs_a_task(checkpoint, tmp_path, capsys, flags,
-                                                           field):
-    with pytest.raises(SystemExit) as e:
-        load("dpo").main(["--out", str(tmp_path / "d"), "--init-from", str(checkpoint),
-                          *DPO_FILES, *flags])
-    assert e.value.code == 2 and f"`{field}`" in capsys.readouterr().err
-    assert not (tmp_path / "d").exists()
-
-
 def test_encode_pairs_truncates_prompts_left_and_responses_right():
     """Hand-worked: BOS = 1, EOS = 2, pad = 0; budgets 4 (prompt) and 3 (response)."""
     tok = WordTokenizer("a b c d e f".split())          # ids: a=3 b=4 c=5 d=6 e=7 f=8
@@ -346,3 +330,68 @@ def test_a_batch_larger_than_the_training_prompts_is_warned_about(capsys):
     np.testing.assert_array_equal(order.indices(5), EpochOrder(3, 4, 0).indices(5))
     epoch_order(4, 4, 0, "batch_prompts")
     assert capsys.readouterr().err == ""
+
+
+SFT_FILES = ["--data", "hh-rlhf", "--data-dir", str(FIXTURES / "hh_rlhf_split"),
+             "--max-prompt-tokens", "24", "--max-response-tokens", "16", "--steps", "12",
+             "--batch-size", "8", "--optim.warmup-steps", "2", "--optim.learning-rate", "1e-2",
+             "--log-every", "4"]
+
+
+def test_sft_on_preference_files_from_a_checkpoint(checkpoint, tmp_path):
+    """sft.py on HH files from a checkpoint (no task, no pretraining): next-token loss on each
+    train pair's preferred response only; the test split's preferred responses are scored by
+    mean NLL per token before and after, and the exported policy reads them back the same."""
+    from rlhf_jax.data.tokenizers import HFTokenizer
+    from rlhf_jax.stages.offline import precompute_logps
+    from rlhf_jax.stages.reward_files import preferred_responses, read_records
+
+    out, export = tmp_path / "sft", tmp_path / "export"
+    s = load("sft").main(["--out", str(out), "--init-from", str(checkpoint), *SFT_FILES,
+                          "--export-hf", str(export)])
+    assert (s["sft_examples"], s["data/test_pairs"]) == (24, 8)
+    assert s["sft/test_nll"] < s["sft/test_nll_base"] - 1.0, s       # learned: nats per token
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 12] and rows[-1]["sft/loss"] < rows[0]["sft/loss"]
+    # an independent reading of the test score: the export, the stored records, NumPy sums
+    arrays, _ = encode_pairs(HFTokenizer.from_pretrained(export),
+                             read_records(out / "data", "hh_rlhf", "test"),
+                             prompt_tokens=24, response_tokens=16, eos_when_cut=False)
+    test = preferred_responses(arrays)
+    policy, params = load_pretrained(export)
+    assert s["sft/test_response_tokens"] == int(test["response_mask"].sum())
+    np.testing.assert_allclose(-precompute_logps(policy, params, test).sum()
+                               / s["sft/test_response_tokens"], s["sft/test_nll"], rtol=1e-5)
+
+
+def test_preferred_responses_picks_the_higher_ranked_one():
+    tok = WordTokenizer("a b c d e f".split())          # ids: a=3 b=4 c=5 d=6 e=7 f=8
+    records = [{"prompt": "a", "responses": ["e", "f"], "ranking": [1.0, 0.0]},
+               {"prompt": "b", "responses": ["e", "f f"], "ranking": [0.0, 1.0]}]
+    arrays, _ = encode_pairs(tok, records, prompt_tokens=3, response_tokens=3,
+                             eos_when_cut=False)
+    from rlhf_jax.stages.reward_files import preferred_responses
+
+    best = preferred_responses(arrays)
+    np.testing.assert_array_equal(best["responses"], [[[7, 2, 0]], [[8, 8, 2]]])
+    np.testing.assert_array_equal(best["response_mask"], [[[1, 1, 0]], [[1, 1, 1]]])
+    np.testing.assert_array_equal(best["prompts"], arrays["prompts"])
+
+
+@pytest.mark.parametrize("script,flags,field", [
+    ("dpo", ["--loss", "kto"], "loss"), ("dpo", ["--eval-every", "5"], "eval_every"),
+    ("dpo", ["--reward-dir", "x"], "reward_dir"),
+    ("dpo", ["--reward.steps", "500"], "reward.steps"),
+    ("dpo", ["--reward.optim.learning-rate", "1"], "reward.optim.learning_rate"),
+    ("dpo", ["--reward.no-lm-readout"], "reward.lm_readout"),
+    ("sft", ["--ptx-coef", "0.5"], "ptx_coef"), ("sft", ["--pretrain-dir", "x"], "pretrain_dir"),
+    ("sft", ["--pretrain.steps", "700"], "pretrain.steps"),
+    ("sft", ["--demos-per-prompt", "2"], "demos_per_prompt"), ("sft", ["--steps", "0"], "steps")])
+def test_policy_stages_on_preference_files_refuse_what_needs_a_task(checkpoint, tmp_path, capsys,
+                                                                    script, flags, field):
+    """DPO and SFT on files: a flag of the task's path is refused before any work, named."""
+    with pytest.raises(SystemExit) as e:
+        load(script).main(["--out", str(tmp_path / "d"), "--init-from", str(checkpoint),
+                           *(DPO_FILES if script == "dpo" else SFT_FILES), *flags])
+    assert e.value.code == 2 and f"`{field}`" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -33,12 +33,13 @@ def stage_key(seed: int, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
 
 
-def epoch_order(n: int, batch: int, seed: int, field: str) -> EpochOrder:
-    """The seeded epoch order of ``n`` training prompts in batches of ``batch``, with a warning
-    naming ``field`` when a batch exceeds them (then every step repeats some prompts)."""
+def epoch_order(n: int, batch: int, seed: int, field: str, what: str = "prompts"
+                ) -> EpochOrder:
+    """The seeded epoch order of ``n`` training examples (``what``) in batches of ``batch``, with
+    a warning naming ``field`` when a batch exceeds them (then every step repeats some)."""
     if batch > n:
-        progress.message(f"warning: {field} {batch} exceeds the {n} training prompts: every "
-                         f"step repeats some of them (distinct prompts per step need ≤ {n})")
+        progress.message(f"warning: {field} {batch} exceeds the {n} training {what}: every "
+                         f"step repeats some of them (distinct {what} per step need ≤ {n})")
     return EpochOrder(n, batch, seed)
 
 

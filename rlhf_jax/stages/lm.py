@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -21,8 +22,10 @@ from rlhf_jax.evaluate import probe_accuracy
 from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.hf import file_digests, load_pretrained
-from rlhf_jax.runs import RunDir
-from rlhf_jax.stages.common import STREAM_INIT, check_context, stage_key, train_stage
+from rlhf_jax.runs import RunDir, config_differences
+from rlhf_jax.stages.common import (STREAM_INIT, check_context, epoch_order, stage_key,
+                                    train_stage)
+from rlhf_jax.stages.file_checks import check_export_dir, check_file_inputs
 from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
@@ -83,6 +86,14 @@ def check_seq_len(cfg: PretrainConfig, model) -> None:
           f"{cfg.seq_len} exceeds the model context model.max_len={model.max_len}")
 
 
+SFTData = Literal["task", "hh-rlhf", "summarize"]
+SFT_DATA = get_args(SFTData)
+# what SFT on preference files reads (besides --optim.*); any other change is refused
+SFT_FILE_FIELDS = ("seed", "batch_size", "steps", "log_every", "checkpoint_every", "fsdp",
+                   "data", "data_dir", "max_prompt_tokens", "max_response_tokens", "export_hf",
+                   "pretrain.init_from")
+
+
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning on the demonstrator's answers (loss on response tokens only).
@@ -102,6 +113,18 @@ class SFTConfig:
       log_every: log metrics every this many steps.
       checkpoint_every: resumable checkpoint interval (0 = only at the end).
       fsdp: split parameters and optimizer state over the devices (FSDP) instead of replicating.
+      data: ``task`` (the task's demonstrations), or human preference files, ``hh-rlhf`` or
+        ``summarize``: fine-tune the ``--init-from`` checkpoint on each pair's preferred response
+        (``experiments/sft.py``'s ``run_files``; no task, no pretraining, no replay).
+      data_dir: with file data, the directory holding ``train.jsonl`` and ``test.jsonl`` (or
+        ``.jsonl.gz``), as the reward model reads them.
+      max_prompt_tokens: with file data, the prompt budget in tokens (BOS included); a longer
+        prompt keeps its last tokens.
+      max_response_tokens: with file data, the response budget in tokens (EOS included when it
+        fits); a longer response keeps its first tokens and no EOS.
+      export_hf: with file data, also write the fine-tuned policy to this directory as a Hugging
+        Face causal LM (with the checkpoint's tokenizer files): the ``--init-from`` of a reward
+        model or DPO run on the same files.
     """
 
     seed: int = 0
@@ -116,6 +139,11 @@ class SFTConfig:
     log_every: int = 50
     checkpoint_every: int = 0
     fsdp: bool = False
+    data: SFTData = "task"
+    data_dir: str = ""
+    max_prompt_tokens: int = 256
+    max_response_tokens: int = 128
+    export_hf: str = ""
 
     def __post_init__(self):
         check_numbers(self)
@@ -125,6 +153,30 @@ class SFTConfig:
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         check(self.steps == 0 or self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        for name in ("max_prompt_tokens", "max_response_tokens"):   # room for BOS / EOS + a token
+            check(getattr(self, name) >= 2, name, f"must be >= 2, got {getattr(self, name)}")
+        check(self.data in SFT_DATA, "data", f"must be one of {SFT_DATA}, got {self.data!r}")
+        if self.data == "task":
+            check(not self.data_dir and not self.export_hf, "data_dir" if self.data_dir else
+                  "export_hf", "only used with file data (--data hh-rlhf or summarize)")
+        else:
+            self._check_file_data()
+
+    def _check_file_data(self) -> None:
+        """On preference files the checkpoint is fine-tuned directly: the task's options
+        (pretraining, demonstrations, replay) do nothing and are refused when set."""
+        init_from = self.pretrain.init_from
+        check_file_inputs(self, init_from, "pretrain.init_from",
+                          "fine-tunes an imported checkpoint on the preferred responses")
+        check(self.steps > 0, "steps", "must be > 0 on preference files (the checkpoint itself "
+              "needs no SFT run)")
+        changed = [k for k in config_differences(dataclasses.asdict(SFTConfig()), self)
+                   if k not in SFT_FILE_FIELDS and not k.startswith("optim.")]
+        check(not changed, changed[0] if changed else "data",
+              f"unused with --data {self.data}: the checkpoint is fine-tuned on the files alone "
+              "(no task pretraining, demonstrations or replay)")
+        if self.export_hf:
+            check_export_dir(self.export_hf, init_from)
 
 
 def train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_size: int,
@@ -136,7 +188,7 @@ def train_lm(model, params, data: dict[str, np.ndarray], *, seed: int, batch_siz
     check_tokens(data, vocab_size=model.cfg.vocab_size, source=f"{prefix} data")
     if replay is not None:
         check_tokens(replay, vocab_size=model.cfg.vocab_size, source=f"{prefix} replay data")
-    order = EpochOrder(len(data["tokens"]), batch_size, seed)
+    order = epoch_order(len(data["tokens"]), batch_size, seed, "batch_size", "rows")
     if replay is not None and ptx_coef > 0:
         replay_order = EpochOrder(len(replay["tokens"]), ptx_batch_size, seed + 1)
         loss_fn = functools.partial(lm_with_replay_loss_fn, model=model, ptx_coef=ptx_coef)

@@ -30,7 +30,8 @@ from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.runs import config_differences
 from rlhf_jax.sampling import response_logits
 from rlhf_jax.shared_prompt import shared_prompt_logps
-from rlhf_jax.stages.reward import RewardConfig, check_export_dir
+from rlhf_jax.stages.file_checks import check_export_dir
+from rlhf_jax.stages.reward import RewardConfig
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")

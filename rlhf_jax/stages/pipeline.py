@@ -31,6 +31,8 @@ class PipelineConfig:
         for name in ("pretrain", "sft", "reward", "ppo"):   # flags the pipeline would drop
             check(getattr(self, name).seed in (0, self.seed), f"{name}.seed",
                   "the pipeline seeds every stage with its own --seed; set that instead")
+        check(self.sft.data == "task", "sft.data", "the pipeline's SFT learns the task's "
+              "demonstrations; SFT on preference files is experiments/sft.py --data")
         for name, up in (("sft", "pretrain"), ("reward", "sft"), ("ppo", "reward")):
             stage = getattr(self, name)
             check(not getattr(stage, f"{up}_dir"), f"{name}.{up}_dir",

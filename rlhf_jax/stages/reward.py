@@ -24,17 +24,17 @@ import numpy as np
 from rlhf_jax.configs import check, check_numbers, positive
 from rlhf_jax.data.batching import encode_groups
 from rlhf_jax.data.preference_records import decode_record
-from rlhf_jax.data.preferences import (build_preference_dataset, load_preference_source,
-                                       split_files)
+from rlhf_jax.data.preferences import build_preference_dataset, load_preference_source
 from rlhf_jax.data.task import Task
 from rlhf_jax.evaluate import pairwise_gold_agreement, score_groups
 from rlhf_jax.labeler import LabelerConfig, Preferences, noise_ceiling
 from rlhf_jax.models import create_model
 from rlhf_jax.models.functional import transplant
-from rlhf_jax.models.hf import load_config
-from rlhf_jax.runs import RunDir, read_config_json
+from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, epoch_order, load_stage, read_config, stage_key,
                                     train_stage)
+from rlhf_jax.stages.file_checks import (check_export_dir, check_export_run_dir,
+                                         check_file_inputs)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward_model import (READOUTS, frozen_trunk, init_lm_coef, kwise_rm_loss_fn,
                                           rm_heads, rm_score_fn, with_frozen)
@@ -44,10 +44,6 @@ from rlhf_jax.train import OptimConfig
 
 DataSource = Literal["simulated", "hh-rlhf", "summarize"]
 Readout = Literal["last", "sum", "mean"]   # reward_model.READOUTS
-EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json",   # what export_hf holds
-                "tokenizer_config.json")
-# and what an export killed mid-write leaves (models.hf_io writes `.<name>.tmp`, then renames)
-EXPORT_PARTIAL = tuple(f".{name}.tmp" for name in EXPORT_FILES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +138,8 @@ class RewardConfig:
               "last-token head: add --no-lm-readout")
         check(self.optim.warmup_steps <= self.steps, "optim.warmup_steps",
               f"{self.optim.warmup_steps} exceeds steps={self.steps}")
+        check(self.sft.data == "task", "sft.data", "the reward stage's SFT run learns the "
+              "task's demonstrations; on preference files give --init-from an SFT export")
         if self.data == "simulated":
             check(not self.data_dir and not self.export_hf, "data_dir" if self.data_dir else
                   "export_hf", "only used with file data (--data hh-rlhf or summarize)")
@@ -150,23 +148,11 @@ class RewardConfig:
 
     def _check_file_data(self):
         """File data: a checkpoint with a tokenizer, both split files, budgets in its context."""
-        use = f"--data {self.data} trains the RM from an imported checkpoint"
         init_from = self.sft.pretrain.init_from
-        check(bool(init_from), "sft.pretrain.init_from", f"{use}: give --init-from CKPT")
-        check((Path(init_from) / "tokenizer.json").is_file(), "sft.pretrain.init_from",
-              f"{use}, tokenized with its tokenizer: {init_from} has no tokenizer.json")
+        check_file_inputs(self, init_from, "sft.pretrain.init_from",
+                          "trains the RM from an imported checkpoint")
         for name in ("sft_dir", "preferences_dir"):
             check(not getattr(self, name), name, f"unused with --data {self.data}")
-        check(bool(self.data_dir), "data_dir", f"--data {self.data} reads DIR/train.jsonl(.gz) "
-              "and DIR/test.jsonl(.gz): give --data-dir DIR")
-        try:
-            split_files(self.data_dir)
-        except FileNotFoundError as e:
-            check(False, "data_dir", str(e))
-        max_len = load_config(init_from)[0].max_len
-        check(self.max_prompt_tokens + self.max_response_tokens <= max_len, "max_response_tokens",
-              f"max_prompt_tokens {self.max_prompt_tokens} + max_response_tokens "
-              f"{self.max_response_tokens} exceeds the checkpoint's context {max_len}")
         check(not (self.export_hf and self.lm_readout), "export_hf",
               "no Hugging Face head holds the LM-likelihood readout: add --no-lm-readout")
         check(not (self.export_hf and self.readout != "last"), "export_hf",
@@ -181,40 +167,6 @@ class RewardConfig:
         """``export_hf`` against the run directory ``out``, before any work (``run_files`` calls
         this): :func:`check_export_run_dir`."""
         check_export_run_dir(self.export_hf, out)
-
-
-def check_export_dir(export_hf: str, init_from: str, field: str = "export_hf") -> None:
-    """An export overwrites nothing but an earlier export: ``export_hf`` is not the checkpoint
-    and is new, empty or holds only an export's files (whose run :func:`check_export_run_dir`
-    checks)."""
-    export = Path(export_hf)
-    check(export.resolve() != Path(init_from).resolve(), field,
-          f"{export} is the --init-from checkpoint: the export would overwrite it")
-    check(export.is_dir() or not export.exists(), field, f"{export} is not a directory")
-    if export.is_dir():
-        other = sorted(f.name for f in export.iterdir()
-                       if f.name not in EXPORT_FILES + EXPORT_PARTIAL)
-        check(not other, field, f"{export} holds {', '.join(other[:3])}: not an export's "
-              "files; give a new or empty directory")
-
-
-def check_export_run_dir(export_hf: str, out: str | Path, field: str = "export_hf") -> None:
-    """``export_hf`` (if set) is not the run directory ``out``, inside it or around it, and an
-    export already there is this run's own (``out/config.json`` names that directory: a rerun
-    exports again)."""
-    if not export_hf:
-        return
-    export, run = Path(export_hf).resolve(), Path(out).resolve()
-    check(export != run and run not in export.parents and export not in run.parents, field,
-          f"{export_hf} is the run directory {out}, inside it or around it: the export's "
-          "files would overwrite or mix with the run's (its config.json); give a directory "
-          "outside it")
-    if export.is_dir() and any(export.iterdir()):
-        cfg_file = run / "config.json"
-        earlier = cfg_file.is_file() and read_config_json(cfg_file).get(field)
-        check(bool(earlier) and Path(earlier).resolve() == export, field,
-              f"{export_hf} holds an export, not of the run in {out}: give a new or "
-              "empty directory")
 
 
 def check_task_reward(reward_cfg: RewardConfig, field: str) -> None:

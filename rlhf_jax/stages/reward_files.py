@@ -84,11 +84,13 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
     return tok, model, params, arrays, summary
 
 
-def start_file_run(config, rc, out: Path, *, source: str, eos_when_cut: bool = True):
+def start_file_run(config, rc, out: Path, *, source: str, eos_when_cut: bool = True,
+                   ckpt: str | None = None):
     """A stage on preference files: its run directory (``config`` and the inputs' digests
-    written; ``rc`` the reward config naming the files, the checkpoint and the budgets), then
-    :func:`file_pairs`. Returns ``(run, tok, model, params, arrays, summary)``."""
-    ckpt = rc.sft.pretrain.init_from
+    written; ``rc`` the config naming the files and the budgets, and the checkpoint, unless
+    ``ckpt`` does: the reward config's ``sft.pretrain.init_from``), then :func:`file_pairs`.
+    Returns ``(run, tok, model, params, arrays, summary)``."""
+    ckpt = rc.sft.pretrain.init_from if ckpt is None else ckpt
     run = RunDir(out)
     run.write_config(config)
     run.write_meta(seed=config.seed, extra=input_digests(ckpt, rc.data_dir))
@@ -137,6 +139,17 @@ def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
     counts["pairs_identical_after_truncation"] = int(
         (arrays["responses"] == arrays["responses"][:, :1]).all(axis=(1, 2)).sum()) if k else 0
     return arrays, counts
+
+
+def preferred_responses(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each pair's preferred response (the higher ``ranking``; the first on a tie) in the K = 1
+    layout of :func:`encode_pairs`: ``prompts``, ``prompt_mask``, ``responses [N, 1, Lr]``,
+    ``response_mask``."""
+    rows = np.arange(len(arrays["prompts"]))
+    best = np.argmax(arrays["ranking"], axis=1)
+    return {"prompts": arrays["prompts"], "prompt_mask": arrays["prompt_mask"],
+            "responses": arrays["responses"][rows, best][:, None],
+            "response_mask": arrays["response_mask"][rows, best][:, None]}
 
 
 def shared_pairs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> int:
