@@ -81,7 +81,7 @@ def test_two_processes_agree_with_one(request, tmp_path):
 
 def test_sft_rm_ppo_steps_on_4_devices_equal_one_device(multidevice):
     """SFT (+ replay, replicated and FSDP), K-wise RM, a PPO iteration (ptx, reward scaling,
-    adaptive KL), GRPO / online DPO and DAPO (dynamic sampling) iterations: parameters and
+    adaptive KL), GRPO and DAPO (dynamic sampling) iterations: parameters and
     metrics of a 4-device mesh equal those of 1 device."""
     lines = multidevice[0].splitlines()
     assert lines[:5] == [f"gpt2 {c} ok" for c in ("check_sft", "check_rm", "check_ppo",
