@@ -395,3 +395,33 @@ def test_policy_stages_on_preference_files_refuse_what_needs_a_task(checkpoint, 
                            *(DPO_FILES if script == "dpo" else SFT_FILES), *flags])
     assert e.value.code == 2 and f"`{field}`" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("script", ["sft", "dpo"])
+def test_policy_stages_on_preference_files_refuse_a_sequence_classifier(checkpoint, tmp_path,
+                                                                         capsys, script):
+    """A reward model's export is no policy: SFT or DPO from it would train its trunk with the
+    embedding read as the LM head and export a classifier again; refused, naming the field."""
+    rm = tmp_path / "rm-export"   # the config says what the checkpoint is (no weights read)
+    rm.mkdir()
+    shutil.copy(checkpoint / "tokenizer.json", rm)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (rm / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["GPT2ForSequenceClassification"], "num_labels": 1}))
+    with pytest.raises(SystemExit) as e:
+        load(script).main(["--out", str(tmp_path / "d"), "--init-from", str(rm),
+                           *(DPO_FILES if script == "dpo" else SFT_FILES)])
+    err = capsys.readouterr().err
+    field = "pretrain.init_from" if script == "sft" else "reward.sft.pretrain.init_from"
+    assert e.value.code == 2 and f"`{field}`" in err and "GPT2ForSequenceClassification" in err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("field", ["max_prompt_tokens", "max_response_tokens"])
+def test_sft_on_the_task_refuses_the_file_token_budgets(field):
+    """The task's SFT reads its prompt_len / max_new_tokens: a file budget would be dropped."""
+    from rlhf_jax.configs import ConfigError
+    from rlhf_jax.stages.lm import SFTConfig
+
+    with pytest.raises(ConfigError, match=f"`{field}`: only used with file data"):
+        SFTConfig(**{field: 64})

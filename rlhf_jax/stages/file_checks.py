@@ -38,6 +38,16 @@ def check_file_inputs(cfg, init_from: str, init_field: str, what: str) -> None:
           f"{cfg.max_response_tokens} exceeds the checkpoint's context {max_len}")
 
 
+def check_causal_lm(init_from: str, field: str, what: str) -> None:
+    """A policy trained on preference files (SFT, DPO) starts from a causal language model: a
+    checkpoint with a scalar head (a sequence classifier, such as a reward model's export) would
+    have its trunk trained as a policy (its embedding read as the LM head) and be exported as a
+    classifier again. ``what`` says what the stage does (``--data hh-rlhf fine-tunes``)."""
+    _, arch, heads = load_config(init_from)
+    check(not heads, field, f"{what} a causal language model: {init_from} holds a {arch} (a "
+          "reward model's export?); give the policy's checkpoint")
+
+
 def check_export_dir(export_hf: str, init_from: str, field: str = "export_hf") -> None:
     """An export overwrites nothing but an earlier export: ``export_hf`` is not the checkpoint
     and is new, empty or holds only an export's files (whose run :func:`check_export_run_dir`

@@ -30,7 +30,7 @@ from rlhf_jax.ops import sequence_logprob
 from rlhf_jax.runs import config_differences
 from rlhf_jax.sampling import response_logits
 from rlhf_jax.shared_prompt import shared_prompt_logps
-from rlhf_jax.stages.file_checks import check_export_dir
+from rlhf_jax.stages.file_checks import check_causal_lm, check_export_dir
 from rlhf_jax.stages.reward import RewardConfig
 from rlhf_jax.train import OptimConfig
 
@@ -157,6 +157,8 @@ class OfflineConfig:
         check(not changed, f"reward.{changed[0]}" if changed else "reward",
               f"unused {use}: no reward model is trained (the policy trains with --steps, "
               "--batch-prompts, --optim.*, --seed)")
+        check_causal_lm(self.reward.sft.pretrain.init_from, "reward.sft.pretrain.init_from",
+                        f"--reward.data {self.reward.data} trains")
         if self.export_hf:
             check_export_dir(self.export_hf, self.reward.sft.pretrain.init_from)
 
