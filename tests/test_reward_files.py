@@ -425,3 +425,25 @@ def test_sft_on_the_task_refuses_the_file_token_budgets(field):
 
     with pytest.raises(ConfigError, match=f"`{field}`: only used with file data"):
         SFTConfig(**{field: 64})
+
+
+def test_a_tokenizer_beyond_the_model_vocabulary_is_refused_before_the_data_set(tmp_path,
+                                                                                  capsys):
+    """A checkpoint whose tokenizer.json has more ids than the model embeds is refused naming
+    that file, before the data set is built: the run has not started, so the rerun with the
+    right checkpoint starts afresh (it used to fail at the token check, after the build, and the
+    rerun was refused as 'init_from files changed')."""
+    from rlhf_jax.runs import RunDir
+
+    tok = GPT2Tokenizer()
+    model, params = create_model(preset("test", max_len=48, n_layers=1, vocab_size=1000),
+                                 jax.random.key(3))
+    ckpt = tmp_path / "small-vocab"
+    save_pretrained(ckpt, model, params, tokenizer=tok)
+    tok._tok.save(str(ckpt / "tokenizer.json"))
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as e:
+        load("sft").main(["--out", str(out), "--init-from", str(ckpt), *SFT_FILES])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "tokenizer.json: its 50257 ids exceed the 1000" in err, err
+    assert not (out / "data").exists() and not RunDir(out).started()

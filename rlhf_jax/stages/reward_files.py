@@ -28,7 +28,8 @@ from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_prefe
                                        split_files)
 from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer, with_bos
 from rlhf_jax.models import GPTConfig
-from rlhf_jax.models.hf import file_digests, load_pretrained, save_pretrained
+from rlhf_jax.models.hf import (CheckpointError, file_digests, load_pretrained,
+                                save_pretrained)
 from rlhf_jax.runs import RunDir
 
 BUILDERS = {"hh-rlhf": HhRlhf, "summarize": SummarizeFromFeedback}
@@ -60,6 +61,10 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
     the rerun with it fixed starts afresh (``RunDir.started``)."""
     tok = HFTokenizer.from_pretrained(ckpt)
     model, params = load_pretrained(ckpt)
+    if tok.vocab_size > model.cfg.vocab_size:   # before the data set: a rerun starts afresh
+        raise CheckpointError(f"{Path(ckpt) / 'tokenizer.json'}: its {tok.vocab_size} ids "
+                              f"exceed the {model.cfg.vocab_size} the model embeds (config.json"
+                              " vocab_size): not this model's tokenizer")
     built = build_file_dataset(data, data_dir, out / "data")
     arrays, summary = {}, {}
     for split in SPLITS:
