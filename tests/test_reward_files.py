@@ -447,3 +447,13 @@ def test_a_tokenizer_beyond_the_model_vocabulary_is_refused_before_the_data_set(
     err = capsys.readouterr().err
     assert e.value.code == 2 and "tokenizer.json: its 50257 ids exceed the 1000" in err, err
     assert not (out / "data").exists() and not RunDir(out).started()
+
+
+def test_sft_on_preference_files_accepts_what_it_does(checkpoint):
+    """``--ptx-coef 0`` says what SFT on files does (no replay), so it is no contradiction."""
+    from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
+
+    cfg = SFTConfig(data="hh-rlhf", data_dir=str(FIXTURES / "hh_rlhf_split"), ptx_coef=0.0,
+                    max_prompt_tokens=24, max_response_tokens=16,
+                    pretrain=PretrainConfig(init_from=str(checkpoint)))
+    assert cfg.ptx_coef == 0.0

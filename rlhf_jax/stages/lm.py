@@ -176,7 +176,8 @@ class SFTConfig:
         check(self.steps > 0, "steps", "must be > 0 on preference files (the checkpoint itself "
               "needs no SFT run)")
         changed = [k for k in config_differences(dataclasses.asdict(SFTConfig()), self)
-                   if k not in SFT_FILE_FIELDS and not k.startswith("optim.")]
+                   if k not in SFT_FILE_FIELDS and not k.startswith("optim.")
+                   and not (k == "ptx_coef" and self.ptx_coef == 0)]   # no replay: as it runs
         check(not changed, changed[0] if changed else "data",
               f"unused with --data {self.data}: the checkpoint is fine-tuned on the files alone "
               "(no task pretraining, demonstrations or replay)")

@@ -85,7 +85,8 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
     if summary["data/test_pairs_in_train"]:
         progress.message(f"warning: {summary['data/test_pairs_in_train']} of the "
                          f"{summary['data/test_pairs']} test pairs are also training pairs "
-                         "(token for token): the test accuracy overstates generalisation")
+                         "(token for token): the test scores (accuracy, margin, NLL) overstate "
+                         "generalisation")
     return tok, model, params, arrays, summary
 
 
