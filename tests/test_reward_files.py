@@ -418,13 +418,16 @@ def test_policy_stages_on_preference_files_refuse_a_sequence_classifier(checkpoi
 
 
 @pytest.mark.parametrize("field", ["max_prompt_tokens", "max_response_tokens"])
-def test_sft_on_the_task_refuses_the_file_token_budgets(field):
-    """The task's SFT reads its prompt_len / max_new_tokens: a file budget would be dropped."""
+def test_stages_on_the_task_refuse_the_file_token_budgets(field):
+    """SFT and the reward stage on the task read its prompt_len / max_new_tokens: a file budget
+    would be dropped."""
     from rlhf_jax.configs import ConfigError
     from rlhf_jax.stages.lm import SFTConfig
+    from rlhf_jax.stages.reward import RewardConfig
 
-    with pytest.raises(ConfigError, match=f"`{field}`: only used with file data"):
-        SFTConfig(**{field: 64})
+    for cls in (SFTConfig, RewardConfig):
+        with pytest.raises(ConfigError, match=f"`{field}`: only used with file data"):
+            cls(**{field: 64})
 
 
 def test_a_tokenizer_beyond_the_model_vocabulary_is_refused_before_the_data_set(tmp_path,

@@ -4,6 +4,7 @@ and the directory an export writes."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rlhf_jax.configs import check
@@ -15,6 +16,18 @@ EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json",   # what e
                 "tokenizer_config.json")
 # and what an export killed mid-write leaves (models.hf_io writes `.<name>.tmp`, then renames)
 EXPORT_PARTIAL = tuple(f".{name}.tmp" for name in EXPORT_FILES)
+
+
+FILE_ONLY = ("data_dir", "export_hf", "max_prompt_tokens", "max_response_tokens")
+
+
+def check_no_file_fields(cfg) -> None:
+    """On the task's own data a stage's file options (:data:`FILE_ONLY`) do nothing (the task's
+    ``prompt_len`` / ``max_new_tokens`` apply): one set is refused, naming it, not dropped."""
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}
+    unused = [k for k in FILE_ONLY if getattr(cfg, k) != default[k]]
+    check(not unused, unused[0] if unused else "data",
+          "only used with file data (--data hh-rlhf or summarize)")
 
 
 def check_file_inputs(cfg, init_from: str, init_field: str, what: str) -> None:

@@ -26,7 +26,7 @@ from rlhf_jax.runs import RunDir, config_differences
 from rlhf_jax.stages.common import (STREAM_INIT, check_context, epoch_order, stage_key,
                                     train_stage)
 from rlhf_jax.stages.file_checks import (check_causal_lm, check_export_dir,
-                                         check_file_inputs)
+                                         check_file_inputs, check_no_file_fields)
 from rlhf_jax.tasks import TaskConfig
 from rlhf_jax.train import OptimConfig
 
@@ -157,12 +157,8 @@ class SFTConfig:
         for name in ("max_prompt_tokens", "max_response_tokens"):   # room for BOS / EOS + a token
             check(getattr(self, name) >= 2, name, f"must be >= 2, got {getattr(self, name)}")
         check(self.data in SFT_DATA, "data", f"must be one of {SFT_DATA}, got {self.data!r}")
-        if self.data == "task":   # the task's prompt_len / max_new_tokens apply, not the budgets
-            default = {f.name: f.default for f in dataclasses.fields(self)}
-            unused = [k for k in ("data_dir", "export_hf", "max_prompt_tokens",
-                                  "max_response_tokens") if getattr(self, k) != default[k]]
-            check(not unused, unused[0] if unused else "data",
-                  "only used with file data (--data hh-rlhf or summarize)")
+        if self.data == "task":
+            check_no_file_fields(self)
         else:
             self._check_file_data()
 

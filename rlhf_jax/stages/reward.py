@@ -34,7 +34,7 @@ from rlhf_jax.runs import RunDir
 from rlhf_jax.stages.common import (STREAM_INIT, epoch_order, load_stage, read_config, stage_key,
                                     train_stage)
 from rlhf_jax.stages.file_checks import (check_export_dir, check_export_run_dir,
-                                         check_file_inputs)
+                                         check_file_inputs, check_no_file_fields)
 from rlhf_jax.stages.lm import SFTConfig
 from rlhf_jax.stages.reward_model import (READOUTS, frozen_trunk, init_lm_coef, kwise_rm_loss_fn,
                                           rm_heads, rm_score_fn, with_frozen)
@@ -141,8 +141,7 @@ class RewardConfig:
         check(self.sft.data == "task", "sft.data", "the reward stage's SFT run learns the "
               "task's demonstrations; on preference files give --init-from an SFT export")
         if self.data == "simulated":
-            check(not self.data_dir and not self.export_hf, "data_dir" if self.data_dir else
-                  "export_hf", "only used with file data (--data hh-rlhf or summarize)")
+            check_no_file_fields(self)
         else:
             self._check_file_data()
 
