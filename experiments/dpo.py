@@ -37,7 +37,7 @@ from rlhf_jax.evaluate import heldout_signals, versus_reference, versus_summary
 from rlhf_jax.losses.preference import REFERENCE_FREE
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.models.hf import save_pretrained
-from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.runs import RunDir, final_metrics
 from rlhf_jax.stages.common import (epoch_order, eval_key, load_stage, model_config,
                                     pipeline_task, read_config, train_stage, upstream_run)
 from rlhf_jax.data.binary_feedback import VERSION as FEEDBACK_VERSION
@@ -132,8 +132,6 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
     eval_s = time.perf_counter() - t_eval
 
     upstream = {**RunDir(reward_cfg.sft_dir).read_summary(), **RunDir(reward_dir).read_summary()}
-    rows = [r for r in read_metrics(run.path) if f"{name}/loss" in r]
-    final = rows[-1] if rows else {}
     summary = {
         "gold/base": upstream.get("gold/base"),
         **vs.ref_metrics, **vs.metrics,
@@ -143,7 +141,7 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
         "preferences/train_prompts": len(prefs.prompts),
         "start": "base" if name in STARTS_FROM_BASE else "sft",
         **{f"binary_feedback/{k}": v for k, v in feedback.items()},
-        **{f"final/{k}": v for k, v in final.items() if k.startswith(f"{name}/")},
+        **final_metrics(run.path, name),
         **{k: v for k, v in upstream.items() if k.startswith("time_s/")},
         "time_s/offline": train_s,
         "time_s/offline_eval": eval_s,
@@ -193,10 +191,8 @@ def run_files(cfg: OfflineConfig, out: str | Path) -> dict:
         summary[f"{name}/{split}_chosen_logratio"] = float(chosen.mean())
     if cfg.export_hf:
         save_pretrained(cfg.export_hf, policy, params, tokenizer=tok)
-    rows = [r for r in read_metrics(run.path) if f"{name}/loss" in r]
-    summary.update({**{f"final/{k}": v for k, v in (rows[-1] if rows else {}).items()
-                       if k.startswith(f"{name}/")},
-                    "start": "init_from", "time_s/offline": train_s,
+    summary.update({**final_metrics(run.path, name), "start": "init_from",
+                    "time_s/offline": train_s,
                     "time_s/offline_eval": time.perf_counter() - t_eval})
     run.write_summary(summary)
     return summary

@@ -22,11 +22,11 @@ import numpy as np
 from rlhf_jax import cli
 from rlhf_jax.checkpoint import save_params
 from rlhf_jax.configs import check
-from rlhf_jax.data.batching import pack_documents, sft_examples
+from rlhf_jax.data.batching import pack_documents, sft_examples, sft_rows
 from rlhf_jax.evaluate import evaluate_demonstrator, evaluate_heldout
 from rlhf_jax.parallel import check_divisible, make_mesh
 from rlhf_jax.models.hf import save_pretrained
-from rlhf_jax.runs import RunDir, read_metrics
+from rlhf_jax.runs import RunDir, final_metrics
 from rlhf_jax.stages.common import eval_key, load_stage, pipeline_task, upstream_run
 from rlhf_jax.stages.file_checks import check_export_run_dir
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig, knowledge, train_lm
@@ -109,10 +109,8 @@ def run_files(cfg: SFTConfig, out: str | Path) -> dict:
     run, tok, model, start, arrays, summary = start_file_run(
         cfg, cfg, Path(out), source="sft", eos_when_cut=False, ckpt=cfg.pretrain.init_from)
     chosen = preferred_responses(arrays["train"])
-    r_mask = chosen["response_mask"][:, 0]
-    data = {"tokens": np.concatenate([chosen["prompts"], chosen["responses"][:, 0]], 1),
-            "attention_mask": np.concatenate([chosen["prompt_mask"], r_mask], 1),
-            "loss_mask": np.concatenate([np.zeros_like(chosen["prompt_mask"]), r_mask], 1)}
+    data = sft_rows(chosen["prompts"], chosen["prompt_mask"], chosen["responses"][:, 0],
+                    chosen["response_mask"][:, 0])
     params = train_lm(model, start, data, seed=cfg.seed, batch_size=cfg.batch_size,
                       steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",
                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -127,9 +125,7 @@ def run_files(cfg: SFTConfig, out: str | Path) -> dict:
         summary[f"sft/test_{name}"] = float(-precompute_logps(model, p, test).sum() / tokens)
     if cfg.export_hf:
         save_pretrained(cfg.export_hf, model, params, tokenizer=tok)
-    rows = [r for r in read_metrics(run.path) if "sft/loss" in r]
-    summary.update({**{f"final/{k}": v for k, v in (rows[-1] if rows else {}).items()
-                       if k.startswith("sft/")},
+    summary.update({**final_metrics(run.path, "sft"),
                     "sft/test_response_tokens": int(tokens), "sft_examples": len(data["tokens"]),
                     "start": "init_from", "time_s/sft": train_s,
                     "time_s/sft_eval": time.perf_counter() - t_eval})

@@ -268,6 +268,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def final_metrics(path: str | os.PathLike, prefix: str) -> dict:
+    """``final/<prefix>/…``: the ``<prefix>/…`` entries of the last training row (the last with
+    ``<prefix>/loss``) of a run's ``metrics.jsonl`` (empty without one)."""
+    rows = [r for r in read_metrics(path) if f"{prefix}/loss" in r]
+    return {f"final/{k}": v for k, v in (rows[-1] if rows else {}).items()
+            if k.startswith(f"{prefix}/")}
+
+
 ITERATION_SAMPLES = "samples"   # <run>/samples/iter_<iteration>.jsonl
 NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 

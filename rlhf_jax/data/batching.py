@@ -129,8 +129,14 @@ def pack_documents(tok: Tokenizer, docs: Sequence[str], seq_len: int) -> dict[st
 def sft_examples(tok: Tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], *,
                  prompt_len: int, response_len: int) -> dict[str, np.ndarray]:
     """SFT rows ``[prompt | response]`` with the loss on response tokens (EOS included)."""
-    p_ids, p_mask = encode_prompts(tok, prompts, prompt_len)
-    r_ids, r_mask = encode_responses(tok, responses, response_len)
+    return sft_rows(*encode_prompts(tok, prompts, prompt_len),
+                    *encode_responses(tok, responses, response_len))
+
+
+def sft_rows(p_ids: np.ndarray, p_mask: np.ndarray, r_ids: np.ndarray, r_mask: np.ndarray
+             ) -> dict[str, np.ndarray]:
+    """SFT rows ``[prompt | response]`` of left-padded prompts and right-padded responses, the
+    loss on the response tokens."""
     return {"tokens": np.concatenate([p_ids, r_ids], 1),
             "attention_mask": np.concatenate([p_mask, r_mask], 1),
             "loss_mask": np.concatenate([np.zeros_like(p_mask), r_mask], 1)}
