@@ -6,6 +6,7 @@ steps), with GPT-2's byte-level BPE as the checkpoint's ``tokenizer.json``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -154,11 +155,16 @@ def test_a_checkpoint_refused_at_run_time_leaves_a_run_that_starts_afresh(checkp
     shutil.copytree(checkpoint, bad)
     (bad / "generation_config.json").write_text("{not json")
     out = tmp_path / "rm"
+    i = TRAIN.index("--optim.learning-rate")
+    default_lr = TRAIN[:i] + TRAIN[i + 2:]
     with pytest.raises(SystemExit) as exc:
         _reward_main(["--out", str(out), "--init-from", str(bad), "--data", "hh-rlhf",
-                      "--data-dir", str(FIXTURES / "hh_rlhf_split"), *TRAIN])
+                      "--data-dir", str(FIXTURES / "hh_rlhf_split"), *default_lr])
     assert exc.value.code == 2
-    assert "generation_config.json: not valid JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "generation_config.json: not valid JSON" in err
+    # the reward stage's default learning rate (the task's, from scratch) is warned about
+    assert "optim.learning_rate 0.0005 is this stage's default" in err
     assert not RunDir(out).started(), sorted(p.name for p in out.rglob("*") if p.is_file())
 
 @pytest.mark.parametrize("case, field, message", [
@@ -378,12 +384,30 @@ def test_preferred_responses_picks_the_higher_ranked_one():
     np.testing.assert_array_equal(best["prompts"], arrays["prompts"])
 
 
+def test_a_task_learning_rate_is_warned_about_only_at_a_from_scratch_default(capsys):
+    """On files a stage fine-tunes a checkpoint: its config's default learning rate, the task's
+    (SFT 2e-3, RM 5e-4), is warned about; a rate that was set, or DPO's 5e-5, is not."""
+    from rlhf_jax.stages.file_checks import warn_task_learning_rate
+    from rlhf_jax.stages.lm import SFTConfig
+    from rlhf_jax.stages.offline import OfflineConfig
+    from rlhf_jax.stages.reward import RewardConfig
+    from rlhf_jax.train import OptimConfig
+
+    assert warn_task_learning_rate(SFTConfig()) and warn_task_learning_rate(RewardConfig())
+    err = capsys.readouterr().err
+    assert "optim.learning_rate 0.002 is" in err and "optim.learning_rate 0.0005 is" in err
+    set_lr = dataclasses.replace(SFTConfig(), optim=OptimConfig(learning_rate=1e-5))
+    assert not warn_task_learning_rate(set_lr) and not warn_task_learning_rate(OfflineConfig())
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("script,flags,field", [
     ("dpo", ["--loss", "kto"], "loss"), ("dpo", ["--eval-every", "5"], "eval_every"),
     ("dpo", ["--reward-dir", "x"], "reward_dir"),
     ("dpo", ["--reward.steps", "500"], "reward.steps"),
     ("dpo", ["--reward.optim.learning-rate", "1"], "reward.optim.learning_rate"),
     ("dpo", ["--reward.no-lm-readout"], "reward.lm_readout"),
+    ("dpo", ["--reward.export-hf", "x"], "reward.export_hf"),   # not the RM's readout advice
     ("sft", ["--ptx-coef", "0.5"], "ptx_coef"), ("sft", ["--pretrain-dir", "x"], "pretrain_dir"),
     ("sft", ["--pretrain.steps", "700"], "pretrain.steps"),
     ("sft", ["--demos-per-prompt", "2"], "demos_per_prompt"), ("sft", ["--steps", "0"], "steps")])

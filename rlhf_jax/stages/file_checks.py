@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from rlhf_jax import progress
 from rlhf_jax.configs import check
 from rlhf_jax.data.preferences import split_files
 from rlhf_jax.models.hf import load_config
@@ -19,6 +20,8 @@ EXPORT_PARTIAL = tuple(f".{name}.tmp" for name in EXPORT_FILES)
 
 
 FILE_ONLY = ("data_dir", "export_hf", "max_prompt_tokens", "max_response_tokens")
+# above this, a stage's default learning rate is one for the task's small models from scratch
+FINE_TUNE_LR = 1e-4
 
 
 def check_no_file_fields(cfg) -> None:
@@ -49,6 +52,22 @@ def check_file_inputs(cfg, init_from: str, init_field: str, what: str) -> None:
     check(cfg.max_prompt_tokens + cfg.max_response_tokens <= max_len, "max_response_tokens",
           f"max_prompt_tokens {cfg.max_prompt_tokens} + max_response_tokens "
           f"{cfg.max_response_tokens} exceeds the checkpoint's context {max_len}")
+
+
+def warn_task_learning_rate(cfg) -> bool:
+    """A stage on preference files fine-tunes a pretrained checkpoint, but its config's defaults
+    are the embedded task's (SFT 2e-3, the RM 5e-4: small models trained from scratch): left at a
+    default above :data:`FINE_TUNE_LR` the learning rate is warned about, not changed (a run's
+    config is what it ran with). Returns whether it warned."""
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "optim")
+    lr = cfg.optim.learning_rate
+    if lr != default.learning_rate or lr <= FINE_TUNE_LR:
+        return False
+    progress.message(f"warning: optim.learning_rate {lr:g} is this stage's default for the "
+                     "embedded task's small models trained from scratch; fine-tuning a "
+                     "pretrained checkpoint usually takes 1e-6 to 1e-4: set "
+                     "--optim.learning-rate")
+    return True
 
 
 def check_causal_lm(init_from: str, field: str, what: str) -> None:

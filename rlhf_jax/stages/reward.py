@@ -152,19 +152,19 @@ class RewardConfig:
                           "trains the RM from an imported checkpoint")
         for name in ("sft_dir", "preferences_dir"):
             check(not getattr(self, name), name, f"unused with --data {self.data}")
+        if self.export_hf:
+            check_export_dir(self.export_hf, init_from)
+
+    def check_run_dir(self, out: str | Path) -> None:
+        """The reward model's export, before any work (``run_files`` calls this): a readout a
+        Hugging Face classifier holds, and ``export_hf`` against the run directory ``out``
+        (:func:`check_export_run_dir`). Checked here, not while parsing, so that a stage that
+        only nests this config (DPO on files) refuses ``--reward.export-hf`` with its own
+        advice first."""
         check(not (self.export_hf and self.lm_readout), "export_hf",
               "no Hugging Face head holds the LM-likelihood readout: add --no-lm-readout")
         check(not (self.export_hf and self.readout != "last"), "export_hf",
               "a Hugging Face sequence classifier reads the last token: use --readout last")
-        if self.export_hf:
-            self._check_export_dir(init_from)
-
-    def _check_export_dir(self, init_from: str) -> None:
-        check_export_dir(self.export_hf, init_from)
-
-    def check_run_dir(self, out: str | Path) -> None:
-        """``export_hf`` against the run directory ``out``, before any work (``run_files`` calls
-        this): :func:`check_export_run_dir`."""
         check_export_run_dir(self.export_hf, out)
 
 

@@ -31,6 +31,7 @@ from rlhf_jax.models import GPTConfig
 from rlhf_jax.models.hf import (CheckpointError, file_digests, load_pretrained,
                                 save_pretrained)
 from rlhf_jax.runs import RunDir
+from rlhf_jax.stages.file_checks import warn_task_learning_rate
 
 BUILDERS = {"hh-rlhf": HhRlhf, "summarize": SummarizeFromFeedback}
 SPLITS = ("train", "test")
@@ -97,6 +98,7 @@ def start_file_run(config, rc, out: Path, *, source: str, eos_when_cut: bool = T
     ``ckpt`` does: the reward config's ``sft.pretrain.init_from``), then :func:`file_pairs`.
     Returns ``(run, tok, model, params, arrays, summary)``."""
     ckpt = rc.sft.pretrain.init_from if ckpt is None else ckpt
+    warn_task_learning_rate(config)
     run = RunDir(out)
     run.write_config(config)
     run.write_meta(seed=config.seed, extra=input_digests(ckpt, rc.data_dir))
