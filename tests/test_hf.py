@@ -616,6 +616,39 @@ def test_transformers_reads_an_exported_word_tokenizer(tmp_path, model_type):
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (1, 2, 0)
 
 
+def test_a_qwen2_export_of_a_tokenizer_built_here_warns(tmp_path):
+    """transformers 5 reads a qwen2 checkpoint's tokenizer.json as Qwen2's BPE whatever
+    tokenizer_config.json names (a word-level one became ``[1]`` for three words): an export of
+    a library model that maps to qwen2 with a tokenizer built here warns, naming the way to read
+    it; one with an imported checkpoint's tokenizer does not."""
+    import warnings
+
+    from rlhf_jax.data.tokenizers import HFTokenizer, WordTokenizer
+
+    words = WordTokenizer("the cat sat".split())
+    model, params = create_model(preset("llama-test", qkv_bias=True), jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"qwen2 checkpoint's tokenizer.json as Qwen2Tokenizer"
+                                         r".*PreTrainedTokenizerFast\(tokenizer_file="):
+        save_pretrained(tmp_path / "q", model, params, tokenizer=words)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "qwen2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_pretrained(tmp_path / "g", *create_model(preset("test"), jax.random.key(0)),
+                        tokenizer=words)                       # gpt2: read as the file says
+        ckpt = tmp_path / "ckpt"   # a checkpoint's own tokenizer (its tokenizer_config.json)
+        ckpt.mkdir()
+        words.hf_tokenizer().save(str(ckpt / "tokenizer.json"))
+        (ckpt / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+        (ckpt / "config.json").write_text('{"eos_token_id": 2, "bos_token_id": 1}')
+        save_pretrained(tmp_path / "i", model, params, tokenizer=HFTokenizer.from_pretrained(ckpt))
+    if HAS_TORCH:   # the workaround the warning names reads the words back
+        import transformers
+
+        theirs = transformers.PreTrainedTokenizerFast(
+            tokenizer_file=str(tmp_path / "q" / "tokenizer.json"))
+        assert theirs("the cat sat")["input_ids"] == [1, 3, 4, 5]
+
+
 class _Payload:
     """Unpickling this writes a marker file: proof that a pickle ran code."""
 

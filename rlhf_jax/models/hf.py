@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,10 @@ _LAYER = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
 # model_type -> the module that maps its config and tensor names (the same interface for each)
 FAMILIES = {t: fam for fam in (hf_gpt2, hf_llama) for t in fam.MODEL_TYPES}
 FAMILY_OF_CONFIG = {GPTConfig: hf_gpt2, LlamaConfig: hf_llama}
+
+# model types whose tokenizer transformers 5 picks by model_type, never by tokenizer_config.json
+# (its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS): a tokenizer built here is misread there
+TOKENIZER_BY_MODEL_TYPE = {"qwen2": "Qwen2Tokenizer"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +241,13 @@ def save_pretrained(path: str | Path, model: Model, params: nnx.State, *,
     if tokenizer is not None and hasattr(tokenizer, "hf_tokenizer"):
         tokenizer.hf_tokenizer().save(str(path / "tokenizer.json"))
         write_json(path / "tokenizer_config.json", tokenizer.tokenizer_config())
+        if model_type in TOKENIZER_BY_MODEL_TYPE and getattr(tokenizer, "config", None) is None:
+            warnings.warn(
+                f"{path}: transformers 5's AutoTokenizer reads a {model_type} checkpoint's "
+                f"tokenizer.json as {TOKENIZER_BY_MODEL_TYPE[model_type]} (byte-level BPE), "
+                "whatever tokenizer_config.json names, and this tokenizer was built here: load it "
+                "with PreTrainedTokenizerFast(tokenizer_file=.../tokenizer.json) instead",
+                stacklevel=2)
 
 
 def _fold_reward(flat: dict, heads: set[str], reward_norm: tuple[float, float]) -> dict:
