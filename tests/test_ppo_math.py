@@ -572,3 +572,28 @@ def test_running_moments_match_numpy_concatenation(seed, jit):
         np.testing.assert_allclose(float(state.mean), allv.mean(), rtol=1e-5)
         if allv.size > 1:
             np.testing.assert_allclose(float(state.std), allv.std(ddof=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "iw_k3"])
+def test_kl_loss_ignores_masked_positions_even_where_the_policy_gives_them_no_mass(estimator):
+    """Masked (post-EOS) positions leave ``kl_loss``'s value and gradient untouched whatever the
+    policy's log-prob there. The iteration passes the rollout's reference (and old) log-probs
+    zeroed on padding but the fresh policy log-probs unmasked: a pad token the policy finds
+    unlikely (tempered log π < −88.7) made k3 = e^{−log π} − 1 + log π overflow to inf, and
+    inf·0 = NaN in the masked sum, so the loss and its gradient were NaN and every update was
+    skipped (``train/finite`` 0)."""
+    mask = jnp.asarray([[1.0, 1.0, 0.0, 0.0]])
+    ref_logp = jnp.asarray([[-0.7, -1.2, 0.0, 0.0]])     # zero on padding, as the rollout's
+    old_logp = jnp.asarray([[-0.9, -1.0, 0.0, 0.0]])
+
+    def f(logp):
+        return kl_loss(logp, ref_logp, mask, estimator=estimator, old_logp=old_logp)
+
+    base = jnp.asarray([[-0.8, -1.1, -3.0, -2.0]])
+    far = base.at[0, 2:].set(jnp.asarray([-100.0, -150.0]))
+    v0, g0 = jax.value_and_grad(f)(base)
+    v1, g1 = jax.value_and_grad(f)(far)
+    assert np.isfinite(float(v1)) and np.all(np.isfinite(np.asarray(g1))), (v1, g1)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(g1)[0, 2:], 0.0)

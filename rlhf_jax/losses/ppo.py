@@ -117,6 +117,14 @@ def kl_loss(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, estimator:
     """
     ref_logp = jax.lax.stop_gradient(ref_logp)
     ref_logits = None if ref_logits is None else jax.lax.stop_gradient(ref_logits)
+    # masked positions (padding after EOS) are set to log π = log π_SFT = log π_old before the
+    # estimator runs: there the caller's reference log-probs are typically zeroed while the
+    # policy's are not, and k3's e^{log π_SFT − log π} overflows to inf for a token the policy
+    # finds unlikely (inf·0 = NaN in the masked sum, value and gradient alike)
+    counted = mask > 0
+    logp = jnp.where(counted, logp, ref_logp)
+    if old_logp is not None:
+        old_logp = jnp.where(counted, old_logp, ref_logp)
     kl = kl_per_token(logp, ref_logp, estimator=estimator, logits=logits, ref_logits=ref_logits,
                       old_logp=old_logp)
     return aggregate(kl, mask, aggregation=aggregation, axis_name=axis_name)
