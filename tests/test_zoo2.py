@@ -260,6 +260,8 @@ def test_presets_budget_and_validation():
     assert PRESETS["dapo"] is dapo_hparams and PRESETS["reinforce_pp"] is reinforce_pp_hparams
     assert (d.clip_eps, d.clip_eps_high, d.loss_aggregation, d.kl_coef, d.kl_in_loss,
             d.keep_groups, d.overlong_buffer) == (0.2, 0.28, "token", 0.0, "", 8, 2)
+    # the ramp is DAPO's only length penalty: PPO's -1 without EOS made a cut response -2
+    assert d.no_eos_penalty == 0.0 and PPOHParams().no_eos_penalty == 1.0
     assert (s.policy_loss, s.clip_eps, s.clip_eps_high, s.loss_aggregation) == \
         ("gspo", 3e-4, 4e-4, "sequence")
     assert t.policy_loss == "gspo_token"

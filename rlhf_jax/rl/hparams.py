@@ -85,7 +85,9 @@ class PPOHParams:
         fresh best-of-G samples of the starting policy, i.e. distils a fixed best-of-G
         distribution instead of iterating on the policy's own samples; or ``"pair"``: DPO on
         the RM's best and worst of the start's G samples; ``rollout/logprob_*_diff`` then
-        measure the policy's distance from the reference on those samples).
+        measure the policy's distance from the reference on those samples, and so do the
+        rollouts' ``kl/*`` and the ``kl_stop`` they feed: KLs along the reference's samples, not
+        the policy's own; the held-out evaluation's KL is the policy's).
       loss_aggregation: how token terms of the policy loss and a loss-side KL are averaged:
         ``token`` (over all tokens), ``sequence`` (per-sequence token means, GRPO) or ``budget``
         (token sum / (sequences · max_new_tokens), Dr. GRPO); see

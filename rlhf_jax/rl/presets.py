@@ -83,10 +83,11 @@ def rloo_hparams(**overrides) -> PPOHParams:
 
 def dapo_hparams(**overrides) -> PPOHParams:
     """DAPO (Yu et al. 2025): clip-higher, global token mean, dynamic sampling, overlong shaping,
-    no KL."""
+    no KL. The soft overlong punishment is DAPO's only length penalty: PPO's ``no_eos_penalty``
+    is off (a response cut at the budget already scores −1 from the ramp; both made it −2)."""
     return _make(dict(_GRPO, loss_aggregation="token", clip_eps=0.2, clip_eps_high=0.28,
-                      kl_in_loss="", kl_coef=0.0, keep_groups=8, overlong_buffer=2),
-                 overrides)
+                      kl_in_loss="", kl_coef=0.0, keep_groups=8, overlong_buffer=2,
+                      no_eos_penalty=0.0), overrides)
 
 
 def gspo_hparams(**overrides) -> PPOHParams:
