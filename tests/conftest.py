@@ -100,11 +100,12 @@ _OWNED = pytest.StashKey[str]()
 # the slowest modules go first, slowest first (test_parallel's subprocesses simulate 4 devices
 # and 2 processes): under ``--dist loadscope`` the workers start on them and the small modules
 # fill in at the end, instead of one worker finishing the session with a long module alone
-# (measured test time per module, 2026-12-07: 177, 71, 66, 63, 57, 56, 41, 35, 33, 32, 30 and
-# 27 s of a 1,013 s suite)
-FIRST = ("test_parallel.py", "test_ppo.py", "test_tasks.py", "test_experiments.py",
-         "test_init_from.py", "test_faults.py", "test_group.py", "test_offline.py",
-         "test_shared_prompt.py", "test_sentiment.py", "test_hf.py", "test_notebooks.py")
+# (measured test time per module, 2026-12-08: 172, 81, 67, 56, 50, 47, 43, 43, 42, 37, 35, 34,
+# 32 and 32 s of a 1,147 s suite)
+FIRST = ("test_parallel.py", "test_experiments.py", "test_ppo.py", "test_init_from.py",
+         "test_response_ids.py", "test_reward_files.py", "test_group.py", "test_tasks.py",
+         "test_faults.py", "test_notebooks.py", "test_compare.py", "test_hf.py",
+         "test_shared_prompt.py", "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(items):
