@@ -164,9 +164,14 @@ def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[s
     from rlhf_jax import progress, scripts
 
     # e.g. a run directory that holds another config, a bad checkpoint or preference row
-    with input_errors_exit():
-        with progress.stage(scripts.name_of(runner), out):
-            summary = runner(cfg, out)
+    from rlhf_jax.runs import release_locks
+
+    try:
+        with input_errors_exit():
+            with progress.stage(scripts.name_of(runner), out):
+                summary = runner(cfg, out)
+    finally:
+        release_locks()   # the run directories this stage claimed (RunDir.lock)
     import jax
 
     if jax.process_index() == 0:

@@ -17,6 +17,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -112,7 +113,8 @@ def _same_path(name: str, a: Any, b: Any) -> bool:
 
 
 def read_config_json(path: Path) -> dict:
-    """A run directory's ``config.json``; an unreadable one is an error naming the file."""
+    """A run directory's ``config.json`` (or ``meta.json``); an unreadable one is an error
+    naming the file."""
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -137,6 +139,17 @@ def config_differences(stored: dict, config: Any) -> list[str]:
 INPUT_DIGESTS = {"init_from": "files", "data": "files"}
 
 
+LOCK_FILE = ".lock"   # held (flock) by the process writing a run directory: RunDir.lock
+_LOCKS: dict[Path, Any] = {}   # run directory -> the open lock file this process holds
+
+
+def release_locks() -> None:
+    """Release every run directory lock this process holds (:meth:`RunDir.lock`); the kernel
+    releases them anyway when the process ends, however it ends."""
+    while _LOCKS:
+        _LOCKS.popitem()[1].close()
+
+
 # records written before a run's work begins (see RunDir.started); sweep_cell.json is a sweep
 # cell's claim on its directory (rlhf_jax.sweep.CELL_FILE), written before the cell's run starts
 START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json", "sweep_cell.json"})
@@ -153,7 +166,37 @@ class RunDir:
         self.upstream = tuple(Path(u).resolve() for u in upstream)
         self.writer = jax.process_index() == 0
         if self.writer:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and not self.path.is_dir():
+                raise ConfigError(f"{self.path}: not a directory; a run directory (--out) must "
+                                  "be a new or existing directory")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as e:   # a parent is a file
+                raise ConfigError(f"{self.path}: cannot be a run directory ({e})") from None
+
+    def lock(self) -> None:
+        """Claim the run directory for this process (an exclusive ``flock`` on its ``.lock``,
+        held until :func:`release_locks` or the process ends, even by ``kill -9``): a second
+        process on the same directory would otherwise remove the first one's checkpoint save in
+        progress (as a killed save's) and append to the same ``metrics.jsonl``."""
+        key = self.path.resolve()
+        if not self.writer or key in _LOCKS:
+            return
+        f = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise ConfigError(f"{self.path}: another process (pid {holder}) is running in this "
+                              "run directory; wait for it to end (then rerun to resume), or "
+                              "use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _LOCKS[key] = f
 
     def _write_json(self, name: str, obj: Any) -> None:
         if self.writer:
@@ -190,6 +233,7 @@ class RunDir:
         is overwritten, unless every differing field is in ``may_change`` (then returned), or
         the run has not :meth:`started` (then it starts afresh under the new config). A field
         the dataclass gained after the run was written is no difference at its default."""
+        self.lock()
         cfg = config if dataclasses.is_dataclass(config) else None
         if cfg is not None:
             config = dataclasses.asdict(cfg)
@@ -214,7 +258,7 @@ class RunDir:
                 "git_dirty": _git_dirty(), "argv": sys.argv, **(extra or {})}
         path = self.path / "meta.json"
         if path.exists() and self.started():
-            old = _read_json(path)
+            old = _revive(read_config_json(path))   # a damaged one is named, not a traceback
             for key, digests in INPUT_DIGESTS.items():
                 was, now = (old.get(key) or {}).get(digests), (meta.get(key) or {}).get(digests)
                 if was is not None and was != now:

@@ -126,6 +126,63 @@ def test_a_damaged_config_json_is_an_error_naming_it(tmp_path):
         run.write_config({"steps": 3})
 
 
+def test_a_damaged_meta_json_is_an_error_naming_it(tmp_path):
+    """A rerun reads meta.json (the digests of its inputs): a hand-edited or damaged one is an
+    error naming it, not a JSONDecodeError traceback."""
+    run = RunDir(tmp_path)
+    run.log_metrics(1, {"loss": 1.0})                    # a started run: its meta.json is read
+    (tmp_path / "meta.json").write_text('{"seed": 3, "argv": ["x')
+    with pytest.raises(runs.ConfigError, match=r"meta.json: not a JSON config"):
+        run.write_meta(seed=3)
+
+
+def test_an_out_that_is_a_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(runs.ConfigError, match=r"file.*(not a directory|cannot be a run)"):
+            RunDir(out)
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+_HOLD_RUN_DIR = """
+import sys
+from rlhf_jax.runs import RunDir
+RunDir(sys.argv[1]).write_config({"steps": 3})
+print("claimed", flush=True)
+sys.stdin.read()          # hold the run directory until the test closes stdin
+"""
+
+
+def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
+    """Two processes on one run directory would each remove the other's checkpoint save in
+    progress (as a killed save's) and append to one metrics.jsonl: the second is refused naming
+    the directory and the first one's pid, before it writes anything; after the first ends
+    (however it ends: the kernel drops its lock), a rerun goes on. One process may claim its own
+    directory again (a resumed stage, a pipeline's stages)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(rlhf_jax.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_RUN_DIR, str(out)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        before = (out / "config.json").read_text()
+        with pytest.raises(runs.ConfigError,
+                           match=rf"{out}: another process \(pid {holder.pid}\) is running"):
+            RunDir(out).write_config({"steps": 4})
+        assert (out / "config.json").read_text() == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    try:
+        run = RunDir(out)
+        run.write_config({"steps": 3})
+        run.write_config({"steps": 3})                  # this process's own claim, again
+        assert not run.started()                         # the lock file is no work
+    finally:
+        runs.release_locks()
+
+
 def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "_git_commit", lambda: "abc123")
     monkeypatch.setattr(runs, "_git_dirty", lambda: True)
