@@ -107,6 +107,25 @@ def test_an_empty_init_from_is_refused(argv, tmp_path, capsys):
     assert not ok and "--init-from: empty path" in err, err
 
 
+def test_a_prompt_len_shorter_than_the_task_s_prompts_is_refused_before_any_work(tmp_path,
+                                                                              capsys):
+    """The first to read a prompt too long for ``task.prompt_len`` was the evaluation after
+    pretraining (a ValueError traceback), and the fixed flag is another config, so the trained
+    run could not be resumed: refused before any work, naming the field."""
+    out = tmp_path / "pt"
+    with pytest.raises(SystemExit) as exc:
+        load("pretrain").main([
+            "--out", str(out), "--task.prompt-len", "3", "--steps", "2",
+            "--optim.warmup-steps", "1", "--batch-size", "2", "--model.n-layers", "1",
+            "--model.d-model", "16", "--model.n-heads", "2", "--model.d-ff", "32",
+            "--task.world.n-real", "8", "--task.world.n-fictional", "8"])
+    assert exc.value.code == 2
+    assert re.search(r"config field `task.prompt_len`: the task's longest prompt .* is \d+ "
+                     r"tokens \(BOS included\), more than prompt_len 3",
+                     capsys.readouterr().err)
+    assert not out.exists()
+
+
 _VALUE = st.one_of(st.integers(-10**6, 10**6).map(str), st.sampled_from(
     ["nan", "inf", "-inf", "0", "1e30", "-1e-30", "abc", "", "0.5", "3"]))
 

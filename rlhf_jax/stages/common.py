@@ -15,7 +15,7 @@ from rlhf_jax.checkpoint import Checkpointer, load_params, save_params
 from rlhf_jax.configs import check, from_dict
 from rlhf_jax.data.batching import EpochOrder
 from rlhf_jax.data.task import Task
-from rlhf_jax.data.tokenizers import HFTokenizer
+from rlhf_jax.data.tokenizers import HFTokenizer, with_bos
 from rlhf_jax.loop import fit, resume
 from rlhf_jax.models import ModelConfig, create_model
 from rlhf_jax.models.hf import load_config
@@ -47,6 +47,22 @@ def check_context(model: ModelConfig, task: TaskConfig, field: str = "task.max_n
     check(task.prompt_len + task.max_new_tokens <= model.max_len, field,
           f"prompt_len {task.prompt_len} + max_new_tokens {task.max_new_tokens} exceeds the "
           f"model context {model.max_len}")
+
+
+def check_prompts_fit(task: Task, shapes: TaskConfig, field: str = "task.prompt_len") -> None:
+    """Every prompt of the task (train and held-out) and knowledge probe, as the model reads it
+    (``with_bos``), fits ``shapes.prompt_len``: checked before any work, since the first to
+    read one too long is the evaluation after training, and a changed ``prompt_len`` is another
+    config (the run's work could not be resumed under it)."""
+    tok = task.tokenizer
+    texts = [p.text for split in ("train", "heldout") for p in task.prompts(split)]
+    texts += [prefix for prefix, _ in task.knowledge_probes("heldout")]
+    if not texts:
+        return
+    n, text = max((len(with_bos(tok, tok.encode(t))), t) for t in texts)
+    check(n <= shapes.prompt_len, field,
+          f"the task's longest prompt ({text[:40]!r}) is {n} tokens (BOS included), more than "
+          f"prompt_len {shapes.prompt_len}: give at least {n}")
 
 
 def upstream_run(given: str, default: Path, script: str, default_cfg, field: str, *,

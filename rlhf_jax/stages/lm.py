@@ -23,8 +23,8 @@ from rlhf_jax.losses.lm import lm_loss_fn, lm_with_replay_loss_fn
 from rlhf_jax.models import PRESETS, GPTConfig, create_model
 from rlhf_jax.models.hf import file_digests, load_pretrained
 from rlhf_jax.runs import RunDir, config_differences
-from rlhf_jax.stages.common import (STREAM_INIT, check_context, epoch_order, stage_key,
-                                    train_stage)
+from rlhf_jax.stages.common import (STREAM_INIT, check_context, check_prompts_fit,
+                                    epoch_order, stage_key, train_stage)
 from rlhf_jax.stages.file_checks import (check_causal_lm, check_export_dir,
                                          check_file_inputs, check_no_file_fields)
 from rlhf_jax.tasks import TaskConfig
@@ -218,6 +218,7 @@ def base_model(cfg: PretrainConfig, task: Task):
     """``(cfg, Model, params, meta)`` of the model pretraining starts from: ``cfg.init_from``'s
     checkpoint (``meta`` records its path, architecture, dtype and file digests), or a random
     initialisation of ``cfg.model`` at the task tokenizer's vocabulary (``cfg`` records it)."""
+    check_prompts_fit(task, cfg.task)
     if cfg.init_from:
         model, params = import_base_model(cfg, task)
         meta = {"init_from": {"path": str(Path(cfg.init_from).resolve()),
