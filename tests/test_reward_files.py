@@ -476,6 +476,29 @@ def test_a_tokenizer_beyond_the_model_vocabulary_is_refused_before_the_data_set(
     assert not (out / "data").exists() and not RunDir(out).started()
 
 
+def test_a_tokenizer_that_cannot_encode_the_data_is_an_error_naming_file_and_record(tmp_path,
+                                                                                   capsys):
+    """A word-level tokenizer.json without an [UNK] token (what a task model's export holds)
+    meets a word it lacks: an error naming the tokenizer file and the record (file and line),
+    not tokenizers' bare Exception; the data set built for it goes, so the run has not started
+    and a rerun with another checkpoint starts afresh."""
+    from rlhf_jax.runs import RunDir
+
+    tok = WordTokenizer("say red : .".split())
+    model, params = create_model(preset("test", max_len=48, n_layers=1,
+                                        vocab_size=tok.vocab_size), jax.random.key(3))
+    ckpt = tmp_path / "word-level"
+    save_pretrained(ckpt, model, params, tokenizer=tok)
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as e:
+        load("sft").main(["--out", str(out), "--init-from", str(ckpt), *SFT_FILES])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert re.search(r"word-level/tokenizer.json: cannot encode .*Missing \[UNK\].*in record "
+                     r"'hh_rlhf_split/train:1'", err), err
+    assert not RunDir(out).started()
+
+
 def test_sft_on_preference_files_accepts_what_it_does(checkpoint):
     """``--ptx-coef 0`` says what SFT on files does (no replay), so it is no contradiction."""
     from rlhf_jax.stages.lm import PretrainConfig, SFTConfig

@@ -141,17 +141,25 @@ class HFTokenizer:
                                                           tok.get_vocab_size())
                                     if i not in ids["eos_token_id"]]
         lead = _leading_special(tok, file)
-        return cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
-                   bos_id=lead if lead is not None else (ids["bos_token_id"] or [None])[0],
-                   add_bos=lead is not None, config=_json_object(path / "tokenizer_config.json"),
-                   chat_template=_text(path / "chat_template.jinja"))
+        out = cls(tok, eos_ids=ids["eos_token_id"], pad_id=(ids["pad_token_id"] or [None])[0],
+                  bos_id=lead if lead is not None else (ids["bos_token_id"] or [None])[0],
+                  add_bos=lead is not None, config=_json_object(path / "tokenizer_config.json"),
+                  chat_template=_text(path / "chat_template.jinja"))
+        out.source = str(file)
+        return out
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    source = "tokenizer.json"   # the file it was read from (from_pretrained)
+
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:   # tokenizers raises a bare Exception, e.g. a word-level
+            raise TokenizerError(   # vocabulary without an [UNK] token meeting an unknown word
+                f"{self.source}: cannot encode {text[:40]!r} ({e})") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         out = []

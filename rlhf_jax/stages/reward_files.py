@@ -15,6 +15,7 @@ and mean margin, and the truncation counts.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from rlhf_jax.data.batching import check_tokens, pad_left, pad_right
 from rlhf_jax.data.preference_records import decode_record, sha256_file
 from rlhf_jax.data.preferences import (HhRlhf, SummarizeFromFeedback, load_preference_source,
                                        split_files)
-from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer, with_bos
+from rlhf_jax.data.tokenizers import HFTokenizer, Tokenizer, TokenizerError, with_bos
 from rlhf_jax.models import GPTConfig
 from rlhf_jax.models.hf import (CheckpointError, file_digests, load_pretrained,
                                 save_pretrained)
@@ -66,13 +67,19 @@ def file_pairs(data: str, data_dir: str, ckpt: str, out: Path, *, prompt_tokens:
         raise CheckpointError(f"{Path(ckpt) / 'tokenizer.json'}: its {tok.vocab_size} ids "
                               f"exceed the {model.cfg.vocab_size} the model embeds (config.json"
                               " vocab_size): not this model's tokenizer")
+    fresh = not (out / "data").exists()
     built = build_file_dataset(data, data_dir, out / "data")
     arrays, summary = {}, {}
     for split in SPLITS:
-        arrays[split], counts = encode_pairs(
-            tok, read_records(out / "data", built["name"], split),
-            prompt_tokens=prompt_tokens, response_tokens=response_tokens,
-            eos_when_cut=eos_when_cut)
+        try:
+            arrays[split], counts = encode_pairs(
+                tok, read_records(out / "data", built["name"], split),
+                prompt_tokens=prompt_tokens, response_tokens=response_tokens,
+                eos_when_cut=eos_when_cut)
+        except TokenizerError:   # not this data's tokenizer: the data set just built (derived
+            if fresh:            # from the files) goes, so the rerun with another starts afresh
+                shutil.rmtree(out / "data", ignore_errors=True)
+            raise
         check_tokens(arrays[split], vocab_size=model.cfg.vocab_size,
                      source=f"{source}: {split} pairs")
         meta = built[split]
@@ -129,11 +136,11 @@ def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
     prompts, responses = [], []
     counts = {"prompts_truncated": 0, "responses_truncated": 0}
     for r in records:
-        ids = with_bos(tok, tok.encode(r["prompt"]))
+        ids = with_bos(tok, _encode(tok, r["prompt"], r.get("id")))
         counts["prompts_truncated"] += len(ids) > prompt_tokens
         prompts.append(ids[-prompt_tokens:])
         for text in r["responses"]:
-            ids = tok.encode(text)
+            ids = _encode(tok, text, r.get("id"))
             counts["responses_truncated"] += len(ids) > response_tokens - 1
             responses.append(ids[:response_tokens - 1] + [tok.eos_id] if eos_when_cut
                              else (ids + [tok.eos_id])[:response_tokens])
@@ -147,6 +154,16 @@ def encode_pairs(tok: Tokenizer, records: Sequence[dict], *, prompt_tokens: int,
     counts["pairs_identical_after_truncation"] = int(
         (arrays["responses"] == arrays["responses"][:, :1]).all(axis=(1, 2)).sum()) if k else 0
     return arrays, counts
+
+
+def _encode(tok: Tokenizer, text: str, record_id: str | None) -> list[int]:
+    """``tok.encode(text)``; a text the tokenizer cannot encode is an error naming the record
+    (its id is the preference file and line: ``helpful-base/train:17``)."""
+    try:
+        return tok.encode(text)
+    except TokenizerError as e:
+        raise TokenizerError(f"{e}, in record {record_id!r} (file and line): not this data's "
+                             "tokenizer?") from None
 
 
 def preferred_responses(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
