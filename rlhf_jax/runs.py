@@ -152,6 +152,7 @@ def release_locks() -> None:
 
 # records written before a run's work begins (see RunDir.started); sweep_cell.json is a sweep
 # cell's claim on its directory (rlhf_jax.sweep.CELL_FILE), written before the cell's run starts
+TFDS_PARTIAL = "incomplete."   # a TFDS build in progress (renamed into place when complete)
 START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json", "sweep_cell.json"})
 
 
@@ -216,10 +217,13 @@ class RunDir:
         the ``upstream`` runs it reuses excepted). A run that stopped before that (a config or
         input file it refused at run time) is started afresh: its ``config.json`` and
         ``meta.json`` are replaced, not resumed. A symbolic link counts as work (the walk does
-        not follow links, such as ``checkpoints`` linked to scratch space)."""
+        not follow links, such as ``checkpoints`` linked to scratch space); a data set build
+        that was killed (TFDS's ``incomplete.*`` directory, never read: the next build starts
+        anew) does not."""
         for root, dirs, files in os.walk(self.path):
             here = Path(root)
-            dirs[:] = [d for d in dirs if (here / d).resolve() not in self.upstream]
+            dirs[:] = [d for d in dirs if (here / d).resolve() not in self.upstream
+                       and not d.startswith(TFDS_PARTIAL)]
             if any((here / d).is_symlink() for d in dirs):
                 return True
             if any(f not in START_FILES and not f.startswith(".") for f in files):
