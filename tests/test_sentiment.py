@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,23 @@ def test_missing_directory_names_the_path_and_the_apt_command(tmp_path):
     assert str(missing) in str(e.value)
     with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
         SentimentTask(SentimentConfig(fortunes_dir=str(missing), data_dir=str(tmp_path)))
+
+
+def test_a_missing_fortunes_dir_is_bad_input_not_a_traceback(tmp_path, capsys):
+    """``--task.options fortunes_dir DIR`` naming no fortunes: ``error: …`` and exit code 2
+    before any work, as for every bad input (it used to end in a FileNotFoundError
+    traceback)."""
+    from rlhf_jax.scripts import load
+
+    out = tmp_path / "pt"
+    with pytest.raises(SystemExit) as e:
+        load("pretrain").main(["--out", str(out), "--task.name", "sentiment", "--task.options",
+                               "fortunes_dir", str(tmp_path / "none"), "data_dir",
+                               str(tmp_path / "data")])
+    assert e.value.code == 2
+    assert re.search(r"error: fortunes directory .*none does not exist",
+                     capsys.readouterr().err)
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- the tokenizer

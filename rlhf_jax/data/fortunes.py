@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
 
+from rlhf_jax.configs import ConfigError
+
 DEFAULT_DIR = "/usr/share/games/fortunes"
 APT_HINT = "apt-get install fortunes"
 NON_PROSE = frozenset({"ascii-art", "translate-me"})
@@ -69,13 +71,19 @@ def split_of(text: str, heldout_every: int) -> str:
     return "heldout" if h % heldout_every == 0 else "train"
 
 
+class FortunesNotFound(FileNotFoundError, ConfigError):
+    """No fortune files where the task's ``fortunes_dir`` option points: bad input (a
+    :class:`ConfigError`, which the scripts report as ``error: …``, exit 2), and a
+    ``FileNotFoundError``."""
+
+
 def fortune_files(directory: str | os.PathLike) -> list[Path]:
     """The text files of a fortunes directory (sorted; no ``.dat``/``.u8``/hidden files, no
     :data:`NON_PROSE` files). A missing directory raises ``FileNotFoundError`` naming it and the
     apt command that installs it."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(
+        raise FortunesNotFound(
             f"fortunes directory {directory} does not exist: install Debian's texts with "
             f"`{APT_HINT}` (`dpkg -L fortunes` shows where they are), or point the task's "
             f"fortunes_dir option at a directory of fortune files")
@@ -83,7 +91,7 @@ def fortune_files(directory: str | os.PathLike) -> list[Path]:
                    if p.is_file() and not p.is_symlink() and not p.name.startswith(".")
                    and p.suffix not in (".dat", ".u8") and p.name not in NON_PROSE)
     if not files:
-        raise FileNotFoundError(f"fortunes directory {directory} holds no fortune files "
+        raise FortunesNotFound(f"fortunes directory {directory} holds no fortune files "
                                 f"(reinstall with `{APT_HINT}`)")
     return files
 
