@@ -121,6 +121,20 @@ def test_user_task_options_are_converted_and_checked(echo):
         {"gold": -1.0, "top_rate": 0.25, "wrong_rate": 0.25})
 
 
+def test_a_task_without_held_out_prompts_is_refused_before_any_work(echo, tmp_path, capsys):
+    """``n_prompts 0``: the evaluation averaged nothing and reported gold 0 (a silent, wrong
+    number); refused before any work instead, naming the task."""
+    out = tmp_path / "pt"
+    with pytest.raises(SystemExit) as e:
+        load("pretrain").main(["--out", str(out), "--task.name", "echo", "--task.options",
+                               "n_prompts", "0", "--steps", "2", "--batch-size", "2",
+                               "--seq-len", "16", "--model.d-model", "16", "--model.n-layers",
+                               "1", "--model.n-heads", "2", "--optim.warmup-steps", "1"])
+    assert e.value.code == 2
+    assert "config field `task`: task 'echo' has no held-out prompts" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_user_task_runs_the_whole_pipeline(echo, tmp_path):
     out = tmp_path / "pipe"
     args = ["--out", str(out), "--pretrain.task.name", "echo",

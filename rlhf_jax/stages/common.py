@@ -50,15 +50,16 @@ def check_context(model: ModelConfig, task: TaskConfig, field: str = "task.max_n
 
 
 def check_prompts_fit(task: Task, shapes: TaskConfig, field: str = "task.prompt_len") -> None:
-    """Every prompt of the task (train and held-out) and knowledge probe, as the model reads it
-    (``with_bos``), fits ``shapes.prompt_len``: checked before any work, since the first to
-    read one too long is the evaluation after training, and a changed ``prompt_len`` is another
-    config (the run's work could not be resumed under it)."""
+    """The task has held-out prompts, and every prompt (train and held-out) and knowledge probe,
+    as the model reads it (``with_bos``), fits ``shapes.prompt_len``: checked before any work,
+    since the first to read one too long is the evaluation after training, and a changed
+    ``prompt_len`` is another config (the run's work could not be resumed under it)."""
+    heldout = task.prompts("heldout")
+    check(len(heldout) > 0, "task", f"task {task.name!r} has no held-out prompts: every "
+          "evaluation would average nothing (gold 0, rates NaN); check its options")
     tok = task.tokenizer
-    texts = [p.text for split in ("train", "heldout") for p in task.prompts(split)]
+    texts = [p.text for p in task.prompts("train")] + [p.text for p in heldout]
     texts += [prefix for prefix, _ in task.knowledge_probes("heldout")]
-    if not texts:
-        return
     n, text = max((len(with_bos(tok, tok.encode(t))), t) for t in texts)
     check(n <= shapes.prompt_len, field,
           f"the task's longest prompt ({text[:40]!r}) is {n} tokens (BOS included), more than "
