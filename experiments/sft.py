@@ -67,8 +67,11 @@ def run(cfg: SFTConfig, out: str | Path) -> dict:
         demos = [task.demonstration(p, rng) for p in prompts]
         run.write_jsonl("demonstrations.jsonl", ({"uid": p.uid, "prompt": p.text, "response": d}
                                                  for p, d in zip(prompts, demos)))
-        data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
-                            response_len=tcfg.max_new_tokens)
+        try:
+            data = sft_examples(task.tokenizer, prompts, demos, prompt_len=tcfg.prompt_len,
+                                response_len=tcfg.max_new_tokens)
+        except ValueError as e:   # a demonstration longer than the pretraining run's budget
+            check(False, "pretrain.task.max_new_tokens", f"{e}: a demonstration does not fit")
         replay = pack_documents(task.tokenizer, task.pretraining_corpus(), pre_cfg.seq_len)
         params = train_lm(model, params, data, seed=cfg.seed, batch_size=cfg.batch_size,
                           steps=cfg.steps, optim=cfg.optim, run=run, prefix="sft",

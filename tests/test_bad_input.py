@@ -126,6 +126,26 @@ def test_a_prompt_len_shorter_than_the_task_s_prompts_is_refused_before_any_work
     assert not out.exists()
 
 
+def test_a_max_new_tokens_shorter_than_the_demonstrations_is_refused_before_pretraining(
+        tmp_path, capsys):
+    """SFT's rows hold a demonstration in ``task.max_new_tokens``: one too short was found by
+    SFT after pretraining (a ValueError traceback), and the fixed flag contradicted the finished
+    pretraining run. Refused before the pretraining starts, naming the field."""
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as exc:
+        load("sft").main([
+            "--out", str(out), "--pretrain.task.max-new-tokens", "2", "--pretrain.steps", "2",
+            "--pretrain.optim.warmup-steps", "1", "--pretrain.batch-size", "2",
+            "--pretrain.model.n-layers", "1", "--pretrain.model.d-model", "16",
+            "--pretrain.model.n-heads", "2", "--pretrain.model.d-ff", "32",
+            "--pretrain.task.world.n-real", "8", "--pretrain.task.world.n-fictional", "8",
+            "--steps", "2", "--optim.warmup-steps", "1", "--batch-size", "2"])
+    assert exc.value.code == 2
+    assert re.search(r"config field `task.max_new_tokens`: the task's demonstrations run to "
+                     r"\d+ tokens", capsys.readouterr().err)
+    assert not (out / "pretrain" / "checkpoints").exists()
+
+
 _VALUE = st.one_of(st.integers(-10**6, 10**6).map(str), st.sampled_from(
     ["nan", "inf", "-inf", "0", "1e30", "-1e-30", "abc", "", "0.5", "3"]))
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import progress, scripts
@@ -64,6 +65,14 @@ def check_prompts_fit(task: Task, shapes: TaskConfig, field: str = "task.prompt_
     check(n <= shapes.prompt_len, field,
           f"the task's longest prompt ({text[:40]!r}) is {n} tokens (BOS included), more than "
           f"prompt_len {shapes.prompt_len}: give at least {n}")
+    if task.demonstrations:   # SFT's rows hold a demonstration + EOS in max_new_tokens; SFT
+        rng = np.random.default_rng(0)   # draws its own, so one per prompt is a sample
+        n, text = max((len(tok.encode(d)) + 1, d) for d in
+                      (task.demonstration(p, rng) for p in task.prompts("train")))
+        check(n <= shapes.max_new_tokens, "task.max_new_tokens",
+              f"the task's demonstrations run to {n} tokens (EOS included; e.g. {text[:40]!r}), "
+              f"more than max_new_tokens {shapes.max_new_tokens}, which holds SFT's responses: "
+              f"give at least {n}")
 
 
 def upstream_run(given: str, default: Path, script: str, default_cfg, field: str, *,
