@@ -164,14 +164,11 @@ def main(config_cls: type[C], runner: Callable[[C, str], dict], argv: Sequence[s
     from rlhf_jax import progress, scripts
 
     # e.g. a run directory that holds another config, a bad checkpoint or preference row
-    from rlhf_jax.runs import release_locks
+    from rlhf_jax.runs import run_locks
 
-    try:
-        with input_errors_exit():
-            with progress.stage(scripts.name_of(runner), out):
-                summary = runner(cfg, out)
-    finally:
-        release_locks()   # the run directories this stage claimed (RunDir.lock)
+    with input_errors_exit(), run_locks():   # the run directories it claims (RunDir.lock)
+        with progress.stage(scripts.name_of(runner), out):
+            summary = runner(cfg, out)
     import jax
 
     if jax.process_index() == 0:

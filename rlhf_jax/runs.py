@@ -16,6 +16,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -150,9 +151,21 @@ def release_locks() -> None:
         _LOCKS.popitem()[1].close()
 
 
+@contextlib.contextmanager
+def run_locks():
+    """Release, at the end of the block, the run directory locks taken in it (a stage run from
+    a script or a notebook: its directories are free for another process once it returned)."""
+    before = set(_LOCKS)
+    try:
+        yield
+    finally:
+        for key in [k for k in _LOCKS if k not in before]:
+            _LOCKS.pop(key).close()
+
+
+TFDS_PARTIAL = "incomplete."   # a TFDS build in progress (renamed into place when complete)
 # records written before a run's work begins (see RunDir.started); sweep_cell.json is a sweep
 # cell's claim on its directory (rlhf_jax.sweep.CELL_FILE), written before the cell's run starts
-TFDS_PARTIAL = "incomplete."   # a TFDS build in progress (renamed into place when complete)
 START_FILES = frozenset({"config.json", "meta.json", "tokenizer.json", "sweep_cell.json"})
 
 
@@ -177,9 +190,10 @@ class RunDir:
 
     def lock(self) -> None:
         """Claim the run directory for this process (an exclusive ``flock`` on its ``.lock``,
-        held until :func:`release_locks` or the process ends, even by ``kill -9``): a second
-        process on the same directory would otherwise remove the first one's checkpoint save in
-        progress (as a killed save's) and append to the same ``metrics.jsonl``."""
+        held until the :func:`run_locks` block around the stage ends, :func:`release_locks`, or
+        the process ends, even by ``kill -9``): a second process on the same directory would
+        otherwise remove the first one's checkpoint save in progress (as a killed save's) and
+        append to the same ``metrics.jsonl``."""
         key = self.path.resolve()
         if not self.writer or key in _LOCKS:
             return

@@ -50,6 +50,7 @@ def run(name: str, cfg, out: str | Path) -> dict:
     """``experiments/<name>.py``'s ``run(cfg, out)`` between the stage's start and end lines
     (:func:`rlhf_jax.progress.stage`); returns its summary."""
     from rlhf_jax import progress
+    from rlhf_jax.runs import run_locks
 
-    with progress.stage(name, out):
+    with run_locks(), progress.stage(name, out):   # its run directories are free once it ends
         return load(name).run(cfg, out)

@@ -192,13 +192,13 @@ def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    try:
+    with runs.run_locks():                               # as cli.main and scripts.run do
         run = RunDir(out)
         run.write_config({"steps": 3})
         run.write_config({"steps": 3})                  # this process's own claim, again
         assert not run.started()                         # the lock file is no work
-    finally:
-        runs.release_locks()
+        assert out.resolve() in runs._LOCKS
+    assert out.resolve() not in runs._LOCKS              # free for another process again
 
 
 def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
