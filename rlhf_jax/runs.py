@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 import rlhf_jax
-from rlhf_jax import log_writers
+from rlhf_jax import log_writers, progress
 from rlhf_jax.configs import ConfigError
 
 
@@ -207,6 +207,11 @@ class RunDir:
             raise ConfigError(f"{self.path}: another process (pid {holder}) is running in this "
                               "run directory; wait for it to end (then rerun to resume), or "
                               "use another --out") from None
+        except OSError as e:   # a file system without locks (some network or FUSE mounts)
+            f.close()
+            progress.message(f"warning: {self.path}: cannot lock the run directory ({e}); "
+                             "make sure no other process writes to it")
+            return
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -201,6 +201,24 @@ def test_a_second_process_on_a_run_directory_is_refused(tmp_path):
     assert out.resolve() not in runs._LOCKS              # free for another process again
 
 
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch,
+                                                                   capsys):
+    """Where flock is not supported (some network or FUSE mounts: ENOLCK), the run goes on
+    unclaimed and says so, rather than failing."""
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with runs.run_locks():
+        RunDir(tmp_path / "run").write_config({"steps": 3})
+        assert (tmp_path / "run").resolve() not in runs._LOCKS
+    assert "cannot lock the run directory" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").exists()
+
+
 def test_run_dir_writes_config_meta_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "_git_commit", lambda: "abc123")
     monkeypatch.setattr(runs, "_git_dirty", lambda: True)
