@@ -497,6 +497,7 @@ def test_bad_tensors_are_named(tmp_path, edit, pattern):
     ("architectures", ["GPT2DoubleHeadsModel"], r"field 'architectures'"),
     ("activation_function", "relu", r"field 'activation_function' = 'relu'"),
     ("vocab_size", None, r"field 'vocab_size' must be int"),
+    ("layer_norm_epsilon", float("inf"), r"field 'layer_norm_epsilon' must be a finite float"),
 ])
 def test_bad_config_fields_are_named(tmp_path, field, value, pattern):
     ckpt = _copy("gpt2_odd", tmp_path)

@@ -12,6 +12,7 @@ already ``[in, out]`` as ours; the sequence-classification ``score.weight [1, D]
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,13 +42,15 @@ class TensorSpec:
 
 def get_field(raw: Mapping, field: str, kind: type, default: Any, source: Path):
     """``raw[field]`` (or ``default`` when absent), which must be of ``kind`` (an int passes as a
-    float, a bool never as a number); otherwise a :class:`CheckpointError` naming the field."""
+    float, a bool never as a number; a float must be finite: Python's JSON reads ``Infinity``
+    and ``NaN``); otherwise a :class:`CheckpointError` naming the field."""
     value = raw.get(field, default)
     ok = (isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
           or kind is float and isinstance(value, int) and not isinstance(value, bool))
+    ok = ok and not (kind is float and not math.isfinite(value))
     if not ok:
-        raise CheckpointError(f"{source}: field {field!r} must be {kind.__name__}, "
-                              f"got {value!r}")
+        what = "a finite float" if kind is float else kind.__name__
+        raise CheckpointError(f"{source}: field {field!r} must be {what}, got {value!r}")
     return value
 
 
