@@ -95,7 +95,10 @@ def task_config(cfg: TaskConfig) -> Any:
         check(key in fields, f"options.{key}",
               f"not a field of {config_cls.__name__} (fields: {sorted(fields)})")
         kwargs[key] = _convert(value, hints[key], f"options.{key}")
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as e:   # the task's own checks of its settings
+        check(False, "options", f"{config_cls.__name__}: {e}")
 
 
 def _convert(value: Any, hint: Any, field: str) -> Any:

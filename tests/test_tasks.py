@@ -111,6 +111,9 @@ def test_user_task_options_are_converted_and_checked(echo):
         TaskConfig(name="echo", options={"colours": "3"})
     with pytest.raises(ConfigError, match="`options.n_prompts`.*not a int"):
         TaskConfig(name="echo", options={"n_prompts": "many"})
+    # the task's own checks (a ValueError of its config class) name the options
+    with pytest.raises(ConfigError, match=r"`options`: EchoConfig: n_prompts >= 0 .*n_prompts=-3"):
+        TaskConfig(name="echo", options={"n_prompts": "-3"})
     # its own judge and summary
     p = task.prompts("heldout")[0]
     c = p.info["colour"]
