@@ -85,17 +85,20 @@ def reward_table(results_dir: str | Path) -> str:
         lines.append(row(p.replace("_vs_", " vs "), f"rm/gold_agreement/{p}",
                          n if all(n in r for r in runs) else None))
     lines += [row(label, key) for key, label in RM_ROWS if all(key in r for r in runs)]
+    notes = []
     if pairs:
         v, s, p = min((r[f"rm/gold_agreement/{p}"], s, p) for r, s in zip(runs, seeds)
                       for p in pairs)
         n = runs[seeds.index(s)].get(f"rm/pairs/{p}")
-        lines += ["", f"Weakest pair kind: {p.replace('_vs_', ' vs ')}, seed {s}: {v:.3f}"
-                  + (f" on {n:,} pairs" if n is not None else "") + "."]
+        notes.append(f"Weakest pair kind: {p.replace('_vs_', ' vs ')}, seed {s}: {v:.3f}"
+                     + (f" on {n:,} pairs" if n is not None else "") + ".")
     if all("rm/accuracy" in r and "rm/gold_label_accuracy" in r for r in runs):
         gap = [100 * (r["rm/gold_label_accuracy"] - r["rm/accuracy"]) for r in runs]
-        lines[-1] += (" `rm/gold_label_accuracy` − `rm/accuracy` (points, seed "
-                      + " / ".join(seeds) + "): "
-                      + " / ".join(f"{g:.1f}" for g in gap).replace("-", "−") + ".")
+        notes.append("`rm/gold_label_accuracy` − `rm/accuracy` (points, seed "
+                     + " / ".join(seeds) + "): "
+                     + " / ".join(f"{g:.1f}" for g in gap).replace("-", "−") + ".")
+    if notes:   # a paragraph under the table (never appended to its last row)
+        lines += ["", " ".join(notes)]
     sft = [d / "sft_summary.json" for d in dirs]
     if all(p.exists() for p in sft):
         sft = [read_json(p) for p in sft]

@@ -99,6 +99,22 @@ def test_reward_table_against_a_loop_over_the_committed_files():
     assert " / ".join(f"{x['knowledge/sft']:.3f}" for x in sft) + " after SFT" in block
 
 
+def test_reward_table_without_pair_kinds_keeps_the_gap_line_out_of_the_table(tmp_path):
+    """With no answer-kind pair reported (fewer than min_pairs of each), the accuracy-gap
+    sentence is a paragraph of its own, not text glued onto the table's last row."""
+    from rlhf_jax.results_stages import reward_table
+
+    for s in (0, 1):
+        (tmp_path / f"seed{s}").mkdir()
+        (tmp_path / f"seed{s}" / "summary.json").write_text(json.dumps({
+            "rm/gold_agreement": 0.9, "rm/gold_pairs": 100, "rm/accuracy": 0.7,
+            "rm/noise_ceiling": 0.75, "rm/gold_label_accuracy": 0.78}))
+    text = reward_table(tmp_path)
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert all(line.endswith("|") and "points, seed" not in line for line in rows)
+    assert "\n\n`rm/gold_label_accuracy` − `rm/accuracy` (points, seed 0 / 1): 8.0 / 8.0.\n" in text
+
+
 def test_reward_collect_from_a_pipeline_directory(tmp_path):
     run = tmp_path / "pipe"
     summary = {"rm/gold_agreement": 0.9, "rm/gold_agreement/correct_vs_unknown": 0.5,
