@@ -245,7 +245,9 @@ def write_index(out: Path, rows: Sequence[dict], table=None) -> None:
 
 
 def results_table(rows: Sequence[dict]) -> str:
-    """Markdown: one line per cell, mean ± std over its seeds of every headline number."""
+    """Markdown: one line per cell, mean ± std over its seeds of every headline number. A number
+    over fewer seeds than the cell ran (a key some runs lack, or a non-finite value, which is
+    left out) says over how many: ``1.500 ± 0.707 (n=2)``."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r)
             if k not in ("cell", "script", "seed", "overrides", "dir")]
     lines = ["| cell | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
@@ -254,8 +256,10 @@ def results_table(rows: Sequence[dict]) -> str:
         cells = []
         for k in keys:
             v = np.array([r[k] for r in mine if isinstance(r.get(k), (int, float))], np.float64)
-            cells.append("—" if v.size == 0 else f"{v.mean():.3f}" if v.size == 1 else
-                         f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
+            v = v[np.isfinite(v)]
+            cell = ("—" if v.size == 0 else f"{v.mean():.3f}" if v.size == 1 else
+                    f"{v.mean():.3f} ± {v.std(ddof=1):.3f}")
+            cells.append(cell + (f" (n={v.size})" if 0 < v.size < len(mine) else ""))
         lines.append(f"| {name} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -124,3 +124,14 @@ def test_a_cell_record_from_before_a_config_field_was_added_is_the_same_config(t
     (run_dir / sweep.CELL_FILE).write_text(json.dumps({**record, "script": "ppo"}))
     with pytest.raises(ConfigError, match=r"differing: script\)"):
         sweep._claim(cell, 0, run_dir)
+
+
+def test_results_table_says_over_how_many_seeds_a_number_is():
+    """A key some seeds lack, or a non-finite value (left out, not turned into nan ± nan), is
+    a mean over fewer seeds than the cell ran: the cell says so; a full cell does not."""
+    rows = [{"cell": "a", "seed": s, "gold": g, "kl": k}
+            for s, g, k in ((0, 1.0, 1.0), (1, 2.0, float("nan")), (2, 3.0, 2.0))]
+    rows.append({"cell": "b", "seed": 0, "gold": 0.5})
+    table = sweep.results_table(rows).splitlines()
+    assert table[2] == "| a | 3 | 2.000 ± 1.000 | 1.500 ± 0.707 (n=2) |"
+    assert table[3] == "| b | 1 | 0.500 | — |"
