@@ -45,10 +45,10 @@ from rlhf_jax.data.binary_feedback import binary_feedback, mismatched
 from rlhf_jax.data.binary_feedback import dataset_name as feedback_name
 from rlhf_jax.stages.lm import PretrainConfig, SFTConfig
 from rlhf_jax.stages.offline import (STARTS_FROM_BASE, OfflineConfig, kto_loss_fn,
-                                     offline_loss_fn, precompute_logps)
+                                     offline_arrays, offline_loss_fn, precompute_logps)
 from rlhf_jax.stages.file_checks import check_export_run_dir
-from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, preference_arrays,
-                                    read_preferences, store_and_reload)
+from rlhf_jax.stages.reward import (RewardConfig, check_task_reward, read_preferences,
+                                    store_and_reload)
 from rlhf_jax.stages.reward_files import pairwise_metrics, start_file_run
 
 
@@ -86,9 +86,8 @@ def run(cfg: OfflineConfig, out: str | Path) -> dict:
                                           flip=cfg.kto_label_flip, seed=cfg.seed)
         prefs = store_and_reload({"train": prefs}, out / "data", task,
                                  name=feedback_name(task.name), version=FEEDBACK_VERSION)["train"]
-    data = preference_arrays(task.tokenizer, prefs, tcfg, max_len=model_config(pre).max_len)
+    data = offline_arrays(task.tokenizer, prefs, tcfg, max_len=model_config(pre).max_len)
     check_tokens(data, vocab_size=model_config(pre).vocab_size, source="offline: train preferences")
-    data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
     if name == "kto":
         data.update(mismatched(data))
     ref_params = None

@@ -31,7 +31,7 @@ from rlhf_jax.runs import config_differences
 from rlhf_jax.sampling import response_logits
 from rlhf_jax.shared_prompt import shared_prompt_logps
 from rlhf_jax.stages.file_checks import check_causal_lm, check_export_dir
-from rlhf_jax.stages.reward import RewardConfig
+from rlhf_jax.stages.reward import RewardConfig, preference_arrays
 from rlhf_jax.train import OptimConfig
 
 REFERENCES = ("precomputed", "recompute")
@@ -171,6 +171,20 @@ class OfflineConfig:
                    "kto": {"beta": self.beta, "lambda_desirable": self.kto_lambda_desirable,
                            "lambda_undesirable": self.kto_lambda_undesirable}}
         return {**builtin.get(self.loss, {}), **self.loss_args}
+
+
+def offline_arrays(tok, prefs, shapes, *, max_len: int) -> dict[str, np.ndarray]:
+    """The task's K-wise comparisons as the policy trains on them: :func:`preference_arrays`
+    (the reward model's layout, which appends EOS to every response so that the RM reads its score
+    at one) with the mask cut to the sampling budget ``shapes.max_new_tokens``, so that a response
+    the sampler cut at the budget counts only the tokens it drew (no EOS, as
+    :func:`rlhf_jax.evaluate.sequence_kl` counts it and as the preference files' DPO tokenizes
+    a cut response), and ``lengths [N, K]`` (response tokens counted)."""
+    data = preference_arrays(tok, prefs, shapes, max_len=max_len)
+    data["response_mask"] = data["response_mask"].copy()
+    data["response_mask"][..., shapes.max_new_tokens:] = 0
+    data["lengths"] = data["response_mask"].sum(-1).astype(np.float32)
+    return data
 
 
 def response_logps(model: Model, params, prompts, prompt_mask, responses, response_mask
