@@ -112,7 +112,8 @@ def test_reward_table_without_pair_kinds_keeps_the_gap_line_out_of_the_table(tmp
     text = reward_table(tmp_path)
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert all(line.endswith("|") and "points, seed" not in line for line in rows)
-    assert "\n\n`rm/gold_label_accuracy` − `rm/accuracy` (points, seed 0 / 1): 8.0 / 8.0.\n" in text
+    gap = "`rm/gold_label_accuracy` − `rm/accuracy` (points, seed 0 / 1): 8.0 / 8.0."
+    assert f"\n\n{gap}\n" in text
 
 
 def test_reward_collect_from_a_pipeline_directory(tmp_path):
