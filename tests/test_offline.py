@@ -153,6 +153,7 @@ def test_recomputed_reference_equals_precomputed(reward_run):
     (["--steps", "10", "--optim.warmup-steps", "20"], "warmup_steps"),
     (["--beta", "nan"], "beta"),
     (["--loss-args", "betaa", "0.2"], "loss_args.betaa"),
+    (["--loss", "kto", "--loss-args", "lambda_desirabel", "2"], "loss_args.lambda_desirabel"),
 ])
 def test_bad_config_fails_naming_the_field(args, field, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:

@@ -14,6 +14,7 @@ index under the gold judge, and the exact per-sequence KL(π ‖ π_SFT) on the 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import jax
@@ -128,6 +129,13 @@ class OfflineConfig:
         if self.loss in PREFERENCE_LOSSES:   # before any stage runs, not at the first step
             for k, problem in hparam_problems(self.loss, self.loss_hparams()).items():
                 check(False, f"loss_args.{k}", problem)
+        else:   # KTO: the keywords kto_loss takes (the stage passes the masks)
+            takes = sorted(k for k, p in inspect.signature(kto_loss).parameters.items()
+                           if p.kind is p.KEYWORD_ONLY and k not in ("mask", "kl_mask",
+                                                                     "axis_name"))
+            for k in self.loss_args:
+                check(k in takes, f"loss_args.{k}",
+                      f"loss 'kto' takes no argument {k!r} (it takes {takes})")
         check(self.reference in REFERENCES, "reference",
               f"must be one of {REFERENCES}, got {self.reference!r}")
         positive(self, "beta", "ipo_tau", "simpo_beta", "orpo_lambda", "kto_lambda_desirable",
