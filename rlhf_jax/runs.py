@@ -144,13 +144,6 @@ LOCK_FILE = ".lock"   # held (flock) by the process writing a run directory: Run
 _LOCKS: dict[Path, Any] = {}   # run directory -> the open lock file this process holds
 
 
-def release_locks() -> None:
-    """Release every run directory lock this process holds (:meth:`RunDir.lock`); the kernel
-    releases them anyway when the process ends, however it ends."""
-    while _LOCKS:
-        _LOCKS.popitem()[1].close()
-
-
 @contextlib.contextmanager
 def run_locks():
     """Release, at the end of the block, the run directory locks taken in it (a stage run from
@@ -190,8 +183,8 @@ class RunDir:
 
     def lock(self) -> None:
         """Claim the run directory for this process (an exclusive ``flock`` on its ``.lock``,
-        held until the :func:`run_locks` block around the stage ends, :func:`release_locks`, or
-        the process ends, even by ``kill -9``): a second process on the same directory would
+        held until the :func:`run_locks` block around the stage ends or the process
+        ends, even by ``kill -9``): a second process on the same directory would
         otherwise remove the first one's checkpoint save in progress (as a killed save's) and
         append to the same ``metrics.jsonl``."""
         key = self.path.resolve()

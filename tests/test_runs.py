@@ -130,18 +130,18 @@ def test_a_data_set_build_killed_midway_is_no_work(tmp_path):
     """A run killed while TFDS wrote its data set (before any training) leaves the build's
     ``incomplete.*`` directory with shards in it: that is no work, so the rerun with corrected
     preference files starts afresh instead of being refused as 'data files changed'."""
-    run = RunDir(tmp_path)
-    run.write_config({"steps": 3})
-    run.write_meta(seed=0, extra={"data": {"path": "d", "files": {"train.jsonl": "a"}}})
-    partial = tmp_path / "data" / "hh_rlhf" / "incomplete.AB12CD_1.1.0"
-    partial.mkdir(parents=True)
-    (partial / "hh_rlhf-train.array_record-00000-of-00001").write_bytes(b"half")
-    assert not run.started()
-    run.write_meta(seed=0, extra={"data": {"path": "d", "files": {"train.jsonl": "b"}}})
-    (tmp_path / "data" / "hh_rlhf" / "1.1.0").mkdir()
-    (tmp_path / "data" / "hh_rlhf" / "1.1.0" / "dataset_info.json").write_text("{}")
-    assert run.started()                                 # a finished build is the run's work
-    runs.release_locks()
+    with runs.run_locks():   # the directory is free again after the block
+        run = RunDir(tmp_path)
+        run.write_config({"steps": 3})
+        run.write_meta(seed=0, extra={"data": {"path": "d", "files": {"train.jsonl": "a"}}})
+        partial = tmp_path / "data" / "hh_rlhf" / "incomplete.AB12CD_1.1.0"
+        partial.mkdir(parents=True)
+        (partial / "hh_rlhf-train.array_record-00000-of-00001").write_bytes(b"half")
+        assert not run.started()
+        run.write_meta(seed=0, extra={"data": {"path": "d", "files": {"train.jsonl": "b"}}})
+        (tmp_path / "data" / "hh_rlhf" / "1.1.0").mkdir()
+        (tmp_path / "data" / "hh_rlhf" / "1.1.0" / "dataset_info.json").write_text("{}")
+        assert run.started()                                 # a finished build is the run's work
 
 
 def test_a_damaged_meta_json_is_an_error_naming_it(tmp_path):
