@@ -1,5 +1,7 @@
 """The custom-VJP attention: same values and gradients as the plain expression and a NumPy derivation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,33 @@ def test_transposed_copies_only_on_the_cpu_backend(monkeypatch):
     ref = grad(lambda *a: _plain(*a, mask[:2]), 2)(q[:2], k[:2], v[:2])
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+    """The operand element types of every ``dot`` in an optimised HLO module's text."""
+    found = []
+    for comp in re.split(r"\n(?=\S)", hlo):
+        for m in re.finditer(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", comp):
+            types = [re.search(r"%" + re.escape(o) + r" = (\w+)\[", comp) for o in m.groups()]
+            found.append(tuple(t.group(1) if t else "?" for t in types))
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's layout handling")
+def test_bf16_attention_multiplies_in_bf16_after_xla_layouts():
+    """q, k, v made by a transpose (the heads split off, as in the models) and the backward's
+    transposed copies reach every dot of the compiled bf16 gradient as bf16 — not upcast to
+    float32 by XLA:CPU for a permuted layout (:func:`rlhf_jax.models.dense.contiguous`)."""
+    b, h, s, k = 2, 2, 64, 32                 # shapes XLA gives its matmul library (tiny ones
+    rng = np.random.default_rng(4)            # it multiplies in float32 anyway)
+    x = jnp.asarray(rng.normal(size=(b, s, 3, h, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(b, h, s, k)), jnp.float32)
+    mask = jnp.tril(jnp.ones((s, s), bool))[None].repeat(b, 0)
+
+    def loss(x):                              # x [b, s, 3, h, k] -> heads [b, h, s, k]
+        q, k, v = (jnp.swapaxes(x[:, :, i], 1, 2) for i in range(3))
+        return jnp.sum(attention(q, k, v, mask, scale=SCALE, dtype=jnp.bfloat16) * w)
+
+    dots = _dot_operand_dtypes(jax.jit(jax.grad(loss)).lower(x).compile().as_text())
+    assert len(dots) == 5                     # q·kᵀ; dp, dv, dq, dk (p·v unused by the gradient)
+    assert all(d == ("bf16", "bf16") for d in dots), dots

@@ -14,6 +14,9 @@ Mixed precision (``dtype=bfloat16``): q, k and v enter as bf16 and every product
 float32. The scores, the mask, the softmax and its backward stay float32; the probabilities p are
 cast to bf16 for the p·V product (as FlashAttention does; p is in [0, 1], where bf16 keeps 8
 significant bits) and for ``dv = pᵀ·dO``, while the float32 p is kept for the softmax backward.
+On the CPU backend the bf16 operands of every product are stored row-major first
+(:func:`rlhf_jax.models.dense.contiguous`): q, k and v arrive as transposes (the heads split off),
+and XLA:CPU multiplies a bf16 operand in a permuted layout in float32, off the bf16 matmul units.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models.dense import matmul, transposed
+from rlhf_jax.models.dense import contiguous, matmul, transposed
 
 NEG_INF = -1e30  # finite, so a fully masked row (left padding) gives a uniform softmax, not NaN
 
@@ -44,6 +47,8 @@ def attention(
     """
     dtype = q.dtype if dtype is None else dtype
     q, k, v = (a.astype(dtype) for a in (q, k, v))    # a no-op in float32
+    if q.shape[-2] > 1:           # not for one decoding step: it would copy the whole KV cache
+        q, k, v = (contiguous(a) for a in (q, k, v))  # (a no-op in float32)
     if keep is None:
         return _attention(q, k, v, mask, scale)
     return _attention_dropout(q, k, v, mask, keep, scale)
@@ -66,15 +71,15 @@ def _grads(q, k, v, mask, p, pk, keep, do, scale):
     """``(dq, dk, dv)`` of ``out = pk·v`` with ``pk = p·keep`` and ``p`` the masked softmax;
     matmul inputs in the compute dtype (q's), softmax backward in float32."""
     c = q.dtype
-    doc = do.astype(c)
+    doc = contiguous(do.astype(c))
     dp = jnp.einsum("BHTK,BHSK->BHTS", doc, v, preferred_element_type=jnp.float32)
-    dv = matmul(transposed(pk.astype(c)), doc)                              # [B, H, S, K]
+    dv = matmul(transposed(pk.astype(c), row_major=True), doc)              # [B, H, S, K]
     if keep is not None:
         dp = dp * keep
     ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))                 # softmax backward
-    ds = (jnp.where(mask[:, None], ds, 0.0) * scale).astype(c)              # [B, H, T, S]
+    ds = contiguous((jnp.where(mask[:, None], ds, 0.0) * scale).astype(c))  # [B, H, T, S]
     dq = matmul(ds, k)                                                      # [B, H, T, K]
-    dk = matmul(transposed(ds), q)                                          # [B, H, S, K]
+    dk = matmul(transposed(ds, row_major=True), q)                          # [B, H, S, K]
     return dq.astype(c), dk.astype(c), dv.astype(c)
 
 

@@ -18,9 +18,11 @@ The weight gradient ``xᵀ·dy`` contracts the leading axis of both operands. XL
 that layout to its matmul library (YNNPACK), so it runs as XLA's own dot at the float32 rate
 whatever the input dtype (186 GFLOP/s in bf16 on an AMX Xeon, against 1,211-1,422 for bf16
 products in the plain layout). Under bf16 the backward pass therefore multiplies a materialised
-``xᵀ`` (:func:`transposed`) in the plain layout: SFT step of the reference workload 219.7 → 212.3
-ms on that Xeon (in-process A/B, 20 steps each). In float32 the copy costs more than it saves
-(+13-14 % on an AVX-512 EPYC), so float32 keeps the ``xᵀ·dy`` dot.
+row-major ``xᵀ`` (:func:`transposed`, :func:`contiguous`) in the plain layout. In float32 the copy
+costs more than it saves (+13-14 % on an AVX-512 EPYC), so float32 keeps the ``xᵀ·dy`` dot.
+With attention's operands kept row-major too (``models/attention.py``), every matmul of a bf16
+training step runs bf16 × bf16 → f32 in the library: reference SFT step on the AMX Xeon 212.5 →
+153.5 ms (in-process A/B, 20 steps each; 219.7 ms before the weight-gradient copy).
 """
 
 from __future__ import annotations
@@ -50,11 +52,29 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def transposed(x: jax.Array) -> jax.Array:
+def transposed(x: jax.Array, *, row_major: bool = False) -> jax.Array:
     """``x`` with its last two axes swapped; on the CPU backend materialised behind
-    ``lax.optimization_barrier`` (not foldable into the next dot), elsewhere left to XLA."""
+    ``lax.optimization_barrier`` (not foldable into the next dot), elsewhere left to XLA. With
+    ``row_major`` a bf16 copy is also stored row-major (:func:`contiguous`)."""
     x_t = jnp.swapaxes(x, -1, -2)
-    return lax.optimization_barrier(x_t) if jax.default_backend() == "cpu" else x_t
+    if jax.default_backend() != "cpu":
+        return x_t
+    if row_major and x.dtype == jnp.bfloat16:
+        return contiguous(x_t)
+    return lax.optimization_barrier(x_t)
+
+
+def contiguous(x: jax.Array) -> jax.Array:
+    """``x`` itself; on the CPU backend, for bf16, stored row-major before the next dot.
+
+    XLA:CPU gives a transpose's result a permuted layout instead of copying it, and a bf16 dot
+    whose operand arrives in a permuted layout is upcast: XLA copies the operand into float32
+    and multiplies in float32 (rounded to bf16 first, so the values are the same) — outside the
+    bf16 matmul units, at the float32 rate. A barrier alone keeps the permuted layout; the
+    barrier around a flat reshape forces the row-major copy, in bf16 (one layout for 1-D)."""
+    if jax.default_backend() != "cpu" or x.dtype != jnp.bfloat16:
+        return x
+    return lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
 def _varying(a) -> frozenset:
@@ -82,8 +102,13 @@ def _bwd(res, dy):
     dyc = dy.astype(x.dtype)
     dx = matmul(dyc, kernel_t).astype(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    x_t = transposed(x2) if x.dtype == jnp.bfloat16 else x2.T                # see module doc
-    dk = matmul(x_t, dyc.reshape(dy2.shape))
+    if x.dtype == jnp.bfloat16:                                          # see module doc
+        # the barrier after the dot: XLA would fold a later transpose of dk (the tied output
+        # matrix's gradient) into a bf16 dot of a layout no CPU kernel runs
+        x_t = transposed(x2, row_major=True)
+        dk = lax.optimization_barrier(matmul(x_t, dyc.reshape(dy2.shape)))
+    else:
+        dk = matmul(x2.T, dyc.reshape(dy2.shape))
     db = jnp.sum(dy2, axis=0)
     return dx, dk.astype(kernel.dtype), db.astype(kernel.dtype)
 
