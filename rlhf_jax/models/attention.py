@@ -73,13 +73,13 @@ def _grads(q, k, v, mask, p, pk, keep, do, scale):
     c = q.dtype
     doc = contiguous(do.astype(c))
     dp = jnp.einsum("BHTK,BHSK->BHTS", doc, v, preferred_element_type=jnp.float32)
-    dv = matmul(transposed(pk.astype(c), row_major=True), doc)              # [B, H, S, K]
+    dv = matmul(transposed(pk.astype(c)), doc)              # [B, H, S, K]
     if keep is not None:
         dp = dp * keep
     ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))                 # softmax backward
     ds = contiguous((jnp.where(mask[:, None], ds, 0.0) * scale).astype(c))  # [B, H, T, S]
     dq = matmul(ds, k)                                                      # [B, H, T, K]
-    dk = matmul(transposed(ds, row_major=True), q)                          # [B, H, S, K]
+    dk = matmul(transposed(ds), q)                          # [B, H, S, K]
     return dq.astype(c), dk.astype(c), dv.astype(c)
 
 

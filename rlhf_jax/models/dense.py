@@ -18,8 +18,8 @@ The weight gradient ``xᵀ·dy`` contracts the leading axis of both operands. XL
 that layout to its matmul library (YNNPACK), so it runs as XLA's own dot at the float32 rate
 whatever the input dtype (186 GFLOP/s in bf16 on an AMX Xeon, against 1,211-1,422 for bf16
 products in the plain layout). Under bf16 the backward pass therefore multiplies a materialised
-row-major ``xᵀ`` (:func:`transposed`, :func:`contiguous`) in the plain layout. In float32 the copy
-costs more than it saves (+13-14 % on an AVX-512 EPYC), so float32 keeps the ``xᵀ·dy`` dot.
+row-major ``xᵀ`` (:func:`transposed`) in the plain layout. In float32 the copy costs more than it
+saves (reference SFT step 250.9 → 304.2 ms on that Xeon), so float32 keeps the ``xᵀ·dy`` dot.
 With attention's operands kept row-major too (``models/attention.py``), every matmul of a bf16
 training step runs bf16 × bf16 → f32 in the library: reference SFT step on the AMX Xeon 212.5 →
 153.5 ms (in-process A/B, 20 steps each; 219.7 ms before the weight-gradient copy).
@@ -52,16 +52,14 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def transposed(x: jax.Array, *, row_major: bool = False) -> jax.Array:
+def transposed(x: jax.Array) -> jax.Array:
     """``x`` with its last two axes swapped; on the CPU backend materialised behind
-    ``lax.optimization_barrier`` (not foldable into the next dot), elsewhere left to XLA. With
-    ``row_major`` a bf16 copy is also stored row-major (:func:`contiguous`)."""
+    ``lax.optimization_barrier`` (not foldable into the next dot; bf16 stored row-major,
+    :func:`contiguous`), elsewhere left to XLA."""
     x_t = jnp.swapaxes(x, -1, -2)
     if jax.default_backend() != "cpu":
         return x_t
-    if row_major and x.dtype == jnp.bfloat16:
-        return contiguous(x_t)
-    return lax.optimization_barrier(x_t)
+    return contiguous(x_t) if x.dtype == jnp.bfloat16 else lax.optimization_barrier(x_t)
 
 
 def contiguous(x: jax.Array) -> jax.Array:
@@ -105,7 +103,7 @@ def _bwd(res, dy):
     if x.dtype == jnp.bfloat16:                                          # see module doc
         # the barrier after the dot: XLA would fold a later transpose of dk (the tied output
         # matrix's gradient) into a bf16 dot of a layout no CPU kernel runs
-        x_t = transposed(x2, row_major=True)
+        x_t = transposed(x2)
         dk = lax.optimization_barrier(matmul(x_t, dyc.reshape(dy2.shape)))
     else:
         dk = matmul(x2.T, dyc.reshape(dy2.shape))
